@@ -1,0 +1,26 @@
+# Two entry points: `make test` and `make demo`. Both build .venv on first use; every install goes
+# through constraints.txt so that the CPU build of torch is never replaced by a CUDA download.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip install -q -c constraints.txt
+STAMP  := $(VENV)/.installed
+
+.PHONY: test demo bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) -e ".[dev]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+demo: $(STAMP)
+	$(PY) examples/digits_demo.py
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_dense.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -1,0 +1,12 @@
+"""crossent: cross-entropy and every loss built on it, for PyTorch.
+
+A loss is a small formula over per-row statistics of the logits; engines compute those statistics
+from a logit tensor (:func:`cross_entropy`) or without ever materialising it.
+"""
+
+from . import losses, nn, stats, transforms
+from .functional import cross_entropy
+
+__version__ = "0.1.0"
+
+__all__ = ["cross_entropy", "losses", "nn", "stats", "transforms", "__version__"]

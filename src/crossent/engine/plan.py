@@ -1,0 +1,82 @@
+"""The engine-independent half of every execution path.
+
+A :class:`Plan` binds a loss to the transforms and statistics it needs and knows how to
+
+* turn raw logits into transformed logits (:meth:`Plan.transform`),
+* compute statistic values or mergeable states over a block of columns,
+* evaluate the per-row loss from statistic values (:meth:`Plan.row_losses`),
+* get the coefficients ``dL/dS`` by autograd on that tiny formula (:meth:`Plan.coefficients`),
+* turn coefficients into the gradient of the raw logits of a block (:meth:`Plan.logit_grad`).
+
+Engines differ only in where the logits come from and how blocks are laid out; this file is the
+single place where gradients are assembled, so every engine inherits the same semantics.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..losses.base import Loss
+from ..rows import Rows
+from ..stats import Statistic, merge_states, with_requirements
+from ..transforms import Transform, apply_all, backward_all
+
+
+class Plan:
+    def __init__(self, loss: Loss, rows: Rows, transforms: tuple[Transform, ...] = ()):
+        self.loss = loss
+        self.transforms = tuple(transforms) + tuple(loss.transforms())
+        self.streamable = loss.streamable
+        self.stats: list[Statistic] = with_requirements(loss.statistics(rows)) if self.streamable else []
+
+    # -- forward --------------------------------------------------------------------------------
+    def transform(self, z: Tensor, rows: Rows, cols: slice) -> Tensor:
+        return apply_all(self.transforms, z, rows, cols)
+
+    def partial_states(self, zt: Tensor, rows: Rows, cols: slice) -> dict:
+        """Mergeable states of every statistic over the columns ``cols`` (``zt`` transformed)."""
+        return {s: s.partial(zt, rows, cols) for s in self.stats}
+
+    def merge_states(self, chunks: list[dict]) -> dict:
+        """Final statistic values from the states of disjoint column chunks."""
+        return {s: s.finalize(merge_states(s, [c[s] for c in chunks])) for s in self.stats}
+
+    def statistics(self, zt: Tensor, rows: Rows) -> dict:
+        """Final statistic values over whole rows."""
+        return {s: s.compute(zt, rows) for s in self.stats}
+
+    def row_losses(self, values: dict, rows: Rows) -> Tensor:
+        """Weighted per-row losses ``[N]``, zero on ignored rows."""
+        out = self.loss.weighted_row_loss(values, rows)
+        return torch.where(rows.valid, out, torch.zeros_like(out))
+
+    # -- backward -------------------------------------------------------------------------------
+    def coefficients(self, values: dict, rows: Rows, grad_rows: Tensor) -> dict:
+        """``sum_i grad_rows[i] * dL_i/dS`` per statistic, by autograd on the per-row formula."""
+        wanted = [s for s in self.stats if s.differentiable]
+        with torch.enable_grad():
+            leaves = {s: (v.detach().requires_grad_() if s.differentiable else v) for s, v in values.items()}
+            out = self.row_losses(leaves, rows)
+            if not out.requires_grad:
+                return {}
+            grads = torch.autograd.grad(out, [leaves[s] for s in wanted], grad_rows.to(out.dtype), allow_unused=True)
+        return {s: g for s, g in zip(wanted, grads) if g is not None}
+
+    def logit_grad(self, z: Tensor, rows: Rows, values: dict, coefs: dict, cols: slice) -> Tensor:
+        """``dL/dz`` for the raw logits ``z`` (``[N, width]``) of the columns ``cols``."""
+        zt = self.transform(z, rows, cols) if self.transforms else z
+        grad = None
+        for s in self.stats:
+            if s in coefs:
+                grad = s.add_grad(grad, zt, coefs[s], values, rows, cols)
+        if grad is None:
+            return torch.zeros_like(z)
+        return backward_all(self.transforms, grad, z, rows, cols)
+
+    # -- whole rows with autograd -----------------------------------------------------------------
+    def autograd_row_losses(self, z: Tensor, rows: Rows) -> Tensor:
+        """Per-row losses with ordinary autograd through the whole row (whole-row losses)."""
+        zt = self.transform(z, rows, slice(0, z.shape[-1]))
+        out = self.loss.dense_row_loss(zt, rows)
+        return torch.where(rows.valid, out, torch.zeros_like(out))

@@ -1,0 +1,23 @@
+"""Every crossent loss, as objects with keyword hyperparameters and by registry name.
+
+>>> import crossent as xe
+>>> xe.losses.get("ce", label_smoothing=0.1)
+CrossEntropy(label_smoothing=0.1)
+"""
+
+from .base import Loss, ScaledLoss, SumLoss, Transformed, available, get, register, registered, resolve
+from .basic import CrossEntropy, ZLoss
+
+__all__ = [
+    "Loss",
+    "SumLoss",
+    "ScaledLoss",
+    "Transformed",
+    "register",
+    "get",
+    "available",
+    "registered",
+    "resolve",
+    "CrossEntropy",
+    "ZLoss",
+]

@@ -1,0 +1,247 @@
+"""Losses as formulas over row statistics, their composition, and the registry.
+
+A :class:`Loss` declares the statistics it reads (:meth:`Loss.statistics`), optional elementwise logit
+transforms (:meth:`Loss.transforms`), and a per-row formula (:meth:`Loss.row_loss`) written with ordinary
+torch ops on ``[N]`` tensors. Engines compute the statistics however they like; autograd on the tiny
+formula gives the coefficients ``dL/dS`` and the statistics' elementwise derivatives do the rest.
+
+A loss that cannot be written over mergeable statistics sets ``streamable = False`` and implements
+:meth:`Loss.dense_row_loss` over a whole logit row instead; engines that never hold a whole row refuse it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, ClassVar
+
+from torch import Tensor
+
+from ..rows import Rows
+from ..stats import Statistic, with_requirements
+from ..transforms import Transform
+
+_REGISTRY: dict[str, Callable[..., Loss]] = {}
+
+
+def register(name: str):
+    """Class decorator: make a loss available as ``crossent.losses.get(name, **hparams)``."""
+
+    def deco(cls):
+        if name in _REGISTRY:
+            raise ValueError(f"loss {name!r} is registered twice")
+        _REGISTRY[name] = cls
+        cls.name = name
+        return cls
+
+    return deco
+
+
+def get(name: str, **hparams) -> Loss:
+    """Build the registered loss ``name`` with keyword hyperparameters."""
+    try:
+        factory = _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown loss {name!r}; available: {', '.join(available())}") from None
+    return factory(**hparams)
+
+
+def available() -> list[str]:
+    """Names of every registered loss, sorted."""
+    return sorted(_REGISTRY)
+
+
+def registered() -> dict[str, type]:
+    """The registry itself: name -> loss class (read-only use)."""
+    return dict(_REGISTRY)
+
+
+class Loss:
+    """Base class of every crossent loss.
+
+    Subclasses override :meth:`statistics` and :meth:`row_loss` (streamable losses), or set
+    ``streamable = False`` and override :meth:`dense_row_loss` (whole-row losses).
+    """
+
+    name: ClassVar[str | None] = None
+    #: computable from mergeable statistics (every engine), or needs the whole row.
+    streamable: ClassVar[bool] = True
+    #: accepts a ``[N, C]`` class-probability target (otherwise class indices are required).
+    accepts_probs: ClassVar[bool] = False
+
+    # -- what the engine needs ------------------------------------------------------------------
+    def statistics(self, rows: Rows) -> tuple[Statistic, ...]:
+        """The statistics :meth:`row_loss` reads (may depend on the kind of target in ``rows``)."""
+        return ()
+
+    def transforms(self) -> tuple[Transform, ...]:
+        return ()
+
+    def row_loss(self, s: dict, rows: Rows) -> Tensor:
+        """Unweighted per-row loss ``[N]`` from the statistic values ``s[stat]``."""
+        raise NotImplementedError(f"{type(self).__name__} defines no statistics formula")
+
+    def weighted_row_loss(self, s: dict, rows: Rows) -> Tensor:
+        """Per-row loss with PyTorch's class weighting: ``weight[y] * row_loss`` by default."""
+        loss = self.row_loss(s, rows)
+        w = rows.target_weight()
+        return loss if w is None else loss * w.to(loss.dtype)
+
+    def dense_row_loss(self, z: Tensor, rows: Rows) -> Tensor:
+        """Weighted per-row loss ``[N]`` from the (transformed) whole logit rows ``z``, with autograd.
+
+        The default evaluates the statistics with differentiable ops, so every streamable loss also
+        has a whole-row form (used for targets that require a gradient and as a cross-check).
+        """
+        s = {stat: stat.compute(z, rows) for stat in with_requirements(self.statistics(rows))}
+        return self.weighted_row_loss(s, rows)
+
+    # -- composition ----------------------------------------------------------------------------
+    def __add__(self, other: Loss) -> Loss:
+        if not isinstance(other, Loss):
+            return NotImplemented
+        return SumLoss([self, other])
+
+    def __radd__(self, other):
+        if other == 0:  # lets sum([...]) work
+            return self
+        return NotImplemented
+
+    def __mul__(self, k) -> Loss:
+        if not isinstance(k, (int, float)):
+            return NotImplemented
+        return ScaledLoss(self, float(k))
+
+    __rmul__ = __mul__
+
+    def hparams(self) -> dict:
+        """Hyperparameters as given (for reprs and tables)."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hparams().items())
+        return f"{type(self).__name__}({args})"
+
+
+class SumLoss(Loss):
+    """Sum of losses; the union of their statistics is computed once."""
+
+    def __init__(self, terms):
+        flat = []
+        for t in terms:
+            flat.extend(t.terms if isinstance(t, SumLoss) else [t])
+        transforms = {tuple(t.transforms()) for t in flat}
+        if len(transforms) > 1:
+            raise ValueError(
+                "the terms of a summed loss must share their logit transforms; got "
+                + " vs ".join(repr(list(t)) for t in transforms)
+            )
+        self.terms = flat
+
+    @property
+    def streamable(self):  # type: ignore[override]
+        return all(t.streamable for t in self.terms)
+
+    @property
+    def accepts_probs(self):  # type: ignore[override]
+        return all(t.accepts_probs for t in self.terms)
+
+    def statistics(self, rows):
+        out: dict[Statistic, None] = {}
+        for t in self.terms:
+            for s in t.statistics(rows):
+                out.setdefault(s, None)
+        return tuple(out)
+
+    def transforms(self):
+        return self.terms[0].transforms()
+
+    def weighted_row_loss(self, s, rows):
+        return sum(t.weighted_row_loss(s, rows) for t in self.terms)
+
+    def dense_row_loss(self, z, rows):
+        return sum(t.dense_row_loss(z, rows) for t in self.terms)
+
+    def __repr__(self):
+        return " + ".join(repr(t) for t in self.terms)
+
+
+class ScaledLoss(Loss):
+    """``k * loss``."""
+
+    def __init__(self, loss: Loss, scale: float):
+        self.loss = loss
+        self.scale = scale
+
+    @property
+    def streamable(self):  # type: ignore[override]
+        return self.loss.streamable
+
+    @property
+    def accepts_probs(self):  # type: ignore[override]
+        return self.loss.accepts_probs
+
+    def statistics(self, rows):
+        return self.loss.statistics(rows)
+
+    def transforms(self):
+        return self.loss.transforms()
+
+    def weighted_row_loss(self, s, rows):
+        return self.scale * self.loss.weighted_row_loss(s, rows)
+
+    def dense_row_loss(self, z, rows):
+        return self.scale * self.loss.dense_row_loss(z, rows)
+
+    def __repr__(self):
+        return f"{self.scale!r} * {self.loss!r}"
+
+
+class Transformed(Loss):
+    """``loss`` evaluated on transformed logits: ``Transformed(CE(), Temperature(2.0))``."""
+
+    def __init__(self, loss: Loss, *transforms: Transform):
+        self.loss = loss
+        self.extra_transforms = tuple(transforms)
+
+    @property
+    def streamable(self):  # type: ignore[override]
+        return self.loss.streamable
+
+    @property
+    def accepts_probs(self):  # type: ignore[override]
+        return self.loss.accepts_probs
+
+    def statistics(self, rows):
+        return self.loss.statistics(rows)
+
+    def transforms(self):
+        return self.extra_transforms + tuple(self.loss.transforms())
+
+    def weighted_row_loss(self, s, rows):
+        return self.loss.weighted_row_loss(s, rows)
+
+    def dense_row_loss(self, z, rows):
+        return self.loss.dense_row_loss(z, rows)
+
+    def __repr__(self):
+        return f"Transformed({self.loss!r}, {', '.join(map(repr, self.extra_transforms))})"
+
+
+def resolve(loss, **hparams) -> Loss:
+    """A loss object from a name or an object (hyperparameters only with a name)."""
+    if isinstance(loss, Loss):
+        if hparams:
+            raise ValueError(f"hyperparameters {sorted(hparams)} given with a loss object; set them on the object")
+        return loss
+    if isinstance(loss, str):
+        return get(loss, **hparams)
+    raise TypeError(f"loss must be a registered name or a crossent.losses.Loss, got {type(loss).__name__}")
+
+
+def log_prob_target(s: dict, rows: Rows) -> Tensor:
+    """``log p_y = z_y - lse`` from the statistics (helper for formulas)."""
+    from ..stats import LSE, TARGET
+
+    return s[TARGET] - s[LSE]
+
+
+__all__ = ["Loss", "SumLoss", "ScaledLoss", "Transformed", "register", "get", "available", "registered", "resolve", "log_prob_target"]

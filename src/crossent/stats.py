@@ -1,0 +1,353 @@
+"""Row statistics: reductions over the class axis that can be computed chunk by chunk.
+
+Every statistic states three things (DESIGN.md section 1):
+
+* ``partial(z, rows, cols)``: its state over the columns ``cols`` of each row (``z`` is ``[N, width]``);
+* ``merge(a, b)``: the state of two adjacent (or any two disjoint) column chunks combined;
+* ``add_grad(grad, z, coef, values, rows, cols)``: ``grad += coef[:, None] * dS/dz`` on those columns,
+  given the final values of every statistic of the row.
+
+``compute(z, rows)`` is ``finalize(partial(...))`` over a whole row; it is written with differentiable
+torch ops, so the same code also serves as an autograd reference.
+
+A statistic is a value object: two instances with the same ``key`` are the same statistic and are
+computed once, however many terms of a composed loss ask for it.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from .rows import Rows, onehot_mask
+
+State = tuple[Tensor, ...]
+
+
+class Statistic:
+    """Base class. Subclasses set ``key`` (hashable, includes hyperparameters)."""
+
+    differentiable: ClassVar[bool] = True
+    #: statistics whose final values :meth:`add_grad` reads (computed alongside this one).
+    requires: tuple[Statistic, ...] = ()
+
+    @property
+    def key(self) -> tuple:
+        return (type(self).__name__,)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Statistic) and self.key == other.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __repr__(self) -> str:
+        args = ", ".join(repr(a) for a in self.key[1:])
+        return f"{type(self).__name__}({args})"
+
+    # -- value --------------------------------------------------------------------------------
+    def partial(self, z: Tensor, rows: Rows, cols: slice) -> State:
+        raise NotImplementedError
+
+    def merge(self, a: State, b: State) -> State:
+        raise NotImplementedError
+
+    def finalize(self, state: State) -> Tensor:
+        return state[0]
+
+    def compute(self, z: Tensor, rows: Rows) -> Tensor:
+        return self.finalize(self.partial(z, rows, slice(0, z.shape[-1])))
+
+    # -- derivative ---------------------------------------------------------------------------
+    def add_grad(
+        self, grad: Tensor | None, z: Tensor, coef: Tensor, values: dict, rows: Rows, cols: slice
+    ) -> Tensor:
+        """Return ``grad + coef[:, None] * dS/dz`` (``grad`` may be ``None``: start from zero).
+
+        Implementations may update ``grad`` in place and return it.
+        """
+        raise NotImplementedError
+
+
+def _accumulate(grad: Tensor | None, term: Tensor) -> Tensor:
+    if grad is None:
+        return term
+    return grad.add_(term)
+
+
+def _rescaled(la: Tensor, lb: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Merged log-normaliser and the factors that bring each side's normalised sums onto it."""
+    lse = torch.logaddexp(la, lb)
+    # A chunk that saw only -inf logits has la = -inf; its weight is exp(-inf) = 0, never NaN.
+    wa = torch.where(torch.isneginf(la), torch.zeros_like(la), torch.exp(la - lse))
+    wb = torch.where(torch.isneginf(lb), torch.zeros_like(lb), torch.exp(lb - lse))
+    return lse, wa, wb
+
+
+class LogSumExp(Statistic):
+    """``lse = log sum_j exp(z_j)``; merge by ``logaddexp``; ``d lse / d z_j = p_j``."""
+
+    def partial(self, z, rows, cols):
+        return (torch.logsumexp(z, dim=-1),)
+
+    def merge(self, a, b):
+        return (torch.logaddexp(a[0], b[0]),)
+
+    def add_grad(self, grad, z, coef, values, rows, cols):
+        p = torch.exp(z - values[self][:, None])
+        if grad is None:
+            return p.mul_(coef[:, None])
+        return grad.addcmul_(p, coef[:, None])
+
+
+class TargetLogit(Statistic):
+    """``z_y``; merge by taking the chunk that holds ``y``; ``d z_y / d z_j = 1[j = y]``."""
+
+    def partial(self, z, rows, cols):
+        local, inside = onehot_mask(rows, cols, z.shape[-1])
+        if z.shape[-1] == 0:
+            return (z.new_zeros(z.shape[0]),)
+        picked = z.gather(-1, local[:, None]).squeeze(-1)
+        return (torch.where(inside, picked, torch.zeros_like(picked)),)
+
+    def merge(self, a, b):
+        return (a[0] + b[0],)
+
+    def add_grad(self, grad, z, coef, values, rows, cols):
+        if grad is None:
+            grad = torch.zeros_like(z)
+        local, inside = onehot_mask(rows, cols, z.shape[-1])
+        if z.shape[-1]:
+            grad.scatter_add_(-1, local[:, None], torch.where(inside, coef, 0.0)[:, None].to(grad.dtype))
+        return grad
+
+
+class Sum(Statistic):
+    """``sum_j z_j``; merge by adding; ``d / d z_j = 1``."""
+
+    def partial(self, z, rows, cols):
+        return (z.sum(-1),)
+
+    def merge(self, a, b):
+        return (a[0] + b[0],)
+
+    def add_grad(self, grad, z, coef, values, rows, cols):
+        if grad is None:
+            return coef[:, None].expand_as(z).clone()
+        return grad.add_(coef[:, None])
+
+
+class SumSquares(Statistic):
+    """``sum_j z_j^2``; merge by adding; ``d / d z_j = 2 z_j``."""
+
+    def partial(self, z, rows, cols):
+        return ((z * z).sum(-1),)
+
+    def merge(self, a, b):
+        return (a[0] + b[0],)
+
+    def add_grad(self, grad, z, coef, values, rows, cols):
+        if grad is None:
+            return z * (2 * coef[:, None])
+        return grad.addcmul_(z, 2 * coef[:, None])
+
+
+class SoftDot(Statistic):
+    """``sum_j q_j z_j`` with ``q`` the class-probability target and/or the class weights.
+
+    Args:
+        source: ``"probs"`` for ``q = rows.probs`` (``[N, C]``), ``"ones"`` for ``q = 1``.
+        class_weighted: multiply ``q`` by ``rows.class_weight`` when there is one.
+
+    ``SoftDot("ones", True)`` is ``sum_j w_j z_j``, the weighted sum label smoothing needs.
+    """
+
+    def __init__(self, source: str = "probs", class_weighted: bool = False):
+        if source not in ("probs", "ones"):
+            raise ValueError(f"SoftDot source must be 'probs' or 'ones', got {source!r}")
+        self.source = source
+        self.class_weighted = class_weighted
+
+    @property
+    def key(self):
+        return ("SoftDot", self.source, self.class_weighted)
+
+    def _q(self, rows: Rows, cols: slice, like: Tensor) -> Tensor:
+        """``q`` over ``cols``: ``[N, width]`` or ``[width]``."""
+        weight = rows.class_weight[cols].to(like.dtype) if (self.class_weighted and rows.class_weight is not None) else None
+        if self.source == "probs":
+            if rows.probs is None:
+                raise ValueError("SoftDot('probs') needs class-probability targets")
+            q = rows.probs[:, cols].to(like.dtype)
+            return q * weight if weight is not None else q
+        return weight if weight is not None else like.new_ones(like.shape[-1])
+
+    def partial(self, z, rows, cols):
+        q = self._q(rows, cols, z)
+        return ((z @ q) if q.dim() == 1 else (z * q).sum(-1),)
+
+    def merge(self, a, b):
+        return (a[0] + b[0],)
+
+    def add_grad(self, grad, z, coef, values, rows, cols):
+        q = self._q(rows, cols, z)
+        term = coef[:, None] * q
+        if grad is None:
+            return term.expand_as(z).clone()
+        return grad.add_(term)
+
+
+class TemperedLogSumExp(Statistic):
+    """``t * log sum_j exp((z_j + margin * 1[j != y]) / t)`` (LDR-KL, margin-tempered losses).
+
+    Merge by ``logaddexp`` of the untempered-scale states; ``dS / d z_j = softmax((z + margin') / t)_j``.
+    """
+
+    def __init__(self, temperature: float = 1.0, margin: float = 0.0):
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+        self.margin = float(margin)
+
+    @property
+    def key(self):
+        return ("TemperedLogSumExp", self.temperature, self.margin)
+
+    def _scaled(self, z, rows, cols):
+        zz = (z + self.margin) / self.temperature if self.margin else z / self.temperature
+        if self.margin:
+            local, inside = onehot_mask(rows, cols, z.shape[-1])
+            if z.shape[-1]:
+                shift = torch.where(inside, -self.margin / self.temperature, 0.0).to(zz.dtype)
+                zz = zz.scatter_add(-1, local[:, None], shift[:, None])
+        return zz
+
+    def partial(self, z, rows, cols):
+        return (torch.logsumexp(self._scaled(z, rows, cols), dim=-1),)
+
+    def merge(self, a, b):
+        return (torch.logaddexp(a[0], b[0]),)
+
+    def finalize(self, state):
+        return self.temperature * state[0]
+
+    def add_grad(self, grad, z, coef, values, rows, cols):
+        zz = self._scaled(z, rows, cols)
+        soft = torch.exp(zz - (values[self] / self.temperature)[:, None])
+        if grad is None:
+            return soft.mul_(coef[:, None])
+        return grad.addcmul_(soft, coef[:, None])
+
+
+LSE = LogSumExp()
+
+
+class ProbDotLogit(Statistic):
+    """``sum_j p_j z_j`` (so the entropy is ``lse - p_dot_z``).
+
+    State ``(lse_chunk, sum_j softmax_chunk_j z_j)``; merge rescales both sides onto the merged
+    normaliser. ``d / d z_j = p_j (1 + z_j - p_dot_z)``.
+    """
+
+    requires = (LSE,)
+
+    def partial(self, z, rows, cols):
+        lse = torch.logsumexp(z, dim=-1)
+        p = torch.exp(z - lse[:, None])
+        return (lse, (p * z).sum(-1))
+
+    def merge(self, a, b):
+        lse, wa, wb = _rescaled(a[0], b[0])
+        return (lse, wa * a[1] + wb * b[1])
+
+    def finalize(self, state):
+        return state[1]
+
+    def add_grad(self, grad, z, coef, values, rows, cols):
+        p = torch.exp(z - values[LSE][:, None])
+        term = p * (1 + z - values[self][:, None]) * coef[:, None]
+        return _accumulate(grad, term)
+
+
+class SumProbPower(Statistic):
+    """``sum_j p_j^k``; state ``(lse_chunk, sum_j exp(k (z_j - lse_chunk)))``, merged by rescaling.
+
+    ``d / d z_j = k (p_j^k - p_j * sum_i p_i^k)``.
+    """
+
+    requires = (LSE,)
+
+    def __init__(self, power: float):
+        self.power = float(power)
+
+    @property
+    def key(self):
+        return ("SumProbPower", self.power)
+
+    def partial(self, z, rows, cols):
+        lse = torch.logsumexp(z, dim=-1)
+        return (lse, torch.exp(self.power * (z - lse[:, None])).sum(-1))
+
+    def merge(self, a, b):
+        lse, wa, wb = _rescaled(a[0], b[0])
+        return (lse, wa.pow(self.power) * a[1] + wb.pow(self.power) * b[1])
+
+    def finalize(self, state):
+        return state[1]
+
+    def add_grad(self, grad, z, coef, values, rows, cols):
+        logp = z - values[LSE][:, None]
+        k = self.power
+        term = (torch.exp(k * logp) - torch.exp(logp) * values[self][:, None]) * (k * coef[:, None])
+        return _accumulate(grad, term)
+
+
+class ArgMax(Statistic):
+    """Index of the largest logit (first one on ties); no gradient."""
+
+    differentiable = False
+
+    def partial(self, z, rows, cols):
+        if z.shape[-1] == 0:
+            return (z.new_full((z.shape[0],), float("-inf")), torch.zeros(z.shape[0], dtype=torch.long, device=z.device))
+        value, index = z.max(dim=-1)
+        return (value, index + cols.start)
+
+    def merge(self, a, b):
+        take_b = b[0] > a[0]
+        return (torch.where(take_b, b[0], a[0]), torch.where(take_b, b[1], a[1]))
+
+    def finalize(self, state):
+        return state[1]
+
+
+TARGET = TargetLogit()
+SUM = Sum()
+SUMSQ = SumSquares()
+P_DOT_Z = ProbDotLogit()
+ARGMAX = ArgMax()
+
+
+def with_requirements(stats) -> list[Statistic]:
+    """The statistics and everything their derivatives read, without duplicates, in a stable order."""
+    out: dict[Statistic, None] = {}
+
+    def visit(s):
+        for r in s.requires:
+            visit(r)
+        out.setdefault(s, None)
+
+    for s in stats:
+        visit(s)
+    # lse first: its derivative starts the gradient buffer without a zero fill.
+    return sorted(out, key=lambda s: 0 if s == LSE else 1)
+
+
+def merge_states(stat: Statistic, states: list[State]) -> State:
+    """Fold the states of several disjoint column chunks into one."""
+    acc = states[0]
+    for s in states[1:]:
+        acc = stat.merge(acc, s)
+    return acc
