@@ -70,6 +70,24 @@ def check_index_target(target: Tensor, num_classes: int, ignore_index: int, shap
         )
 
 
+def flatten_extra(extra: dict | None, row_shape) -> dict:
+    """Per-row extra tensors reshaped from ``row_shape + trailing`` to ``[N] + trailing``."""
+    if not extra:
+        return {}
+    out = {}
+    n = 1
+    for d in row_shape:
+        n *= d
+    for key, value in extra.items():
+        if not isinstance(value, Tensor):
+            raise TypeError(f"extra[{key!r}] must be a tensor, got {type(value).__name__}")
+        lead = tuple(value.shape[: len(row_shape)])
+        if lead != tuple(row_shape):
+            raise ValueError(f"extra[{key!r}] must start with the target's shape {tuple(row_shape)}, got {tuple(value.shape)}")
+        out[key] = value.reshape(n, *value.shape[len(row_shape) :])
+    return out
+
+
 def index_rows(target: Tensor, num_classes: int, ignore_index: int, class_weight, extra=None) -> Rows:
     """:class:`Rows` for flat ``[N]`` class-index targets (already range-checked)."""
     valid = target != ignore_index

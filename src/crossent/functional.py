@@ -23,6 +23,7 @@ def cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    extra: dict[str, Tensor] | None = None,
 ) -> Tensor:
     r"""Cross-entropy, or any crossent loss, from logits you already have.
 
@@ -43,6 +44,9 @@ def cross_entropy(
         label_smoothing: smoothing :math:`\varepsilon` of ``loss="ce"``.
         z_loss: adds ``z_loss * lse**2`` per row (PaLM's z-loss).
         softcap: if given, logits pass through ``softcap * tanh(z / softcap)`` first.
+        extra: per-row tensors that particular losses read (for example ``{"sample_ids": ids}`` for
+            ALDR-KL); each has the target's shape (of the class-index target, or of ``input`` without
+            its class dimension) followed by any trailing dimensions of its own.
 
     Returns:
         The loss, in the dtype of ``input``.
@@ -77,8 +81,12 @@ def cross_entropy(
                 f"class-probability target must have the shape of input {tuple(input.shape)}, got {tuple(target.shape)}"
             )
         probs = target.movedim(class_dim, -1).reshape(-1, num_classes)
-        rows = fe.prob_rows(probs if target.requires_grad else probs.to(compute_dtype), class_weight)
         out_shape = target.shape[:class_dim] + target.shape[class_dim + 1 :]
+        rows = fe.prob_rows(
+            probs if target.requires_grad else probs.to(compute_dtype),
+            class_weight,
+            fe.flatten_extra(extra, out_shape),
+        )
     else:
         if target.dtype == torch.bool or target.is_complex():
             raise TypeError(f"target must hold integer class indices or float probabilities, got {target.dtype}")
@@ -91,8 +99,10 @@ def cross_entropy(
         if target.device != input.device:
             raise ValueError(f"target is on {target.device} but input is on {input.device}")
         fe.check_index_target(target, num_classes, ignore_index, target.shape if target.dim() else (1,))
-        rows = fe.index_rows(target.reshape(-1), num_classes, ignore_index, class_weight)
         out_shape = expected
+        rows = fe.index_rows(
+            target.reshape(-1), num_classes, ignore_index, class_weight, fe.flatten_extra(extra, out_shape)
+        )
     fe.check_loss_accepts(loss_obj, rows)
 
     plan = Plan(loss_obj, rows, (Softcap(softcap),) if softcap is not None else ())
