@@ -30,6 +30,14 @@ class Plan:
         self.streamable = loss.streamable
         self.stats: list[Statistic] = with_requirements(loss.statistics(rows)) if self.streamable else []
 
+    def require_streamable(self, engine: str) -> None:
+        """Refuse a whole-row loss on an engine that never holds a whole logit row."""
+        if not self.streamable:
+            raise ValueError(
+                f"loss {self.loss!r} needs whole logit rows and cannot run on the {engine!r} engine, which "
+                "only sees blocks of the vocabulary; use the dense or the row-chunked ('torch') engine"
+            )
+
     # -- forward --------------------------------------------------------------------------------
     def transform(self, z: Tensor, rows: Rows, cols: slice) -> Tensor:
         return apply_all(self.transforms, z, rows, cols)
