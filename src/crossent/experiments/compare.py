@@ -1,0 +1,176 @@
+"""The experiment grid of ``crossent compare``: noise rates x seeds x methods, one training run each.
+
+For each (noise rate, seed) the training labels are corrupted once and shared by every method, so
+that methods are compared on identical data. Test labels are never corrupted. With ``calibrate``, a
+stratified ``val_fraction`` of the (corrupted) training set is held out to fit a temperature.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from . import corruption, datasets, metrics
+from .methods import Context, Method
+from .models import build_model
+from .train import TrainConfig, predict, train
+
+
+@dataclass
+class CompareConfig:
+    dataset: str = "digits"
+    methods: list[Method] = field(default_factory=lambda: [Method("ce", "ce")])
+    model: str = "mlp"
+    hidden: tuple[int, ...] = (100, 100)
+    activation: str = "relu"
+    noise: str = "none"  # none | symmetric | pair
+    noise_rates: tuple[float, ...] = (0.0,)
+    imbalance: float | None = None
+    train_size: int | None = None
+    seeds: tuple[int, ...] = (0,)
+    calibrate: bool = False
+    val_fraction: float = 0.1
+    n_bins: int = 15
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["methods"] = [m.label for m in self.methods]
+        return d
+
+
+def _val_split(y: torch.Tensor, fraction: float, seed: int):
+    g = torch.Generator().manual_seed(10_000 + seed)
+    tr, va = [], []
+    for c in torch.unique(y):
+        idx = torch.nonzero(y == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        k = int(round(fraction * len(idx))) if len(idx) > 1 else 0
+        va.append(idx[:k])
+        tr.append(idx[k:])
+    return torch.cat(tr).sort().values, torch.cat(va).sort().values
+
+
+def prepare_data(cfg: CompareConfig):
+    """Load the dataset and apply the imbalance and subsampling (both seed-independent)."""
+    data = datasets.load(cfg.dataset)
+    x, y = data.x_train, data.y_train
+    if cfg.imbalance:
+        keep = corruption.long_tail_indices(y, data.num_classes, cfg.imbalance, seed=0)
+        x, y = x[keep], y[keep]
+    if cfg.train_size:
+        keep = corruption.stratified_subsample(y, cfg.train_size, seed=0)
+        x, y = x[keep], y[keep]
+    return data, x, y
+
+
+def corrupt(cfg: CompareConfig, data, y: torch.Tensor, rate: float, seed: int):
+    """Noisy training labels and the true transition matrix (``None`` without noise)."""
+    if cfg.noise == "none" or rate == 0:
+        return y.clone(), None
+    if cfg.noise == "symmetric":
+        noisy = corruption.symmetric_noise(y, data.num_classes, rate, seed=seed)
+    elif cfg.noise == "pair":
+        noisy = corruption.pair_noise(y, data.num_classes, rate, pairs=data.pairs, seed=seed)
+    else:
+        raise ValueError(f"unknown noise {cfg.noise!r}; use none, symmetric or pair")
+    return noisy, corruption.transition_matrix(cfg.noise, data.num_classes, rate, data.pairs)
+
+
+def run(cfg: CompareConfig, make_progress=None) -> dict:
+    """Run the grid; returns ``{"config", "dataset", "runs": [...]}`` (one record per training run).
+
+    ``make_progress(total_steps)`` may return a :class:`~crossent.experiments.progress.Progress`.
+    """
+    for m in cfg.methods:
+        m.check()
+    data, x_all, y_all = prepare_data(cfg)
+    progress = make_progress(total_steps(cfg, len(y_all))) if make_progress is not None else None
+    try:
+        return _grid(cfg, data, x_all, y_all, progress)
+    finally:
+        if progress is not None:
+            progress.close()
+
+
+def _grid(cfg, data, x_all, y_all, progress) -> dict:
+    rates = cfg.noise_rates if cfg.noise != "none" else (0.0,)
+    runs = []
+    for rate in rates:
+        for seed in cfg.seeds:
+            noisy_all, true_t = corrupt(cfg, data, y_all, rate, seed)
+            if cfg.calibrate:
+                tr, va = _val_split(noisy_all, cfg.val_fraction, seed)
+            else:
+                tr, va = torch.arange(len(y_all)), torch.arange(0)
+            x, y = x_all[tr], noisy_all[tr]
+            counts = torch.bincount(y, minlength=data.num_classes)
+            fitted: dict = {}
+
+            def fit_ce():
+                # the CE model that forward correction estimates T from (trained once per rate/seed)
+                if "probs" not in fitted:
+                    torch.manual_seed(seed)
+                    model = build_model(cfg.model, data.input_shape, data.num_classes, hidden=cfg.hidden,
+                                        activation=cfg.activation)
+                    train(model, x, y, Method("ce", "ce").prepare(ctx), cfg.train, seed=seed)
+                    fitted["probs"] = torch.softmax(predict(model, x).double(), -1)
+                return fitted["probs"]
+
+            ctx = Context(counts, data.num_classes, true_t, fit_ce, y)
+            for method in cfg.methods:
+                runs.append(_one_run(cfg, data, method, ctx, x, y, x_all[va], noisy_all[va], rate, seed,
+                                     y_all[tr], progress))
+    return {"config": cfg.to_dict(), "dataset": repr(data), "n_train": len(y_all), "runs": runs}
+
+
+def _one_run(cfg, data, method, ctx, x, y, x_val, y_val, rate, seed, y_clean, progress) -> dict:
+    t0 = time.time()
+    prepared = method.prepare(ctx)
+    torch.manual_seed(seed)
+    model = build_model(cfg.model, data.input_shape, data.num_classes, hidden=cfg.hidden, activation=cfg.activation)
+    history = train(
+        model, x, y, prepared, cfg.train, seed=seed, eval_data=(data.x_test, data.y_test),
+        on_step=progress.advance if progress is not None else None,
+    )
+    adjust = prepared.adjust or (lambda z: z)
+    logits = adjust(predict(model, data.x_test)).double()
+    record = {
+        "method": method.label,
+        "noise": cfg.noise,
+        "rate": rate,
+        "seed": seed,
+        "actual_noise": (y != y_clean).double().mean().item(),
+        **metrics.all_metrics(logits, data.y_test, cfg.n_bins),
+        "reliability": metrics.reliability_bins(logits, data.y_test, cfg.n_bins),
+        "info": {k: v for k, v in prepared.info.items()},
+    }
+    if history:
+        best = max(history, key=lambda h: h["test_acc"])
+        record.update(best_acc=best["test_acc"], best_step=best["step"], history=history)
+    if cfg.calibrate and len(y_val):
+        from ..calibration import TemperatureScaling
+
+        ts = TemperatureScaling().fit(adjust(predict(model, x_val)), y_val)
+        scaled = ts(logits)
+        m = metrics.all_metrics(scaled, data.y_test, cfg.n_bins)
+        record.update(temperature=ts.temperature, nll_ts=m["nll"], ece_ts=m["ece"])
+        record["reliability_ts"] = metrics.reliability_bins(scaled, data.y_test, cfg.n_bins)
+    record["seconds"] = time.time() - t0
+    if progress is not None:
+        extra = f" best {record['best_acc']:.4f}@{record['best_step']}" if history else ""
+        ts_txt = f" ece_ts {record['ece_ts'] * 100:.2f}% T {record['temperature']:.2f}" if "ece_ts" in record else ""
+        progress.log(
+            f"{method.label:<24} rate {rate:<4g} seed {seed}: acc {record['acc']:.4f} bacc {record['bacc']:.4f} "
+            f"nll {record['nll']:.3f} ece {record['ece'] * 100:.2f}%{ts_txt}{extra} ({record['seconds']:.0f}s)"
+        )
+    return record
+
+
+def total_steps(cfg: CompareConfig, n_train: int) -> int:
+    """Optimizer steps of the whole grid (for the progress bar; forward correction's CE model excluded)."""
+    n = n_train - (int(round(cfg.val_fraction * n_train)) if cfg.calibrate else 0)
+    rates = cfg.noise_rates if cfg.noise != "none" else (0.0,)
+    return len(rates) * len(cfg.seeds) * len(cfg.methods) * cfg.train.total_steps(n)

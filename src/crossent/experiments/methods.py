@@ -1,0 +1,172 @@
+"""Method specs of ``crossent compare --losses``: registry losses plus the data-dependent strategies.
+
+A spec is ``NAME[:key=value[:key=value...]]`` (``,key=value`` after the first also works), for example
+``ce``, ``gce:q=0.7``, ``sce:alpha=0.1:beta=1``. ``NAME`` is a registered loss
+(``crossent losses``) or one of the strategies that need the training data:
+
+=========================  ==========================================================================
+``cb[:beta=0.9999][:loss=NAME]``  class-balanced class weights (Cui et al. 2019) on a loss (``ce``)
+``la[:tau=1]``             logit-adjusted loss: CE on ``z + tau log prior`` (Menon et al. 2021)
+``la_posthoc[:tau=1]``     CE training, predictions from ``z - tau log prior``
+``forward_correction``     Patrini et al.'s forward correction with ``T`` estimated from a CE model
+                           trained first (anchor at the 97th percentile); ``T=oracle`` uses the true
+                           noise matrix
+=========================  ==========================================================================
+
+Unlisted keys of a strategy are passed to its base loss (``cb:loss=focal:gamma=1``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import losses as L
+from .train import Prepared
+
+STRATEGIES = ("cb", "la", "la_posthoc", "forward_correction")
+
+
+def _value(text: str):
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+@dataclass
+class Method:
+    """One ``--losses`` entry: ``label`` is the spec as written (used in tables and plots)."""
+
+    label: str
+    name: str
+    hparams: dict = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, spec: str) -> Method:
+        spec = spec.strip()
+        name, *parts = spec.split(":")
+        hparams = {}
+        for p in parts:
+            if "=" not in p:
+                raise ValueError(f"bad hyperparameter {p!r} in {spec!r}: expected key=value")
+            k, v = p.split("=", 1)
+            hparams[k.strip()] = _value(v.strip())
+        if not name:
+            raise ValueError(f"empty loss name in {spec!r}")
+        return cls(spec, name.strip(), hparams)
+
+    def check(self) -> None:
+        """Fail early (before any training) on an unknown name or bad hyperparameters."""
+        if self.name in STRATEGIES:
+            if self.name == "forward_correction" and "forward_correction" not in L.available():
+                raise ValueError("forward_correction is not registered in this version of crossent.losses")
+            if self.name == "cb":
+                hp = {k: v for k, v in self.hparams.items() if k not in ("beta", "loss")}
+                L.get(self.hparams.get("loss", "ce"), **hp)
+            return
+        L.get(self.name, **self.hparams)
+
+    def prepare(self, ctx: Context) -> Prepared:
+        hp = dict(self.hparams)
+        if self.name == "cb":
+            beta = float(hp.pop("beta", 0.9999))
+            base = L.get(hp.pop("loss", "ce"), **hp)
+            return Prepared(base, weight=class_balanced_weight(ctx.counts, beta), info={"beta": beta})
+        if self.name == "la":
+            tau = float(hp.pop("tau", 1.0))
+            from ..transforms import ClassBias
+
+            return Prepared(L.Transformed(L.get("ce", **hp), ClassBias(tau * log_prior(ctx.counts))), info={"tau": tau})
+        if self.name == "la_posthoc":
+            tau = float(hp.pop("tau", 1.0))
+            shift = tau * log_prior(ctx.counts)
+            return Prepared(L.get("ce", **hp), adjust=lambda z: z - shift.to(z.dtype), info={"tau": tau})
+        if self.name == "forward_correction":
+            return _forward_correction(hp, ctx)
+        return Prepared(L.get(self.name, **hp))
+
+
+@dataclass
+class Context:
+    """What strategies may read about the (corrupted) training set."""
+
+    counts: torch.Tensor
+    num_classes: int
+    #: true noise matrix (for ``T=oracle``), or None without label noise
+    true_transition: torch.Tensor | None = None
+    #: ``fit_ce() -> train-set probabilities [N, C]`` of a CE model trained with the same config
+    fit_ce: object = None
+    noisy_labels: torch.Tensor | None = None
+
+
+def log_prior(counts: torch.Tensor) -> torch.Tensor:
+    prior = counts.double() / counts.sum()
+    return torch.log(prior + 1e-12).float()
+
+
+def class_balanced_weight(counts: torch.Tensor, beta: float) -> torch.Tensor:
+    """``w_c = (1 - beta) / (1 - beta^n_c)``, rescaled to sum to ``C`` (Cui et al. 2019)."""
+    try:
+        from ..weighting import ClassBalanced  # type: ignore[attr-defined]
+    except ImportError:
+        ClassBalanced = None
+    if ClassBalanced is not None:
+        obj = ClassBalanced(counts, beta)
+        for attr in ("weight", "weights", "class_weight"):
+            w = getattr(obj, attr, None)
+            w = w() if callable(w) else w
+            if isinstance(w, torch.Tensor):
+                return w.detach().float()
+    n = counts.double().clamp_min(1)
+    w = (1 - beta) / (1 - beta**n)
+    return (w * len(counts) / w.sum()).float()
+
+
+def _forward_correction(hp: dict, ctx: Context) -> Prepared:
+    t = hp.pop("T", None)
+    percentile = float(hp.pop("percentile", 97))
+    info: dict = {}
+    if t == "oracle":
+        if ctx.true_transition is None:
+            raise ValueError("forward_correction:T=oracle needs label noise (--noise)")
+        T = ctx.true_transition.float()
+        info["T"] = "oracle"
+    elif t is None:
+        from ..weighting import estimate_transition_matrix
+
+        probs = ctx.fit_ce()
+        T = estimate_transition_matrix(probs, ctx.noisy_labels, percentile=percentile).float()
+        info["T"] = f"estimated (p{percentile:g})"
+        if ctx.true_transition is not None:
+            info["T_error"] = (T.double() - ctx.true_transition).abs().sum(1).mean().item()
+    else:
+        raise ValueError("forward_correction takes T=oracle or no T (estimated from a CE model)")
+    return Prepared(L.get("forward_correction", T=T, **hp), info=info)
+
+
+def parse_list(text: str) -> list[Method]:
+    """``"ce,gce:q=0.7,sce:alpha=0.1,beta=1"`` -> methods (``,k=v`` continues the previous entry)."""
+    specs: list[str] = []
+    for piece in (p.strip() for p in text.split(",")):
+        if not piece:
+            continue
+        if "=" in piece and ":" not in piece and specs:
+            specs[-1] += ":" + piece
+        else:
+            specs.append(piece)
+    if not specs:
+        raise ValueError("no loss given")
+    methods = [Method.parse(s) for s in specs]
+    labels = [m.label for m in methods]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"a loss is listed twice: {labels}")
+    return methods

@@ -1,0 +1,140 @@
+"""One training run: a model, a prepared method (loss, class weights, post-hoc adjustment), a config.
+
+Batches are drawn either by reshuffling every epoch (``sampler="shuffle"``) or, as in the MNIST-1D
+reference code, by walking the training set in order (``sampler="cyclic"``: batch ``k`` is rows
+``[k*B, (k+1)*B) mod N``). The loss is :func:`crossent.cross_entropy` with the method's loss object.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional
+from .metrics import accuracy
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings. ``steps`` (if set) overrides ``epochs``; milestones are in epochs."""
+
+    optimizer: str = "adam"  # adam | sgd
+    lr: float = 1e-2
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    batch_size: int = 64
+    epochs: int = 20
+    steps: int | None = None
+    schedule: str = "none"  # none | step (x0.1 at milestones) | cosine (to min_lr)
+    milestones: tuple[int, ...] = ()
+    min_lr: float = 0.0
+    clip: float | None = None
+    sampler: str = "shuffle"  # shuffle | cyclic
+    eval_every: int = 0  # steps between test evaluations recorded in the history; 0: end only
+
+    def total_steps(self, n_train: int) -> int:
+        if self.steps is not None:
+            return int(self.steps)
+        return self.epochs * math.ceil(n_train / self.batch_size)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Prepared:
+    """What a method hands to the training loop."""
+
+    loss: object
+    weight: Tensor | None = None
+    #: maps test logits to the logits used for prediction and metrics (post-hoc logit adjustment).
+    adjust: object = None
+    info: dict = field(default_factory=dict)
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig):
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
+        )
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use 'adam' or 'sgd'")
+
+
+def _lr_at(cfg: TrainConfig, epoch: int) -> float:
+    if cfg.schedule == "none":
+        return cfg.lr
+    if cfg.schedule == "step":
+        return cfg.lr * 0.1 ** sum(epoch >= m for m in cfg.milestones)
+    if cfg.schedule == "cosine":
+        return cfg.min_lr + (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * epoch / max(cfg.epochs, 1))) / 2
+    raise ValueError(f"unknown schedule {cfg.schedule!r}; use 'none', 'step' or 'cosine'")
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: Tensor, batch_size: int = 4096) -> Tensor:
+    """Logits of ``model`` on ``x`` in eval mode, in batches."""
+    was_training = model.training
+    model.eval()
+    out = torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]) if len(x) else None
+    model.train(was_training)
+    return out
+
+
+def train(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    prepared: Prepared,
+    cfg: TrainConfig,
+    *,
+    seed: int = 0,
+    eval_data: tuple[Tensor, Tensor] | None = None,
+    on_step=None,
+) -> list[dict]:
+    """Train ``model`` in place; returns the history ``[{step, test_acc}]`` (every ``cfg.eval_every`` steps).
+
+    ``on_step(k)`` is called with the number of optimizer steps just done (for progress bars).
+    """
+    g = torch.Generator().manual_seed(seed)
+    opt = _optimizer(model, cfg)
+    n = len(y)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total = cfg.total_steps(n)
+    history: list[dict] = []
+    adjust = prepared.adjust or (lambda z: z)
+    order = torch.arange(n)
+    model.train()
+    for step in range(total):
+        epoch, k = divmod(step, steps_per_epoch)
+        if cfg.sampler == "cyclic":
+            start = (step * cfg.batch_size) % n
+            idx = order[start : start + cfg.batch_size]
+        else:
+            if k == 0:
+                order = torch.randperm(n, generator=g)
+                for group in opt.param_groups:
+                    group["lr"] = _lr_at(cfg, epoch)
+            idx = order[k * cfg.batch_size : (k + 1) * cfg.batch_size]
+        logits = model(x[idx])
+        loss = functional.cross_entropy(
+            logits, y[idx], loss=prepared.loss, weight=prepared.weight, extra={"sample_ids": idx}
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.clip:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        opt.step()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at step {step} with {prepared.loss!r}")
+        if on_step is not None:
+            on_step(1)
+        if cfg.eval_every and eval_data is not None and (step + 1) % cfg.eval_every == 0:
+            acc = accuracy(adjust(predict(model, eval_data[0])), eval_data[1])
+            history.append({"step": step + 1, "test_acc": acc, "train_loss": loss.item()})
+    return history
