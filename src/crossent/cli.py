@@ -221,15 +221,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="markdown", choices=("markdown", "json", "names"))
     p = sub.add_parser("bench", help="speed and memory of the linear + loss paths (crossent.bench.linear)",
                        add_help=False)
-    p.add_argument("bench_args", nargs=argparse.REMAINDER)
     p = sub.add_parser("compare", help="train a model with several losses and compare them")
     add_compare_arguments(p)
     return parser
 
 
+def _split_bench(argv: list[str]):
+    """``crossent [--threads N] bench ARGS...``: ARGS belong to the bench module's own parser."""
+    i = 0
+    while i < len(argv) and argv[i].startswith("--threads"):
+        i += 1 if "=" in argv[i] else 2
+    if i < len(argv) and argv[i] == "bench":
+        return argv[: i + 1], argv[i + 1 :]
+    return argv, []
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    head, bench_args = _split_bench(argv)
+    args = build_parser().parse_args(head)
+    args.bench_args = bench_args
     if args.command == "losses":
         return cmd_losses(args)
     if args.command == "bench":

@@ -167,7 +167,7 @@ def load_fashion_mnist() -> Dataset:
     if d is None:
         raise MissingDataError(
             "Fashion-MNIST not found. Install it with: apt-get update && apt-get install -y dataset-fashion-mnist "
-            f"(files land in {FASHION_DIRS[0]}), or point CROSSENT_FASHION_MNIST at a folder holding the four "
+            "(files land in /usr/share/datasets/fashion-mnist), or point CROSSENT_FASHION_MNIST at a folder holding the four "
             "*-ubyte.gz IDX files."
         )
     x_tr = _read_idx(d / "train-images-idx3-ubyte.gz").float().div_(255.0).unsqueeze(1)

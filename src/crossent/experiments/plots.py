@@ -41,10 +41,10 @@ def accuracy_vs_noise(rows: list[dict], path: Path, key: str = "acc") -> Path:
     return path
 
 
-def reliability(panels: list[tuple[str, dict]], path: Path) -> Path:
+def reliability(panels: list[tuple[str, dict]], path: Path, cols: int = 4) -> Path:
     """Reliability diagrams: per-bin accuracy against confidence, one panel per ``(title, bins)``."""
     plt = _plt()
-    cols = min(4, len(panels))
+    cols = min(cols, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
     for ax, (title, bins) in zip(axes.flat, panels):
@@ -55,7 +55,7 @@ def reliability(panels: list[tuple[str, dict]], path: Path) -> Path:
         conf = [c for c in bins["confidence"]]
         gaps = [(e, a, c) for e, a, c, n in zip(edges[:-1], acc, conf, bins["count"]) if n]
         ax.bar([g[0] for g in gaps], [g[2] - g[1] for g in gaps], bottom=[g[1] for g in gaps], width=width,
-               align="edge", color="tab:red", alpha=0.3, label="gap")
+               align="edge", fill=False, hatch="//", edgecolor="tab:red", linewidth=0.5, label="gap")
         ax.plot([0, 1], [0, 1], "k--", linewidth=0.8)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
@@ -96,11 +96,14 @@ def write_all(results: dict, rows: list[dict], out: Path) -> list[Path]:
     first_seed = results["runs"][0]["seed"]
     for rate in dict.fromkeys(r["rate"] for r in results["runs"]):
         sel = [r for r in results["runs"] if r["rate"] == rate and r["seed"] == first_seed]
-        panels = [(f"{r['method']}  ECE {100 * r['ece']:.1f}%", r["reliability"]) for r in sel]
-        panels += [(f"{r['method']} +TS  ECE {100 * r['ece_ts']:.1f}%", r["reliability_ts"])
-                   for r in sel if "reliability_ts" in r]
+        panels = []
+        for r in sel:
+            panels.append((f"{r['method']}  ECE {100 * r['ece']:.1f}%", r["reliability"]))
+            if "reliability_ts" in r:
+                panels.append((f"{r['method']} +TS  ECE {100 * r['ece_ts']:.1f}%", r["reliability_ts"]))
         suffix = f"_{rate:g}" if len({r['rate'] for r in rows}) > 1 else ""
-        written.append(reliability(panels, out / f"reliability{suffix}.png"))
+        paired = any("reliability_ts" in r for r in sel)
+        written.append(reliability(panels, out / f"reliability{suffix}.png", cols=4 if paired else 4))
     if any(r.get("history") for r in results["runs"]):
         written.append(training_curves(results["runs"], out / "training_curves.png"))
     return written

@@ -1,0 +1,139 @@
+"""The ``crossent`` command end to end on tiny configurations (seconds)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import types
+
+import pytest
+
+from crossent import cli
+from crossent.losses import Loss
+
+
+def run_cli(capsys, *argv):
+    rc = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_losses_lists_the_registry(capsys):
+    rc, out, _ = run_cli(capsys, "losses")
+    assert rc == 0
+    lines = out.strip().splitlines()
+    assert lines[0] == "| name | formula | paper | streams |"
+    ce = next(line for line in lines if line.startswith("| `ce` |"))
+    assert "Cross-entropy" in ce and "Szegedy" in ce and ce.endswith("| yes |")
+    rc, out, _ = run_cli(capsys, "losses", "--format", "json")
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert rows["z_loss"]["streams"] == "yes" and "PaLM" in rows["z_loss"]["paper"]
+
+
+def test_formula_and_paper_attributes_win_over_the_docstring():
+    class Documented(Loss):
+        """First line.
+
+        Reference: Someone, 2020.
+        """
+
+        streamable = False
+
+    class Explicit(Documented):
+        formula = "lse - z_y"
+        paper = "Me, 2024"
+
+    assert cli.loss_formula(Documented) == "First line." and cli.loss_paper(Documented) == "Someone, 2020."
+    assert cli.loss_formula(Explicit) == "lse - z_y" and cli.loss_paper(Explicit) == "Me, 2024"
+    assert cli.loss_streams(Documented) == "no"
+
+
+def test_bench_without_the_module_fails_clearly(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "crossent.bench.linear", None)
+    monkeypatch.setitem(sys.modules, "crossent.bench", None)
+    rc, _, err = run_cli(capsys, "bench")
+    assert rc == 2 and "crossent.bench.linear" in err
+
+
+def test_bench_delegates_to_the_module(capsys, monkeypatch):
+    calls = {}
+    fake = types.ModuleType("crossent.bench.linear")
+    fake.add_arguments = lambda p: p.add_argument("--full", action="store_true")
+    fake.run = lambda args: calls.setdefault("args", args) and {}
+    package = types.ModuleType("crossent.bench")
+    package.linear = fake
+    monkeypatch.setitem(sys.modules, "crossent.bench", package)
+    monkeypatch.setitem(sys.modules, "crossent.bench.linear", fake)
+    rc, _, _ = run_cli(capsys, "bench", "--full")
+    assert rc == 0 and calls["args"].full is True
+
+
+def test_compare_noisy_grid_writes_every_file(capsys, tmp_path):
+    out = tmp_path / "res"
+    rc, stdout, _ = run_cli(
+        capsys, "compare", "--losses", "ce,ce:label_smoothing=0.1", "--noise", "symmetric", "--noise-rate", "0.2,0.5",
+        "--seeds", "2", "--epochs", "2", "--hidden", "16", "--train-size", "300", "--calibrate", "--out", str(out),
+        "--quiet",
+    )
+    assert rc == 0
+    for name in ("summary.md", "runs.csv", "results.json", "accuracy_vs_noise.png", "reliability_0.2.png",
+                 "reliability_0.5.png"):
+        assert (out / name).stat().st_size > 0, name
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["runs"]) == 2 * 2 * 2
+    assert {r["seed"] for r in res["runs"]} == {0, 1}
+    # the same corrupted labels are shared by the methods of one (rate, seed)
+    by = {}
+    for r in res["runs"]:
+        by.setdefault((r["rate"], r["seed"]), set()).add(round(r["actual_noise"], 12))
+    assert all(len(v) == 1 for v in by.values())
+    assert all(0.0 < r["actual_noise"] < r["rate"] for r in res["runs"])
+    assert all("ece_ts" in r and r["temperature"] > 0 for r in res["runs"])
+    rows = list(csv.DictReader((out / "runs.csv").open()))
+    assert len(rows) == 8 and float(rows[0]["acc"]) > 0.3
+    assert "| `ce:label_smoothing=0.1` | symmetric 0.5 |" in stdout
+    assert "ECE % (TS)" in (out / "summary.md").read_text()
+
+
+def test_compare_long_tail_strategies(capsys, tmp_path):
+    rc, stdout, _ = run_cli(
+        capsys, "compare", "--losses", "ce,cb:beta=0.999,la,la_posthoc", "--imbalance", "10", "--epochs", "2",
+        "--hidden", "16", "--out", str(tmp_path), "--quiet", "--no-plots",
+    )
+    assert rc == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["n_train"] < 1258 and len(res["runs"]) == 4
+    assert all(r["bacc"] > 0.2 for r in res["runs"])
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_mnist1d_protocol_records_best_and_final_steps(capsys, tmp_path):
+    pytest.importorskip("mnist1d")
+    rc, _, _ = run_cli(
+        capsys, "compare", "--dataset", "mnist1d", "--protocol", "mnist1d", "--steps", "60", "--eval-every", "20",
+        "--out", str(tmp_path), "--quiet", "--losses", "ce",
+    )
+    assert rc == 0
+    (run,) = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert run["seed"] == 42 and [h["step"] for h in run["history"]] == [20, 40, 60]
+    assert run["best_acc"] >= run["acc"] - 1e-12 or run["best_step"] != 60
+    assert (tmp_path / "training_curves.png").exists()
+
+
+def test_compare_reports_bad_input_clearly(capsys, tmp_path, monkeypatch):
+    rc, _, err = run_cli(capsys, "compare", "--losses", "ce,nope", "--out", str(tmp_path), "--quiet")
+    assert rc == 2 and "unknown loss 'nope'" in err
+    from crossent.experiments import datasets
+
+    monkeypatch.setenv("CROSSENT_FASHION_MNIST", str(tmp_path))
+    monkeypatch.setattr(datasets, "FASHION_DIRS", ())
+    rc, _, err = run_cli(capsys, "compare", "--dataset", "fashion-mnist", "--out", str(tmp_path), "--quiet")
+    assert rc == 2 and "apt-get install -y dataset-fashion-mnist" in err
+
+
+def test_python_dash_m_entry_point():
+    proc = subprocess.run([sys.executable, "-m", "crossent", "losses", "--format", "names"], capture_output=True,
+                          text=True, env={**__import__("os").environ, "PYTHONPATH": cli.__file__.rsplit("/crossent/", 1)[0]})
+    assert proc.returncode == 0 and "ce" in proc.stdout.split()

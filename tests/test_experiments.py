@@ -1,0 +1,288 @@
+"""The experiment harness itself: metrics against hand computations, corruption, calibration, training."""
+
+from __future__ import annotations
+
+import gzip
+import math
+
+import pytest
+import torch
+
+from crossent.calibration import TemperatureScaling
+from crossent.experiments import corruption, datasets, metrics, report
+from crossent.experiments.methods import Context, Method, class_balanced_weight, parse_list
+from crossent.experiments.models import MNIST1DConv, build_model
+from crossent.experiments.train import Prepared, TrainConfig, predict, train
+
+
+def logits_of(probs):
+    return torch.log(torch.tensor(probs, dtype=torch.float64))
+
+
+# -- metrics ----------------------------------------------------------------------------------------
+def test_ece_hand_case_15_bins():
+    # confidences 0.95, 0.95, 0.95, 0.65, 0.65, 0.30 (three bins); correctness 1,1,0 / 1,0 / 1
+    p = [[0.95, 0.05, 0.0], [0.95, 0.05, 0.0], [0.95, 0.05, 0.0], [0.65, 0.35, 0.0], [0.65, 0.35, 0.0], [0.3, 0.3, 0.4]]
+    y = torch.tensor([0, 0, 1, 0, 2, 2])
+    z = logits_of([[max(v, 1e-300) for v in row] for row in p])
+    expected = (3 * abs(2 / 3 - 0.95) + 2 * abs(0.5 - 0.65) + 1 * abs(1.0 - 0.4)) / 6
+    assert metrics.ece(z, y, n_bins=15) == pytest.approx(expected, abs=1e-12)
+    bins = metrics.reliability_bins(z, y, n_bins=15)
+    assert sum(bins["count"]) == 6
+    # 0.95 in (14/15, 1], 0.65 in (9/15, 10/15], 0.4 in (5/15, 6/15]
+    assert bins["count"][14] == 3 and bins["count"][9] == 2 and bins["count"][5] == 1
+    assert bins["accuracy"][14] == pytest.approx(2 / 3)
+    assert math.isnan(bins["accuracy"][0])
+
+
+def test_ece_bin_edges_are_right_closed():
+    # confidence exactly 0.6 with 5 bins belongs to (0.4, 0.6], not (0.6, 0.8]
+    z = logits_of([[0.6, 0.4]])
+    bins = metrics.reliability_bins(z, torch.tensor([0]), n_bins=5)
+    assert bins["count"] == [0, 0, 1, 0, 0]
+    z1 = torch.tensor([[100.0, -100.0]])  # confidence 1.0 -> last bin
+    assert metrics.reliability_bins(z1, torch.tensor([0]), n_bins=5)["count"][-1] == 1
+
+
+def test_ece_of_a_perfectly_calibrated_bin_is_zero_and_of_overconfidence_is_the_gap():
+    z = logits_of([[0.75, 0.25]] * 4)
+    assert metrics.ece(z, torch.tensor([0, 0, 0, 1])) == pytest.approx(0.0, abs=1e-12)
+    assert metrics.ece(z, torch.tensor([0, 1, 1, 1])) == pytest.approx(0.5, abs=1e-12)
+
+
+def test_balanced_accuracy_hand_case_and_sklearn():
+    z = torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0], [1.0, 0, 0], [0, 0, 1.0]])
+    y = torch.tensor([0, 0, 0, 1, 1, 2])
+    # recalls: class 0: 3/3, class 1: 1/2, class 2: 1/1
+    assert metrics.balanced_accuracy(z, y) == pytest.approx((1 + 0.5 + 1) / 3)
+    assert metrics.accuracy(z, y) == pytest.approx(5 / 6)
+    sk = pytest.importorskip("sklearn.metrics")
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(500, 7, generator=g)
+    y = torch.randint(0, 7, (500,), generator=g)
+    assert metrics.balanced_accuracy(z, y) == pytest.approx(sk.balanced_accuracy_score(y, z.argmax(-1)), abs=1e-12)
+
+
+def test_balanced_accuracy_ignores_classes_absent_from_labels():
+    z = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    assert metrics.balanced_accuracy(z, torch.tensor([0, 0])) == pytest.approx(0.5)
+
+
+def test_nll_hand_case():
+    z = logits_of([[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]])
+    assert metrics.nll(z, torch.tensor([0, 2])) == pytest.approx(-(math.log(0.5) + math.log(0.1)) / 2, abs=1e-12)
+
+
+# -- corruption --------------------------------------------------------------------------------------
+def test_symmetric_noise_rate_and_uniform_replacement():
+    n, c, rate = 200_000, 10, 0.4
+    y = torch.randint(0, c, (n,), generator=torch.Generator().manual_seed(1))
+    noisy = corruption.symmetric_noise(y, c, rate, seed=3)
+    changed = (noisy != y).double().mean().item()
+    # a label is redrawn with probability rate, from all C classes, so it changes w.p. rate (C-1)/C
+    assert changed == pytest.approx(rate * (c - 1) / c, abs=4 * math.sqrt(0.36 * 0.64 / n))
+    t_hat = torch.zeros(c, c, dtype=torch.float64).index_put_((y, noisy), torch.ones(n, dtype=torch.float64), accumulate=True)
+    t_hat /= t_hat.sum(1, keepdim=True)
+    assert torch.allclose(t_hat, corruption.transition_matrix("symmetric", c, rate), atol=0.01)
+    assert torch.equal(noisy, corruption.symmetric_noise(y, c, rate, seed=3))
+    assert torch.equal(corruption.symmetric_noise(y, c, 0.0), y)
+
+
+def test_pair_noise_letter_pairs_exactly_as_published():
+    names = [chr(ord("A") + i) for i in range(26)]
+    pairs = [(names.index(a), names.index(b)) for a, b in datasets.LETTER_PAIRS]
+    perm = corruption.pair_permutation(26, pairs)
+    mapped = {names[i]: names[int(perm[i])] for i in range(26)}
+    for a, b in ("BD", "CG", "EF", "HN", "IL", "KX", "MW", "OQ", "PR", "UV"):
+        assert mapped[a] == b and mapped[b] == a
+    for lone in "AJSTYZ":
+        assert mapped[lone] == lone
+    y = torch.arange(26).repeat(4000)
+    noisy = corruption.pair_noise(y, 26, 0.3, pairs=pairs, seed=0)
+    moved = noisy != y
+    assert torch.equal(noisy[moved], perm[y[moved]])
+    paired = perm[y] != y
+    assert moved[paired].double().mean().item() == pytest.approx(0.3, abs=0.01)
+    assert not moved[~paired].any()
+
+
+def test_pair_noise_default_adjacent_pairs_and_vowel():
+    assert corruption.pair_permutation(11).tolist() == [1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 10]
+    assert corruption.pair_noise(torch.arange(4), 4, 1.0).tolist() == [1, 0, 3, 2]
+    with pytest.raises(ValueError, match="disjoint"):
+        corruption.pair_permutation(4, [(0, 1), (1, 2)])
+    with pytest.raises(ValueError, match="noise rate"):
+        corruption.pair_noise(torch.arange(4), 4, 1.5)
+
+
+def test_long_tail_profile():
+    counts = corruption.long_tail_counts(10, 6000, 100)
+    assert counts == [int(6000 * 100 ** (-i / 9) + 1e-9) for i in range(10)]
+    assert counts[0] == 6000 and counts[-1] == 60
+    y = torch.arange(5).repeat_interleave(torch.tensor([120, 100, 130, 100, 110]))
+    keep = corruption.long_tail_indices(y, 5, 10.0, seed=0)
+    got = torch.bincount(y[keep], minlength=5).tolist()
+    assert got == [int(100 * 10 ** (-i / 4) + 1e-9) for i in range(5)] == [100, 56, 31, 17, 10]
+    with pytest.raises(ValueError, match="imbalance"):
+        corruption.long_tail_counts(3, 10, 0.5)
+
+
+def test_stratified_subsample_keeps_shares():
+    y = torch.arange(4).repeat_interleave(torch.tensor([400, 300, 200, 100]))
+    keep = corruption.stratified_subsample(y, 100, seed=0)
+    assert torch.bincount(y[keep]).tolist() == [40, 30, 20, 10]
+
+
+# -- temperature scaling -------------------------------------------------------------------------------
+@pytest.mark.parametrize("t_true", [0.5, 2.5])
+def test_temperature_scaling_recovers_a_known_temperature(t_true):
+    g = torch.Generator().manual_seed(0)
+    z = 2 * torch.randn(40_000, 6, generator=g, dtype=torch.float64)
+    y = torch.multinomial(torch.softmax(z / t_true, -1), 1, generator=g).squeeze(1)
+    ts = TemperatureScaling().fit(z, y)
+    assert ts.temperature == pytest.approx(t_true, rel=0.05)
+    assert torch.equal(ts(z).argmax(-1), z.argmax(-1))
+    assert metrics.nll(ts(z), y) <= metrics.nll(z, y)
+
+
+def test_temperature_scaling_bad_input():
+    with pytest.raises(ValueError, match="logits"):
+        TemperatureScaling().fit(torch.randn(4), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(TypeError, match="integer"):
+        TemperatureScaling().fit(torch.randn(4, 3), torch.zeros(4))
+
+
+# -- methods ------------------------------------------------------------------------------------------
+def test_method_specs():
+    ms = parse_list("ce, gce:q=0.7,sce:alpha=0.1,beta=1, cb:beta=0.99:loss=ce")
+    assert [m.label for m in ms] == ["ce", "gce:q=0.7", "sce:alpha=0.1:beta=1", "cb:beta=0.99:loss=ce"]
+    assert ms[2].hparams == {"alpha": 0.1, "beta": 1}
+    assert Method.parse("ce:label_smoothing=0.1").hparams == {"label_smoothing": 0.1}
+    with pytest.raises(ValueError, match="unknown loss"):
+        Method.parse("no_such_loss").check()
+    with pytest.raises(ValueError, match="twice"):
+        parse_list("ce,ce")
+    with pytest.raises(ValueError, match="key=value"):
+        Method.parse("ce:0.1")
+
+
+def test_class_balanced_weight_formula():
+    counts = torch.tensor([100, 10, 1])
+    w = class_balanced_weight(counts, 0.9)
+    raw = torch.tensor([(1 - 0.9) / (1 - 0.9**n) for n in (100, 10, 1)], dtype=torch.float64)
+    assert torch.allclose(w.double(), raw * 3 / raw.sum(), atol=1e-6)
+    assert w.sum().item() == pytest.approx(3.0)
+
+
+def test_logit_adjustment_methods():
+    import crossent as xe
+
+    counts = torch.tensor([60, 30, 10])
+    ctx = Context(counts, 3)
+    log_prior = torch.log(counts.double() / 100).float()
+    z = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2, 0, 1])
+    la = Method.parse("la:tau=2").prepare(ctx)
+    ref = torch.nn.functional.cross_entropy(z + 2 * log_prior, y)
+    assert xe.cross_entropy(z, y, loss=la.loss).item() == pytest.approx(ref.item(), abs=1e-5)
+    post = Method.parse("la_posthoc").prepare(ctx)
+    assert torch.allclose(post.adjust(z), z - log_prior, atol=1e-6)
+    cb = Method.parse("cb:beta=0.9").prepare(ctx)
+    assert torch.allclose(cb.weight, class_balanced_weight(counts, 0.9))
+
+
+# -- models and training --------------------------------------------------------------------------------
+def test_models_shapes():
+    assert MNIST1DConv(40, 10).head.in_features == 125
+    assert build_model("cnn", (40,), 10)(torch.randn(3, 40)).shape == (3, 10)
+    assert build_model("cnn", (1, 28, 28), 10)(torch.randn(3, 1, 28, 28)).shape == (3, 10)
+    assert build_model("mlp", (64,), 5, hidden=(8, 8))(torch.randn(2, 64)).shape == (2, 5)
+    lin = build_model("linear", (4,), 3)
+    assert sum(p.numel() for p in lin.parameters()) == 15
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("resnet", (4,), 3)
+
+
+def test_training_learns_digits_quickly():
+    data = datasets.load("digits")
+    torch.manual_seed(0)
+    model = build_model("mlp", data.input_shape, 10, hidden=(32,))
+    cfg = TrainConfig(epochs=3, batch_size=64, eval_every=10)
+    hist = train(model, data.x_train, data.y_train, Prepared("ce"), cfg, seed=0, eval_data=(data.x_test, data.y_test))
+    assert len(hist) == cfg.total_steps(len(data.y_train)) // 10
+    assert metrics.accuracy(predict(model, data.x_test), data.y_test) > 0.85
+
+
+def test_cyclic_sampler_and_step_schedule():
+    cfg = TrainConfig(steps=7, batch_size=3, sampler="cyclic")
+    assert cfg.total_steps(100) == 7
+    from crossent.experiments.train import _lr_at
+
+    sched = TrainConfig(lr=1.0, schedule="step", milestones=(2, 4), epochs=6)
+    assert [round(_lr_at(sched, e), 6) for e in range(6)] == [1.0, 1.0, 0.1, 0.1, 0.01, 0.01]
+    cos = TrainConfig(lr=1.0, schedule="cosine", min_lr=0.1, epochs=4)
+    assert _lr_at(cos, 0) == 1.0 and _lr_at(cos, 2) == pytest.approx(0.55)
+
+
+# -- datasets -------------------------------------------------------------------------------------------
+def _write_idx(path, array):
+    import numpy as np
+
+    a = np.asarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 8, a.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in a.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + a.tobytes())
+
+
+def test_fashion_mnist_idx_reader(tmp_path, monkeypatch):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (6, 28, 28))
+    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", imgs)
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", imgs[:2])
+    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", [0, 1, 2, 3, 4, 9])
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", [5, 6])
+    monkeypatch.setenv("CROSSENT_FASHION_MNIST", str(tmp_path))
+    d = datasets.load("fashion-mnist")
+    assert d.x_train.shape == (6, 1, 28, 28) and d.kind == "image"
+    assert d.y_test.tolist() == [5, 6]
+    assert torch.allclose(d.x_train[3, 0], torch.tensor(imgs[3], dtype=torch.float32) / 255)
+
+
+def test_missing_sources_explain_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setenv("CROSSENT_FASHION_MNIST", str(tmp_path))
+    monkeypatch.setattr(datasets, "FASHION_DIRS", ())
+    with pytest.raises(datasets.MissingDataError, match="apt-get install -y dataset-fashion-mnist"):
+        datasets.load("fashion-mnist")
+    monkeypatch.setenv("CROSSENT_MLBENCH_DIR", str(tmp_path))
+    monkeypatch.setattr(datasets, "MLBENCH_DIRS", ())
+    for name in ("letter", "vowel", "shuttle"):
+        with pytest.raises(datasets.MissingDataError, match="r-cran-mlbench"):
+            datasets.load(name)
+    datasets._mnist1d_arrays.cache_clear()
+    monkeypatch.setitem(__import__("sys").modules, "mnist1d.data", None)
+    with pytest.raises(datasets.MissingDataError, match="pip install mnist1d"):
+        datasets.load("mnist1d")
+    datasets._mnist1d_arrays.cache_clear()
+    with pytest.raises(ValueError, match="unknown dataset"):
+        datasets.load("cifar10")
+
+
+def test_letter_when_installed():
+    try:
+        d = datasets.load("letter")
+    except datasets.MissingDataError:
+        pytest.skip("mlbench data not installed")
+    assert d.x_train.shape == (16000, 16) and d.x_test.shape == (4000, 16) and d.num_classes == 26
+    assert d.class_names[1] == "B" and (1, 3) in d.pairs
+
+
+# -- report ---------------------------------------------------------------------------------------------
+def test_aggregate_mean_and_sample_std():
+    runs = [{"method": "ce", "rate": 0.4, "noise": "symmetric", "acc": a, "bacc": a, "nll": 1.0, "ece": 0.1}
+            for a in (0.5, 0.7, 0.9)]
+    (row,) = report.aggregate(runs)
+    assert row["acc"][0] == pytest.approx(0.7) and row["acc"][1] == pytest.approx(0.2)
+    table = report.markdown_table([row])
+    assert "| `ce` | symmetric 0.4 | 70.00 ± 20.00 |" in table
