@@ -85,7 +85,7 @@ def row_logsumexp(z: Tensor) -> Tensor:
     if z.shape[-1] == 0:
         return torch.full(z.shape[:-1], float("-inf"), dtype=ACC, device=z.device)
     m = z.amax(dim=-1, keepdim=True)
-    s = torch.exp(z - m).sum(-1)
+    s = (z - m).exp_().sum(-1)
     return m.squeeze(-1).to(ACC) + torch.log(s.to(ACC))
 
 
@@ -133,8 +133,8 @@ class LogSumExp(Statistic):
         # p * coef = exp(z - hi) * (coef * exp(-lo)): the tail of lse folds into the row factor.
         scale = (coef.to(ACC) * torch.exp(hi.to(ACC) - lse)).to(z.dtype)[:, None]
         if grad is None:
-            return torch.exp(z - hi[:, None]).mul_(scale)
-        return grad.addcmul_(torch.exp(z - hi[:, None]), scale)
+            return (z - hi[:, None]).exp_().mul_(scale)
+        return grad.addcmul_((z - hi[:, None]).exp_(), scale)
 
 
 class TargetLogit(Statistic):
