@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install -q -c constraints.txt
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo bench clean
+.PHONY: test demo bench data clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,7 +17,13 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 demo: $(STAMP)
-	$(PY) examples/digits_demo.py
+	$(VENV)/bin/crossent bench
+	$(VENV)/bin/crossent compare --out results/demo-compare
+
+# Optional offline datasets of `crossent compare` (Fashion-MNIST, UCI Letter/Vowel/Shuttle); needs root for apt.
+data: $(STAMP)
+	apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist
+	cd /tmp && apt-get download r-cran-mlbench && dpkg-deb -x r-cran-mlbench_*.deb $(HOME)/.cache/crossent/mlbench
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_dense.py
