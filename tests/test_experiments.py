@@ -188,7 +188,10 @@ def test_logit_adjustment_methods():
     post = Method.parse("la_posthoc").prepare(ctx)
     assert torch.allclose(post.adjust(z), z - log_prior, atol=1e-6)
     cb = Method.parse("cb:beta=0.9").prepare(ctx)
-    assert torch.allclose(cb.weight, class_balanced_weight(counts, 0.9))
+    per_row = torch.nn.functional.cross_entropy(z, y, reduction="none")
+    w = class_balanced_weight(counts, 0.9)
+    assert cb.weight is None
+    assert cb.reduce(per_row, target=y).item() == pytest.approx((w[y] * per_row).mean().item(), rel=1e-6)
 
 
 # -- models and training --------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ A spec is ``NAME[:key=value[:key=value...]]`` (``,key=value`` after the first al
 (``crossent losses``) or one of the strategies that need the training data:
 
 =========================  ==========================================================================
-``cb[:beta=0.9999][:loss=NAME]``  class-balanced class weights (Cui et al. 2019) on a loss (``ce``)
+``cb[:beta=0.9999][:loss=NAME]``  class-balanced row weights (Cui et al. 2019) on a loss (``ce``),
+                           mean of ``w[y] * loss`` over the batch as in the official code
 ``la[:tau=1]``             logit-adjusted loss: CE on ``z + tau log prior`` (Menon et al. 2021)
 ``la_posthoc[:tau=1]``     CE training, predictions from ``z - tau log prior``
 ``forward_correction``     Patrini et al.'s forward correction with ``T`` estimated from a CE model
@@ -80,16 +81,23 @@ class Method:
         if self.name == "cb":
             beta = float(hp.pop("beta", 0.9999))
             base = L.get(hp.pop("loss", "ce"), **hp)
-            return Prepared(base, weight=class_balanced_weight(ctx.counts, beta), info={"beta": beta})
-        if self.name == "la":
+            w = class_balanced_weight(ctx.counts, beta)
+            return Prepared(base, reduce=class_balanced_reduce(ctx.counts, beta), info={"beta": beta, "weights": w.tolist()})
+        if self.name in ("la", "la_posthoc"):
             tau = float(hp.pop("tau", 1.0))
-            from ..transforms import ClassBias
+            bias = log_prior(ctx.counts, tau)
+            wt = _weighting()
+            if self.name == "la":
+                if wt is not None:
+                    loss = wt.LogitAdjustment.from_counts(ctx.counts, tau).loss("ce", **hp)
+                else:
+                    from ..transforms import ClassBias
 
-            return Prepared(L.Transformed(L.get("ce", **hp), ClassBias(tau * log_prior(ctx.counts))), info={"tau": tau})
-        if self.name == "la_posthoc":
-            tau = float(hp.pop("tau", 1.0))
-            shift = tau * log_prior(ctx.counts)
-            return Prepared(L.get("ce", **hp), adjust=lambda z: z - shift.to(z.dtype), info={"tau": tau})
+                    loss = L.Transformed(L.get("ce", **hp), ClassBias(bias))
+                return Prepared(loss, info={"tau": tau})
+            adjust = (wt.LogitAdjustment.from_counts(ctx.counts, tau).adjust if wt is not None
+                      else lambda z: z - bias.to(z.dtype))
+            return Prepared(L.get("ce", **hp), adjust=adjust, info={"tau": tau})
         if self.name == "forward_correction":
             return _forward_correction(hp, ctx)
         return Prepared(L.get(self.name, **hp))
@@ -108,27 +116,37 @@ class Context:
     noisy_labels: torch.Tensor | None = None
 
 
-def log_prior(counts: torch.Tensor) -> torch.Tensor:
+def log_prior(counts: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """``log(prior^tau + 1e-12)``, the shift of logit adjustment (official code's form)."""
     prior = counts.double() / counts.sum()
-    return torch.log(prior + 1e-12).float()
+    return torch.log(prior**tau + 1e-12).float()
+
+
+def _weighting():
+    try:
+        from .. import weighting
+    except ImportError:  # the strategies module is optional for the harness
+        return None
+    return weighting
 
 
 def class_balanced_weight(counts: torch.Tensor, beta: float) -> torch.Tensor:
     """``w_c = (1 - beta) / (1 - beta^n_c)``, rescaled to sum to ``C`` (Cui et al. 2019)."""
-    try:
-        from ..weighting import ClassBalanced  # type: ignore[attr-defined]
-    except ImportError:
-        ClassBalanced = None
-    if ClassBalanced is not None:
-        obj = ClassBalanced(counts, beta)
-        for attr in ("weight", "weights", "class_weight"):
-            w = getattr(obj, attr, None)
-            w = w() if callable(w) else w
-            if isinstance(w, torch.Tensor):
-                return w.detach().float()
-    n = counts.double().clamp_min(1)
-    w = (1 - beta) / (1 - beta**n)
+    wt = _weighting()
+    if wt is not None:
+        return wt.ClassBalanced(counts, beta).class_weights
+    n = counts.double()
+    w = (1 - beta) / -torch.expm1(n * torch.log(torch.tensor(beta, dtype=torch.float64)))
     return (w * len(counts) / w.sum()).float()
+
+
+def class_balanced_reduce(counts: torch.Tensor, beta: float):
+    """``losses, target -> mean_i w[y_i] losses_i`` (the official softmax code's reduction)."""
+    wt = _weighting()
+    if wt is not None:
+        return wt.ClassBalanced(counts, beta)
+    w = class_balanced_weight(counts, beta)
+    return lambda losses, target: (w.to(losses.dtype)[target] * losses).mean()
 
 
 def _forward_correction(hp: dict, ctx: Context) -> Prepared:

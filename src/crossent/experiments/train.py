@@ -53,6 +53,8 @@ class Prepared:
     weight: Tensor | None = None
     #: maps test logits to the logits used for prediction and metrics (post-hoc logit adjustment).
     adjust: object = None
+    #: ``reduce(per_row_losses, target=...) -> scalar`` in place of the mean (reweighting strategies).
+    reduce: object = None
     info: dict = field(default_factory=dict)
 
 
@@ -123,8 +125,11 @@ def train(
             idx = order[k * cfg.batch_size : (k + 1) * cfg.batch_size]
         logits = model(x[idx])
         loss = functional.cross_entropy(
-            logits, y[idx], loss=prepared.loss, weight=prepared.weight, extra={"sample_ids": idx}
+            logits, y[idx], loss=prepared.loss, weight=prepared.weight, extra={"sample_ids": idx},
+            reduction="none" if prepared.reduce is not None else "mean",
         )
+        if prepared.reduce is not None:
+            loss = prepared.reduce(loss, target=y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.clip:
