@@ -36,7 +36,10 @@ def test_formula_and_paper_attributes_win_over_the_docstring():
     class Documented(Loss):
         """First line.
 
-        Reference: Someone, 2020.
+        Reference: Someone,
+        2020.
+
+        Notes.
         """
 
         streamable = False

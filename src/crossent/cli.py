@@ -46,10 +46,16 @@ def loss_paper(cls) -> str:
     paper = getattr(cls, "paper", "")
     if paper:
         return str(paper)
-    for line in _doc_lines(cls):
+    lines = _doc_lines(cls)
+    for i, line in enumerate(lines):
         for tag in ("Reference:", "References:", "Paper:"):
             if line.startswith(tag):
-                return line[len(tag) :].strip()
+                text = [line[len(tag) :].strip()]
+                for more in lines[i + 1 :]:  # the reference may wrap over several lines
+                    if not more:
+                        break
+                    text.append(more)
+                return " ".join(t for t in text if t)
     return ""
 
 
