@@ -289,3 +289,44 @@ def test_aggregate_mean_and_sample_std():
     assert row["acc"][0] == pytest.approx(0.7) and row["acc"][1] == pytest.approx(0.2)
     table = report.markdown_table([row])
     assert "| `ce` | symmetric 0.4 | 70.00 ± 20.00 |" in table
+
+
+# -- strategies that need other parts of the library ------------------------------------------------------
+def test_forward_correction_estimated_and_oracle(tmp_path):
+    from crossent import losses
+
+    if "forward_correction" not in losses.available():
+        with pytest.raises(ValueError, match="forward_correction"):
+            Method.parse("forward_correction").check()
+        return
+    from crossent.experiments.compare import CompareConfig, run
+
+    cfg = CompareConfig(
+        methods=parse_list("forward_correction,forward_correction:T=oracle"), hidden=(16,), noise="symmetric",
+        noise_rates=(0.3,), train_size=400, train=TrainConfig(epochs=2),
+    )
+    res = run(cfg)
+    est, oracle = res["runs"]
+    assert est["info"]["T"].startswith("estimated") and 0 <= est["info"]["T_error"] < 2
+    assert oracle["info"]["T"] == "oracle"
+    assert est["acc"] > 0.3 and oracle["acc"] > 0.3
+
+
+# -- progress ---------------------------------------------------------------------------------------------
+def test_progress_falls_back_to_plain_lines(monkeypatch, capsys):
+    import sys
+
+    from crossent.experiments.progress import Progress
+
+    monkeypatch.setitem(sys.modules, "rich.progress", None)
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    with Progress(10, "work", bar=True, stream=sys.stdout) as p:
+        for _ in range(10):
+            p.advance()
+        p.log("a line")
+    out = capsys.readouterr().out
+    assert "work: 10%" in out and "work: 100%" in out and "a line" in out
+    with Progress(10, "quiet", bar=False, stream=sys.stdout) as p:
+        p.advance(10)
+        p.log("only this")
+    assert capsys.readouterr().out == "only this\n"
