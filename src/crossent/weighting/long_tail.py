@@ -167,11 +167,18 @@ class LogitAdjustment:
         return Transformed(resolve(base, **hparams), self._transform)
 
     def __call__(self, logits: Tensor, target: Tensor, **kwargs) -> Tensor:
-        """Logit-adjusted cross-entropy of ``logits`` (keyword arguments go to ``crossent.cross_entropy``)."""
+        """Logit-adjusted cross-entropy of ``logits``.
+
+        Keyword arguments go to :func:`crossent.cross_entropy`; ``loss``, ``label_smoothing`` and
+        ``z_loss`` apply to the adjusted logits.
+        """
+        from .._frontend import build_loss
         from ..functional import cross_entropy
 
-        loss = kwargs.pop("loss", "ce")
-        return cross_entropy(logits, target, loss=self.loss(loss), **kwargs)
+        base = build_loss(
+            kwargs.pop("loss", "ce"), label_smoothing=kwargs.pop("label_smoothing", 0.0), z_loss=kwargs.pop("z_loss", 0.0)
+        )
+        return cross_entropy(logits, target, loss=Transformed(base, self._transform), **kwargs)
 
     def adjust(self, logits: Tensor) -> Tensor:
         """Post-hoc correction ``z - bias`` along the last dimension (classes last)."""
