@@ -77,9 +77,9 @@ class BiasLossWeights(Strategy):
     * ``"global"`` (the official default): ``v_i <- (v_i - m) / (max v - min v)`` where ``m`` is a
       running minimum of the variances over every batch seen (it only decreases) while the
       denominator is still this batch's range; so the normalised values can exceed 1. The running
-      minimum starts at ``1e5`` as in the official code (a batch whose variances all exceed it gives
-      negative values); it is updated by ``__call__`` before normalising, and :meth:`weights` uses
-      the value ``__call__`` would use without storing it.
+      minimum starts at ``1e5`` as in the official code (so a batch whose variances all exceed ``1e5``
+      is shifted by ``1e5`` rather than by its own minimum); it is updated by ``__call__`` before
+      normalising, and :meth:`weights` uses the value ``__call__`` would use without storing it.
     * ``"local"``: min-max over the batch (stateless).
 
     Args:
