@@ -98,12 +98,16 @@ def test_two_gloo_processes_match_one_process():
         for r in range(WORLD):
             seq_r = shard(batch["seq"], r)
             w_r = shard(expected, r)
-            torch.testing.assert_close(results[r][f"{strategy}/loss"], (w_r * seq_r).sum() / SIZES[r], rtol=1e-12, atol=1e-12)
+            expected_loss = (w_r * seq_r).sum() / SIZES[r]
+            torch.testing.assert_close(results[r][f"{strategy}/loss"], expected_loss, rtol=1e-12, atol=1e-12)
             ntok = shard(batch["ntok"], r).double()
-            torch.testing.assert_close(results[r][f"{strategy}/warm_loss"], (ntok * seq_r).sum() / ntok.sum(), rtol=1e-12, atol=1e-12)
+            warm = (ntok * seq_r).sum() / ntok.sum()
+            torch.testing.assert_close(results[r][f"{strategy}/warm_loss"], warm, rtol=1e-12, atol=1e-12)
     single = DoReMi(3, eta=1.0, smoothing=1e-3, distributed=False)
     for step in range(2):
-        loss = single(batch["proxy"] + step, reference_losses=batch["reference"], domain_ids=batch["domain"], mask=batch["mask"])
+        loss = single(
+            batch["proxy"] + step, reference_losses=batch["reference"], domain_ids=batch["domain"], mask=batch["mask"]
+        )
         # the per-rank losses use the global normaliser / world size: their mean is the single-process loss
         mean = sum(results[r][f"doremi/loss{step}"] for r in range(WORLD)) / WORLD
         torch.testing.assert_close(mean, loss, rtol=1e-12, atol=1e-12)

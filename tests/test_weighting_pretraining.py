@@ -68,7 +68,8 @@ def test_mid_alias_and_uniform():
     a = LossReweighting("mid", warmup_steps=0).weights(losses)
     b = LossReweighting("quadratic", warmup_steps=0).weights(losses)
     torch.testing.assert_close(a, b)
-    torch.testing.assert_close(LossReweighting("uniform", warmup_steps=0).weights(losses), torch.ones(10, dtype=torch.float64))
+    uniform = LossReweighting("uniform", warmup_steps=0).weights(losses)
+    torch.testing.assert_close(uniform, torch.ones(10, dtype=torch.float64))
     # equal losses: the range guard 1e-6 gives h = 0 everywhere, hence uniform weights
     torch.testing.assert_close(LossReweighting("extremes", warmup_steps=0).weights(torch.ones(4)), torch.ones(4))
 
@@ -231,7 +232,8 @@ def test_doremi_hand_case_and_smoothing():
     d.update(proxy, reference_losses=reference, domain_ids=torch.tensor([0, 1]))
     # scores (2, 0): alpha' = (e^2, 1) / (e^2 + 1); alpha = 0.5 alpha' + 0.25
     a = math.exp(2) / (math.exp(2) + 1)
-    torch.testing.assert_close(d.domain_weights, torch.tensor([0.5 * a + 0.25, 0.5 * (1 - a) + 0.25], dtype=torch.float64))
+    expected = torch.tensor([0.5 * a + 0.25, 0.5 * (1 - a) + 0.25], dtype=torch.float64)
+    torch.testing.assert_close(d.domain_weights, expected)
     torch.testing.assert_close(d.scores, torch.tensor([2.0, 0.0], dtype=torch.float64))
 
 
@@ -264,10 +266,12 @@ def test_doremi_state_dict_round_trip():
     gen = torch.Generator().manual_seed(3)
     a, b = DoReMi(3, initial_score=math.log(50)), DoReMi(3)
     for _ in range(3):
-        a(torch.rand(4, 2, generator=gen), reference_losses=torch.rand(4, 2, generator=gen), domain_ids=torch.tensor([0, 0, 1, 1]))
+        proxy, reference = torch.rand(4, 2, generator=gen), torch.rand(4, 2, generator=gen)
+        a(proxy, reference_losses=reference, domain_ids=torch.tensor([0, 0, 1, 1]))
     b.load_state_dict(a.state_dict())
     proxy, reference, dom = torch.rand(4, 2, generator=gen), torch.rand(4, 2, generator=gen), torch.tensor([2, 0, 1, 1])
-    torch.testing.assert_close(a(proxy, reference_losses=reference, domain_ids=dom), b(proxy, reference_losses=reference, domain_ids=dom))
+    out_a = a(proxy, reference_losses=reference, domain_ids=dom)
+    torch.testing.assert_close(out_a, b(proxy, reference_losses=reference, domain_ids=dom))
     for key, value in a.state_dict().items():
         torch.testing.assert_close(torch.as_tensor(value), torch.as_tensor(b.state_dict()[key]))
     # the initial score log(50) of the never-seen domain 2 was kept until step 4
@@ -298,4 +302,6 @@ def test_doremi_errors():
     with pytest.raises(ValueError, match="mask"):
         d(x, reference_losses=x, domain_ids=torch.tensor([0, 1]), mask=torch.ones(3, 2, dtype=torch.bool))
     with pytest.raises(ValueError, match="2 entries"):
-        d.load_state_dict({"domain_weights": torch.ones(3), "average_weights": torch.ones(2), "scores": torch.ones(2), "counter": 1})
+        d.load_state_dict(
+            {"domain_weights": torch.ones(3), "average_weights": torch.ones(2), "scores": torch.ones(2), "counter": 1}
+        )

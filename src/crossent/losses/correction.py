@@ -49,68 +49,75 @@ def check_transition_matrix(T, who: str, *, stochastic: bool = True, atol: float
     if stochastic:
         if (T < 0).any():
             i, j = (int(v) for v in (T < 0).nonzero()[0])
-            raise ValueError(f"{who}: T must be non-negative (T[i, j] = P(noisy=j | clean=i)); T[{i}, {j}] = {T[i, j].item()}")
+            raise ValueError(
+                f"{who}: T must be non-negative (T[i, j] = P(noisy=j | clean=i)); T[{i}, {j}] = {T[i, j].item()}"
+            )
         sums = T.double().sum(1)
         bad = (sums - 1).abs() > atol
         if bad.any():
             i = int(bad.nonzero()[0, 0])
             raise ValueError(
-                f"{who}: T must be row-stochastic (each row P(noisy | clean=i) sums to 1); row {i} sums to {sums[i].item():.6g}"
+                f"{who}: T must be row-stochastic (each row P(noisy | clean=i) sums to 1); "
+                f"row {i} sums to {sums[i].item():.6g}"
             )
     return T.detach()
 
 
-def _target_rows(matrix: Tensor, rows: Rows, cols: slice, like: Tensor) -> Tensor:
-    """``matrix[y_n, cols]`` for every row ``n``: ``[N, width]`` in the dtype and device of ``like``."""
-    target = rows.require_indices("a transition-matrix statistic")
-    return matrix.to(device=like.device, dtype=like.dtype)[target][:, cols]
+class _MatrixStatistic(Statistic):
+    """A statistic reading one row of a fixed ``C x C`` matrix per logit row (chosen by the target)."""
+
+    def __init__(self, matrix: Tensor):
+        self.matrix = matrix
+        self._copies: dict = {}
+
+    def _target_rows(self, rows: Rows, cols: slice, like: Tensor) -> Tensor:
+        """``matrix[y_n, cols]`` for every row ``n``: ``[N, width]`` in the dtype and device of ``like``."""
+        target = rows.require_indices("a transition-matrix statistic")
+        key = (like.device, like.dtype)
+        if key not in self._copies:  # one copy per device and dtype, not one per chunk
+            self._copies[key] = self.matrix.to(device=like.device, dtype=like.dtype)
+        return self._copies[key][target][:, cols]
 
 
-class TargetRowLogSumExp(Statistic):
+class TargetRowLogSumExp(_MatrixStatistic):
     """``log sum_j exp(z_j + B[y, j])`` for a fixed ``C x C`` matrix ``B`` (row chosen by the target).
 
     Merge by ``logaddexp``; ``dS / d z_j = softmax(z + B[y])_j``. With ``B[y, i] = log T[i, y]`` this
     is ``log (sum_i e^{z_i} T[i, y])``, the streamable half of forward correction.
     """
 
-    def __init__(self, bias: Tensor):
-        self.bias = bias
-
     @property
     def key(self):
-        return ("TargetRowLogSumExp", id(self.bias))
+        return ("TargetRowLogSumExp", id(self.matrix))
 
     def partial(self, z, rows, cols):
-        return (torch.logsumexp(z + _target_rows(self.bias, rows, cols, z), dim=-1),)
+        return (torch.logsumexp(z + self._target_rows(rows, cols, z), dim=-1),)
 
     def merge(self, a, b):
         return (torch.logaddexp(a[0], b[0]),)
 
     def add_grad(self, grad, z, coef, values, rows, cols):
-        soft = torch.exp(z + _target_rows(self.bias, rows, cols, z) - values[self][:, None])
+        soft = torch.exp(z + self._target_rows(rows, cols, z) - values[self][:, None])
         if grad is None:
             return soft.mul_(coef[:, None])
         return grad.addcmul_(soft, coef[:, None])
 
 
-class TargetRowDot(Statistic):
+class TargetRowDot(_MatrixStatistic):
     """``sum_j M[y, j] z_j`` for a fixed ``C x C`` matrix ``M``; merge by adding; ``d / d z_j = M[y, j]``."""
-
-    def __init__(self, matrix: Tensor):
-        self.matrix = matrix
 
     @property
     def key(self):
         return ("TargetRowDot", id(self.matrix))
 
     def partial(self, z, rows, cols):
-        return ((z * _target_rows(self.matrix, rows, cols, z)).sum(-1),)
+        return ((z * self._target_rows(rows, cols, z)).sum(-1),)
 
     def merge(self, a, b):
         return (a[0] + b[0],)
 
     def add_grad(self, grad, z, coef, values, rows, cols):
-        term = _target_rows(self.matrix, rows, cols, z) * coef[:, None]
+        term = self._target_rows(rows, cols, z) * coef[:, None]
         if grad is None:
             return term
         return grad.add_(term)
@@ -135,7 +142,8 @@ class _Correction(Loss):
     def _check_classes(self, rows: Rows) -> None:
         if self.T.shape[0] != rows.num_classes:
             raise ValueError(
-                f"{self.name}: T is {self.T.shape[0]} x {self.T.shape[0]} but the logits have {rows.num_classes} classes"
+                f"{self.name}: T is {self.T.shape[0]} x {self.T.shape[0]} "
+                f"but the logits have {rows.num_classes} classes"
             )
 
     def hparams(self):
@@ -264,7 +272,9 @@ class BackwardCorrection(_Correction):
         T64 = self.T.double()
         cond = torch.linalg.cond(T64).item()
         if not cond < 1e12:
-            raise ValueError(f"backward_correction: T is singular or nearly so (condition number {cond:.3g}); it must be invertible")
+            raise ValueError(
+                f"backward_correction: T is singular or nearly so (condition number {cond:.3g}); it must be invertible"
+            )
         self._inverse = torch.linalg.inv(T64)
         self._inverse_row_sums = self._inverse.sum(1)
         self._dot = TargetRowDot(self._inverse)

@@ -118,7 +118,9 @@ def check_probabilities(probs, logits, who: str, *, rows: int, num_classes: int)
     if not isinstance(value, Tensor) or not value.is_floating_point():
         raise TypeError(f"{who}: {name} must be a floating-point [N, C] tensor")
     if value.dim() != 2 or value.shape != (rows, num_classes):
-        raise ValueError(f"{who}: {name} must have shape [{rows}, {num_classes}] (rows x classes of T), got {tuple(value.shape)}")
+        raise ValueError(
+            f"{who}: {name} must have shape [{rows}, {num_classes}] (rows x classes of T), got {tuple(value.shape)}"
+        )
     value = value.detach()
     if value.dtype in (torch.float16, torch.bfloat16):
         value = value.float()

@@ -17,7 +17,9 @@ def _variances(features, who: str) -> Tensor:
     if not isinstance(features, Tensor) or not features.is_floating_point():
         raise TypeError(f"{who}: features must be a floating-point tensor [N, ...] (e.g. [N, C, H, W])")
     if features.dim() < 2 or features.shape[0] == 0:
-        raise ValueError(f"{who}: features must be [N, ...] with at least one row and one value per row, got {tuple(features.shape)}")
+        raise ValueError(
+            f"{who}: features must be [N, ...] with at least one row and one value per row, got {tuple(features.shape)}"
+        )
     flat = features.detach().reshape(features.shape[0], -1)
     if flat.shape[1] < 2:
         raise ValueError(f"{who}: each row needs at least 2 feature values for an (unbiased) variance")

@@ -65,8 +65,11 @@ class ClassBalanced(Strategy):
         self.beta = beta
         self.ignore_index = int(ignore_index)
         # 1 - beta^n written as -expm1(n log beta): exact for beta close to 1 and small n.
-        effective = -torch.expm1(counts * torch.log(torch.tensor(beta, dtype=torch.float64))) if beta > 0 else torch.ones_like(counts)
-        raw = (1.0 - beta) / effective if beta > 0 else torch.ones_like(counts)
+        if beta > 0:
+            effective = -torch.expm1(counts * torch.log(torch.tensor(beta, dtype=torch.float64)))
+            raw = (1.0 - beta) / effective
+        else:
+            raw = torch.ones_like(counts)
         self._weights64 = raw * (counts.numel() / raw.sum())
 
     @property
@@ -81,7 +84,9 @@ class ClassBalanced(Strategy):
         bad = valid & ((target < 0) | (target >= num_classes))
         if bad.any():
             value = int(target[bad][0])
-            raise ValueError(f"ClassBalanced: target value {value} is outside [0, {num_classes}) and is not ignore_index")
+            raise ValueError(
+                f"ClassBalanced: target value {value} is outside [0, {num_classes}) and is not ignore_index"
+            )
         w = self._weights64.to(device=losses.device, dtype=compute_dtype(losses))
         safe = torch.where(valid, target, torch.zeros_like(target)).long()
         return torch.where(valid, w[safe], torch.zeros((), dtype=w.dtype, device=w.device)), valid
@@ -176,7 +181,9 @@ class LogitAdjustment:
         from ..functional import cross_entropy
 
         base = build_loss(
-            kwargs.pop("loss", "ce"), label_smoothing=kwargs.pop("label_smoothing", 0.0), z_loss=kwargs.pop("z_loss", 0.0)
+            kwargs.pop("loss", "ce"),
+            label_smoothing=kwargs.pop("label_smoothing", 0.0),
+            z_loss=kwargs.pop("z_loss", 0.0),
         )
         return cross_entropy(logits, target, loss=Transformed(base, self._transform), **kwargs)
 

@@ -116,19 +116,21 @@ def _importance(T: Tensor, probs: Tensor, target: Tensor, eps_num: float) -> Ten
 class _Sampling(Strategy):
     """Shared: the matrix, the inputs, and a generator whose state ``weights`` only peeks at."""
 
-    who = "sampling"
-
     def __init__(self, T, generator: torch.Generator | None):
         self.T = check_transition_matrix(T, type(self).__name__)
         if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"{type(self).__name__}: generator must be a torch.Generator, got {type(generator).__name__}")
+            raise TypeError(
+                f"{type(self).__name__}: generator must be a torch.Generator, got {type(generator).__name__}"
+            )
         self.generator = generator
 
     def _labels_and_probs(self, target, probs, logits, rows: int):
         who = type(self).__name__
         target = check_index_tensor(target, "target", who)
         if target.shape != (rows,):
-            raise ValueError(f"{who}: target must have shape [{rows}] (one noisy label per row), got {tuple(target.shape)}")
+            raise ValueError(
+                f"{who}: target must have shape [{rows}] (one noisy label per row), got {tuple(target.shape)}"
+            )
         num_classes = self.T.shape[0]
         if ((target < 0) | (target >= num_classes)).any():
             raise ValueError(f"{who}: target (noisy labels) must lie in [0, {num_classes})")
@@ -180,8 +182,8 @@ class RENT(_Sampling):
     the drawn indices. :meth:`weights` returns the equivalent per-row weights
     ``count_i * N / M`` (so the loss is ``mean(weights * losses)``); :meth:`importance` returns ``w``.
 
-    The draw uses ``generator`` when given (else the global RNG); :meth:`weights` peeks at the draw
-    that ``__call__`` will make without consuming it.
+    The draw uses ``generator`` when given (on the device of the inputs; else the global RNG);
+    :meth:`weights` peeks at the draw that ``__call__`` will make without consuming it.
 
     Args:
         T: ``[C, C]`` row-stochastic transition matrix (true or estimated).
@@ -231,17 +233,23 @@ class RENT(_Sampling):
         if count < 1:
             raise ValueError(f"RENT: resample_ratio * N = {self.resample_ratio * losses.shape[0]} draws no row")
         if not torch.isfinite(w).all() or not (w.sum() > 0):
-            raise ValueError("RENT: the importance weights are not finite or are all zero; check T and the probabilities")
+            raise ValueError(
+                "RENT: the importance weights are not finite or are all zero; check T and the probabilities"
+            )
         idx = torch.multinomial(w, num_samples=count, replacement=True, generator=self.generator)
         return losses, idx
 
-    def weights(self, losses: Tensor, *, target: Tensor, probs: Tensor | None = None, logits: Tensor | None = None) -> Tensor:
+    def weights(
+        self, losses: Tensor, *, target: Tensor, probs: Tensor | None = None, logits: Tensor | None = None
+    ) -> Tensor:
         with self._peek(losses.device if isinstance(losses, Tensor) else torch.device("cpu")):
             losses, idx = self._draw(losses, target, probs, logits)
         counts = torch.bincount(idx, minlength=losses.shape[0]).to(compute_dtype(losses))
         return counts * (losses.shape[0] / idx.numel())
 
-    def __call__(self, losses: Tensor, *, target: Tensor, probs: Tensor | None = None, logits: Tensor | None = None) -> Tensor:
+    def __call__(
+        self, losses: Tensor, *, target: Tensor, probs: Tensor | None = None, logits: Tensor | None = None
+    ) -> Tensor:
         losses, idx = self._draw(losses, target, probs, logits)
         return losses[idx].mean()
 
@@ -302,18 +310,22 @@ class DirichletWeightSampling(_Sampling):
         if self.generator is None:
             return losses, dirichlet.sample((1, draws))[0]
         # Dirichlet sampling takes no generator: seed a forked global RNG from ours instead.
-        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator, device=self.generator.device))
         devices = [losses.device] if losses.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             return losses, dirichlet.sample((1, draws))[0]
 
-    def weights(self, losses: Tensor, *, target: Tensor, probs: Tensor | None = None, logits: Tensor | None = None) -> Tensor:
+    def weights(
+        self, losses: Tensor, *, target: Tensor, probs: Tensor | None = None, logits: Tensor | None = None
+    ) -> Tensor:
         with self._peek(losses.device if isinstance(losses, Tensor) else torch.device("cpu")):
             losses, pi = self._draw(losses, target, probs, logits)
         return (pi.mean(0) * losses.shape[0]).to(compute_dtype(losses))
 
-    def __call__(self, losses: Tensor, *, target: Tensor, probs: Tensor | None = None, logits: Tensor | None = None) -> Tensor:
+    def __call__(
+        self, losses: Tensor, *, target: Tensor, probs: Tensor | None = None, logits: Tensor | None = None
+    ) -> Tensor:
         losses, pi = self._draw(losses, target, probs, logits)
         return torch.mean(pi.to(losses.dtype) @ losses)
 

@@ -77,7 +77,9 @@ class LossReweighting(Strategy):
             initialised. ``group``: the process group (default: the world).
 
     Inputs: ``losses`` ``[B]`` per-sequence losses of this rank (see :func:`sequence_losses`),
-    optional ``num_tokens=`` ``[B]``. Ranks may hold different batch sizes.
+    optional ``num_tokens=`` ``[B]`` (used by the loss only). Ranks may hold different batch sizes.
+    Under ``torch.distributed``, :meth:`weights` and ``__call__`` are collective: every rank of the
+    group must call them, in the same order.
 
     Example:
         >>> import torch
@@ -109,7 +111,9 @@ class LossReweighting(Strategy):
             raise TypeError(f"LossReweighting: strategy must be a string, got {type(strategy).__name__}")
         name = ALIASES.get(strategy, strategy)
         if name not in STRATEGIES:
-            raise ValueError(f"LossReweighting: unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)} (or 'mid')")
+            raise ValueError(
+                f"LossReweighting: unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)} (or 'mid')"
+            )
         if not float(r) > 0:
             raise ValueError(f"LossReweighting: r (softmax temperature) must be > 0, got {r}")
         if not float(d) > 0:
@@ -222,7 +226,8 @@ class DoReMi(Strategy):
 
     Inputs: ``losses`` per-token proxy losses (any shape, e.g. ``[B, T]``), ``reference_losses=`` of
     the same shape, ``domain_ids=`` of the same shape or ``[B]`` (one domain per sequence), optional
-    ``mask=`` (bool, shape of ``losses``).
+    ``mask=`` (bool, shape of ``losses``). Under ``torch.distributed``, ``__call__``, :meth:`update`
+    and :meth:`weights` with ``reference_losses`` are collective: every rank must call them.
 
     Example:
         >>> import torch
@@ -326,7 +331,8 @@ class DoReMi(Strategy):
                     f"DoReMi: domain_ids must have the shape of losses {tuple(losses.shape)} or a leading part "
                     f"of it (one domain per sequence), got {tuple(domain_ids.shape)}"
                 )
-            domain_ids = domain_ids.reshape(domain_ids.shape + (1,) * (losses.dim() - domain_ids.dim())).expand_as(losses)
+            trailing = (1,) * (losses.dim() - domain_ids.dim())
+            domain_ids = domain_ids.reshape(domain_ids.shape + trailing).expand_as(losses)
         if ((domain_ids < 0) | (domain_ids >= self.num_domains)).any():
             bad = int(domain_ids[(domain_ids < 0) | (domain_ids >= self.num_domains)][0])
             raise ValueError(f"DoReMi: domain id {bad} is outside [0, {self.num_domains})")
@@ -357,7 +363,9 @@ class DoReMi(Strategy):
         average = (self._average * (counter - 1) + alpha) / counter
         return alpha, average, scores
 
-    def update(self, losses: Tensor, *, reference_losses: Tensor, domain_ids: Tensor, mask: Tensor | None = None) -> Tensor:
+    def update(
+        self, losses: Tensor, *, reference_losses: Tensor, domain_ids: Tensor, mask: Tensor | None = None
+    ) -> Tensor:
         """Apply one update of the domain weights and return them."""
         losses, reference_losses, domain_ids, mask = self._inputs(losses, domain_ids, mask, reference_losses)
         self._alpha, self._average, self._scores = self._updated(losses, reference_losses, domain_ids, mask)
@@ -380,7 +388,9 @@ class DoReMi(Strategy):
         """Per-token weights ``u`` that ``__call__`` would use: after this step's update when
         ``reference_losses`` is given, from the current domain weights otherwise."""
         losses, reference_losses, domain_ids, mask = self._inputs(losses, domain_ids, mask, reference_losses)
-        alpha = self._alpha if reference_losses is None else self._updated(losses, reference_losses, domain_ids, mask)[0]
+        alpha = self._alpha
+        if reference_losses is not None:
+            alpha = self._updated(losses, reference_losses, domain_ids, mask)[0]
         return self._token_weights(alpha, losses, domain_ids, mask)
 
     def __call__(
