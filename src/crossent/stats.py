@@ -10,6 +10,12 @@ Every statistic states three things (DESIGN.md section 1):
 ``compute(z, rows)`` is ``finalize(partial(...))`` over a whole row; it is written with differentiable
 torch ops, so the same code also serves as an autograd reference.
 
+Precision: the elementwise work runs in the dtype of ``z`` (float32 for half inputs), but every
+statistic's value and state is float64. They are only ``[N]`` tensors, and it keeps formulas such as
+``lse - z_y`` free of cancellation at large logits (``lse`` of logits near 1e4 has a float32 spacing of
+1e-3). The softmax is rebuilt as ``exp(z - hi) * exp(-lo)`` with ``lse = hi + lo`` split into a float32
+head and a float64 tail, so it is as accurate as a max-subtracted softmax.
+
 A statistic is a value object: two instances with the same ``key`` are the same statistic and are
 computed once, however many terms of a composed loss ask for it.
 """
@@ -71,6 +77,32 @@ class Statistic:
         raise NotImplementedError
 
 
+ACC = torch.float64
+
+
+def row_logsumexp(z: Tensor) -> Tensor:
+    """``log sum_j exp z_j`` per row as float64, from a max-subtracted sum in ``z``'s dtype."""
+    if z.shape[-1] == 0:
+        return torch.full(z.shape[:-1], float("-inf"), dtype=ACC, device=z.device)
+    m = z.amax(dim=-1, keepdim=True)
+    s = (z - m).exp_().sum(-1)
+    return m.squeeze(-1).to(ACC) + torch.log(s.to(ACC))
+
+
+def softmax_from_lse(z: Tensor, lse: Tensor, power: float = 1.0) -> Tensor:
+    """``exp(power * (z - lse))`` in ``z``'s dtype, accurate for any magnitude of ``lse`` (float64)."""
+    hi = lse.to(z.dtype)
+    lo = lse - hi.to(lse.dtype)
+    out = torch.exp((z - hi[:, None]) * power) if power != 1.0 else torch.exp(z - hi[:, None])
+    factor = torch.exp(-power * lo).to(z.dtype)[:, None]
+    # In place unless autograd is tracing this (the whole-row reference path).
+    return out * factor if out.requires_grad else out.mul_(factor)
+
+
+def _coef(coef: Tensor, z: Tensor) -> Tensor:
+    return coef.to(z.dtype)[:, None]
+
+
 def _accumulate(grad: Tensor | None, term: Tensor) -> Tensor:
     if grad is None:
         return term
@@ -90,16 +122,19 @@ class LogSumExp(Statistic):
     """``lse = log sum_j exp(z_j)``; merge by ``logaddexp``; ``d lse / d z_j = p_j``."""
 
     def partial(self, z, rows, cols):
-        return (torch.logsumexp(z, dim=-1),)
+        return (row_logsumexp(z),)
 
     def merge(self, a, b):
         return (torch.logaddexp(a[0], b[0]),)
 
     def add_grad(self, grad, z, coef, values, rows, cols):
-        p = torch.exp(z - values[self][:, None])
+        lse = values[self]
+        hi = lse.to(z.dtype)
+        # p * coef = exp(z - hi) * (coef * exp(-lo)): the tail of lse folds into the row factor.
+        scale = (coef.to(ACC) * torch.exp(hi.to(ACC) - lse)).to(z.dtype)[:, None]
         if grad is None:
-            return p.mul_(coef[:, None])
-        return grad.addcmul_(p, coef[:, None])
+            return (z - hi[:, None]).exp_().mul_(scale)
+        return grad.addcmul_((z - hi[:, None]).exp_(), scale)
 
 
 class TargetLogit(Statistic):
@@ -108,8 +143,8 @@ class TargetLogit(Statistic):
     def partial(self, z, rows, cols):
         local, inside = onehot_mask(rows, cols, z.shape[-1])
         if z.shape[-1] == 0:
-            return (z.new_zeros(z.shape[0]),)
-        picked = z.gather(-1, local[:, None]).squeeze(-1)
+            return (z.new_zeros(z.shape[0], dtype=ACC),)
+        picked = z.gather(-1, local[:, None]).squeeze(-1).to(ACC)
         return (torch.where(inside, picked, torch.zeros_like(picked)),)
 
     def merge(self, a, b):
@@ -120,7 +155,7 @@ class TargetLogit(Statistic):
             grad = torch.zeros_like(z)
         local, inside = onehot_mask(rows, cols, z.shape[-1])
         if z.shape[-1]:
-            grad.scatter_add_(-1, local[:, None], torch.where(inside, coef, 0.0)[:, None].to(grad.dtype))
+            grad.scatter_add_(-1, local[:, None], torch.where(inside, coef, 0.0).to(grad.dtype)[:, None])
         return grad
 
 
@@ -128,30 +163,30 @@ class Sum(Statistic):
     """``sum_j z_j``; merge by adding; ``d / d z_j = 1``."""
 
     def partial(self, z, rows, cols):
-        return (z.sum(-1),)
+        return (z.sum(-1).to(ACC),)
 
     def merge(self, a, b):
         return (a[0] + b[0],)
 
     def add_grad(self, grad, z, coef, values, rows, cols):
         if grad is None:
-            return coef[:, None].expand_as(z).clone()
-        return grad.add_(coef[:, None])
+            return _coef(coef, z).expand_as(z).clone()
+        return grad.add_(_coef(coef, z))
 
 
 class SumSquares(Statistic):
     """``sum_j z_j^2``; merge by adding; ``d / d z_j = 2 z_j``."""
 
     def partial(self, z, rows, cols):
-        return ((z * z).sum(-1),)
+        return ((z * z).sum(-1).to(ACC),)
 
     def merge(self, a, b):
         return (a[0] + b[0],)
 
     def add_grad(self, grad, z, coef, values, rows, cols):
         if grad is None:
-            return z * (2 * coef[:, None])
-        return grad.addcmul_(z, 2 * coef[:, None])
+            return z * _coef(2 * coef, z)
+        return grad.addcmul_(z, _coef(2 * coef, z))
 
 
 class SoftDot(Statistic):
@@ -186,14 +221,14 @@ class SoftDot(Statistic):
 
     def partial(self, z, rows, cols):
         q = self._q(rows, cols, z)
-        return ((z @ q) if q.dim() == 1 else (z * q).sum(-1),)
+        return (((z @ q) if q.dim() == 1 else (z * q).sum(-1)).to(ACC),)
 
     def merge(self, a, b):
         return (a[0] + b[0],)
 
     def add_grad(self, grad, z, coef, values, rows, cols):
         q = self._q(rows, cols, z)
-        term = coef[:, None] * q
+        term = _coef(coef, z) * q
         if grad is None:
             return term.expand_as(z).clone()
         return grad.add_(term)
@@ -220,12 +255,12 @@ class TemperedLogSumExp(Statistic):
         if self.margin:
             local, inside = onehot_mask(rows, cols, z.shape[-1])
             if z.shape[-1]:
-                shift = torch.where(inside, -self.margin / self.temperature, 0.0).to(zz.dtype)
+                shift = inside.to(zz.dtype) * (-self.margin / self.temperature)
                 zz = zz.scatter_add(-1, local[:, None], shift[:, None])
         return zz
 
     def partial(self, z, rows, cols):
-        return (torch.logsumexp(self._scaled(z, rows, cols), dim=-1),)
+        return (row_logsumexp(self._scaled(z, rows, cols)),)
 
     def merge(self, a, b):
         return (torch.logaddexp(a[0], b[0]),)
@@ -234,11 +269,10 @@ class TemperedLogSumExp(Statistic):
         return self.temperature * state[0]
 
     def add_grad(self, grad, z, coef, values, rows, cols):
-        zz = self._scaled(z, rows, cols)
-        soft = torch.exp(zz - (values[self] / self.temperature)[:, None])
+        soft = softmax_from_lse(self._scaled(z, rows, cols), values[self] / self.temperature)
         if grad is None:
-            return soft.mul_(coef[:, None])
-        return grad.addcmul_(soft, coef[:, None])
+            return soft.mul_(_coef(coef, z))
+        return grad.addcmul_(soft, _coef(coef, z))
 
 
 LSE = LogSumExp()
@@ -254,9 +288,8 @@ class ProbDotLogit(Statistic):
     requires = (LSE,)
 
     def partial(self, z, rows, cols):
-        lse = torch.logsumexp(z, dim=-1)
-        p = torch.exp(z - lse[:, None])
-        return (lse, (p * z).sum(-1))
+        lse = row_logsumexp(z)
+        return (lse, (softmax_from_lse(z, lse) * z).sum(-1).to(ACC))
 
     def merge(self, a, b):
         lse, wa, wb = _rescaled(a[0], b[0])
@@ -266,8 +299,8 @@ class ProbDotLogit(Statistic):
         return state[1]
 
     def add_grad(self, grad, z, coef, values, rows, cols):
-        p = torch.exp(z - values[LSE][:, None])
-        term = p * (1 + z - values[self][:, None]) * coef[:, None]
+        p = softmax_from_lse(z, values[LSE])
+        term = p.mul_(z + (1 - values[self]).to(z.dtype)[:, None]).mul_(_coef(coef, z))
         return _accumulate(grad, term)
 
 
@@ -287,8 +320,8 @@ class SumProbPower(Statistic):
         return ("SumProbPower", self.power)
 
     def partial(self, z, rows, cols):
-        lse = torch.logsumexp(z, dim=-1)
-        return (lse, torch.exp(self.power * (z - lse[:, None])).sum(-1))
+        lse = row_logsumexp(z)
+        return (lse, softmax_from_lse(z, lse, self.power).sum(-1).to(ACC))
 
     def merge(self, a, b):
         lse, wa, wb = _rescaled(a[0], b[0])
@@ -298,10 +331,10 @@ class SumProbPower(Statistic):
         return state[1]
 
     def add_grad(self, grad, z, coef, values, rows, cols):
-        logp = z - values[LSE][:, None]
         k = self.power
-        term = (torch.exp(k * logp) - torch.exp(logp) * values[self][:, None]) * (k * coef[:, None])
-        return _accumulate(grad, term)
+        p = softmax_from_lse(z, values[LSE])
+        term = softmax_from_lse(z, values[LSE], k).sub_(p.mul_(values[self].to(z.dtype)[:, None]))
+        return _accumulate(grad, term.mul_(_coef(k * coef, z)))
 
 
 class ArgMax(Statistic):
