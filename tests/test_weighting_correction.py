@@ -160,24 +160,32 @@ def test_zero_column_of_T_gives_a_finite_loss():
 
 
 @pytest.mark.parametrize("stat_name", ["lse", "dot"])
-def test_streaming_statistics_merge_and_gradient_by_chunks(stat_name):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_streaming_statistics_merge_and_gradient_by_chunks(stat_name, dtype):
     """The clip=False statistics computed on column chunks and merged equal the whole row, and their
-    chunked elementwise derivatives equal autograd of the whole-row value."""
+    chunked elementwise derivatives equal autograd of the whole-row value (float64 reference)."""
     gen = torch.Generator().manual_seed(5)
     c, n = 7, 4
     T = random_T(c, gen)
+    T[2, 3] = 0.0  # a zero entry: log T = -inf in one column
+    T[2, 2] += T[2].sum().neg() + 1
     stat = TargetRowLogSumExp(torch.log(T).T.contiguous()) if stat_name == "lse" else TargetRowDot(torch.linalg.inv(T))
-    z = torch.randn(n, c, generator=gen, dtype=torch.float64, requires_grad=True)
+    z64 = 3 * torch.randn(n, c, generator=gen, dtype=torch.float64)
+    z64.requires_grad_()
     rows = Rows(num_classes=c, target=torch.tensor([0, 6, 3, 3]), valid=torch.ones(n, dtype=torch.bool))
-    whole = stat.compute(z, rows)
+    whole = stat.compute(z64, rows)
+    assert whole.dtype == torch.float64
+    z = z64.detach().to(dtype)
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
     parts = [stat.partial(z[:, s], rows, s) for s in (slice(0, 3), slice(3, 5), slice(5, 7))]
     merged = stat.finalize(stat.merge(stat.merge(parts[0], parts[1]), parts[2]))
-    torch.testing.assert_close(merged, whole, rtol=1e-12, atol=1e-12)
+    assert merged.dtype == torch.float64  # statistic values are float64 whatever the logits' dtype
+    torch.testing.assert_close(merged, whole.detach(), rtol=tol, atol=tol)
     coef = torch.randn(n, generator=gen, dtype=torch.float64)
-    (g_ref,) = torch.autograd.grad(whole, z, coef)
-    zd = z.detach()
-    blocks = [stat.add_grad(None, zd[:, s], coef, {stat: whole.detach()}, rows, s) for s in (slice(0, 4), slice(4, 7))]
-    torch.testing.assert_close(torch.cat(blocks, 1), g_ref, rtol=1e-12, atol=1e-12)
+    (g_ref,) = torch.autograd.grad(whole, z64, coef)
+    blocks = [stat.add_grad(None, z[:, s], coef, {stat: whole.detach()}, rows, s) for s in (slice(0, 4), slice(4, 7))]
+    assert blocks[0].dtype == dtype
+    torch.testing.assert_close(torch.cat(blocks, 1).double(), g_ref, rtol=tol, atol=tol)
 
 
 def test_streamable_only_without_clipping():

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..rows import Rows
-from ..stats import LSE, Statistic
+from ..stats import ACC, LSE, Statistic, softmax_from_lse
 from .base import Loss, register
 
 #: Keras' ``K.epsilon()``: the official code clips probabilities to ``[EPS, 1 - EPS]``.
@@ -63,6 +63,16 @@ def check_transition_matrix(T, who: str, *, stochastic: bool = True, atol: float
     return T.detach()
 
 
+def _logsumexp(x: Tensor) -> Tensor:
+    """Row log-sum-exp as float64 (the statistics' convention), ``-inf`` for a chunk of ``-inf`` only."""
+    if x.shape[-1] == 0:
+        return torch.full(x.shape[:-1], float("-inf"), dtype=ACC, device=x.device)
+    m = x.amax(dim=-1, keepdim=True)
+    # log T has -inf entries: a chunk where every entry is -inf sums to 0 instead of producing NaN
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return m.squeeze(-1).to(ACC) + torch.log(torch.exp(x - m).sum(-1).to(ACC))
+
+
 class _MatrixStatistic(Statistic):
     """A statistic reading one row of a fixed ``C x C`` matrix per logit row (chosen by the target)."""
 
@@ -91,16 +101,17 @@ class TargetRowLogSumExp(_MatrixStatistic):
         return ("TargetRowLogSumExp", id(self.matrix))
 
     def partial(self, z, rows, cols):
-        return (torch.logsumexp(z + self._target_rows(rows, cols, z), dim=-1),)
+        return (_logsumexp(z + self._target_rows(rows, cols, z)),)
 
     def merge(self, a, b):
         return (torch.logaddexp(a[0], b[0]),)
 
     def add_grad(self, grad, z, coef, values, rows, cols):
-        soft = torch.exp(z + self._target_rows(rows, cols, z) - values[self][:, None])
+        soft = softmax_from_lse(z + self._target_rows(rows, cols, z), values[self])
+        scale = coef.to(z.dtype)[:, None]
         if grad is None:
-            return soft.mul_(coef[:, None])
-        return grad.addcmul_(soft, coef[:, None])
+            return soft.mul_(scale)
+        return grad.addcmul_(soft, scale)
 
 
 class TargetRowDot(_MatrixStatistic):
@@ -111,13 +122,13 @@ class TargetRowDot(_MatrixStatistic):
         return ("TargetRowDot", id(self.matrix))
 
     def partial(self, z, rows, cols):
-        return ((z * self._target_rows(rows, cols, z)).sum(-1),)
+        return ((z * self._target_rows(rows, cols, z)).sum(-1).to(ACC),)
 
     def merge(self, a, b):
         return (a[0] + b[0],)
 
     def add_grad(self, grad, z, coef, values, rows, cols):
-        term = self._target_rows(rows, cols, z) * coef[:, None]
+        term = self._target_rows(rows, cols, z) * coef.to(z.dtype)[:, None]
         if grad is None:
             return term
         return grad.add_(term)
