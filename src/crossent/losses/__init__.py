@@ -21,3 +21,7 @@ __all__ = [
     "CrossEntropy",
     "ZLoss",
 ]
+
+from .correction import BackwardCorrection, ForwardCorrection  # noqa: E402
+
+__all__ += ["ForwardCorrection", "BackwardCorrection"]
