@@ -10,3 +10,7 @@ from .functional import cross_entropy
 __version__ = "0.1.0"
 
 __all__ = ["cross_entropy", "losses", "nn", "stats", "transforms", "__version__"]
+
+from . import targets
+
+__all__ += ["targets"]

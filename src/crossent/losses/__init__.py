@@ -21,3 +21,10 @@ __all__ = [
     "CrossEntropy",
     "ZLoss",
 ]
+
+from .adversarial import smooth_adversarial_comp_sum
+from .sigmoid_focal import SigmoidFocal, sigmoid_focal_loss
+from .whole_row import AdaptiveLDRKL, LogitClip, NormalizedFocal
+
+__all__ += ["NormalizedFocal", "LogitClip", "AdaptiveLDRKL", "SigmoidFocal", "sigmoid_focal_loss"]
+__all__ += ["smooth_adversarial_comp_sum"]
