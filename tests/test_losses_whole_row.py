@@ -319,6 +319,18 @@ def test_aldr_grows_its_table_without_num_samples():
     assert torch.equal(restored.lambdas, crit.lambdas)
 
 
+def test_aldr_with_every_row_ignored_before_anything_is_stored():
+    crit = AdaptiveLDRKL()
+    out = xe.cross_entropy(torch.randn(2, 3), torch.tensor([-100, -100]), loss=crit,
+                           extra={"sample_ids": torch.tensor([-5, 7])})
+    assert out == 0 and crit.lambdas.shape == (0,)
+
+
+def test_nfl_needs_two_classes():
+    with pytest.raises(ValueError, match="nfl needs at least 2 classes"):
+        xe.cross_entropy(torch.randn(2, 1), torch.tensor([0, 0]), loss="nfl")
+
+
 def test_aldr_errors():
     z, y = torch.randn(3, 4), torch.tensor([0, 1, 2])
     with pytest.raises(ValueError, match=r"extra=\{'sample_ids': ids\}"):

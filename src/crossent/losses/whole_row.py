@@ -63,6 +63,8 @@ class NormalizedFocal(Loss):
 
     def dense_row_loss(self, z: Tensor, rows: Rows) -> Tensor:
         target = rows.require_indices("nfl")
+        if z.shape[-1] < 2:
+            raise ValueError(f"nfl needs at least 2 classes (its normalizer is 0 for one), got {z.shape[-1]}")
         logp = torch.log_softmax(z, dim=-1)
         # -expm1(log p) is 1 - p without cancellation when p is close to 1.
         modulator = (-torch.expm1(logp.detach())).pow(self.gamma)
@@ -291,7 +293,10 @@ class AdaptiveLDRKL(Loss):
         scale = z.abs().sum(-1, keepdim=True).clamp_min(torch.finfo(z.dtype).tiny) / num_classes
         s = z / scale
         with torch.no_grad():
-            lam_old = self._lambdas[ids].to(z.dtype) if ids.numel() else z.new_empty(0)
+            if self._lambdas.numel():
+                lam_old = self._lambdas[ids].to(z.dtype)
+            else:  # nothing stored yet and every row ignored
+                lam_old = torch.full_like(ids, self.lam0, dtype=z.dtype)
             q = torch.softmax(s / lam_old[:, None], dim=-1) + 1e-5
             q = q / q.sum(-1, keepdim=True)
             kl = (q * torch.log(num_classes * q)).sum(-1)
