@@ -4,9 +4,9 @@ A loss is a small formula over per-row statistics of the logits; engines compute
 from a logit tensor (:func:`cross_entropy`) or without ever materialising it.
 """
 
-from . import losses, nn, stats, transforms
+from . import losses, nn, stats, targets, transforms, weighting
 from .functional import cross_entropy
 
 __version__ = "0.1.0"
 
-__all__ = ["cross_entropy", "losses", "nn", "stats", "transforms", "__version__"]
+__all__ = ["cross_entropy", "losses", "nn", "stats", "targets", "transforms", "weighting", "__version__"]

@@ -37,10 +37,12 @@ class CrossEntropy(nn.Module):
         self.reduction = reduction
         self.softcap = softcap
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+    def forward(self, input: Tensor, target: Tensor, extra: dict[str, Tensor] | None = None) -> Tensor:
+        """``extra`` carries per-row tensors for losses that read them (e.g. ``sample_ids``)."""
         return cross_entropy(
             input,
             target,
+            extra=extra,
             loss=self.loss,
             weight=self.weight,
             ignore_index=self.ignore_index,

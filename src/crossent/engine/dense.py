@@ -4,6 +4,11 @@ Forward computes the statistics of each row and the per-row loss, saving only th
 caller holds anyway) and ``[N]`` statistic values. Backward turns the upstream gradient into
 coefficients and applies the statistics' elementwise derivatives: for CE that is one ``exp`` pass and
 a scatter, the same work as ``F.cross_entropy``'s softmax backward.
+
+Both passes walk the rows in blocks of about ``BLOCK_ELEMENTS`` logits, so every temporary is a few MB:
+small enough for the allocator to recycle it from block to block (a fresh ``[N, C]`` temporary costs a
+page fault per 4 KB, which dominates a softmax pass) and, for half-precision input, the float32
+upcast never exists for the whole matrix.
 """
 
 from __future__ import annotations
@@ -15,16 +20,36 @@ from ..rows import Rows, as_float
 from .plan import Plan
 
 
+BLOCK_ELEMENTS = 1 << 22
+
+
+def row_blocks(num_rows: int, num_classes: int, block_elements: int = BLOCK_ELEMENTS):
+    step = max(1, block_elements // max(num_classes, 1))
+    return [slice(i, min(i + step, num_rows)) for i in range(0, num_rows, step)]
+
+
+def _cat(parts: list[dict], keys) -> dict:
+    return {k: torch.cat([p[k] for p in parts]) for k in keys}
+
+
 class _DenseRowLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, plan: Plan, rows: Rows) -> Tensor:
-        z = as_float(logits)
-        zt = plan.transform(z, rows, slice(0, z.shape[-1]))
-        values = plan.statistics(zt, rows)
-        del zt
+        cols = slice(0, logits.shape[-1])
+        blocks = row_blocks(*logits.shape)
+        parts = []
+        for b in blocks:
+            rows_b = rows.select(b)
+            parts.append(plan.statistics(plan.transform(as_float(logits[b]), rows_b, cols), rows_b))
+        if len(parts) == 1:
+            values = parts[0]
+        elif parts:
+            values = _cat(parts, plan.stats)
+        else:
+            values = plan.statistics(as_float(logits), rows)
         out = plan.row_losses(values, rows)
         ctx.save_for_backward(logits)
-        ctx.plan, ctx.rows, ctx.values = plan, rows, values
+        ctx.plan, ctx.rows, ctx.values, ctx.blocks = plan, rows, values, blocks
         return out
 
     @staticmethod
@@ -32,8 +57,17 @@ class _DenseRowLoss(torch.autograd.Function):
         (logits,) = ctx.saved_tensors
         plan, rows, values = ctx.plan, ctx.rows, ctx.values
         coefs = plan.coefficients(values, rows, grad_rows)
-        grad = plan.logit_grad(as_float(logits), rows, values, coefs, slice(0, logits.shape[-1]))
-        return grad.to(logits.dtype), None, None
+        cols = slice(0, logits.shape[-1])
+        grad = torch.empty_like(logits)
+        for b in ctx.blocks:
+            grad[b] = plan.logit_grad(
+                as_float(logits[b]),
+                rows.select(b),
+                {k: v[b] for k, v in values.items()},
+                {k: v[b] for k, v in coefs.items()},
+                cols,
+            )
+        return grad, None, None
 
 
 def dense_row_losses(logits: Tensor, plan: Plan, rows: Rows, *, autograd: bool = False) -> Tensor:

@@ -21,3 +21,12 @@ __all__ = [
     "CrossEntropy",
     "ZLoss",
 ]
+
+from .adversarial import smooth_adversarial_comp_sum  # noqa: E402
+from .correction import BackwardCorrection, ForwardCorrection  # noqa: E402
+from .sigmoid_focal import SigmoidFocal, sigmoid_focal_loss  # noqa: E402
+from .whole_row import AdaptiveLDRKL, LogitClip, NormalizedFocal  # noqa: E402
+
+__all__ += ["ForwardCorrection", "BackwardCorrection"]
+__all__ += ["NormalizedFocal", "LogitClip", "AdaptiveLDRKL", "SigmoidFocal", "sigmoid_focal_loss"]
+__all__ += ["smooth_adversarial_comp_sum"]
