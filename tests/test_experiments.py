@@ -330,3 +330,13 @@ def test_progress_falls_back_to_plain_lines(monkeypatch, capsys):
         p.advance(10)
         p.log("only this")
     assert capsys.readouterr().out == "only this\n"
+
+
+def test_per_sample_losses_get_the_training_set_size():
+    from crossent import losses
+
+    if "aldr_kl" not in losses.available():
+        pytest.skip("aldr_kl not in this version")
+    prepared = Method.parse("aldr_kl").prepare(Context(torch.tensor([5, 5]), 2, num_train=10))
+    assert prepared.loss.num_samples == 10
+    assert Method.parse("aldr_kl:num_samples=20").prepare(Context(torch.tensor([5, 5]), 2, num_train=10)).loss.num_samples == 20

@@ -119,7 +119,7 @@ def _grid(cfg, data, x_all, y_all, progress) -> dict:
                     fitted["probs"] = torch.softmax(predict(model, x).double(), -1)
                 return fitted["probs"]
 
-            ctx = Context(counts, data.num_classes, true_t, fit_ce, y)
+            ctx = Context(counts, data.num_classes, true_t, fit_ce, y, num_train=len(y))
             for method in cfg.methods:
                 runs.append(_one_run(cfg, data, method, ctx, x, y, x_all[va], noisy_all[va], rate, seed,
                                      y_all[tr], progress))

@@ -100,6 +100,12 @@ class Method:
             return Prepared(L.get("ce", **hp), adjust=adjust, info={"tau": tau})
         if self.name == "forward_correction":
             return _forward_correction(hp, ctx)
+        # per-sample state (ALDR-KL's adaptive lambda) is sized to the training set
+        if "num_samples" not in hp and ctx.num_train is not None:
+            import inspect
+
+            if "num_samples" in inspect.signature(L.registered()[self.name]).parameters:
+                hp["num_samples"] = ctx.num_train
         return Prepared(L.get(self.name, **hp))
 
 
@@ -114,6 +120,7 @@ class Context:
     #: ``fit_ce() -> train-set probabilities [N, C]`` of a CE model trained with the same config
     fit_ce: object = None
     noisy_labels: torch.Tensor | None = None
+    num_train: int | None = None
 
 
 def log_prior(counts: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
