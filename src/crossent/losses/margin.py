@@ -18,14 +18,13 @@ _NORMALIZATIONS = (None, "softplus", "l1")
 
 
 def _log_softplus(z: Tensor) -> Tensor:
-    """``log(softplus(z))``, accurate where ``softplus(z)`` underflows."""
-    neg = z < 0
-    x = torch.exp(torch.where(neg, z, torch.zeros_like(z)))  # e^z on the negative side, in (0, 1]
-    seen = x > 0
-    # log1p(x) / x -> 1 as x -> 0, so log softplus(z) = z + log(log1p(e^z) / e^z) -> z.
-    ratio = torch.where(seen, torch.log1p(x) / torch.where(seen, x, torch.ones_like(x)), torch.ones_like(x))
-    positive = torch.log(F.softplus(torch.where(neg, torch.zeros_like(z), z)))
-    return torch.where(neg, z + torch.log(ratio), positive)
+    """``log(softplus(z))``, accurate where ``softplus(z)`` underflows.
+
+    Below ``z = -20``, ``log softplus(z) = z - e^z / 2 + O(e^(2z))`` (the remainder is under 1e-18).
+    """
+    low = z < -20.0
+    tail = z - torch.exp(torch.where(low, z, torch.full_like(z, -20.0))) / 2
+    return torch.where(low, tail, torch.log(F.softplus(z.clamp(min=-20.0))))
 
 
 @register("ldr_kl")
@@ -135,7 +134,8 @@ class CircleMargin(Transform):
 
     def forward(self, z, rows, cols):
         is_target = self._is_target(z, rows, cols)
-        shift = torch.where(is_target, 1.0 - self.m, self.m).to(z.dtype)
+        # Built in z's dtype: torch.where on Python scalars would round the shift to float32.
+        shift = is_target.to(z.dtype) * (1.0 - 2.0 * self.m) + self.m
         return self._weights(z, is_target) * (z - shift)
 
     def backward_(self, grad, z, rows, cols):
