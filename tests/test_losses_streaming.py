@@ -155,7 +155,8 @@ def check_against_reference(name, hp, z, y, *, weight=None, ignore_index=-100, r
     coef = (upstream.double().abs() if upstream is not None else torch.ones_like(w)) * w / denom
     allowed_g = tol * scale * (ref_g.abs().amax(-1) + coef)
     err_g = (g.double() - ref_g).abs().amax(-1)
-    assert torch.all(err_g <= allowed_g), f"{name}{hp}: gradient error {(err_g / allowed_g).max().item():.3g}x the tolerance"
+    ratio = (err_g / allowed_g).max().item()
+    assert torch.all(err_g <= allowed_g), f"{name}{hp}: gradient error {ratio:.3g}x the tolerance"
 
 
 @st.composite
@@ -219,9 +220,39 @@ def test_extreme_rows_are_finite(case_id, name, hp_fn, dtype):
     y = torch.tensor([0, 1, 2, 2, 0, 0])
     hp = hp_fn(4)
     for reduction in ("none", "mean"):
-        out, g = run_crossent(name, hp, z, y, torch.ones(6, dtype=dtype) if reduction == "none" else None, reduction=reduction)
+        upstream = torch.ones(6, dtype=dtype) if reduction == "none" else None
+        out, g = run_crossent(name, hp, z, y, upstream, reduction=reduction)
         assert torch.isfinite(out).all() and torch.isfinite(g).all(), (name, hp, out, g)
     check_against_reference(name, hp, z, y, reduction="none", gen=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("case_id,name,hp_fn", CASES, ids=CASE_IDS)
+def test_half_precision_layouts_and_empty_batches(case_id, name, hp_fn):
+    """Half inputs accumulate in float32 (the result is the float32 one rounded); [N, C, d] is the
+    flattened [N*d, C]; an empty batch gives 0."""
+    hp = hp_fn(5)
+    gen = torch.Generator().manual_seed(4)
+    z = (torch.randn(6, 5, generator=gen) * 3).to(torch.bfloat16)
+    if name == "circle":
+        z = torch.tanh(z.float()).to(torch.bfloat16)
+    y = torch.randint(0, 5, (6,), generator=gen)
+    out, g = run_crossent(name, hp, z, y)
+    ref, ref_g = run_crossent(name, hp, z.float(), y)
+    assert out.dtype == g.dtype == torch.bfloat16 and torch.isfinite(g).all()
+    spacing = 2**-8
+    torch.testing.assert_close(out.float(), ref, rtol=spacing, atol=spacing * ref.abs().item())
+    torch.testing.assert_close(g.float(), ref_g, rtol=spacing, atol=spacing * ref_g.abs().max().item())
+
+    z3 = torch.randn(2, 5, 3, generator=gen, dtype=torch.float64)
+    y3 = torch.randint(0, 5, (2, 3), generator=gen)
+    loss = xe.losses.get(name, **hp)
+    a = xe.cross_entropy(z3, y3, loss=loss, reduction="none")
+    b = xe.cross_entropy(z3.movedim(1, -1).reshape(-1, 5), y3.reshape(-1), loss=loss, reduction="none")
+    assert a.shape == (2, 3) and torch.equal(a.reshape(-1), b)
+    empty = torch.zeros(0, 5, requires_grad=True)
+    out = xe.cross_entropy(empty, torch.zeros(0, dtype=torch.long), loss=loss)
+    out.backward()
+    assert out.item() == 0.0 and empty.grad.shape == (0, 5)
 
 
 # -- external implementations and identities ---------------------------------------------------
@@ -245,7 +276,8 @@ def test_ce_matches_torch(case):
     (ref_g,) = torch.autograd.grad(ref, x, upstream)
     tol = TOL[dtype]
     torch.testing.assert_close(out, ref.detach(), rtol=tol, atol=tol * (1 + z.abs().max().item()))
-    torch.testing.assert_close(g, ref_g, rtol=tol, atol=tol * (1 + z.abs().max().item()) * (1 + ref_g.abs().max().item()))
+    scale = 1 + z.abs().max().item()
+    torch.testing.assert_close(g, ref_g, rtol=tol, atol=tol * scale * (1 + ref_g.abs().max().item()))
 
 
 def _loss(name_or_obj, **hp):
@@ -267,7 +299,11 @@ IDENTITIES = [
     ("sce(1, 0) == ce", ("sce", {"alpha": 1.0, "beta": 0.0}), ("ce", {})),
     ("sce(0, 1) == rce", ("sce", {"alpha": 0.0, "beta": 1.0}), ("rce", {})),
     ("mixce(eta=1) == ce", ("mixce", {"eta": 1.0}), ("ce", {})),
-    ("apl == alpha*nce + beta*rce", ("apl", {"alpha": 10.0, "beta": 0.1}), (10.0 * xe.losses.NCE() + 0.1 * xe.losses.RCE(), {})),
+    (
+        "apl == alpha*nce + beta*rce",
+        ("apl", {"alpha": 10.0, "beta": 0.1}),
+        (10.0 * xe.losses.NCE() + 0.1 * xe.losses.RCE(), {}),
+    ),
     (
         "apl(ngce, nmae) == composition",
         ("apl", {"active": xe.losses.NGCE(q=0.4), "passive": "nmae", "alpha": 3.0, "beta": 2.0}),
@@ -362,7 +398,8 @@ def test_gradcheck(case_id, name, hp_fn):
     loss = xe.losses.get(name, **hp_fn(c))
     kw = dict(weight=weight, ignore_index=1, reduction="none")
     if name not in FROZEN:
-        assert torch.autograd.gradcheck(lambda t: xe.cross_entropy(t, y, loss=loss, **kw), (z.clone().requires_grad_(),))
+        x = z.clone().requires_grad_()
+        assert torch.autograd.gradcheck(lambda t: xe.cross_entropy(t, y, loss=loss, **kw), (x,))
         return
     hp = hp_fn(c)
     valid = y != 1
@@ -446,6 +483,44 @@ def test_column_chunks_reproduce_the_dense_result(case_id, name, hp_fn):
     scale = R.row_scale(name, hp_fn(c), z, y).max().item()
     torch.testing.assert_close(per_row, dense.detach(), rtol=1e-12, atol=1e-12 * scale)
     torch.testing.assert_close(grad, dense_g, rtol=1e-12, atol=1e-12 * scale * (1 + dense_g.abs().max().item()))
+
+
+@pytest.mark.parametrize("case_id,name,hp_fn", STREAMED, ids=[c[0] for c in STREAMED])
+def test_whole_row_autograd_form_agrees_with_the_statistics(case_id, name, hp_fn):
+    """The autograd form (transform forward + differentiable statistics, used when a target needs a
+    gradient) and the statistics form (add_grad / backward_) must give the same gradient."""
+    gen = torch.Generator().manual_seed(10)
+    c = 11
+    z, y = make_logits(gen, 8, c, torch.float64, extreme=True, cosine=name == "circle")
+    loss = xe.losses.get(name, **hp_fn(c))
+    rows = Rows(num_classes=c, target=y, valid=torch.ones(8, dtype=torch.bool))
+    plan = Plan(loss, rows)
+    upstream = torch.randn(8, generator=gen, dtype=torch.float64)
+    x = z.clone().requires_grad_()
+    auto = plan.autograd_row_losses(x, rows)
+    (auto_g,) = torch.autograd.grad(auto, x, upstream)
+    values = plan.statistics(plan.transform(z, rows, slice(0, c)), rows)
+    stream = plan.row_losses(values, rows)
+    stream_g = plan.logit_grad(z, rows, values, plan.coefficients(values, rows, upstream), slice(0, c))
+    scale = R.row_scale(name, hp_fn(c), z, y).max().item()
+    torch.testing.assert_close(stream, auto.detach(), rtol=1e-12, atol=1e-12 * scale)
+    torch.testing.assert_close(stream_g, auto_g, rtol=1e-12, atol=1e-12 * scale * (1 + auto_g.abs().max().item()))
+
+
+@pytest.mark.parametrize("k", [0.1, 0.5, 0.9])
+def test_tgce_truncates_exactly_at_k(k):
+    """Two classes: p_y = sigmoid(d). Just above k the loss is GCE with a gradient; at or below k it
+    is the constant L_q(k) with none."""
+    q = 0.7
+    d = math.log(k / (1 - k))
+    z = torch.tensor([[d + 1e-9, 0.0], [d - 1e-9, 0.0], [d - 1.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    y = torch.zeros(3, dtype=torch.long)
+    out = xe.cross_entropy(z, y, loss=xe.losses.TGCE(q=q, k=k), reduction="none")
+    (g,) = torch.autograd.grad(out.sum(), z)
+    const = (1 - k**q) / q
+    torch.testing.assert_close(out[1:], torch.full((2,), const, dtype=torch.float64), rtol=0, atol=0)
+    torch.testing.assert_close(out[0], torch.tensor(const, dtype=torch.float64), rtol=1e-8, atol=0)
+    assert torch.all(g[1:] == 0) and torch.all(g[0] != 0)
 
 
 # -- streamability, registry, interface -------------------------------------------------------

@@ -26,7 +26,9 @@ def real(loss: str, name: str, value, *, low=None, high=None, low_open=False, hi
     if too_low or too_high:
         left = "-inf" if low is None else f"{low:g}"
         right = "inf" if high is None else f"{high:g}"
-        interval = ("(" if low_open or low is None else "[") + f"{left}, {right}" + (")" if high_open or high is None else "]")
+        opening = "(" if low_open or low is None else "["
+        closing = ")" if high_open or high is None else "]"
+        interval = f"{opening}{left}, {right}{closing}"
         raise ValueError(f"{loss}: {name} must be in {interval}, got {value:g}")
     return value
 
@@ -41,11 +43,15 @@ def class_vector(loss: str, name: str, value) -> Tensor:
     try:
         t = torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError):
-        raise TypeError(f"{loss}: {name} must be a 1-D tensor with one entry per class, got {type(value).__name__}") from None
+        raise TypeError(
+            f"{loss}: {name} must be a 1-D tensor with one entry per class, got {type(value).__name__}"
+        ) from None
     if not t.is_floating_point():
         t = t.to(torch.get_default_dtype())
     if t.dim() != 1 or t.shape[0] == 0:
-        raise ValueError(f"{loss}: {name} must be a non-empty 1-D tensor with one entry per class, got shape {tuple(t.shape)}")
+        raise ValueError(
+            f"{loss}: {name} must be a non-empty 1-D tensor with one entry per class, got shape {tuple(t.shape)}"
+        )
     if not torch.isfinite(t).all():
         raise ValueError(f"{loss}: {name} must be finite")
     if (t < 0).any():

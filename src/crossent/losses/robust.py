@@ -425,7 +425,9 @@ class APL(Loss):
         self.passive = passive
         self.alpha = P.real("apl", "alpha", alpha, low=0.0)
         self.beta = P.real("apl", "beta", beta, low=0.0)
-        self._sum = SumLoss([ScaledLoss(_part("active", active), self.alpha), ScaledLoss(_part("passive", passive), self.beta)])
+        self._sum = SumLoss(
+            [ScaledLoss(_part("active", active), self.alpha), ScaledLoss(_part("passive", passive), self.beta)]
+        )
 
     @property
     def streamable(self):  # type: ignore[override]
