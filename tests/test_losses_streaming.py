@@ -560,6 +560,18 @@ def test_apl_with_a_whole_row_part_is_the_weighted_sum():
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
+def test_apl_with_the_whole_row_nfl():
+    """The paper's NFL+RCE pair: a whole-row active part makes the APL whole-row, same value."""
+    gen = torch.Generator().manual_seed(8)
+    z = torch.randn(7, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 6, (7,), generator=gen)
+    apl = xe.losses.APL(active="nfl", passive="rce", alpha=10.0, beta=0.1)
+    assert not apl.streamable
+    out = xe.cross_entropy(z, y, loss=apl, reduction="none")
+    parts = [xe.cross_entropy(z, y, loss=name, reduction="none") for name in ("nfl", "rce")]
+    torch.testing.assert_close(out, 10.0 * parts[0] + 0.1 * parts[1], rtol=1e-12, atol=0)
+
+
 def test_apl_resolves_names_through_the_registry_when_built():
     name = "_test_only_whole_row"
 
