@@ -30,3 +30,17 @@ from .whole_row import AdaptiveLDRKL, LogitClip, NormalizedFocal  # noqa: E402
 __all__ += ["ForwardCorrection", "BackwardCorrection"]
 __all__ += ["NormalizedFocal", "LogitClip", "AdaptiveLDRKL", "SigmoidFocal", "sigmoid_focal_loss"]
 __all__ += ["smooth_adversarial_comp_sum"]
+
+from .focal import Focal, Poly, Poly1, Poly1Focal  # noqa: E402
+from .robust import APL, GCE, MAE, NCE, NGCE, NMAE, RCE, SCE, TGCE, CompSum  # noqa: E402
+from .margin import LDRKL, Circle, CircleMargin, Encouraging  # noqa: E402
+from .regularized import MixCE, Squentropy  # noqa: E402
+from .soft import SoftTargetCrossEntropy  # noqa: E402
+
+__all__ += [
+    "Focal", "Poly1", "Poly", "Poly1Focal",
+    "CompSum", "GCE", "TGCE", "MAE", "NCE", "NGCE", "NMAE", "RCE", "SCE", "APL",
+    "LDRKL", "Circle", "CircleMargin", "Encouraging",
+    "Squentropy", "MixCE",
+    "SoftTargetCrossEntropy",
+]
