@@ -140,3 +140,23 @@ def test_python_dash_m_entry_point():
     proc = subprocess.run([sys.executable, "-m", "crossent", "losses", "--format", "names"], capture_output=True,
                           text=True, env={**__import__("os").environ, "PYTHONPATH": cli.__file__.rsplit("/crossent/", 1)[0]})
     assert proc.returncode == 0 and "ce" in proc.stdout.split()
+
+
+def test_default_losses_are_all_known():
+    from crossent.experiments.methods import parse_list
+
+    args = cli.build_parser().parse_args(["compare"])
+    for method in parse_list(args.losses):
+        method.check()
+    cfg = cli.compare_config(args)
+    assert cfg.dataset == "digits" and cfg.noise == "none" and cfg.seeds == (0,)
+
+
+def test_protocol_presets_and_overrides():
+    args = cli.build_parser().parse_args(["compare", "--protocol", "ldr", "--epochs", "12"])
+    cfg = cli.compare_config(args)
+    assert cfg.train.optimizer == "sgd" and cfg.train.weight_decay == 5e-3 and cfg.activation == "tanh"
+    assert cfg.train.milestones == (6, 9) and cfg.train.epochs == 12
+    args = cli.build_parser().parse_args(["compare", "--protocol", "mnist1d", "--seeds", "2"])
+    cfg = cli.compare_config(args)
+    assert cfg.seeds == (42, 43) and cfg.train.steps == 6000 and cfg.train.sampler == "cyclic"

@@ -130,7 +130,7 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--imbalance", type=float, default=None, help="long tail: n_i = n_max * ratio^(-i/(C-1))")
     g.add_argument("--train-size", type=int, default=None, help="stratified subsample of the training set")
     g = p.add_argument_group("methods and model")
-    g.add_argument("--losses", default="ce,ce:label_smoothing=0.1",
+    g.add_argument("--losses", default="ce,ce:label_smoothing=0.1,focal,gce,sce",
                    help="registry names with hyperparameters (gce:q=0.7), or cb / la / la_posthoc / forward_correction")
     g.add_argument("--model", default="mlp", choices=("linear", "mlp", "cnn"))
     g.add_argument("--hidden", default="100,100", help="MLP widths (default 100,100)")
