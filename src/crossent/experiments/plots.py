@@ -102,8 +102,7 @@ def write_all(results: dict, rows: list[dict], out: Path) -> list[Path]:
             if "reliability_ts" in r:
                 panels.append((f"{r['method']} +TS  ECE {100 * r['ece_ts']:.1f}%", r["reliability_ts"]))
         suffix = f"_{rate:g}" if len({r['rate'] for r in rows}) > 1 else ""
-        paired = any("reliability_ts" in r for r in sel)
-        written.append(reliability(panels, out / f"reliability{suffix}.png", cols=4 if paired else 4))
+        written.append(reliability(panels, out / f"reliability{suffix}.png"))
     if any(r.get("history") for r in results["runs"]):
         written.append(training_curves(results["runs"], out / "training_curves.png"))
     return written
