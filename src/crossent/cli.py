@@ -96,10 +96,13 @@ def cmd_bench(args) -> int:
             file=sys.stderr,
         )
         return 2
-    parser = argparse.ArgumentParser(prog="crossent bench", description=linear.__doc__)
+    parser = argparse.ArgumentParser(
+        prog="crossent bench", description=linear.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     linear.add_arguments(parser)
     bench_args = parser.parse_args(args.bench_args)
-    _threads(getattr(bench_args, "threads", None) or args.threads)
+    if args.threads is not None:  # otherwise the bench module keeps its own default
+        _threads(args.threads)
     linear.run(bench_args)
     return 0
 
@@ -193,7 +196,7 @@ def cmd_compare(args, argv) -> int:
     from .experiments.datasets import MissingDataError
     from .experiments.progress import Progress
 
-    _threads(args.threads)
+    _threads(args.threads or 1)
     try:
         cfg = compare_config(args)
     except ValueError as e:
@@ -221,7 +224,8 @@ def cmd_compare(args, argv) -> int:
 # -- entry point -------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crossent", description=__doc__)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (compare: default 1; bench: its own default)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("losses", help="list the registered losses")
     p.add_argument("--format", default="markdown", choices=("markdown", "json", "names"))
