@@ -159,4 +159,6 @@ def test_protocol_presets_and_overrides():
     assert cfg.train.milestones == (6, 9) and cfg.train.epochs == 12
     args = cli.build_parser().parse_args(["compare", "--protocol", "mnist1d", "--seeds", "2"])
     cfg = cli.compare_config(args)
-    assert cfg.seeds == (42, 43) and cfg.train.steps == 6000 and cfg.train.sampler == "cyclic"
+    assert cfg.seeds == (42, 43) and cfg.train.steps == 6000 and cfg.train.sampler == "cyclic" and cfg.residual
+    args = cli.build_parser().parse_args(["compare", "--protocol", "mnist1d", "--no-residual"])
+    assert not cli.compare_config(args).residual

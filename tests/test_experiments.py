@@ -206,6 +206,18 @@ def test_models_shapes():
         build_model("resnet", (4,), 3)
 
 
+def test_residual_mlp_matches_the_mnist1d_reference_form():
+    torch.manual_seed(0)
+    m = build_model("mlp", (40,), 10, hidden=(100, 100), residual=True)
+    x = torch.randn(3, 40)
+    l1, l2 = m.hidden
+    h = l1(x).relu()
+    h = h + l2(h).relu()
+    assert torch.allclose(m(x), m.head(h))
+    plain = build_model("mlp", (40,), 10, hidden=(100, 100))
+    assert plain.skip == [False, False] and m.skip == [False, True]
+
+
 def test_training_learns_digits_quickly():
     data = datasets.load("digits")
     torch.manual_seed(0)

@@ -15,9 +15,10 @@ from pathlib import Path
 # Optimisation presets of published protocols (see docs/results.md); any flag overrides them.
 PROTOCOLS = {
     "quick": {"optimizer": "adam", "lr": 1e-2, "batch_size": 64, "epochs": 20},
-    # Greydanus & Kobak 2020: Adam 1e-2, batch 100, 6000 steps walking the data in order, eval every 250
+    # Greydanus & Kobak 2020: Adam 1e-2, batch 100, 6000 steps walking the data in order, eval every 250;
+    # the reference MLP adds a residual connection around its second hidden layer
     "mnist1d": {"optimizer": "adam", "lr": 1e-2, "batch_size": 100, "steps": 6000, "eval_every": 250,
-                "sampler": "cyclic", "seed": 42},
+                "sampler": "cyclic", "seed": 42, "residual": True},
     # LDR-KL tabular protocol: tanh FFNN, SGD momentum 0.9, batch 64, 100 epochs, lr/10 at 50 and 75, wd 5e-3
     "ldr": {"optimizer": "sgd", "lr": 1e-2, "momentum": 0.9, "weight_decay": 5e-3, "batch_size": 64, "epochs": 100,
             "schedule": "step", "milestones": (0.5, 0.75), "activation": "tanh"},
@@ -138,6 +139,8 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default="mlp", choices=("linear", "mlp", "cnn"))
     g.add_argument("--hidden", default="100,100", help="MLP widths (default 100,100)")
     g.add_argument("--activation", default=None, choices=("relu", "tanh", "gelu"), help="MLP activation (default relu)")
+    g.add_argument("--residual", default=None, action=argparse.BooleanOptionalAction,
+                   help="MLP: h + act(W h) for hidden layers of equal width (default: off; on for --protocol mnist1d)")
     g = p.add_argument_group("training (a --protocol sets defaults; each flag overrides)")
     g.add_argument("--protocol", default="quick", choices=sorted(PROTOCOLS))
     for flag, kind in (("--optimizer", str), ("--lr", float), ("--momentum", float), ("--weight-decay", float),
@@ -164,6 +167,8 @@ def compare_config(args):
     proto.pop("seed", None)
     activation = args.activation or proto.pop("activation", "relu")
     proto.pop("activation", None)
+    residual = proto.pop("residual", False) if args.residual is None else args.residual
+    proto.pop("residual", None)
     for key in ("optimizer", "lr", "momentum", "weight_decay", "batch_size", "epochs", "steps", "eval_every", "clip",
                 "schedule"):
         value = getattr(args, key)
@@ -180,6 +185,7 @@ def compare_config(args):
         model=args.model,
         hidden=_ints(args.hidden),
         activation=activation,
+        residual=residual,
         noise=args.noise,
         noise_rates=_floats(args.noise_rate) if args.noise != "none" else (0.0,),
         imbalance=args.imbalance,

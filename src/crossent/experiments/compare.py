@@ -25,6 +25,7 @@ class CompareConfig:
     model: str = "mlp"
     hidden: tuple[int, ...] = (100, 100)
     activation: str = "relu"
+    residual: bool = False
     noise: str = "none"  # none | symmetric | pair
     noise_rates: tuple[float, ...] = (0.0,)
     imbalance: float | None = None
@@ -114,7 +115,7 @@ def _grid(cfg, data, x_all, y_all, progress) -> dict:
                 if "probs" not in fitted:
                     torch.manual_seed(seed)
                     model = build_model(cfg.model, data.input_shape, data.num_classes, hidden=cfg.hidden,
-                                        activation=cfg.activation)
+                                        activation=cfg.activation, residual=cfg.residual)
                     train(model, x, y, Method("ce", "ce").prepare(ctx), cfg.train, seed=seed)
                     fitted["probs"] = torch.softmax(predict(model, x).double(), -1)
                 return fitted["probs"]
@@ -130,7 +131,8 @@ def _one_run(cfg, data, method, ctx, x, y, x_val, y_val, rate, seed, y_clean, pr
     t0 = time.time()
     prepared = method.prepare(ctx)
     torch.manual_seed(seed)
-    model = build_model(cfg.model, data.input_shape, data.num_classes, hidden=cfg.hidden, activation=cfg.activation)
+    model = build_model(cfg.model, data.input_shape, data.num_classes, hidden=cfg.hidden, activation=cfg.activation,
+                        residual=cfg.residual)
     history = train(
         model, x, y, prepared, cfg.train, seed=seed, eval_data=(data.x_test, data.y_test),
         on_step=progress.advance if progress is not None else None,

@@ -13,17 +13,36 @@ def _flat_size(shape) -> int:
     return math.prod(shape)
 
 
-def mlp(in_features: int, hidden, num_classes: int, activation: str = "relu") -> nn.Sequential:
-    """``Linear -> act`` for each width in ``hidden``, then a linear head (logistic regression if empty)."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; use one of {sorted(ACTIVATIONS)}")
-    layers: list[nn.Module] = [nn.Flatten()]
-    width = in_features
-    for h in hidden:
-        layers += [nn.Linear(width, int(h)), ACTIVATIONS[activation]()]
-        width = int(h)
-    layers.append(nn.Linear(width, num_classes))
-    return nn.Sequential(*layers)
+class MLP(nn.Module):
+    """``Linear -> act`` for each width in ``hidden``, then a linear head (logistic regression if empty).
+
+    With ``residual=True`` a hidden layer whose width equals the previous one adds its input back,
+    ``h <- h + act(W h)``, as the MNIST-1D reference MLP does for its second layer.
+    """
+
+    def __init__(self, in_features: int, hidden, num_classes: int, activation: str = "relu", residual: bool = False):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; use one of {sorted(ACTIVATIONS)}")
+        self.act = ACTIVATIONS[activation]()
+        self.hidden = nn.ModuleList()
+        self.skip: list[bool] = []
+        width = in_features
+        for h in hidden:
+            self.hidden.append(nn.Linear(width, int(h)))
+            self.skip.append(residual and width == int(h))
+            width = int(h)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        h = x.flatten(1)
+        for layer, skip in zip(self.hidden, self.skip):
+            h = h + self.act(layer(h)) if skip else self.act(layer(h))
+        return self.head(h)
+
+
+def mlp(in_features: int, hidden, num_classes: int, activation: str = "relu", residual: bool = False) -> MLP:
+    return MLP(in_features, hidden, num_classes, activation, residual)
 
 
 class MNIST1DConv(nn.Module):
@@ -72,12 +91,14 @@ def image_cnn(in_channels: int, num_classes: int) -> nn.Sequential:
 MODELS = ("linear", "mlp", "cnn")
 
 
-def build_model(name: str, input_shape, num_classes: int, *, hidden=(100, 100), activation: str = "relu") -> nn.Module:
+def build_model(
+    name: str, input_shape, num_classes: int, *, hidden=(100, 100), activation: str = "relu", residual: bool = False
+) -> nn.Module:
     """``linear``, ``mlp`` (widths ``hidden``) or ``cnn`` (1-D for signals, 2-D for 28x28 images)."""
     if name == "linear":
         return mlp(_flat_size(input_shape), (), num_classes)
     if name == "mlp":
-        return mlp(_flat_size(input_shape), hidden, num_classes, activation)
+        return mlp(_flat_size(input_shape), hidden, num_classes, activation, residual)
     if name == "cnn":
         if len(input_shape) == 1:
             return MNIST1DConv(input_shape[0], num_classes)
