@@ -36,6 +36,8 @@ class Statistic:
     """Base class. Subclasses set ``key`` (hashable, includes hyperparameters)."""
 
     differentiable: ClassVar[bool] = True
+    #: ``add_grad(buffer, ..., fresh=True)`` overwrites an uninitialised buffer instead of adding to it.
+    writes_into: ClassVar[bool] = False
     #: statistics whose final values :meth:`add_grad` reads (computed alongside this one).
     requires: tuple[Statistic, ...] = ()
 
@@ -121,17 +123,21 @@ def _rescaled(la: Tensor, lb: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 class LogSumExp(Statistic):
     """``lse = log sum_j exp(z_j)``; merge by ``logaddexp``; ``d lse / d z_j = p_j``."""
 
+    writes_into = True
+
     def partial(self, z, rows, cols):
         return (row_logsumexp(z),)
 
     def merge(self, a, b):
         return (torch.logaddexp(a[0], b[0]),)
 
-    def add_grad(self, grad, z, coef, values, rows, cols):
+    def add_grad(self, grad, z, coef, values, rows, cols, fresh=False):
         lse = values[self]
         hi = lse.to(z.dtype)
         # p * coef = exp(z - hi) * (coef * exp(-lo)): the tail of lse folds into the row factor.
         scale = (coef.to(ACC) * torch.exp(hi.to(ACC) - lse)).to(z.dtype)[:, None]
+        if fresh:
+            return torch.sub(z, hi[:, None], out=grad).exp_().mul_(scale)
         if grad is None:
             return (z - hi[:, None]).exp_().mul_(scale)
         return grad.addcmul_((z - hi[:, None]).exp_(), scale)

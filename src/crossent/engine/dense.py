@@ -60,12 +60,13 @@ class _DenseRowLoss(torch.autograd.Function):
         cols = slice(0, logits.shape[-1])
         grad = torch.empty_like(logits)
         for b in ctx.blocks:
-            grad[b] = plan.logit_grad(
+            plan.logit_grad(
                 as_float(logits[b]),
                 rows.select(b),
                 {k: v[b] for k, v in values.items()},
                 {k: v[b] for k, v in coefs.items()},
                 cols,
+                out=grad[b],
             )
         return grad, None, None
 

@@ -71,16 +71,30 @@ class Plan:
             grads = torch.autograd.grad(out, [leaves[s] for s in wanted], grad_rows.to(out.dtype), allow_unused=True)
         return {s: g for s, g in zip(wanted, grads) if g is not None}
 
-    def logit_grad(self, z: Tensor, rows: Rows, values: dict, coefs: dict, cols: slice) -> Tensor:
-        """``dL/dz`` for the raw logits ``z`` (``[N, width]``) of the columns ``cols``."""
+    def logit_grad(
+        self, z: Tensor, rows: Rows, values: dict, coefs: dict, cols: slice, out: Tensor | None = None
+    ) -> Tensor:
+        """``dL/dz`` for the raw logits ``z`` (``[N, width]``) of the columns ``cols``.
+
+        With ``out`` (shaped like ``z``) the gradient is written there, and straight there when the
+        first statistic can start a gradient in a given buffer (saves a pass and a temporary).
+        """
         zt = self.transform(z, rows, cols) if self.transforms else z
         grad = None
         for s in self.stats:
-            if s in coefs:
+            if s not in coefs:
+                continue
+            if grad is None and out is not None and out.dtype == z.dtype and s.writes_into:
+                grad = s.add_grad(out, zt, coefs[s], values, rows, cols, fresh=True)
+            else:
                 grad = s.add_grad(grad, zt, coefs[s], values, rows, cols)
         if grad is None:
-            return torch.zeros_like(z)
-        return backward_all(self.transforms, grad, z, rows, cols)
+            grad = torch.zeros_like(z)
+        grad = backward_all(self.transforms, grad, z, rows, cols)
+        if out is not None and grad is not out:
+            out.copy_(grad)
+            return out
+        return grad
 
     # -- whole rows with autograd -----------------------------------------------------------------
     def autograd_row_losses(self, z: Tensor, rows: Rows) -> Tensor:
