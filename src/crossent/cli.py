@@ -61,8 +61,15 @@ def loss_paper(cls) -> str:
 
 
 def loss_streams(cls) -> str:
+    """``yes``/``no``; for losses where it depends on hyperparameters, the answer at the defaults."""
     value = inspect.getattr_static(cls, "streamable", None)
-    return ("yes" if value else "no") if isinstance(value, bool) else "?"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    try:
+        default = cls()
+    except (TypeError, ValueError):  # a required hyperparameter (e.g. a transition matrix)
+        return "depends on hyperparameters"
+    return ("yes" if default.streamable else "no") + " at defaults; depends on hyperparameters"
 
 
 def losses_table(fmt: str = "markdown") -> str:
