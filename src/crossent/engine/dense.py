@@ -20,7 +20,7 @@ from ..rows import Rows, as_float
 from .plan import Plan
 
 
-BLOCK_ELEMENTS = 1 << 22
+BLOCK_ELEMENTS = 1 << 20
 
 
 def row_blocks(num_rows: int, num_classes: int, block_elements: int = BLOCK_ELEMENTS):
