@@ -1,0 +1,208 @@
+"""What one chunk of whole logit rows contributes: statistics, per-row losses, logit gradient.
+
+The row-chunked engine (:mod:`crossent.engine.chunked`) computes a block of logits ``z`` (``[r, V]``,
+float32 or float64, every column of ``r`` rows) and hands it to a *kernel*. Three kernels share one
+interface, ``kernel(z, rows, row_scale) -> ChunkResult``; ``row_scale`` is the upstream gradient of each
+row's loss (``None``: values only). The kernel may overwrite ``z``.
+
+* :class:`SoftmaxKernel` (the fast path): losses over ``lse``, ``target`` and (class-weighted) sums,
+  behind affine logit transforms (temperature, class bias). It works in place on the chunk buffer and
+  returns the gradient *factored* as ``a_i P_ij + b_i 1[j = y_i] + sum_k s_ki w_kj`` with ``P`` the
+  softmax (written over ``z``). The engine folds ``a``, ``b`` and ``s`` into the small ``[r, D]`` and
+  ``[V]`` operands of the matrix products, so the only full passes over the chunk are one ``max`` and
+  one fused softmax: no fresh ``[r, V]`` tensor per statistic, no separate scaling pass.
+* :class:`PlanKernel`: any other streamable loss, through :class:`~crossent.engine.plan.Plan`
+  (statistics, coefficients by autograd on the row formula, ``logit_grad``); a few chunk-sized
+  temporaries.
+* :class:`WholeRowKernel`: losses with ``streamable = False``, by autograd through the chunk's rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..rows import Rows
+from ..stats import ARGMAX, LSE, SUM, TARGET, SoftDot, Statistic
+from ..transforms import ClassBias, Temperature
+from .plan import Plan
+
+
+@dataclass
+class ChunkGrad:
+    """``dL/dz = row_scale[:, None] * matrix + target_coef * onehot(y) + sum_k s_k[:, None] * w_k[None, :]``.
+
+    ``row_scale`` / ``target_coef`` are ``None`` when absent; a ``w`` of ``None`` stands for all ones.
+    """
+
+    matrix: Tensor
+    row_scale: Tensor | None = None
+    target_coef: Tensor | None = None
+    sums: list[tuple[Tensor, Tensor | None]] = field(default_factory=list)
+
+
+@dataclass
+class ChunkResult:
+    loss: Tensor  # [r] weighted per-row losses, zero on ignored rows
+    values: dict  # statistic -> [r]
+    grad: ChunkGrad | None = None
+
+
+def _sum_weights(stat: Statistic, rows: Rows) -> Tensor | None | bool:
+    """The class vector ``w`` of a sum-like statistic (``None`` = ones), or ``False`` if it is not one."""
+    if stat == SUM:
+        return None
+    if isinstance(stat, SoftDot) and stat.source == "ones":
+        return rows.class_weight if stat.class_weighted else None
+    return False
+
+
+def softmax_(z: Tensor) -> Tensor | None:
+    """Softmax of each row of ``z``, in place when that is safe; returns ``None`` on that route.
+
+    On CPU the fused softmax kernel reads and writes each element once per pass at the same index, so
+    aliasing its output to its input is exact and keeps one row in cache across its passes. Elsewhere
+    the rows are exponentiated in place (``exp(z - max)``) and the normalisers ``sum`` are returned
+    for the caller to fold into its coefficients.
+    """
+    if z.device.type == "cpu":
+        torch.ops.aten._softmax.out(z, 1, False, out=z)
+        return None
+    z.sub_(z.amax(1, keepdim=True)).exp_()
+    return z.sum(1)
+
+
+class SoftmaxKernel:
+    """In-place kernel for losses over ``lse``, ``target``, sums and ``argmax`` (see module docstring)."""
+
+    _SUPPORTED = (Temperature, ClassBias)
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.scale = 1.0
+        for t in plan.transforms:
+            if isinstance(t, Temperature):
+                self.scale /= t.temperature
+
+    @classmethod
+    def supports(cls, plan: Plan, rows: Rows) -> bool:
+        if not plan.streamable or not all(isinstance(t, cls._SUPPORTED) for t in plan.transforms):
+            return False
+        return all(s in (LSE, TARGET, ARGMAX) or _sum_weights(s, rows) is not False for s in plan.stats)
+
+    def _transform_(self, z: Tensor, rows: Rows) -> None:
+        cols = slice(0, z.shape[1])
+        for t in self.plan.transforms:
+            if isinstance(t, Temperature):
+                z.div_(t.temperature)
+            else:
+                if t.bias.shape[0] != rows.num_classes:
+                    raise ValueError(
+                        f"class bias has {t.bias.shape[0]} entries but the logits have {rows.num_classes} classes"
+                    )
+                z.add_(t.bias[cols].to(device=z.device, dtype=z.dtype))
+
+    def __call__(self, z: Tensor, rows: Rows, row_scale: Tensor | None) -> ChunkResult:
+        plan = self.plan
+        self._transform_(z, rows)
+        values: dict = {}
+        sum_like = []
+        for s in plan.stats:
+            w = _sum_weights(s, rows)
+            if w is not False:
+                values[s] = z.sum(1) if w is None else z @ w.to(z.dtype)
+                sum_like.append((s, w))
+        if TARGET in plan.stats:
+            values[TARGET] = z.gather(1, rows.target[:, None]).squeeze(1)
+        peak, where = z.max(1)
+        if ARGMAX in plan.stats:
+            values[ARGMAX] = where
+        norm = softmax_(z)
+        if norm is None:
+            # p at the row's maximum lies in [1/V, 1]: its log is well conditioned.
+            values[LSE] = peak - z.gather(1, where[:, None]).squeeze(1).log()
+        else:
+            values[LSE] = peak + norm.log()
+        loss = plan.row_losses(values, rows)
+        if row_scale is None:
+            return ChunkResult(loss, values)
+
+        coefs = plan.coefficients(values, rows, row_scale)
+        k = self.scale
+        a = coefs.get(LSE)
+        if a is None:
+            a = torch.zeros_like(values[LSE])
+        if norm is not None:
+            a = a / norm
+        b = coefs.get(TARGET)
+        sums = [(coefs[s] * k, w) for s, w in sum_like if s in coefs]
+        return ChunkResult(
+            loss,
+            values,
+            ChunkGrad(z, a * k if k != 1.0 else a, None if b is None else (b * k if k != 1.0 else b), sums),
+        )
+
+
+class PlanKernel:
+    """Any streamable loss through the generic :class:`Plan` methods (allocates per statistic)."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+
+    def __call__(self, z: Tensor, rows: Rows, row_scale: Tensor | None) -> ChunkResult:
+        plan = self.plan
+        cols = slice(0, z.shape[1])
+        zt = plan.transform(z, rows, cols)
+        values = plan.statistics(zt, rows)
+        del zt
+        loss = plan.row_losses(values, rows)
+        if row_scale is None:
+            return ChunkResult(loss, values)
+        coefs = plan.coefficients(values, rows, row_scale)
+        return ChunkResult(loss, values, ChunkGrad(plan.logit_grad(z, rows, values, coefs, cols)))
+
+
+class WholeRowKernel:
+    """Losses that need whole rows (``streamable = False``): autograd through the chunk.
+
+    ``extra_stats`` (``lse`` / ``argmax`` for ``return_stats``) are computed from the transformed rows.
+    """
+
+    def __init__(self, plan: Plan, extra_stats=()):
+        self.plan = plan
+        self.extra_stats = tuple(extra_stats)
+
+    def __call__(self, z: Tensor, rows: Rows, row_scale: Tensor | None) -> ChunkResult:
+        plan = self.plan
+        values = {}
+        if self.extra_stats:
+            with torch.no_grad():
+                zt = plan.transform(z, rows, slice(0, z.shape[1]))
+                values = {s: s.compute(zt, rows) for s in self.extra_stats}
+                del zt
+        if row_scale is None:
+            with torch.no_grad():
+                return ChunkResult(plan.autograd_row_losses(z, rows), values)
+        with torch.enable_grad():
+            leaf = z.detach().requires_grad_()
+            loss = plan.autograd_row_losses(leaf, rows)
+            if loss.requires_grad:
+                (grad,) = torch.autograd.grad(loss, leaf, row_scale.to(loss.dtype))
+            else:
+                grad = torch.zeros_like(z)
+        return ChunkResult(loss.detach(), values, ChunkGrad(grad))
+
+
+def make_kernel(plan: Plan, rows: Rows, extra_stats=()):
+    """The fastest kernel that handles ``plan`` (``extra_stats`` are added to the plan's statistics)."""
+    from ..stats import with_requirements
+
+    if not plan.streamable:
+        return WholeRowKernel(plan, extra_stats)
+    if extra_stats:
+        plan.stats = with_requirements([*plan.stats, *extra_stats])
+    if SoftmaxKernel.supports(plan, rows):
+        return SoftmaxKernel(plan)
+    return PlanKernel(plan)

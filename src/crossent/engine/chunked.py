@@ -1,0 +1,347 @@
+"""The row-chunked engine: any loss of ``z = e @ c.T (+ bias)`` without the ``[N, V]`` logit matrix.
+
+Rows are processed in chunks of ``chunk_size``; each chunk holds whole vocabulary rows, so every loss
+works, whole-row ones included. Two modes (DESIGN.md, section 2):
+
+* **eager gradient** (a scalar loss that will be differentiated): the upstream gradient of each row is
+  known before the loop (``1 / denominator`` for ``mean``, ``1`` for ``sum``), so each chunk's logit
+  gradient is formed in the forward pass and folded at once into ``grad_e`` (its rows) and ``grad_c`` /
+  ``grad_bias`` (accumulated in place). Three matrix products in all; backward only rescales by the
+  upstream scalar, in place, and not at all when it is 1.
+* **recompute** (``reduction='none'``, or an upstream gradient unknown up front): the forward keeps
+  per-row losses only; backward recomputes each chunk's logits (four matrix products).
+
+Without gradients the same loop runs once and keeps nothing but ``[N]`` values.
+
+Memory beyond inputs and gradients: one float32 ``[chunk, V]`` buffer (plus one in the input dtype for
+bfloat16/float16 inputs), and ``[chunk, D]`` / ``[N]`` odds and ends; the generic and whole-row
+kernels add a few chunk-sized temporaries. Rows whose target is ``ignore_index`` are skipped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .. import _frontend as fe
+from ..rows import Rows
+from ..stats import ARGMAX, LSE
+from .chunk_grad import ChunkGrad, make_kernel
+from .plan import Plan
+
+#: Bytes of one chunk's float32 logit buffer that the default ``chunk_size`` aims at.
+DEFAULT_CHUNK_BYTES = 64 * 2**20
+MIN_CHUNK, MAX_CHUNK = 16, 8192
+
+MODES = ("auto", "eager", "recompute")
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def default_chunk_size(num_classes: int, dtype: torch.dtype = torch.float32, budget: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Rows per chunk so that the chunk's logit buffers take about ``budget`` bytes.
+
+    ``budget / (V * bytes per logit)`` (float32 buffer, plus an input-dtype copy for half precision),
+    rounded down to a multiple of 16 and kept within ``[16, 8192]``. With the default 64 MiB:
+    V = 32768 gives 512 rows, V = 131072 gives 128 rows (float32), V = 256000 gives 64.
+    """
+    acc = accumulation_dtype(dtype)
+    per_logit = torch.empty(0, dtype=acc).element_size()
+    if dtype != acc:
+        per_logit += torch.empty(0, dtype=dtype).element_size()
+    rows = budget // max(1, num_classes * per_logit)
+    rows = max(MIN_CHUNK, min(MAX_CHUNK, rows))
+    return rows - rows % MIN_CHUNK
+
+
+def _take(rows: Rows, index: Tensor) -> Rows:
+    """The rows at ``index`` (a gather; :meth:`Rows.select` covers contiguous blocks)."""
+
+    def cut(t):
+        return t.index_select(0, index) if isinstance(t, Tensor) and t.dim() > 0 else t
+
+    return replace(
+        rows, target=cut(rows.target), valid=rows.valid[index], probs=cut(rows.probs),
+        extra={k: cut(v) for k, v in rows.extra.items()},
+    )  # fmt: skip
+
+
+def mean_denominator(rows: Rows, dtype: torch.dtype) -> Tensor:
+    """The ``mean`` reduction's divisor, exactly as :func:`crossent._frontend.reduce` forms it (never 0)."""
+    w = rows.target_weight()
+    denom = rows.valid.sum().to(dtype) if w is None else torch.where(rows.valid, w, 0).sum().to(dtype)
+    return torch.where(denom > 0, denom, torch.ones_like(denom))
+
+
+@dataclass
+class Job:
+    """Everything about one call except the tensors that autograd tracks."""
+
+    plan: Plan
+    rows: Rows
+    chunk_size: int
+    extra_stats: tuple = ()
+    kernel: object = None
+
+    def __post_init__(self):
+        self.kernel = make_kernel(self.plan, self.rows, self.extra_stats)
+        # Ignored rows contribute nothing; skip them unless their statistics were asked for.
+        self.compact = not self.extra_stats and not bool(self.rows.valid.all())
+        if self.compact:
+            self.index = self.rows.valid.nonzero().squeeze(1)
+            self.active_rows = _take(self.rows, self.index)
+        else:
+            self.index = None
+            self.active_rows = self.rows
+
+    def blocks(self):
+        """``(selector, rows)`` per chunk: a slice of ``e``'s rows, or an index tensor when compacted."""
+        n = self.active_rows.num_rows
+        for start in range(0, n, self.chunk_size):
+            part = slice(start, min(n, start + self.chunk_size))
+            sel = part if self.index is None else self.index[part]
+            yield sel, self.active_rows.select(part)
+
+
+def _logits_into(out: Tensor, e: Tensor, c: Tensor, bias: Tensor | None) -> None:
+    if bias is None:
+        torch.mm(e, c.T, out=out)
+    else:
+        torch.addmm(bias, e, c.T, out=out)
+
+
+def _column_weighted_sum(c: Tensor, w: Tensor | None, dtype: torch.dtype, block: int = 4096) -> Tensor:
+    """``sum_j w_j c_j`` (``[D]``) accumulated in ``dtype`` without upcasting all of ``c`` at once."""
+    out = torch.zeros(c.shape[1], dtype=dtype, device=c.device)
+    for start in range(0, c.shape[0], block):
+        part = c[start : start + block].to(dtype)
+        out += part.sum(0) if w is None else w[start : start + block].to(dtype) @ part
+    return out
+
+
+class _Sweep:
+    """One pass over the rows: per-row losses, requested statistics, and optionally gradients."""
+
+    def __init__(self, job: Job, e: Tensor, c: Tensor, bias: Tensor | None, need=(False, False, False)):
+        self.job, self.e, self.c, self.bias = job, e, c, bias
+        self.need_e, self.need_c, self.need_b = need
+        self.acc = accumulation_dtype(e.dtype)
+        self.half = e.dtype != self.acc
+        m, d, v = e.shape[0], e.shape[1], c.shape[0]
+        kw = dict(device=e.device)
+        self.per_row = torch.zeros(m, dtype=self.acc, **kw)
+        self.stats = {s: torch.zeros(m, dtype=torch.long if s == ARGMAX else self.acc, **kw) for s in job.extra_stats}
+        self.grad_e = (torch.zeros if job.compact else torch.empty)(m, d, dtype=e.dtype, **kw) if self.need_e else None
+        self.grad_c = torch.zeros(v, d, dtype=self.acc, **kw) if self.need_c else None
+        self.grad_b = torch.zeros(v, dtype=self.acc, **kw) if self.need_b else None
+        self.sums: dict = {}  # key -> [w, sum_i s_i e_i (D), sum_i s_i, c^T w (D) or None]
+        r = min(job.chunk_size, max(1, job.active_rows.num_rows))
+        self.buf = torch.empty(r, v, dtype=self.acc, **kw)
+        self.hbuf = torch.empty(r, v, dtype=e.dtype, **kw) if self.half else None
+
+    def run(self, row_scale: Tensor | None = None):
+        """``row_scale``: ``None`` (values only), a 0-dim tensor (same for every row) or ``[N]``."""
+        for sel, rows in self.job.blocks():
+            self._chunk(sel, rows, row_scale)
+        self._finish_sums()
+        return self
+
+    def _chunk(self, sel, rows: Rows, row_scale):
+        r = rows.num_rows
+        e_c = self.e[sel] if isinstance(sel, slice) else self.e.index_select(0, sel)
+        z = self.buf[:r]
+        if self.half:
+            _logits_into(self.hbuf[:r], e_c, self.c, self.bias)
+            z.copy_(self.hbuf[:r])
+        else:
+            _logits_into(z, e_c, self.c, self.bias)
+        scale = None
+        if row_scale is not None:
+            scale = row_scale.to(self.acc).expand(r) if row_scale.dim() == 0 else row_scale[sel].to(self.acc)
+        res = self.job.kernel(z, rows, scale)
+        self._put(self.per_row, sel, res.loss)
+        for s, out in self.stats.items():
+            self._put(out, sel, res.values[s])
+        if res.grad is not None:
+            self._fold(res.grad, e_c, sel, rows)
+
+    @staticmethod
+    def _put(out: Tensor, sel, value: Tensor) -> None:
+        if isinstance(sel, slice):
+            out[sel] = value
+        else:
+            out.index_copy_(0, sel, value.to(out.dtype))
+
+    def _fold(self, g: ChunkGrad, e_c: Tensor, sel, rows: Rows) -> None:
+        """Add the chunk's ``dL/dz`` to ``grad_e`` / ``grad_c`` / ``grad_b`` through matrix products."""
+        G, a, b = g.matrix, g.row_scale, g.target_coef
+        r = G.shape[0]
+        if self.half:
+            # The matrix products run in the input dtype; the row scale rides on the cast for free.
+            op = self.hbuf[:r]
+            if a is None:
+                op.copy_(G)
+            else:
+                torch.mul(G, a[:, None], out=op)
+            folded = True
+        else:
+            op, folded = G, a is None
+        y = rows.target
+        if self.need_e:
+            ge = self.grad_e[sel] if isinstance(sel, slice) else e_c.new_empty(e_c.shape)
+            torch.mm(op, self.c, out=ge)
+            if not folded:
+                ge.mul_(a[:, None])
+            if b is not None:
+                ge.addcmul_(self.c.index_select(0, y), b[:, None].to(ge.dtype))
+            for s, w in g.sums:
+                ge.addr_(s.to(ge.dtype), self._sum_entry(w)[3].to(ge.dtype))
+            if not isinstance(sel, slice):
+                self.grad_e.index_copy_(0, sel, ge)
+        if self.need_c:
+            if self.half:
+                ea = e_c.to(self.acc)
+                self.grad_c.addmm_(G.T, ea if a is None else ea.mul_(a[:, None]))
+            else:
+                self.grad_c.addmm_(G.T, e_c if folded else e_c * a[:, None])
+            if b is not None:
+                self.grad_c.index_add_(0, y, e_c.to(self.acc) * b[:, None])
+            for s, w in g.sums:
+                self._sum_entry(w)[1].addmv_(e_c.T.to(self.acc), s)
+        if self.need_b:
+            if a is None:
+                self.grad_b += G.sum(0)
+            else:
+                self.grad_b.addmv_(G.T, a)
+            if b is not None:
+                self.grad_b.index_add_(0, y, b)
+            for s, w in g.sums:
+                self._sum_entry(w)[2] += s.sum()
+
+    def _sum_entry(self, w: Tensor | None):
+        key = None if w is None else id(w)
+        entry = self.sums.get(key)
+        if entry is None:
+            d = self.c.shape[1]
+            cw = _column_weighted_sum(self.c, w, self.acc) if self.need_e else None
+            entry = [w, torch.zeros(d, dtype=self.acc, device=self.c.device), torch.zeros((), dtype=self.acc, device=self.c.device), cw]
+            self.sums[key] = entry
+        return entry
+
+    def _finish_sums(self) -> None:
+        """Sum-like statistics add ``w_j * s_i`` to every logit: one rank-1 update at the end."""
+        for w, u, total, _ in self.sums.values():
+            if self.need_c:
+                if w is None:
+                    self.grad_c += u
+                else:
+                    self.grad_c.addr_(w.to(self.acc), u)
+            if self.need_b:
+                self.grad_b += total if w is None else total * w.to(self.acc)
+
+    def grads(self):
+        gc = self.grad_c
+        if gc is not None and gc.dtype != self.c.dtype:
+            gc = gc.to(self.c.dtype)
+        gb = self.grad_b
+        if gb is not None and gb.dtype != self.bias.dtype:
+            gb = gb.to(self.bias.dtype)
+        return self.grad_e, gc, gb
+
+
+class _EagerGradient(torch.autograd.Function):
+    """Scalar loss; gradients formed during the forward pass, rescaled in backward."""
+
+    @staticmethod
+    def forward(ctx, e, c, bias, job: Job, reduction: str):
+        need = tuple(ctx.needs_input_grad[:3])
+        acc = accumulation_dtype(e.dtype)
+        if reduction == "mean":
+            scale = 1.0 / mean_denominator(job.rows, acc)
+        else:
+            scale = torch.ones((), dtype=acc, device=e.device)
+        sweep = _Sweep(job, e, c, bias, need).run(scale)
+        job.stat_values = sweep.stats
+        ctx.grads = sweep.grads()
+        return fe.reduce(sweep.per_row, job.rows, reduction, (e.shape[0],), acc)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError(
+                "linear_cross_entropy: the eager-gradient path can be differentiated once; for "
+                "retain_graph=True use reduction='none' and reduce the result yourself"
+            )
+        # Scaling allocates nothing and is skipped when the upstream gradient is exactly 1 (loss.backward()).
+        if grad.device.type != "cpu" or grad.item() != 1.0:
+            for g in grads:
+                if g is not None:
+                    g.mul_(grad.to(g.dtype))
+        return (*grads, None, None)
+
+
+class _Recompute(torch.autograd.Function):
+    """Per-row losses; backward recomputes each chunk's logits."""
+
+    @staticmethod
+    def forward(ctx, e, c, bias, job: Job):
+        sweep = _Sweep(job, e, c, bias).run()
+        job.stat_values = sweep.stats
+        ctx.save_for_backward(e, c, bias)
+        ctx.job = job
+        return sweep.per_row
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_rows):
+        e, c, bias = ctx.saved_tensors
+        need = tuple(ctx.needs_input_grad[:3])
+        sweep = _Sweep(ctx.job, e, c, bias, need).run(grad_rows)
+        return (*sweep.grads(), None)
+
+
+def chunked_loss(
+    e: Tensor,
+    c: Tensor,
+    bias: Tensor | None,
+    plan: Plan,
+    rows: Rows,
+    *,
+    reduction: str,
+    chunk_size: int | None = None,
+    extra_stats: tuple = (),
+    mode: str = "auto",
+):
+    """The loss of ``e @ c.T + bias`` (``e`` is ``[N, D]``) in the accumulation dtype, and statistics.
+
+    Returns ``(loss, stats)``: ``loss`` is ``[N]`` for ``reduction='none'``, else a scalar;
+    ``stats`` maps each of ``extra_stats`` (``LSE``, ``ARGMAX``) to its ``[N]`` values.
+    ``mode``: ``"auto"`` (eager gradient for differentiated scalar losses, else recompute), or force
+    ``"eager"`` / ``"recompute"`` (``"eager"`` needs a scalar reduction).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "eager" and reduction == "none":
+        raise ValueError("the eager-gradient mode needs reduction='mean' or 'sum'")
+    if chunk_size is None:
+        chunk_size = default_chunk_size(c.shape[0], e.dtype)
+    job = Job(plan, rows, int(chunk_size), tuple(extra_stats))
+    acc = accumulation_dtype(e.dtype)
+    tracked = [t for t in (e, c, bias) if t is not None]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tracked)
+    if not needs_grad:
+        with torch.no_grad():
+            sweep = _Sweep(job, e, c, bias).run()
+        return fe.reduce(sweep.per_row, rows, reduction, (e.shape[0],), acc), sweep.stats
+    if reduction != "none" and mode != "recompute":
+        loss = _EagerGradient.apply(e, c, bias, job, reduction)
+    else:
+        loss = fe.reduce(_Recompute.apply(e, c, bias, job), rows, reduction, (e.shape[0],), acc)
+    return loss, job.stat_values
