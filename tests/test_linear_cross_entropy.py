@@ -335,12 +335,13 @@ def test_return_stats():
     e, c, b, t = make()
     loss, stats = xe.linear_cross_entropy(e, c, t, bias=b, return_stats=True, chunk_size=8, softcap=3.0)
     z = 3.0 * torch.tanh((e @ c.T + b) / 3.0)
-    close(stats.lse, torch.logsumexp(z, -1), 1e-12)
+    close(stats.lse, torch.logsumexp(z, -1), 1e-6)
+    assert stats.lse.dtype == torch.float32
     assert torch.equal(stats.argmax, z.argmax(-1))
     close(loss, xe.cross_entropy(e @ c.T + b, t, softcap=3.0), 1e-12)
     for name in ("focal", "whole_row", "sumsq"):
         _, s = xe.linear_cross_entropy(e, c, t, bias=b, return_stats=True, reduction="none", **LOSSES[name])
-        close(s.lse, torch.logsumexp(e @ c.T + b, -1), 1e-12)
+        close(s.lse, torch.logsumexp(e @ c.T + b, -1), 1e-6)
     g = torch.Generator().manual_seed(3)
     e3, t3 = torch.randn(2, 5, 8, generator=g, dtype=torch.float64), torch.randint(0, 50, (2, 5), generator=g)
     _, s = xe.linear_cross_entropy(e3, c, t3, shift=True, return_stats=True)

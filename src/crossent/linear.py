@@ -148,14 +148,14 @@ def linear_cross_entropy(
         >>> c = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 1.0]])
         >>> target = torch.tensor([0, 2, 1])
         >>> xe.linear_cross_entropy(e, c, target)
-        tensor(1.0209)
+        tensor(1.1575)
         >>> xe.cross_entropy(e @ c.T, target)
-        tensor(1.0209)
+        tensor(1.1575)
         >>> loss, stats = xe.linear_cross_entropy(e, c, target, z_loss=1e-2, reduction="none", return_stats=True)
         >>> loss
-        tensor([0.5630, 2.3224, 0.2699])
-        >>> stats.argmax
-        tensor([0, 0, 1])
+        tensor([0.4274, 2.3129, 0.8347])
+        >>> stats.lse, stats.argmax
+        (tensor([1.4076, 0.8064, 2.7586]), tensor([0, 0, 1]))
     """
     _check_backend(backend)
     fe.check_reduction(reduction)
@@ -209,4 +209,4 @@ def linear_cross_entropy(
     value = (per_row(value) if reduction == "none" else value).to(out_dtype)
     if not return_stats:
         return value
-    return value, LinearStats(per_row(stats[LSE]), per_row(stats[ARGMAX]))
+    return value, LinearStats(per_row(stats[LSE]).float(), per_row(stats[ARGMAX]))

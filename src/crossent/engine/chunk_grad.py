@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..rows import Rows
-from ..stats import ARGMAX, LSE, SUM, TARGET, SoftDot, Statistic
+from ..stats import ACC, ARGMAX, LSE, SUM, TARGET, SoftDot, Statistic
 from ..transforms import ClassBias, Temperature
 from .plan import Plan
 
@@ -112,36 +112,37 @@ class SoftmaxKernel:
         for s in plan.stats:
             w = _sum_weights(s, rows)
             if w is not False:
-                values[s] = z.sum(1) if w is None else z @ w.to(z.dtype)
+                values[s] = (z.sum(1) if w is None else z @ w.to(z.dtype)).to(ACC)
                 sum_like.append((s, w))
         if TARGET in plan.stats:
-            values[TARGET] = z.gather(1, rows.target[:, None]).squeeze(1)
+            values[TARGET] = z.gather(1, rows.target[:, None]).squeeze(1).to(ACC)
         peak, where = z.max(1)
         if ARGMAX in plan.stats:
             values[ARGMAX] = where
         norm = softmax_(z)
         if norm is None:
             # p at the row's maximum lies in [1/V, 1]: its log is well conditioned.
-            values[LSE] = peak - z.gather(1, where[:, None]).squeeze(1).log()
+            values[LSE] = peak.to(ACC) - z.gather(1, where[:, None]).squeeze(1).to(ACC).log()
         else:
-            values[LSE] = peak + norm.log()
+            values[LSE] = peak.to(ACC) + norm.to(ACC).log()
         loss = plan.row_losses(values, rows)
         if row_scale is None:
             return ChunkResult(loss, values)
 
+        # Coefficients (float64, like the statistics) become row factors in the logits' dtype.
         coefs = plan.coefficients(values, rows, row_scale)
-        k = self.scale
+        k, dtype = self.scale, z.dtype
         a = coefs.get(LSE)
         if a is None:
             a = torch.zeros_like(values[LSE])
         if norm is not None:
-            a = a / norm
+            a = a / norm.to(a.dtype)
         b = coefs.get(TARGET)
-        sums = [(coefs[s] * k, w) for s, w in sum_like if s in coefs]
+        sums = [((coefs[s] * k).to(dtype), w) for s, w in sum_like if s in coefs]
         return ChunkResult(
             loss,
             values,
-            ChunkGrad(z, a * k if k != 1.0 else a, None if b is None else (b * k if k != 1.0 else b), sums),
+            ChunkGrad(z, (a * k).to(dtype), None if b is None else (b * k).to(dtype), sums),
         )
 
 

@@ -28,7 +28,7 @@ from torch.autograd.function import once_differentiable
 
 from .. import _frontend as fe
 from ..rows import Rows
-from ..stats import ARGMAX, LSE
+from ..stats import ACC, ARGMAX, LSE
 from .chunk_grad import ChunkGrad, make_kernel
 from .plan import Plan
 
@@ -134,8 +134,9 @@ class _Sweep:
         self.half = e.dtype != self.acc
         m, d, v = e.shape[0], e.shape[1], c.shape[0]
         kw = dict(device=e.device)
-        self.per_row = torch.zeros(m, dtype=self.acc, **kw)
-        self.stats = {s: torch.zeros(m, dtype=torch.long if s == ARGMAX else self.acc, **kw) for s in job.extra_stats}
+        # Per-row values are float64 like the statistics (``[N]`` only), as in the dense engine.
+        self.per_row = torch.zeros(m, dtype=ACC, **kw)
+        self.stats = {s: torch.zeros(m, dtype=torch.long if s == ARGMAX else ACC, **kw) for s in job.extra_stats}
         self.grad_e = (torch.zeros if job.compact else torch.empty)(m, d, dtype=e.dtype, **kw) if self.need_e else None
         self.grad_c = torch.zeros(v, d, dtype=self.acc, **kw) if self.need_c else None
         self.grad_b = torch.zeros(v, dtype=self.acc, **kw) if self.need_b else None
@@ -162,7 +163,7 @@ class _Sweep:
             _logits_into(z, e_c, self.c, self.bias)
         scale = None
         if row_scale is not None:
-            scale = row_scale.to(self.acc).expand(r) if row_scale.dim() == 0 else row_scale[sel].to(self.acc)
+            scale = row_scale.to(ACC).expand(r) if row_scale.dim() == 0 else row_scale[sel].to(ACC)
         res = self.job.kernel(z, rows, scale)
         self._put(self.per_row, sel, res.loss)
         for s, out in self.stats.items():
@@ -260,15 +261,14 @@ class _EagerGradient(torch.autograd.Function):
     @staticmethod
     def forward(ctx, e, c, bias, job: Job, reduction: str):
         need = tuple(ctx.needs_input_grad[:3])
-        acc = accumulation_dtype(e.dtype)
         if reduction == "mean":
-            scale = 1.0 / mean_denominator(job.rows, acc)
+            scale = 1.0 / mean_denominator(job.rows, ACC)
         else:
-            scale = torch.ones((), dtype=acc, device=e.device)
+            scale = torch.ones((), dtype=ACC, device=e.device)
         sweep = _Sweep(job, e, c, bias, need).run(scale)
         job.stat_values = sweep.stats
         ctx.grads = sweep.grads()
-        return fe.reduce(sweep.per_row, job.rows, reduction, (e.shape[0],), acc)
+        return fe.reduce(sweep.per_row, job.rows, reduction, (e.shape[0],), ACC)
 
     @staticmethod
     @once_differentiable
@@ -319,7 +319,7 @@ def chunked_loss(
     extra_stats: tuple = (),
     mode: str = "auto",
 ):
-    """The loss of ``e @ c.T + bias`` (``e`` is ``[N, D]``) in the accumulation dtype, and statistics.
+    """The loss of ``e @ c.T + bias`` (``e`` is ``[N, D]``) in float64, and statistics.
 
     Returns ``(loss, stats)``: ``loss`` is ``[N]`` for ``reduction='none'``, else a scalar;
     ``stats`` maps each of ``extra_stats`` (``LSE``, ``ARGMAX``) to its ``[N]`` values.
@@ -333,15 +333,14 @@ def chunked_loss(
     if chunk_size is None:
         chunk_size = default_chunk_size(c.shape[0], e.dtype)
     job = Job(plan, rows, int(chunk_size), tuple(extra_stats))
-    acc = accumulation_dtype(e.dtype)
     tracked = [t for t in (e, c, bias) if t is not None]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tracked)
     if not needs_grad:
         with torch.no_grad():
             sweep = _Sweep(job, e, c, bias).run()
-        return fe.reduce(sweep.per_row, rows, reduction, (e.shape[0],), acc), sweep.stats
+        return fe.reduce(sweep.per_row, rows, reduction, (e.shape[0],), ACC), sweep.stats
     if reduction != "none" and mode != "recompute":
         loss = _EagerGradient.apply(e, c, bias, job, reduction)
     else:
-        loss = fe.reduce(_Recompute.apply(e, c, bias, job), rows, reduction, (e.shape[0],), acc)
+        loss = fe.reduce(_Recompute.apply(e, c, bias, job), rows, reduction, (e.shape[0],), ACC)
     return loss, job.stat_values
