@@ -543,3 +543,17 @@ def test_default_chunk_size():
     assert chunked.default_chunk_size(131072, torch.bfloat16) == 80
     assert chunked.default_chunk_size(10) == chunked.MAX_CHUNK
     assert chunked.default_chunk_size(10**8) == chunked.MIN_CHUNK
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", ["ce", "temperature_bias", "label_smoothing"])
+def test_confidently_wrong_rows(dtype, name):
+    """Rows whose target probability underflows get lse from their most probable column instead."""
+    e, c, b, t = make(dtype=dtype, ignore=())
+    e = e.clone()
+    e[::3] *= 60.0  # logit gaps of hundreds: p_target underflows on many of these rows
+    logits = e @ c.T + b
+    assert (logits.gather(1, t[:, None]).squeeze(1) - logits.amax(1) < -150).sum() >= 3
+    assert_agree(e, c, b, t, 1e-5 if dtype == torch.float32 else 1e-10, chunk_size=5, reduction="none", **LOSSES[name])
+    _, stats = xe.linear_cross_entropy(e, c, t, bias=b, return_stats=True)
+    close(stats.lse.double(), torch.logsumexp(logits.double(), -1), 1e-6)

@@ -131,7 +131,7 @@ def measure(spec: dict) -> dict:
         out = step()
         times.append(time.perf_counter() - t0)
         if isinstance(out, torch.Tensor):
-            loss = float(out)
+            loss = float(out.detach())
     result = {"times": times, "median": sorted(times)[len(times) // 2], "loss": loss}
     if reset_ok:
         result["peak_rss_growth"] = (_rss_kib("VmHWM") - rss0) * 1024 - grad_bytes

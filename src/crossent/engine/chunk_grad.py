@@ -2,15 +2,17 @@
 
 The row-chunked engine (:mod:`crossent.engine.chunked`) computes a block of logits ``z`` (``[r, V]``,
 float32 or float64, every column of ``r`` rows) and hands it to a *kernel*. Three kernels share one
-interface, ``kernel(z, rows, row_scale) -> ChunkResult``; ``row_scale`` is the upstream gradient of each
-row's loss (``None``: values only). The kernel may overwrite ``z``.
+interface, ``kernel(z, rows, row_scale, logit_at) -> ChunkResult``; ``row_scale`` is the upstream
+gradient of each row's loss (``None``: values only), ``logit_at(i, j)`` recomputes single raw logits.
+The kernel may overwrite ``z``.
 
 * :class:`SoftmaxKernel` (the fast path): losses over ``lse``, ``target`` and (class-weighted) sums,
   behind affine logit transforms (temperature, class bias). It works in place on the chunk buffer and
   returns the gradient *factored* as ``a_i P_ij + b_i 1[j = y_i] + sum_k s_ki w_kj`` with ``P`` the
   softmax (written over ``z``). The engine folds ``a``, ``b`` and ``s`` into the small ``[r, D]`` and
-  ``[V]`` operands of the matrix products, so the only full passes over the chunk are one ``max`` and
-  one fused softmax: no fresh ``[r, V]`` tensor per statistic, no separate scaling pass.
+  ``[V]`` operands of the matrix products, so on CPU the only pass over the chunk between the matrix
+  products is one fused softmax: no fresh ``[r, V]`` tensor per statistic, no separate ``max`` or
+  scaling pass.
 * :class:`PlanKernel`: any other streamable loss, through :class:`~crossent.engine.plan.Plan`
   (statistics, coefficients by autograd on the row formula, ``logit_grad``); a few chunk-sized
   temporaries.
@@ -104,7 +106,12 @@ class SoftmaxKernel:
                     )
                 z.add_(t.bias[cols].to(device=z.device, dtype=z.dtype))
 
-    def __call__(self, z: Tensor, rows: Rows, row_scale: Tensor | None) -> ChunkResult:
+    def _transformed_at(self, z: Tensor, cols: Tensor) -> Tensor:
+        for t in self.plan.transforms:
+            z = z / t.temperature if isinstance(t, Temperature) else z + t.bias.to(device=z.device, dtype=z.dtype)[cols]
+        return z
+
+    def __call__(self, z: Tensor, rows: Rows, row_scale: Tensor | None, logit_at=None) -> ChunkResult:
         plan = self.plan
         self._transform_(z, rows)
         values: dict = {}
@@ -114,17 +121,24 @@ class SoftmaxKernel:
             if w is not False:
                 values[s] = (z.sum(1) if w is None else z @ w.to(z.dtype)).to(ACC)
                 sum_like.append((s, w))
+        ref = rows.target[:, None]  # the target column (0 on ignored rows): a reference for lse
+        z_ref = z.gather(1, ref).squeeze(1).to(ACC)
         if TARGET in plan.stats:
-            values[TARGET] = z.gather(1, rows.target[:, None]).squeeze(1).to(ACC)
-        peak, where = z.max(1)
+            values[TARGET] = z_ref
+        peak = where = None
         if ARGMAX in plan.stats:
+            peak, where = z.max(1)
             values[ARGMAX] = where
+        elif z.device.type != "cpu":
+            peak = z.amax(1)
         norm = softmax_(z)
-        if norm is None:
+        if norm is not None:
+            values[LSE] = peak.to(ACC) + norm.to(ACC).log()
+        elif where is not None:
             # p at the row's maximum lies in [1/V, 1]: its log is well conditioned.
             values[LSE] = peak.to(ACC) - z.gather(1, where[:, None]).squeeze(1).to(ACC).log()
         else:
-            values[LSE] = peak.to(ACC) + norm.to(ACC).log()
+            values[LSE] = self._lse_from_reference(z, z_ref, ref, logit_at)
         loss = plan.row_losses(values, rows)
         if row_scale is None:
             return ChunkResult(loss, values)
@@ -146,13 +160,35 @@ class SoftmaxKernel:
         )
 
 
+    def _lse_from_reference(self, p: Tensor, z_ref: Tensor, ref: Tensor, logit_at) -> Tensor:
+        """``lse = z_k - log p_k`` for a column ``k`` with ``p_k`` well away from underflow.
+
+        The target column serves almost always (it spares a separate ``max`` pass over the chunk,
+        the softmax kernel finds the maximum itself). Rows whose target probability is below
+        ``_TINY`` use their most probable column instead (``p >= 1/V``), whose logit is recomputed
+        as one dot product.
+        """
+        p_ref = p.gather(1, ref).squeeze(1)
+        lse = z_ref - p_ref.to(ACC).log()
+        small = (p_ref < _TINY).nonzero().squeeze(1)
+        if small.numel():
+            p_top, k = p.index_select(0, small).max(1)
+            z_top = self._transformed_at(logit_at(small, k), k).to(ACC)
+            lse[small] = z_top - p_top.to(ACC).log()
+        return lse
+
+
+#: Below this a float32 probability has lost relative precision to underflow (exp(-69)).
+_TINY = 1e-30
+
+
 class PlanKernel:
     """Any streamable loss through the generic :class:`Plan` methods (allocates per statistic)."""
 
     def __init__(self, plan: Plan):
         self.plan = plan
 
-    def __call__(self, z: Tensor, rows: Rows, row_scale: Tensor | None) -> ChunkResult:
+    def __call__(self, z: Tensor, rows: Rows, row_scale: Tensor | None, logit_at=None) -> ChunkResult:
         plan = self.plan
         cols = slice(0, z.shape[1])
         zt = plan.transform(z, rows, cols)
@@ -175,7 +211,7 @@ class WholeRowKernel:
         self.plan = plan
         self.extra_stats = tuple(extra_stats)
 
-    def __call__(self, z: Tensor, rows: Rows, row_scale: Tensor | None) -> ChunkResult:
+    def __call__(self, z: Tensor, rows: Rows, row_scale: Tensor | None, logit_at=None) -> ChunkResult:
         plan = self.plan
         values = {}
         if self.extra_stats:

@@ -21,6 +21,7 @@ kernels add a few chunk-sized temporaries. Rows whose target is ``ignore_index``
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -138,7 +139,9 @@ class _Sweep:
         self.per_row = torch.zeros(m, dtype=ACC, **kw)
         self.stats = {s: torch.zeros(m, dtype=torch.long if s == ARGMAX else ACC, **kw) for s in job.extra_stats}
         self.grad_e = (torch.zeros if job.compact else torch.empty)(m, d, dtype=e.dtype, **kw) if self.need_e else None
-        self.grad_c = torch.zeros(v, d, dtype=self.acc, **kw) if self.need_c else None
+        # Written by the first chunk's product (no zero fill of V x D), accumulated by the next ones.
+        self.grad_c = torch.empty(v, d, dtype=self.acc, **kw) if self.need_c else None
+        self.c_written = False
         self.grad_b = torch.zeros(v, dtype=self.acc, **kw) if self.need_b else None
         self.sums: dict = {}  # key -> [w, sum_i s_i e_i (D), sum_i s_i, c^T w (D) or None]
         r = min(job.chunk_size, max(1, job.active_rows.num_rows))
@@ -164,12 +167,17 @@ class _Sweep:
         scale = None
         if row_scale is not None:
             scale = row_scale.to(ACC).expand(r) if row_scale.dim() == 0 else row_scale[sel].to(ACC)
-        res = self.job.kernel(z, rows, scale)
+        res = self.job.kernel(z, rows, scale, partial(self._logit_at, e_c))
         self._put(self.per_row, sel, res.loss)
         for s, out in self.stats.items():
             self._put(out, sel, res.values[s])
         if res.grad is not None:
             self._fold(res.grad, e_c, sel, rows)
+
+    def _logit_at(self, e_c: Tensor, i: Tensor, j: Tensor) -> Tensor:
+        """Raw logits ``z[i_k, j_k]`` of the chunk, one dot product each."""
+        z = (e_c[i].to(self.acc) * self.c[j].to(self.acc)).sum(1)
+        return z if self.bias is None else z + self.bias[j].to(self.acc)
 
     @staticmethod
     def _put(out: Tensor, sel, value: Tensor) -> None:
@@ -207,9 +215,14 @@ class _Sweep:
         if self.need_c:
             if self.half:
                 ea = e_c.to(self.acc)
-                self.grad_c.addmm_(G.T, ea if a is None else ea.mul_(a[:, None]))
+                x = ea if a is None else ea.mul_(a[:, None])
             else:
-                self.grad_c.addmm_(G.T, e_c if folded else e_c * a[:, None])
+                x = e_c if folded else e_c * a[:, None]
+            if self.c_written:
+                self.grad_c.addmm_(G.T, x)
+            else:
+                torch.mm(G.T, x, out=self.grad_c)
+                self.c_written = True
             if b is not None:
                 self.grad_c.index_add_(0, y, e_c.to(self.acc) * b[:, None])
             for s, w in g.sums:
@@ -236,6 +249,8 @@ class _Sweep:
 
     def _finish_sums(self) -> None:
         """Sum-like statistics add ``w_j * s_i`` to every logit: one rank-1 update at the end."""
+        if self.need_c and not self.c_written:
+            self.grad_c.zero_()
         for w, u, total, _ in self.sums.values():
             if self.need_c:
                 if w is None:
