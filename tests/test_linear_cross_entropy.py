@@ -538,11 +538,15 @@ def test_errors():
 
 
 def test_default_chunk_size():
-    assert chunked.default_chunk_size(32768) == 512
-    assert chunked.default_chunk_size(131072) == 128
-    assert chunked.default_chunk_size(131072, torch.bfloat16) == 80
-    assert chunked.default_chunk_size(10) == chunked.MAX_CHUNK
-    assert chunked.default_chunk_size(10**8) == chunked.MIN_CHUNK
+    size = chunked.default_chunk_size
+    assert size(32768, 1024) == 256 and size(131072, 1024) == 256
+    assert size(256000, 1024) == 192
+    assert size(1000, 1024) == 2048 and size(131072, 1024, torch.bfloat16) == 240
+    assert size(10, 8) == chunked.MAX_CHUNK
+    assert size(10**8, 8) == chunked.MIN_CHUNK
+    for v, d, dt in [(50257, 768, torch.float32), (151936, 4096, torch.bfloat16), (262144, 2048, torch.float16)]:
+        rows = size(v, d, dt)
+        assert rows % 16 == 0 and rows * v * (4 + (dt != torch.float32) * 2) <= chunked.MAX_BYTES
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

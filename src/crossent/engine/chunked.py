@@ -14,8 +14,9 @@ works, whole-row ones included. Two modes (DESIGN.md, section 2):
 Without gradients the same loop runs once and keeps nothing but ``[N]`` values.
 
 Memory beyond inputs and gradients: one float32 ``[chunk, V]`` buffer (plus one in the input dtype for
-bfloat16/float16 inputs), and ``[chunk, D]`` / ``[N]`` odds and ends; the generic and whole-row
-kernels add a few chunk-sized temporaries. Rows whose target is ``ignore_index`` are skipped.
+bfloat16/float16 inputs, with a float32 ``grad_c`` accumulator), and ``[chunk, D]`` / ``[N]`` odds and
+ends; the generic and whole-row kernels add a few chunk-sized temporaries. Rows whose target is
+``ignore_index`` are skipped.
 """
 
 from __future__ import annotations
@@ -33,29 +34,38 @@ from ..stats import ACC, ARGMAX, LSE
 from .chunk_grad import ChunkGrad, make_kernel
 from .plan import Plan
 
-#: Bytes of one chunk's float32 logit buffer that the default ``chunk_size`` aims at.
-DEFAULT_CHUNK_BYTES = 64 * 2**20
+#: The default chunk: at least ``SPEED_ROWS`` rows (the matrix products of a chunk read all of ``c``
+#: and ``grad_c``; below a few hundred rows that traffic, not arithmetic, sets their speed), more rows
+#: while the chunk takes under ``SMALL_BYTES`` (fewer, larger products for small vocabularies), and
+#: never more than ``MAX_BYTES``.
+SPEED_ROWS = 256
+SMALL_BYTES = 32 * 2**20
+MAX_BYTES = 192 * 2**20
 MIN_CHUNK, MAX_CHUNK = 16, 8192
 
 MODES = ("auto", "eager", "recompute")
+_HALF_BLOCK_BYTES = 4 * 2**20
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def default_chunk_size(num_classes: int, dtype: torch.dtype = torch.float32, budget: int = DEFAULT_CHUNK_BYTES) -> int:
-    """Rows per chunk so that the chunk's logit buffers take about ``budget`` bytes.
+def default_chunk_size(num_classes: int, hidden: int = 0, dtype: torch.dtype = torch.float32) -> int:
+    """Rows per chunk for ``V = num_classes`` classes and ``D = hidden`` features.
 
-    ``budget / (V * bytes per logit)`` (float32 buffer, plus an input-dtype copy for half precision),
-    rounded down to a multiple of 16 and kept within ``[16, 8192]``. With the default 64 MiB:
-    V = 32768 gives 512 rows, V = 131072 gives 128 rows (float32), V = 256000 gives 64.
+    A row of a chunk costs ``V`` float32 logits (plus an input-dtype copy for bfloat16/float16) and a
+    few ``D``-vectors. The chunk gets ``max(SPEED_ROWS, SMALL_BYTES / row)`` rows, capped at
+    ``MAX_BYTES / row``, within ``[16, 8192]`` and rounded down to a multiple of 16. For float32 and
+    D = 1024: V = 32768 and V = 131072 give 256 rows (32 MiB and 128 MiB of logits), V = 256000 gives
+    192 rows (188 MiB), V = 1000 gives 2048 rows (8 MiB of logits, 32 MiB with the D-vectors).
     """
     acc = accumulation_dtype(dtype)
     per_logit = torch.empty(0, dtype=acc).element_size()
     if dtype != acc:
         per_logit += torch.empty(0, dtype=dtype).element_size()
-    rows = budget // max(1, num_classes * per_logit)
+    row = max(1, num_classes * per_logit + 3 * hidden * 4)
+    rows = min(max(SPEED_ROWS, SMALL_BYTES // row), MAX_BYTES // row)
     rows = max(MIN_CHUNK, min(MAX_CHUNK, rows))
     return rows - rows % MIN_CHUNK
 
@@ -142,6 +152,7 @@ class _Sweep:
         # Written by the first chunk's product (no zero fill of V x D), accumulated by the next ones.
         self.grad_c = torch.empty(v, d, dtype=self.acc, **kw) if self.need_c else None
         self.c_written = False
+        self.ctmp = None
         self.grad_b = torch.zeros(v, dtype=self.acc, **kw) if self.need_b else None
         self.sums: dict = {}  # key -> [w, sum_i s_i e_i (D), sum_i s_i, c^T w (D) or None]
         r = min(job.chunk_size, max(1, job.active_rows.num_rows))
@@ -214,15 +225,12 @@ class _Sweep:
                 self.grad_e.index_copy_(0, sel, ge)
         if self.need_c:
             if self.half:
-                ea = e_c.to(self.acc)
-                x = ea if a is None else ea.mul_(a[:, None])
+                self._half_weight_grad(op, e_c)
+            elif self.c_written:
+                self.grad_c.addmm_(G.T, e_c if folded else e_c * a[:, None])
             else:
-                x = e_c if folded else e_c * a[:, None]
-            if self.c_written:
-                self.grad_c.addmm_(G.T, x)
-            else:
-                torch.mm(G.T, x, out=self.grad_c)
-                self.c_written = True
+                torch.mm(G.T, e_c if folded else e_c * a[:, None], out=self.grad_c)
+            self.c_written = True
             if b is not None:
                 self.grad_c.index_add_(0, y, e_c.to(self.acc) * b[:, None])
             for s, w in g.sums:
@@ -236,6 +244,25 @@ class _Sweep:
                 self.grad_b.index_add_(0, y, b)
             for s, w in g.sums:
                 self._sum_entry(w)[2] += s.sum()
+
+    def _half_weight_grad(self, op: Tensor, e_c: Tensor) -> None:
+        """``grad_c += op.T @ e_c`` with half-precision products and a float32 accumulator.
+
+        CPUs have no half x half -> float32 product in PyTorch, so the product runs over blocks of
+        vocabulary rows into a small cache-sized half buffer, each block added to the float32
+        accumulator right away (a float32 product would forgo the half-precision matrix units).
+        """
+        v, d = self.grad_c.shape
+        block = max(256, _HALF_BLOCK_BYTES // (2 * d))
+        if self.ctmp is None:
+            self.ctmp = torch.empty(min(block, v), d, dtype=op.dtype, device=op.device)
+        for start in range(0, v, block):
+            stop = min(v, start + block)
+            tmp = torch.mm(op[:, start:stop].T, e_c, out=self.ctmp[: stop - start])
+            if self.c_written:
+                self.grad_c[start:stop].add_(tmp)
+            else:
+                self.grad_c[start:stop].copy_(tmp)
 
     def _sum_entry(self, w: Tensor | None):
         key = None if w is None else id(w)
@@ -346,7 +373,7 @@ def chunked_loss(
     if mode == "eager" and reduction == "none":
         raise ValueError("the eager-gradient mode needs reduction='mean' or 'sum'")
     if chunk_size is None:
-        chunk_size = default_chunk_size(c.shape[0], e.dtype)
+        chunk_size = default_chunk_size(c.shape[0], c.shape[1], e.dtype)
     job = Job(plan, rows, int(chunk_size), tuple(extra_stats))
     tracked = [t for t in (e, c, bias) if t is not None]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tracked)
