@@ -74,6 +74,17 @@ class EntropyPenalised(Loss):
         return out if w is None else out * w.to(out.dtype)
 
 
+class Piecewise(Loss):
+    """CE on rows with a positive target logit, -z_y / 2 elsewhere: lse's coefficient is zero on some rows."""
+
+    def statistics(self, rows):
+        return (LSE, TARGET)
+
+    def row_loss(self, s, rows):
+        zy = s[TARGET]
+        return torch.where(zy > 0, s[LSE] - zy, -0.5 * zy)
+
+
 def focal_reference(logits, target, gamma=2.0):
     logp = logits.log_softmax(-1).gather(-1, target[:, None]).squeeze(-1)
     return -((1 - logp.exp()) ** gamma) * logp
@@ -142,6 +153,7 @@ LOSSES = {
     "sumsq": dict(loss=Squentropy()),
     "sum_p_pow": dict(loss=PowerMix()),
     "whole_row": dict(loss=EntropyPenalised()),
+    "piecewise": dict(loss=Piecewise()),
     "temperature_bias": dict(loss=xe.losses.Transformed(FocalLike(1.5), Temperature(1.7), ClassBias(torch.linspace(-1, 1, 50)))),
     "composed": dict(loss=xe.losses.CrossEntropy(0.05) + 0.5 * FocalLike(), z_loss=1e-3, softcap=4.0),
 }

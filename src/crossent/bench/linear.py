@@ -77,6 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a shape to run instead of the defaults (repeatable), e.g. --shape 4096 1024 32768 float32")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=3, help="timed forward+backward runs per configuration")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs first (compilation happens here)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every method this many times, round-robin, each in a fresh process; the median "
+                        "is over all rounds' timings (robust to load that changes during the run)")  # fmt: skip
     parser.add_argument("--chunk-size", type=int, default=None, help="crossent chunk_size (default: its own)")
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads per run (default: torch's)")
@@ -102,6 +105,19 @@ def _run_one(spec: dict, timeout: float) -> dict:
         tail = (proc.stderr or "").strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
         return {"error": tail[0][:300]}
     return json.loads(lines[-1])
+
+
+def _combine(method: str, runs: list[dict]) -> dict:
+    """One row per method: the median of every timing of every round, the largest memory peak."""
+    ok = [r for r in runs if "median" in r]
+    if not ok:
+        return {"method": method, "error": runs[0].get("error", "no run") if runs else "no run"}
+    times = sorted(t for r in ok for t in r["times"])
+    out = {"method": method, "times": times, "median": times[len(times) // 2], "rounds": len(ok), "loss": ok[0].get("loss")}
+    for key in ("peak_rss_growth", "peak_cuda_growth"):
+        if key in ok[0]:
+            out[key] = max(r[key] for r in ok)
+    return out
 
 
 def _ratios(rows: list[dict]) -> None:
@@ -197,15 +213,24 @@ def run(args: argparse.Namespace) -> dict:
     for n, d, v, dtype in shapes:
         title = f"N={n} D={d} V={v} {dtype} ({args.device}, {threads} threads)"
         print(f"\n{title}", flush=True)
-        rows = []
-        for method in methods:
-            spec = dict(method=method, n=n, d=d, v=v, dtype=dtype, device=args.device, warmup=args.warmup,
-                        repeats=args.repeats, threads=threads, chunk_size=args.chunk_size)  # fmt: skip
-            res = _run_one(spec, args.timeout)
-            res.update(method=method, n=n, d=d, v=v, dtype=dtype)
-            rows.append(res)
-            status = f"{res['median']:.3f} s" if "median" in res else res["error"]
-            print(f"  {method:<17} {status}", flush=True)
+        runs: dict[str, list[dict]] = {m: [] for m in methods}
+        rounds = max(1, getattr(args, "rounds", 1))
+        missing: set[str] = set()
+        for k in range(rounds):
+            for method in methods:
+                if method in missing:
+                    continue
+                spec = dict(method=method, n=n, d=d, v=v, dtype=dtype, device=args.device, warmup=args.warmup,
+                            repeats=args.repeats, threads=threads, chunk_size=args.chunk_size)  # fmt: skip
+                res = _run_one(spec, args.timeout)
+                runs[method].append(res)
+                status = f"{res['median']:.3f} s" if "median" in res else res["error"]
+                print(f"  {method:<17} {status}" + (f"  (round {k + 1}/{rounds})" if rounds > 1 else ""), flush=True)
+                if "error" in res and res["error"].startswith(("ModuleNotFoundError", "ImportError")):
+                    missing.add(method)  # a peer that is not installed is not retried
+        rows = [_combine(m, rs) for m, rs in runs.items()]
+        for r in rows:
+            r.update(n=n, d=d, v=v, dtype=dtype)
         _ratios(rows)
         print(_table(rows), flush=True)
         groups[title] = rows

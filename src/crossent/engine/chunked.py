@@ -119,6 +119,25 @@ class Job:
             yield sel, self.active_rows.select(part)
 
 
+def _fold_target_(G: Tensor, a: Tensor | None, b: Tensor, target: Tensor) -> Tensor:
+    """Fold ``b_i 1[j = y_i]`` into the matrix so that ``a_i G_ij`` alone is the gradient.
+
+    ``G[i, y_i] += b_i / a_i``: one scatter of ``r`` elements instead of gathering ``c[y]`` for
+    ``grad_e`` and scattering rows into ``grad_c`` (CPU ``index_add_`` is slow). Rows whose ``a_i`` is
+    zero (or negligible next to ``b_i``) become ``b_i * onehot`` with ``a_i = 1``. Returns ``a``.
+    """
+    if a is None:
+        G.scatter_add_(1, target[:, None], b[:, None].to(G.dtype))
+        return None
+    flat = a.abs() * 1e30 <= b.abs()
+    if bool(flat.any()):
+        rows = flat.nonzero().squeeze(1)
+        G.index_fill_(0, rows, 0.0)
+        a = a.masked_fill(flat, 1.0)
+    G.scatter_add_(1, target[:, None], (b / a).to(G.dtype)[:, None])
+    return a
+
+
 def _logits_into(out: Tensor, e: Tensor, c: Tensor, bias: Tensor | None) -> None:
     if bias is None:
         torch.mm(e, c.T, out=out)
@@ -201,6 +220,8 @@ class _Sweep:
         """Add the chunk's ``dL/dz`` to ``grad_e`` / ``grad_c`` / ``grad_b`` through matrix products."""
         G, a, b = g.matrix, g.row_scale, g.target_coef
         r = G.shape[0]
+        if b is not None:
+            a = _fold_target_(G, a, b, rows.target)
         if self.half:
             # The matrix products run in the input dtype; the row scale rides on the cast for free.
             op = self.hbuf[:r]
@@ -211,14 +232,11 @@ class _Sweep:
             folded = True
         else:
             op, folded = G, a is None
-        y = rows.target
         if self.need_e:
             ge = self.grad_e[sel] if isinstance(sel, slice) else e_c.new_empty(e_c.shape)
             torch.mm(op, self.c, out=ge)
             if not folded:
                 ge.mul_(a[:, None])
-            if b is not None:
-                ge.addcmul_(self.c.index_select(0, y), b[:, None].to(ge.dtype))
             for s, w in g.sums:
                 ge.addr_(s.to(ge.dtype), self._sum_entry(w)[3].to(ge.dtype))
             if not isinstance(sel, slice):
@@ -231,8 +249,6 @@ class _Sweep:
             else:
                 torch.mm(G.T, e_c if folded else e_c * a[:, None], out=self.grad_c)
             self.c_written = True
-            if b is not None:
-                self.grad_c.index_add_(0, y, e_c.to(self.acc) * b[:, None])
             for s, w in g.sums:
                 self._sum_entry(w)[1].addmv_(e_c.T.to(self.acc), s)
         if self.need_b:
@@ -240,8 +256,6 @@ class _Sweep:
                 self.grad_b += G.sum(0)
             else:
                 self.grad_b.addmv_(G.T, a)
-            if b is not None:
-                self.grad_b.index_add_(0, y, b)
             for s, w in g.sums:
                 self._sum_entry(w)[2] += s.sum()
 
