@@ -132,8 +132,8 @@ def linear_cross_entropy(
             ``target[..., t + 1]``; the last position of ``e`` and the first of ``target`` are dropped
             without copying ``e``.
         backend: ``"auto"`` or ``"torch"`` (the row-chunked engine; runs on any device).
-        chunk_size: rows per chunk; default from ``V`` so that one float32 chunk of logits takes about
-            64 MiB (:func:`crossent.engine.chunked.default_chunk_size`).
+        chunk_size: rows per chunk; the default (:func:`crossent.engine.chunked.default_chunk_size`)
+            takes at least 256 rows and at most 192 MiB of logits (V = 131072: 256 rows, 128 MiB).
         return_stats: also return :class:`LinearStats` (per-row ``lse`` and ``argmax``).
         extra: per-row tensors that particular losses read, shaped like ``target`` (shifted with it).
 
