@@ -99,7 +99,8 @@ class LinearCrossEntropy(nn.Module):
         self.chunk_size = chunk_size
         self.return_stats = return_stats
 
-    def forward(self, e: Tensor, c: Tensor, target: Tensor, bias: Tensor | None = None):
+    def forward(self, e: Tensor, c: Tensor, target: Tensor, bias: Tensor | None = None, extra: dict[str, Tensor] | None = None):
+        """``extra`` carries per-row tensors for losses that read them (e.g. ``sample_ids``)."""
         from .linear import linear_cross_entropy
 
         return linear_cross_entropy(
@@ -116,6 +117,7 @@ class LinearCrossEntropy(nn.Module):
             backend=self.backend,
             chunk_size=self.chunk_size,
             return_stats=self.return_stats,
+            extra=extra,
         )
 
     def extra_repr(self) -> str:
