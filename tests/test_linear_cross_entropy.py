@@ -603,3 +603,26 @@ def test_every_registered_loss(name):
     close(l1, l2, 1e-10)
     for x, y in zip(g1, g2):
         close(x, y, 1e-10)
+
+
+@pytest.mark.parametrize("name", ["ce", "label_smoothing", "piecewise", "temperature_bias"])
+def test_unfused_softmax_route(monkeypatch, name):
+    """The route taken on devices without an in-place softmax (exp in place, normalisers folded)."""
+    from crossent.engine import chunk_grad
+
+    monkeypatch.setattr(chunk_grad, "FUSED_SOFTMAX_DEVICES", set())
+    e, c, b, t = make()
+    for reduction in ("mean", "none"):
+        assert_agree(e, c, b, t, 1e-10, reduction=reduction, chunk_size=6, **LOSSES[name])
+    _, stats = xe.linear_cross_entropy(e, c, t, bias=b, return_stats=True)
+    close(stats.lse.double(), torch.logsumexp(e @ c.T + b, -1), 1e-6)
+
+
+@pytest.mark.parametrize("v", [1, 7, 100003])
+def test_in_place_softmax_is_exact(v):
+    from crossent.engine.chunk_grad import softmax_
+
+    z = torch.randn(5, v) * 10
+    ref = torch.softmax(z, 1)
+    assert softmax_(z) is None
+    assert torch.equal(z, ref)

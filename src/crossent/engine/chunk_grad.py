@@ -61,18 +61,22 @@ def _sum_weights(stat: Statistic, rows: Rows) -> Tensor | None | bool:
     return False
 
 
-def softmax_(z: Tensor) -> Tensor | None:
-    """Softmax of each row of ``z``, in place when that is safe; returns ``None`` on that route.
+#: Devices whose softmax kernel may write its output over its input (checked by the test suite).
+FUSED_SOFTMAX_DEVICES = {"cpu"}
+
+
+def softmax_(z: Tensor, peak: Tensor | None = None) -> Tensor | None:
+    """Softmax of each row of ``z``, in place; returns ``None``, or the row normalisers to divide by.
 
     On CPU the fused softmax kernel reads and writes each element once per pass at the same index, so
     aliasing its output to its input is exact and keeps one row in cache across its passes. Elsewhere
-    the rows are exponentiated in place (``exp(z - max)``) and the normalisers ``sum`` are returned
-    for the caller to fold into its coefficients.
+    the rows become ``exp(z - peak)`` in place (``peak``: the row maxima) and their sums are returned,
+    for the caller to fold into its row coefficients.
     """
-    if z.device.type == "cpu":
+    if z.device.type in FUSED_SOFTMAX_DEVICES:
         torch.ops.aten._softmax.out(z, 1, False, out=z)
         return None
-    z.sub_(z.amax(1, keepdim=True)).exp_()
+    z.sub_((z.amax(1) if peak is None else peak)[:, None]).exp_()
     return z.sum(1)
 
 
@@ -129,9 +133,9 @@ class SoftmaxKernel:
         if ARGMAX in plan.stats:
             peak, where = z.max(1)
             values[ARGMAX] = where
-        elif z.device.type != "cpu":
+        elif z.device.type not in FUSED_SOFTMAX_DEVICES:
             peak = z.amax(1)
-        norm = softmax_(z)
+        norm = softmax_(z, peak)
         if norm is not None:
             values[LSE] = peak.to(ACC) + norm.to(ACC).log()
         elif where is not None:
