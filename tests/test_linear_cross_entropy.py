@@ -551,7 +551,7 @@ def test_errors():
 
 def test_default_chunk_size():
     size = chunked.default_chunk_size
-    assert size(32768, 1024) == 256 and size(131072, 1024) == 256
+    assert size(32768, 1024) == 512 and size(131072, 1024) == 368
     assert size(256000, 1024) == 192
     assert size(1000, 1024) == 2048 and size(131072, 1024, torch.bfloat16) == 240
     assert size(10, 8) == chunked.MAX_CHUNK

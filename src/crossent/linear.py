@@ -133,7 +133,7 @@ def linear_cross_entropy(
             without copying ``e``.
         backend: ``"auto"`` or ``"torch"`` (the row-chunked engine; runs on any device).
         chunk_size: rows per chunk; the default (:func:`crossent.engine.chunked.default_chunk_size`)
-            takes at least 256 rows and at most 192 MiB of logits (V = 131072: 256 rows, 128 MiB).
+            takes 512 rows, fewer where that would exceed 192 MiB (V = 131072: 368 rows).
         return_stats: also return :class:`LinearStats` (per-row ``lse`` and ``argmax``).
         extra: per-row tensors that particular losses read, shaped like ``target`` (shifted with it).
 

@@ -38,7 +38,7 @@ from .plan import Plan
 #: and ``grad_c``; below a few hundred rows that traffic, not arithmetic, sets their speed), more rows
 #: while the chunk takes under ``SMALL_BYTES`` (fewer, larger products for small vocabularies), and
 #: never more than ``MAX_BYTES``.
-SPEED_ROWS = 256
+SPEED_ROWS = 512
 SMALL_BYTES = 32 * 2**20
 MAX_BYTES = 192 * 2**20
 MIN_CHUNK, MAX_CHUNK = 16, 8192
@@ -57,8 +57,8 @@ def default_chunk_size(num_classes: int, hidden: int = 0, dtype: torch.dtype = t
     A row of a chunk costs ``V`` float32 logits (plus an input-dtype copy for bfloat16/float16) and a
     few ``D``-vectors. The chunk gets ``max(SPEED_ROWS, SMALL_BYTES / row)`` rows, capped at
     ``MAX_BYTES / row``, within ``[16, 8192]`` and rounded down to a multiple of 16. For float32 and
-    D = 1024: V = 32768 and V = 131072 give 256 rows (32 MiB and 128 MiB of logits), V = 256000 gives
-    192 rows (188 MiB), V = 1000 gives 2048 rows (8 MiB of logits, 32 MiB with the D-vectors).
+    D = 1024: V = 32768 gives 512 rows (64 MiB of logits), V = 131072 gives 368 rows (184 MiB),
+    V = 256000 gives 192 rows, V = 1000 gives 2048 rows; bfloat16 at V = 131072 gives 240 rows.
     """
     acc = accumulation_dtype(dtype)
     per_logit = torch.empty(0, dtype=acc).element_size()
