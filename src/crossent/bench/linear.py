@@ -84,7 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads per run (default: torch's)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds before one configuration is abandoned")
-    parser.add_argument("--out", default="results/bench_linear", help="folder for linear.json and linear.png")
+    parser.add_argument("--out", default="results/bench_linear", help="folder for linear.json, linear.md, linear.png")
 
 
 def _run_one(spec: dict, timeout: float) -> dict:
@@ -161,6 +161,34 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def markdown(result: dict) -> str:
+    """The results as Markdown tables, one per shape (for BENCHMARKS.md)."""
+    out = []
+    groups: dict = {}
+    for r in result["results"]:
+        groups.setdefault((r["n"], r["d"], r["v"], r["dtype"]), []).append(r)
+    for (n, d, v, dtype), rows in groups.items():
+        out += [f"N={n}, D={d}, V={v}, {dtype}", "",
+                "| method | median s | x floor | x fastest peer | peak MiB | memory / naive | memory / fastest peer |",
+                "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for r in rows:
+            if "error" in r:
+                out.append(f"| {r['method']} | skipped: {r['error']} | | | | | |")
+                continue
+
+            def f(k, spec):
+                return format(r[k], spec) if k in r else "-"
+
+            mib = format(r["peak_bytes"] / 2**20, ".0f") if "peak_bytes" in r else "-"
+            out.append(
+                f"| {r['method']} | {r['median']:.2f} | {f('x_floor', '.2f')} | {f('x_best_peer', '.2f')} | {mib} "
+                f"| {f('mem_x_naive', '.3f')} | {f('mem_x_best_peer', '.3f')} |"
+            )
+        best = next((r["best_peer"] for r in rows if "best_peer" in r), None)
+        out += ["", f"Fastest peer: `{best}`." if best else "", ""]
+    return "\n".join(out)
+
+
 def _plot(groups: dict, path: Path) -> bool:
     try:
         import matplotlib
@@ -188,7 +216,8 @@ def _plot(groups: dict, path: Path) -> bool:
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Run the benchmark; print a table per shape, write ``linear.json`` (and ``linear.png``) to ``args.out``."""
+    """Run the benchmark; print a table per shape, write ``linear.json``, ``linear.md`` (and ``linear.png``)
+    to ``args.out``; return the results (``{"meta": ..., "results": [...]}``)."""
     full = getattr(args, "full", False)
     methods = args.methods or (METHODS if full else QUICK_METHODS)
     if args.shape:
@@ -237,6 +266,7 @@ def run(args: argparse.Namespace) -> dict:
     meta["loadavg_end"] = os.getloadavg()
     result = {"meta": meta, "results": [r for rows in groups.values() for r in rows]}
     (out_dir / "linear.json").write_text(json.dumps(result, indent=1))
+    (out_dir / "linear.md").write_text(markdown(result))
     if _plot(groups, out_dir / "linear.png"):
         result["plot"] = str(out_dir / "linear.png")
     print(f"\nwrote {out_dir / 'linear.json'}" + (f" and {result['plot']}" if "plot" in result else ""))
