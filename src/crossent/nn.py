@@ -52,3 +52,73 @@ class CrossEntropy(nn.Module):
 
     def extra_repr(self) -> str:
         return f"loss={self.loss!r}, reduction={self.reduction!r}, ignore_index={self.ignore_index}"
+
+
+class LinearCrossEntropy(nn.Module):
+    """Module form of :func:`crossent.linear_cross_entropy`: ``crit(e, c, target, bias=None)``.
+
+    The classifier is passed at call time (``crit(h, model.lm_head.weight, labels)``), so tied or
+    sharded weights need no special handling.
+
+    Example:
+        >>> import torch, crossent as xe
+        >>> crit = xe.nn.LinearCrossEntropy(z_loss=1e-2)
+        >>> e = torch.tensor([[1.0, 0.0], [0.5, -1.0]])
+        >>> c = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 1.0]])
+        >>> crit(e, c, torch.tensor([0, 2]))
+        tensor(1.3701)
+    """
+
+    def __init__(
+        self,
+        loss="ce",
+        *,
+        weight: Tensor | None = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+        shift: bool = False,
+        backend: str = "auto",
+        chunk_size: int | None = None,
+        return_stats: bool = False,
+    ):
+        super().__init__()
+        from .linear import _check_backend
+
+        fe.check_reduction(reduction)
+        _check_backend(backend)
+        self.loss = fe.build_loss(loss, label_smoothing=label_smoothing, z_loss=z_loss)
+        self.register_buffer("weight", weight)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.softcap = softcap
+        self.shift = shift
+        self.backend = backend
+        self.chunk_size = chunk_size
+        self.return_stats = return_stats
+
+    def forward(self, e: Tensor, c: Tensor, target: Tensor, bias: Tensor | None = None, extra: dict[str, Tensor] | None = None):
+        """``extra`` carries per-row tensors for losses that read them (e.g. ``sample_ids``)."""
+        from .linear import linear_cross_entropy
+
+        return linear_cross_entropy(
+            e,
+            c,
+            target,
+            bias=bias,
+            loss=self.loss,
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            softcap=self.softcap,
+            shift=self.shift,
+            backend=self.backend,
+            chunk_size=self.chunk_size,
+            return_stats=self.return_stats,
+            extra=extra,
+        )
+
+    def extra_repr(self) -> str:
+        return f"loss={self.loss!r}, reduction={self.reduction!r}, shift={self.shift}, backend={self.backend!r}"

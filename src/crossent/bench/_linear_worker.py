@@ -1,0 +1,149 @@
+"""One benchmark configuration, in a fresh process: ``python -m crossent.bench._linear_worker SPEC``.
+
+SPEC is a JSON object (method, n, d, v, dtype, device, warmup, repeats, threads, seed). Prints one JSON
+line: the median and every timing of forward + backward, the peak memory growth beyond inputs and
+gradients, and the loss (a cross-check between methods).
+
+Memory on CPU: after the warm-up runs (which also compile what ``torch.compile`` compiles), the
+gradients are dropped, the kernel's peak-RSS mark is reset (``/proc/self/clear_refs``), and the peak
+over the timed runs minus the RSS before them minus the gradients' bytes is reported. On CUDA the same
+is read from ``torch.cuda.max_memory_allocated``.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+import time
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return -1
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _method(name: str, spec: dict):
+    """A function ``(e, c, t) -> loss`` (``None`` for the matrix-product floor, which runs no autograd)."""
+    import torch
+    import torch.nn.functional as F
+
+    half = spec["dtype"] != "float32"
+
+    def naive(e, c, t):
+        z = e @ c.T
+        return F.cross_entropy(z.float() if half else z, t)
+
+    if name == "naive":
+        return naive
+    if name == "naive_compile":
+        return torch.compile(naive)
+    if name == "floor":
+
+        def floor(e, c, t):
+            with torch.no_grad():
+                z = e @ c.T
+                return (z @ c, z.T @ e)
+
+        return floor
+    if name.startswith("torch_lce"):
+        if not hasattr(F, "linear_cross_entropy"):
+            raise RuntimeError(f"torch {torch.__version__} has no F.linear_cross_entropy")
+        options = None
+        if name == "torch_lce_auto":
+            options = torch.nn.LinearCrossEntropyOptions()
+        elif name.startswith("torch_lce_"):
+            options = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=int(name.rsplit("_", 1)[1]))
+        return lambda e, c, t: F.linear_cross_entropy(e, c, t, options=options)
+    if name == "cce_compile":
+        from cut_cross_entropy import linear_cross_entropy as cce
+
+        return lambda e, c, t: cce(e, c, t, impl="torch_compile")
+    if name.startswith("crossent"):
+        import crossent as xe
+
+        from .linear import focal_like
+
+        kw = {
+            "crossent_ce": {},
+            "crossent_focal": {"loss": focal_like()},
+            "crossent_z_loss": {"z_loss": 1e-4},
+            "crossent_smooth": {"label_smoothing": 0.1},
+        }[name]
+        chunk = spec.get("chunk_size")
+        return lambda e, c, t: xe.linear_cross_entropy(e, c, t, chunk_size=chunk, **kw)
+    raise ValueError(f"unknown method {name!r}")
+
+
+def measure(spec: dict) -> dict:
+    import torch
+
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    device = torch.device(spec["device"])
+    dtype = getattr(torch, spec["dtype"])
+    n, d, v = spec["n"], spec["d"], spec["v"]
+    gen = torch.Generator().manual_seed(spec.get("seed", 0))
+    e = torch.randn(n, d, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    c = (torch.randn(v, d, generator=gen) * d**-0.5).to(device=device, dtype=dtype).requires_grad_()
+    t = torch.randint(0, v, (n,), generator=gen).to(device)
+    fn = _method(spec["method"], spec)
+    cuda = device.type == "cuda"
+
+    def step():
+        e.grad = c.grad = None
+        out = fn(e, c, t)
+        if isinstance(out, torch.Tensor):
+            out.backward()
+        if cuda:
+            torch.cuda.synchronize()
+        return out
+
+    for _ in range(spec["warmup"]):
+        out = None
+        out = step()
+    e.grad = c.grad = None
+    out = None
+    gc.collect()
+    grad_bytes = e.numel() * e.element_size() + c.numel() * c.element_size()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    reset_ok = _reset_peak()
+    rss0 = _rss_kib("VmRSS")
+    times = []
+    loss = None
+    for _ in range(spec["repeats"]):
+        out = None  # the floor returns its gradient-sized products: never two sets alive at once
+        t0 = time.perf_counter()
+        out = step()
+        times.append(time.perf_counter() - t0)
+        if isinstance(out, torch.Tensor):
+            loss = float(out.detach())
+    result = {"times": times, "median": sorted(times)[len(times) // 2], "loss": loss}
+    if reset_ok:
+        result["peak_rss_growth"] = (_rss_kib("VmHWM") - rss0) * 1024 - grad_bytes
+    if cuda:
+        result["peak_cuda_growth"] = torch.cuda.max_memory_allocated() - base - grad_bytes
+    return result
+
+
+if __name__ == "__main__":
+    spec = json.loads(sys.argv[1])
+    try:
+        res = measure(spec)
+    except Exception as exc:  # reported, not raised: one failing peer must not stop the table
+        res = {"error": f"{type(exc).__name__}: {exc}"}
+    print(json.dumps(res))

@@ -1,0 +1,402 @@
+"""The row-chunked engine: any loss of ``z = e @ c.T (+ bias)`` without the ``[N, V]`` logit matrix.
+
+Rows are processed in chunks of ``chunk_size``; each chunk holds whole vocabulary rows, so every loss
+works, whole-row ones included. Two modes (DESIGN.md, section 2):
+
+* **eager gradient** (a scalar loss that will be differentiated): the upstream gradient of each row is
+  known before the loop (``1 / denominator`` for ``mean``, ``1`` for ``sum``), so each chunk's logit
+  gradient is formed in the forward pass and folded at once into ``grad_e`` (its rows) and ``grad_c`` /
+  ``grad_bias`` (accumulated in place). Three matrix products in all; backward only rescales by the
+  upstream scalar, in place, and not at all when it is 1.
+* **recompute** (``reduction='none'``, or an upstream gradient unknown up front): the forward keeps
+  per-row losses only; backward recomputes each chunk's logits (four matrix products).
+
+Without gradients the same loop runs once and keeps nothing but ``[N]`` values.
+
+Memory beyond inputs and gradients: one float32 ``[chunk, V]`` buffer (plus one in the input dtype for
+bfloat16/float16 inputs, with a float32 ``grad_c`` accumulator), and ``[chunk, D]`` / ``[N]`` odds and
+ends; the generic and whole-row kernels add a few chunk-sized temporaries. Rows whose target is
+``ignore_index`` are skipped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from functools import partial
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .. import _frontend as fe
+from ..rows import Rows
+from ..stats import ACC, ARGMAX, LSE
+from .chunk_grad import ChunkGrad, make_kernel
+from .plan import Plan
+
+#: The default chunk: at least ``SPEED_ROWS`` rows (the matrix products of a chunk read all of ``c``
+#: and ``grad_c``; below a few hundred rows that traffic, not arithmetic, sets their speed), more rows
+#: while the chunk takes under ``SMALL_BYTES`` (fewer, larger products for small vocabularies), and
+#: never more than ``MAX_BYTES``.
+SPEED_ROWS = 512
+SMALL_BYTES = 32 * 2**20
+MAX_BYTES = 192 * 2**20
+MIN_CHUNK, MAX_CHUNK = 16, 8192
+
+MODES = ("auto", "eager", "recompute")
+_HALF_BLOCK_BYTES = 4 * 2**20
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def default_chunk_size(num_classes: int, hidden: int = 0, dtype: torch.dtype = torch.float32) -> int:
+    """Rows per chunk for ``V = num_classes`` classes and ``D = hidden`` features.
+
+    A row of a chunk costs ``V`` float32 logits (plus an input-dtype copy for bfloat16/float16) and a
+    few ``D``-vectors. The chunk gets ``max(SPEED_ROWS, SMALL_BYTES / row)`` rows, capped at
+    ``MAX_BYTES / row``, within ``[16, 8192]`` and rounded down to a multiple of 16. For float32 and
+    D = 1024: V = 32768 gives 512 rows (64 MiB of logits), V = 131072 gives 368 rows (184 MiB),
+    V = 256000 gives 192 rows, V = 1000 gives 2048 rows; bfloat16 at V = 131072 gives 240 rows.
+    """
+    acc = accumulation_dtype(dtype)
+    per_logit = torch.empty(0, dtype=acc).element_size()
+    if dtype != acc:
+        per_logit += torch.empty(0, dtype=dtype).element_size()
+    row = max(1, num_classes * per_logit + 3 * hidden * 4)
+    rows = min(max(SPEED_ROWS, SMALL_BYTES // row), MAX_BYTES // row)
+    rows = max(MIN_CHUNK, min(MAX_CHUNK, rows))
+    return rows - rows % MIN_CHUNK
+
+
+def _take(rows: Rows, index: Tensor) -> Rows:
+    """The rows at ``index`` (a gather; :meth:`Rows.select` covers contiguous blocks)."""
+
+    def cut(t):
+        return t.index_select(0, index) if isinstance(t, Tensor) and t.dim() > 0 else t
+
+    return replace(
+        rows, target=cut(rows.target), valid=rows.valid[index], probs=cut(rows.probs),
+        extra={k: cut(v) for k, v in rows.extra.items()},
+    )  # fmt: skip
+
+
+def mean_denominator(rows: Rows, dtype: torch.dtype) -> Tensor:
+    """The ``mean`` reduction's divisor, exactly as :func:`crossent._frontend.reduce` forms it (never 0)."""
+    w = rows.target_weight()
+    denom = rows.valid.sum().to(dtype) if w is None else torch.where(rows.valid, w, 0).sum().to(dtype)
+    return torch.where(denom > 0, denom, torch.ones_like(denom))
+
+
+@dataclass
+class Job:
+    """Everything about one call except the tensors that autograd tracks."""
+
+    plan: Plan
+    rows: Rows
+    chunk_size: int
+    extra_stats: tuple = ()
+    kernel: object = None
+
+    def __post_init__(self):
+        self.kernel = make_kernel(self.plan, self.rows, self.extra_stats)
+        # Ignored rows contribute nothing; skip them unless their statistics were asked for.
+        self.compact = not self.extra_stats and not bool(self.rows.valid.all())
+        if self.compact:
+            self.index = self.rows.valid.nonzero().squeeze(1)
+            self.active_rows = _take(self.rows, self.index)
+        else:
+            self.index = None
+            self.active_rows = self.rows
+
+    def blocks(self):
+        """``(selector, rows)`` per chunk: a slice of ``e``'s rows, or an index tensor when compacted."""
+        n = self.active_rows.num_rows
+        for start in range(0, n, self.chunk_size):
+            part = slice(start, min(n, start + self.chunk_size))
+            sel = part if self.index is None else self.index[part]
+            yield sel, self.active_rows.select(part)
+
+
+def _fold_target_(G: Tensor, a: Tensor | None, b: Tensor, target: Tensor) -> Tensor:
+    """Fold ``b_i 1[j = y_i]`` into the matrix so that ``a_i G_ij`` alone is the gradient.
+
+    ``G[i, y_i] += b_i / a_i``: one scatter of ``r`` elements instead of gathering ``c[y]`` for
+    ``grad_e`` and scattering rows into ``grad_c`` (CPU ``index_add_`` is slow). Rows whose ``a_i`` is
+    zero (or negligible next to ``b_i``) become ``b_i * onehot`` with ``a_i = 1``. Returns ``a``.
+    """
+    if a is None:
+        G.scatter_add_(1, target[:, None], b[:, None].to(G.dtype))
+        return None
+    flat = a.abs() * 1e30 <= b.abs()
+    if bool(flat.any()):
+        rows = flat.nonzero().squeeze(1)
+        G.index_fill_(0, rows, 0.0)
+        a = a.masked_fill(flat, 1.0)
+    G.scatter_add_(1, target[:, None], (b / a).to(G.dtype)[:, None])
+    return a
+
+
+def _logits_into(out: Tensor, e: Tensor, c: Tensor, bias: Tensor | None) -> None:
+    if bias is None:
+        torch.mm(e, c.T, out=out)
+    else:
+        torch.addmm(bias, e, c.T, out=out)
+
+
+def _column_weighted_sum(c: Tensor, w: Tensor | None, dtype: torch.dtype, block: int = 4096) -> Tensor:
+    """``sum_j w_j c_j`` (``[D]``) accumulated in ``dtype`` without upcasting all of ``c`` at once."""
+    out = torch.zeros(c.shape[1], dtype=dtype, device=c.device)
+    for start in range(0, c.shape[0], block):
+        part = c[start : start + block].to(dtype)
+        out += part.sum(0) if w is None else w[start : start + block].to(dtype) @ part
+    return out
+
+
+class _Sweep:
+    """One pass over the rows: per-row losses, requested statistics, and optionally gradients."""
+
+    def __init__(self, job: Job, e: Tensor, c: Tensor, bias: Tensor | None, need=(False, False, False)):
+        self.job, self.e, self.c, self.bias = job, e, c, bias
+        self.need_e, self.need_c, self.need_b = need
+        self.acc = accumulation_dtype(e.dtype)
+        self.half = e.dtype != self.acc
+        m, d, v = e.shape[0], e.shape[1], c.shape[0]
+        kw = dict(device=e.device)
+        # Per-row values are float64 like the statistics (``[N]`` only), as in the dense engine.
+        self.per_row = torch.zeros(m, dtype=ACC, **kw)
+        self.stats = {s: torch.zeros(m, dtype=torch.long if s == ARGMAX else ACC, **kw) for s in job.extra_stats}
+        self.grad_e = (torch.zeros if job.compact else torch.empty)(m, d, dtype=e.dtype, **kw) if self.need_e else None
+        # Written by the first chunk's product (no zero fill of V x D), accumulated by the next ones.
+        self.grad_c = torch.empty(v, d, dtype=self.acc, **kw) if self.need_c else None
+        self.c_written = False
+        self.ctmp = None
+        self.grad_b = torch.zeros(v, dtype=self.acc, **kw) if self.need_b else None
+        self.sums: dict = {}  # key -> [w, sum_i s_i e_i (D), sum_i s_i, c^T w (D) or None]
+        r = min(job.chunk_size, max(1, job.active_rows.num_rows))
+        self.buf = torch.empty(r, v, dtype=self.acc, **kw)
+        self.hbuf = torch.empty(r, v, dtype=e.dtype, **kw) if self.half else None
+
+    def run(self, row_scale: Tensor | None = None):
+        """``row_scale``: ``None`` (values only), a 0-dim tensor (same for every row) or ``[N]``."""
+        for sel, rows in self.job.blocks():
+            self._chunk(sel, rows, row_scale)
+        self._finish_sums()
+        return self
+
+    def _chunk(self, sel, rows: Rows, row_scale):
+        r = rows.num_rows
+        e_c = self.e[sel] if isinstance(sel, slice) else self.e.index_select(0, sel)
+        z = self.buf[:r]
+        if self.half:
+            _logits_into(self.hbuf[:r], e_c, self.c, self.bias)
+            z.copy_(self.hbuf[:r])
+        else:
+            _logits_into(z, e_c, self.c, self.bias)
+        scale = None
+        if row_scale is not None:
+            scale = row_scale.to(ACC).expand(r) if row_scale.dim() == 0 else row_scale[sel].to(ACC)
+        res = self.job.kernel(z, rows, scale, partial(self._logit_at, e_c))
+        self._put(self.per_row, sel, res.loss)
+        for s, out in self.stats.items():
+            self._put(out, sel, res.values[s])
+        if res.grad is not None:
+            self._fold(res.grad, e_c, sel, rows)
+
+    def _logit_at(self, e_c: Tensor, i: Tensor, j: Tensor) -> Tensor:
+        """Raw logits ``z[i_k, j_k]`` of the chunk, one dot product each."""
+        z = (e_c[i].to(self.acc) * self.c[j].to(self.acc)).sum(1)
+        return z if self.bias is None else z + self.bias[j].to(self.acc)
+
+    @staticmethod
+    def _put(out: Tensor, sel, value: Tensor) -> None:
+        if isinstance(sel, slice):
+            out[sel] = value
+        else:
+            out.index_copy_(0, sel, value.to(out.dtype))
+
+    def _fold(self, g: ChunkGrad, e_c: Tensor, sel, rows: Rows) -> None:
+        """Add the chunk's ``dL/dz`` to ``grad_e`` / ``grad_c`` / ``grad_b`` through matrix products."""
+        G, a, b = g.matrix, g.row_scale, g.target_coef
+        r = G.shape[0]
+        if b is not None:
+            a = _fold_target_(G, a, b, rows.target)
+        if self.half:
+            # The matrix products run in the input dtype; the row scale rides on the cast for free.
+            op = self.hbuf[:r]
+            if a is None:
+                op.copy_(G)
+            else:
+                torch.mul(G, a[:, None], out=op)
+            folded = True
+        else:
+            op, folded = G, a is None
+        if self.need_e:
+            ge = self.grad_e[sel] if isinstance(sel, slice) else e_c.new_empty(e_c.shape)
+            torch.mm(op, self.c, out=ge)
+            if not folded:
+                ge.mul_(a[:, None])
+            for s, w in g.sums:
+                ge.addr_(s.to(ge.dtype), self._sum_entry(w)[3].to(ge.dtype))
+            if not isinstance(sel, slice):
+                self.grad_e.index_copy_(0, sel, ge)
+        if self.need_c:
+            if self.half:
+                self._half_weight_grad(op, e_c)
+            elif self.c_written:
+                self.grad_c.addmm_(G.T, e_c if folded else e_c * a[:, None])
+            else:
+                torch.mm(G.T, e_c if folded else e_c * a[:, None], out=self.grad_c)
+            self.c_written = True
+            for s, w in g.sums:
+                self._sum_entry(w)[1].addmv_(e_c.T.to(self.acc), s)
+        if self.need_b:
+            if a is None:
+                self.grad_b += G.sum(0)
+            else:
+                self.grad_b.addmv_(G.T, a)
+            for s, w in g.sums:
+                self._sum_entry(w)[2] += s.sum()
+
+    def _half_weight_grad(self, op: Tensor, e_c: Tensor) -> None:
+        """``grad_c += op.T @ e_c`` with half-precision products and a float32 accumulator.
+
+        CPUs have no half x half -> float32 product in PyTorch, so the product runs over blocks of
+        vocabulary rows into a small cache-sized half buffer, each block added to the float32
+        accumulator right away (a float32 product would forgo the half-precision matrix units).
+        """
+        v, d = self.grad_c.shape
+        block = max(256, _HALF_BLOCK_BYTES // (2 * d))
+        if self.ctmp is None:
+            self.ctmp = torch.empty(min(block, v), d, dtype=op.dtype, device=op.device)
+        for start in range(0, v, block):
+            stop = min(v, start + block)
+            tmp = torch.mm(op[:, start:stop].T, e_c, out=self.ctmp[: stop - start])
+            if self.c_written:
+                self.grad_c[start:stop].add_(tmp)
+            else:
+                self.grad_c[start:stop].copy_(tmp)
+
+    def _sum_entry(self, w: Tensor | None):
+        key = None if w is None else id(w)
+        entry = self.sums.get(key)
+        if entry is None:
+            d = self.c.shape[1]
+            cw = _column_weighted_sum(self.c, w, self.acc) if self.need_e else None
+            entry = [w, torch.zeros(d, dtype=self.acc, device=self.c.device), torch.zeros((), dtype=self.acc, device=self.c.device), cw]
+            self.sums[key] = entry
+        return entry
+
+    def _finish_sums(self) -> None:
+        """Sum-like statistics add ``w_j * s_i`` to every logit: one rank-1 update at the end."""
+        if self.need_c and not self.c_written:
+            self.grad_c.zero_()
+        for w, u, total, _ in self.sums.values():
+            if self.need_c:
+                if w is None:
+                    self.grad_c += u
+                else:
+                    self.grad_c.addr_(w.to(self.acc), u)
+            if self.need_b:
+                self.grad_b += total if w is None else total * w.to(self.acc)
+
+    def grads(self):
+        gc = self.grad_c
+        if gc is not None and gc.dtype != self.c.dtype:
+            gc = gc.to(self.c.dtype)
+        gb = self.grad_b
+        if gb is not None and gb.dtype != self.bias.dtype:
+            gb = gb.to(self.bias.dtype)
+        return self.grad_e, gc, gb
+
+
+class _EagerGradient(torch.autograd.Function):
+    """Scalar loss; gradients formed during the forward pass, rescaled in backward."""
+
+    @staticmethod
+    def forward(ctx, e, c, bias, job: Job, reduction: str):
+        need = tuple(ctx.needs_input_grad[:3])
+        if reduction == "mean":
+            scale = 1.0 / mean_denominator(job.rows, ACC)
+        else:
+            scale = torch.ones((), dtype=ACC, device=e.device)
+        sweep = _Sweep(job, e, c, bias, need).run(scale)
+        job.stat_values = sweep.stats
+        ctx.grads = sweep.grads()
+        return fe.reduce(sweep.per_row, job.rows, reduction, (e.shape[0],), ACC)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError(
+                "linear_cross_entropy: the eager-gradient path can be differentiated once; for "
+                "retain_graph=True use reduction='none' and reduce the result yourself"
+            )
+        # Scaling allocates nothing and is skipped when the upstream gradient is exactly 1 (loss.backward()).
+        if grad.device.type != "cpu" or grad.item() != 1.0:
+            for g in grads:
+                if g is not None:
+                    g.mul_(grad.to(g.dtype))
+        return (*grads, None, None)
+
+
+class _Recompute(torch.autograd.Function):
+    """Per-row losses; backward recomputes each chunk's logits."""
+
+    @staticmethod
+    def forward(ctx, e, c, bias, job: Job):
+        sweep = _Sweep(job, e, c, bias).run()
+        job.stat_values = sweep.stats
+        ctx.save_for_backward(e, c, bias)
+        ctx.job = job
+        return sweep.per_row
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_rows):
+        e, c, bias = ctx.saved_tensors
+        need = tuple(ctx.needs_input_grad[:3])
+        sweep = _Sweep(ctx.job, e, c, bias, need).run(grad_rows)
+        return (*sweep.grads(), None)
+
+
+def chunked_loss(
+    e: Tensor,
+    c: Tensor,
+    bias: Tensor | None,
+    plan: Plan,
+    rows: Rows,
+    *,
+    reduction: str,
+    chunk_size: int | None = None,
+    extra_stats: tuple = (),
+    mode: str = "auto",
+):
+    """The loss of ``e @ c.T + bias`` (``e`` is ``[N, D]``) in float64, and statistics.
+
+    Returns ``(loss, stats)``: ``loss`` is ``[N]`` for ``reduction='none'``, else a scalar;
+    ``stats`` maps each of ``extra_stats`` (``LSE``, ``ARGMAX``) to its ``[N]`` values.
+    ``mode``: ``"auto"`` (eager gradient for differentiated scalar losses, else recompute), or force
+    ``"eager"`` / ``"recompute"`` (``"eager"`` needs a scalar reduction).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "eager" and reduction == "none":
+        raise ValueError("the eager-gradient mode needs reduction='mean' or 'sum'")
+    if chunk_size is None:
+        chunk_size = default_chunk_size(c.shape[0], c.shape[1], e.dtype)
+    job = Job(plan, rows, int(chunk_size), tuple(extra_stats))
+    tracked = [t for t in (e, c, bias) if t is not None]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tracked)
+    if not needs_grad:
+        with torch.no_grad():
+            sweep = _Sweep(job, e, c, bias).run()
+        return fe.reduce(sweep.per_row, rows, reduction, (e.shape[0],), ACC), sweep.stats
+    if reduction != "none" and mode != "recompute":
+        loss = _EagerGradient.apply(e, c, bias, job, reduction)
+    else:
+        loss = fe.reduce(_Recompute.apply(e, c, bias, job), rows, reduction, (e.shape[0],), ACC)
+    return loss, job.stat_values

@@ -1,0 +1,212 @@
+"""``crossent.linear_cross_entropy``: any crossent loss of ``e @ c.T + bias`` without the logit matrix."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import _frontend as fe
+from .engine.chunked import chunked_loss
+from .engine.plan import Plan
+from .stats import ARGMAX, LSE
+from .transforms import Softcap
+
+#: Backends by name; ``"auto"`` picks the fastest one that applies (today: ``"torch"``).
+BACKENDS = ("auto", "torch")
+
+
+class LinearStats(NamedTuple):
+    """Per-row by-products of :func:`linear_cross_entropy` (``return_stats=True``), shaped like the loss rows.
+
+    ``lse``: log-sum-exp of the (transformed) logits, float32. ``argmax``: index of the largest logit
+    (int64), so token accuracy is ``(argmax == target)`` over counted rows, without any logits.
+    """
+
+    lse: Tensor
+    argmax: Tensor
+
+
+def _check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(repr(b) for b in BACKENDS)}")
+    return "torch"
+
+
+def _check_tensors(e, c, target, bias) -> None:
+    for name, t in (("e", e), ("c", c), ("target", target)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if bias is not None and not isinstance(bias, Tensor):
+        raise TypeError(f"bias must be a tensor or None, got {type(bias).__name__}")
+    if not e.is_floating_point() or not c.is_floating_point():
+        raise TypeError(f"e and c must be floating point, got {e.dtype} and {c.dtype}")
+    if e.dim() < 1:
+        raise ValueError("e must have shape [..., D]")
+    if c.dim() != 2:
+        raise ValueError(f"c must be a [V, D] matrix (an nn.Linear weight), got shape {tuple(c.shape)}")
+    if c.shape[1] != e.shape[-1]:
+        raise ValueError(f"e has {e.shape[-1]} features but c has {c.shape[1]} (shapes {tuple(e.shape)}, {tuple(c.shape)})")
+    if c.shape[0] == 0:
+        raise ValueError("c must have at least one class (row)")
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(
+            f"target must hold integer class indices, got {target.dtype}; for class-probability targets "
+            "materialise the logits and use crossent.cross_entropy"
+        )
+    if tuple(target.shape) != tuple(e.shape[:-1]):
+        raise ValueError(f"target must have shape {tuple(e.shape[:-1])} (e without its last dim), got {tuple(target.shape)}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != c.shape[0]):
+        raise ValueError(f"bias must have shape [{c.shape[0]}], got {tuple(bias.shape)}")
+    for name, t in (("c", c), ("target", target)) + ((("bias", bias),) if bias is not None else ()):
+        if t.device != e.device:
+            raise ValueError(f"{name} is on {t.device} but e is on {e.device}")
+
+
+def _shifted(target: Tensor, ignore_index: int, extra: dict | None):
+    """Targets (and extras) of the causal shift laid over all positions: row t predicts t + 1.
+
+    The last position of each sequence gets ``ignore_index``, so ``e`` is used as it is (a view, never
+    copied) and those rows cost nothing (ignored rows are skipped).
+    """
+    if target.dim() == 0 or target.shape[-1] == 0:
+        raise ValueError("shift=True needs a sequence dimension (target [..., T] with T >= 1)")
+    shifted = torch.full_like(target, ignore_index)
+    shifted[..., :-1] = target[..., 1:]
+    if extra:
+        moved = {}
+        for k, v in extra.items():
+            if not isinstance(v, Tensor):
+                raise TypeError(f"extra[{k!r}] must be a tensor, got {type(v).__name__}")
+            w = torch.zeros_like(v)
+            d = target.dim() - 1
+            w.narrow(d, 0, v.shape[d] - 1).copy_(v.narrow(d, 1, v.shape[d] - 1))
+            moved[k] = w
+        extra = moved
+    return shifted, extra
+
+
+@torch.compiler.disable
+def linear_cross_entropy(
+    e: Tensor,
+    c: Tensor,
+    target: Tensor,
+    *,
+    bias: Tensor | None = None,
+    loss="ce",
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    shift: bool = False,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+    return_stats: bool = False,
+    extra: dict[str, Tensor] | None = None,
+):
+    r"""Any crossent loss of the logits ``e @ c.T + bias``, computed without materialising them.
+
+    Equals ``crossent.cross_entropy(e @ c.T + bias, target, ...)`` (values and gradients of ``e``,
+    ``c`` and ``bias``) while holding at most one ``[chunk_size, V]`` block of logits: for a language
+    model's head, ``e`` are the final hidden states and ``c`` is ``lm_head.weight``. For a differentiated
+    ``mean``/``sum`` the gradients are formed during the forward pass (three matrix products in all, as
+    many as the naive path); otherwise the backward pass recomputes the logits. See ``docs/linear.md``.
+
+    Args:
+        e: hidden states ``[..., D]``; float32, bfloat16, float16 (float32 accumulation) or float64.
+        c: classifier ``[V, D]`` (an ``nn.Linear`` weight), same dtype as ``e``.
+        target: class indices ``[...]`` (``e`` without its last dim).
+        bias: optional ``[V]`` classifier bias.
+        loss: a registered name or a :class:`crossent.losses.Loss`; whole-row losses work too.
+        weight: ``[V]`` class weights (PyTorch's ``weight``).
+        ignore_index: target value that contributes nothing; such rows are skipped.
+        reduction: ``"mean"`` (weighted mean over counted rows), ``"sum"`` or ``"none"`` (loss per row,
+            shape of ``target``, or of ``target[..., 1:]`` with ``shift``).
+        label_smoothing: smoothing of ``loss="ce"``.
+        z_loss: adds ``z_loss * lse**2`` per row.
+        softcap: logits pass through ``softcap * tanh(z / softcap)`` first.
+        shift: causal-LM shift along the sequence dim (``target``'s last): position ``t`` predicts
+            ``target[..., t + 1]``; the last position of ``e`` and the first of ``target`` are dropped
+            without copying ``e``.
+        backend: ``"auto"`` or ``"torch"`` (the row-chunked engine; runs on any device).
+        chunk_size: rows per chunk; the default (:func:`crossent.engine.chunked.default_chunk_size`)
+            takes 512 rows, fewer where that would exceed 192 MiB (V = 131072: 368 rows).
+        return_stats: also return :class:`LinearStats` (per-row ``lse`` and ``argmax``).
+        extra: per-row tensors that particular losses read, shaped like ``target`` (shifted with it).
+
+    Returns:
+        The loss in the dtype of ``e`` (float32 under ``torch.autocast``), or ``(loss, LinearStats)``.
+
+    Under ``torch.compile`` the call is a graph break: it runs eagerly between compiled graphs.
+
+    Example:
+        >>> import torch, crossent as xe
+        >>> e = torch.tensor([[1.0, 0.0], [0.5, -1.0], [0.0, 2.0]])
+        >>> c = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 1.0]])
+        >>> target = torch.tensor([0, 2, 1])
+        >>> xe.linear_cross_entropy(e, c, target)
+        tensor(1.1575)
+        >>> xe.cross_entropy(e @ c.T, target)
+        tensor(1.1575)
+        >>> loss, stats = xe.linear_cross_entropy(e, c, target, z_loss=1e-2, reduction="none", return_stats=True)
+        >>> loss
+        tensor([0.4274, 2.3129, 0.8347])
+        >>> stats.lse, stats.argmax
+        (tensor([1.4076, 0.8064, 2.7586]), tensor([0, 0, 1]))
+    """
+    _check_backend(backend)
+    fe.check_reduction(reduction)
+    _check_tensors(e, c, target, bias)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    loss_obj = fe.build_loss(loss, label_smoothing=label_smoothing, z_loss=z_loss)
+
+    out_dtype = e.dtype
+    device_type = e.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Match ``autocast(e @ c.T)`` followed by a float32 loss, as the naive path computes it.
+        dtype = torch.get_autocast_dtype(device_type)
+        e, c = e.to(dtype), c.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+        out_dtype = torch.float32
+    if c.dtype != e.dtype or (bias is not None and bias.dtype != e.dtype):
+        raise TypeError(
+            f"e, c and bias must share one dtype, got {e.dtype}, {c.dtype}"
+            + (f", {bias.dtype}" if bias is not None else "")
+        )
+
+    num_classes, dim = c.shape
+    rows_shape = tuple(target.shape)
+    if shift:
+        fe.check_index_target(target[..., 1:], num_classes, ignore_index, target[..., 1:].shape)
+        target, extra = _shifted(target, ignore_index, extra)
+    else:
+        fe.check_index_target(target, num_classes, ignore_index, target.shape if target.dim() else (1,))
+    compute = torch.float64 if e.dtype == torch.float64 else torch.float32
+    class_weight = fe.check_class_weight(weight, num_classes, e.device, compute)
+    rows = fe.index_rows(target.reshape(-1), num_classes, ignore_index, class_weight, fe.flatten_extra(extra, rows_shape))
+    plan = Plan(loss_obj, rows, (Softcap(softcap),) if softcap is not None else ())
+
+    with torch.autocast(device_type, enabled=False):
+        value, stats = chunked_loss(
+            e.reshape(-1, dim),
+            c,
+            bias,
+            plan,
+            rows,
+            reduction=reduction,
+            chunk_size=chunk_size,
+            extra_stats=(LSE, ARGMAX) if return_stats else (),
+        )
+
+    def per_row(t: Tensor) -> Tensor:
+        t = t.reshape(rows_shape)
+        return t[..., :-1] if shift else t
+
+    value = (per_row(value) if reduction == "none" else value).to(out_dtype)
+    if not return_stats:
+        return value
+    return value, LinearStats(per_row(stats[LSE]).float(), per_row(stats[ARGMAX]))

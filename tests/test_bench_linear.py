@@ -1,0 +1,77 @@
+"""The linear benchmark's pieces: the in-process measurement, ratios, tables, and one small end-to-end run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from crossent.bench import _linear_worker as worker
+from crossent.bench import linear as bench
+
+
+def spec(method, **kw):
+    base = dict(method=method, n=64, d=16, v=96, dtype="float32", device="cpu", warmup=1, repeats=2, threads=1, chunk_size=None)
+    base.update(kw)
+    return base
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_methods_agree_on_the_loss(dtype):
+    losses = {}
+    for method in ("naive", "torch_lce_512", "crossent_ce", "crossent_z_loss"):
+        res = worker.measure(spec(method, dtype=dtype))
+        assert len(res["times"]) == 2 and res["median"] > 0
+        losses[method] = res["loss"]
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    assert abs(losses["crossent_ce"] - losses["naive"]) <= tol * abs(losses["naive"])
+    assert abs(losses["torch_lce_512"] - losses["naive"]) <= tol * abs(losses["naive"])
+    if dtype == "float32":  # z_loss = 1e-4 * lse^2 is below bfloat16 resolution at this loss
+        assert losses["crossent_z_loss"] > losses["crossent_ce"]
+    floor = worker.measure(spec("floor"))
+    assert floor["loss"] is None and floor["median"] > 0
+
+
+def test_unknown_method():
+    with pytest.raises(ValueError, match="unknown method"):
+        worker.measure(spec("nope"))
+
+
+def test_ratios_combine_and_markdown():
+    runs = {
+        "floor": [{"times": [1.0, 1.2], "median": 1.2, "peak_rss_growth": 100}],
+        "naive": [{"times": [3.0], "median": 3.0, "peak_rss_growth": 1000}, {"times": [2.0], "median": 2.0, "peak_rss_growth": 900}],
+        "torch_lce_512": [{"times": [1.5, 1.7], "median": 1.7, "peak_rss_growth": 400}],
+        "crossent_ce": [{"times": [1.1, 1.3], "median": 1.3, "peak_rss_growth": 100}],
+        "cce_compile": [{"error": "ModuleNotFoundError: No module named 'cut_cross_entropy'"}],
+    }
+    rows = [bench._combine(m, r) for m, r in runs.items()]
+    for r in rows:
+        r.update(n=4, d=2, v=8, dtype="float32")
+    bench._ratios(rows)
+    by = {r["method"]: r for r in rows}
+    assert by["naive"]["median"] == 3.0 and by["naive"]["peak_bytes"] == 1000  # median of all rounds, largest peak
+    assert by["crossent_ce"]["best_peer"] == "torch_lce_512"
+    assert by["crossent_ce"]["x_best_peer"] == pytest.approx(1.3 / 1.7)
+    assert by["crossent_ce"]["x_floor"] == pytest.approx(1.3 / 1.2)
+    assert by["crossent_ce"]["mem_x_naive"] == pytest.approx(0.1)
+    assert by["crossent_ce"]["mem_x_best_peer"] == pytest.approx(0.25)
+    assert "error" in by["cce_compile"]
+    text = bench.markdown({"results": rows})
+    assert "| crossent_ce | 1.30 | 1.08 | 0.76 |" in text and "skipped" in text
+    assert "Fastest peer: `torch_lce_512`" in text
+
+
+@pytest.mark.slow
+def test_run_end_to_end(tmp_path):
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--shape", "64", "16", "96", "float32", "--methods", "floor", "crossent_focal",
+                              "--repeats", "1", "--threads", "1", "--out", str(tmp_path)])  # fmt: skip
+    result = bench.run(args)
+    assert {r["method"] for r in result["results"]} == {"floor", "crossent_focal"}
+    assert all("median" in r for r in result["results"]), result["results"]
+    saved = json.loads((tmp_path / "linear.json").read_text())
+    assert saved["meta"]["threads"] == 1 and len(saved["meta"]["loadavg_start"]) == 3
+    assert (tmp_path / "linear.md").exists()
