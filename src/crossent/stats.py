@@ -132,6 +132,12 @@ class LogSumExp(Statistic):
         return (torch.logaddexp(a[0], b[0]),)
 
     def add_grad(self, grad, z, coef, values, rows, cols, fresh=False):
+        whole_rows = z.shape[-1] == rows.num_classes
+        if fresh and whole_rows and z.device.type == "cpu" and z.is_contiguous() and grad.is_contiguous():
+            # Whole rows on CPU: the fused softmax kernel writes p straight into the buffer in one
+            # cache-friendly pass (exact, and cheaper than rebuilding it from lse).
+            torch.ops.aten._softmax.out(z, -1, False, out=grad)
+            return grad.mul_(_coef(coef, z))
         lse = values[self]
         hi = lse.to(z.dtype)
         # p * coef = exp(z - hi) * (coef * exp(-lo)): the tail of lse folds into the row factor.

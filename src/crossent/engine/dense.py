@@ -58,7 +58,7 @@ class _DenseRowLoss(torch.autograd.Function):
         plan, rows, values = ctx.plan, ctx.rows, ctx.values
         coefs = plan.coefficients(values, rows, grad_rows)
         cols = slice(0, logits.shape[-1])
-        grad = torch.empty_like(logits)
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
         for b in ctx.blocks:
             plan.logit_grad(
                 as_float(logits[b]),
