@@ -5,7 +5,7 @@ caller holds anyway) and ``[N]`` statistic values. Backward turns the upstream g
 coefficients and applies the statistics' elementwise derivatives: for CE that is one ``exp`` pass and
 a scatter, the same work as ``F.cross_entropy``'s softmax backward.
 
-Both passes walk the rows in blocks of about ``BLOCK_ELEMENTS`` logits, so every temporary is a few MB:
+Both passes walk the rows in blocks of about ``BLOCK_ELEMENTS`` logits, so every temporary is some MB:
 small enough for the allocator to recycle it from block to block (a fresh ``[N, C]`` temporary costs a
 page fault per 4 KB, which dominates a softmax pass) and, for half-precision input, the float32
 upcast never exists for the whole matrix.
@@ -20,11 +20,14 @@ from ..rows import Rows, as_float
 from .plan import Plan
 
 
-BLOCK_ELEMENTS = 1 << 20
+#: Logits per row block: 24 MiB of float32, under glibc's largest mmap threshold (32 MiB), so block
+#: temporaries are recycled from the heap; large enough that each elementwise op is one long parallel
+#: region (many short ones stall whenever another process holds a core).
+BLOCK_ELEMENTS = 6 << 20
 
 
-def row_blocks(num_rows: int, num_classes: int, block_elements: int = BLOCK_ELEMENTS):
-    step = max(1, block_elements // max(num_classes, 1))
+def row_blocks(num_rows: int, num_classes: int, block_elements: int | None = None):
+    step = max(1, (block_elements or BLOCK_ELEMENTS) // max(num_classes, 1))
     return [slice(i, min(i + step, num_rows)) for i in range(0, num_rows, step)]
 
 
