@@ -22,7 +22,7 @@ def test_methods_agree_on_the_loss(dtype):
     losses = {}
     for method in ("naive", "torch_lce_512", "crossent_ce", "crossent_z_loss"):
         res = worker.measure(spec(method, dtype=dtype))
-        assert len(res["times"]) == 2 and res["median"] > 0
+        assert len(res["times"]) == 2 and res["median"] > 0 and res["cpu_share"] > 0
         losses[method] = res["loss"]
     tol = 1e-5 if dtype == "float32" else 2e-2
     assert abs(losses["crossent_ce"] - losses["naive"]) <= tol * abs(losses["naive"])
@@ -60,6 +60,7 @@ def test_ratios_combine_and_markdown():
     assert "error" in by["cce_compile"]
     text = bench.markdown({"results": rows})
     assert "| crossent_ce | 1.30 | 1.08 | 0.76 |" in text and "skipped" in text
+    assert bench.busy_fraction(0.05) is None or 0.0 <= bench.busy_fraction(0.05) <= 1.0
     assert "Fastest peer: `torch_lce_512`" in text
 
 

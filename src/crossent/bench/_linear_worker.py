@@ -125,6 +125,7 @@ def measure(spec: dict) -> dict:
     rss0 = _rss_kib("VmRSS")
     times = []
     loss = None
+    cpu0, wall0 = time.process_time(), time.perf_counter()
     for _ in range(spec["repeats"]):
         out = None  # the floor returns its gradient-sized products: never two sets alive at once
         t0 = time.perf_counter()
@@ -132,7 +133,11 @@ def measure(spec: dict) -> dict:
         times.append(time.perf_counter() - t0)
         if isinstance(out, torch.Tensor):
             loss = float(out.detach())
-    result = {"times": times, "median": sorted(times)[len(times) // 2], "loss": loss}
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    threads = torch.get_num_threads()
+    result = {"times": times, "median": sorted(times)[len(times) // 2], "loss": loss, "threads": threads}
+    # Share of its threads' time this process got on CPUs: well below 1 means another process competed.
+    result["cpu_share"] = cpu / max(wall * threads, 1e-9)
     if reset_ok:
         result["peak_rss_growth"] = (_rss_kib("VmHWM") - rss0) * 1024 - grad_bytes
     if cuda:

@@ -12,7 +12,9 @@ timings and its peak memory beyond inputs and gradients (RSS on CPU, allocated m
   ``crossent_smooth`` (label smoothing 0.1): :func:`crossent.linear_cross_entropy`.
 
 Ratios: time to the floor and to the fastest peer (any non-crossent method but the floor); memory to
-the naive path and to that fastest peer. Quick defaults take about a minute; ``--full`` runs the
+the naive path and to that fastest peer. ``cpu share`` is the smallest share of its threads' time a
+configuration got on the CPUs: well below 1, another process competed and its timing is suspect
+(``--quiet-wait`` makes each configuration wait for idle CPUs first, on shared machines). Quick defaults take about a minute; ``--full`` runs the
 recorded shapes (N=4096, D=1024, V in {32768, 131072}, float32, plus bfloat16 at V=131072).
 """
 
@@ -84,7 +86,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads per run (default: torch's)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds before one configuration is abandoned")
+    parser.add_argument("--quiet-wait", type=float, default=0.0, metavar="SECONDS",
+                        help="before each configuration, wait up to this long for other processes to leave the "
+                        "CPUs idle (shared machines); 0: do not wait")  # fmt: skip
     parser.add_argument("--out", default="results/bench_linear", help="folder for linear.json, linear.md, linear.png")
+
+
+def busy_fraction(interval: float = 1.0) -> float | None:
+    """Fraction of all CPUs' time spent busy over ``interval`` seconds (``/proc/stat``; None elsewhere)."""
+
+    def sample():
+        with open("/proc/stat") as f:
+            vals = [int(x) for x in f.readline().split()[1:]]
+        return sum(vals), vals[3] + (vals[4] if len(vals) > 4 else 0)
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(interval)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
+
+
+def _wait_for_quiet(limit: float, threshold: float = 0.15) -> float | None:
+    """Wait (up to ``limit`` seconds) until other processes keep under ``threshold`` of the CPUs busy."""
+    waited = 0.0
+    busy = busy_fraction()
+    while busy is not None and busy > threshold and waited < limit:
+        time.sleep(15.0)
+        waited += 16.0
+        busy = busy_fraction()
+    return busy
 
 
 def _run_one(spec: dict, timeout: float) -> dict:
@@ -114,6 +147,9 @@ def _combine(method: str, runs: list[dict]) -> dict:
         return {"method": method, "error": runs[0].get("error", "no run") if runs else "no run"}
     times = sorted(t for r in ok for t in r["times"])
     out = {"method": method, "times": times, "median": times[len(times) // 2], "rounds": len(ok), "loss": ok[0].get("loss")}
+    shares = [r["cpu_share"] for r in ok if "cpu_share" in r]
+    if shares:
+        out["cpu_share"] = min(shares)
     for key in ("peak_rss_growth", "peak_cuda_growth"):
         if key in ok[0]:
             out[key] = max(r[key] for r in ok)
@@ -142,7 +178,7 @@ def _ratios(rows: list[dict]) -> None:
 
 
 def _table(rows: list[dict]) -> str:
-    head = f"{'method':<17}{'median s':>10}{'x floor':>9}{'x peer':>8}{'peak MiB':>10}{'mem/naive':>10}{'mem/peer':>9}  loss"
+    head = f"{'method':<17}{'median s':>10}{'x floor':>9}{'x peer':>8}{'peak MiB':>10}{'mem/naive':>10}{'mem/peer':>9}{'cpu':>6}  loss"
     out = [head, "-" * len(head)]
 
     def f(r, k, spec):
@@ -156,7 +192,7 @@ def _table(rows: list[dict]) -> str:
         out.append(
             f"{r['method']:<17}{r['median']:>10.3f}{f(r, 'x_floor', '.2f'):>9}{f(r, 'x_best_peer', '.2f'):>8}"
             f"{(format(mib, '.0f') if mib is not None else '-'):>10}{f(r, 'mem_x_naive', '.3f'):>10}"
-            f"{f(r, 'mem_x_best_peer', '.3f'):>9}  {'-' if r.get('loss') is None else format(r['loss'], '.6f')}"
+            f"{f(r, 'mem_x_best_peer', '.3f'):>9}{f(r, 'cpu_share', '.2f'):>6}  {'-' if r.get('loss') is None else format(r['loss'], '.6f')}"
         )
     return "\n".join(out)
 
@@ -169,11 +205,11 @@ def markdown(result: dict) -> str:
         groups.setdefault((r["n"], r["d"], r["v"], r["dtype"]), []).append(r)
     for (n, d, v, dtype), rows in groups.items():
         out += [f"N={n}, D={d}, V={v}, {dtype}", "",
-                "| method | median s | x floor | x fastest peer | peak MiB | memory / naive | memory / fastest peer |",
-                "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+                "| method | median s | x floor | x fastest peer | peak MiB | memory / naive | memory / fastest peer | cpu share |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
         for r in rows:
             if "error" in r:
-                out.append(f"| {r['method']} | skipped: {r['error']} | | | | | |")
+                out.append(f"| {r['method']} | skipped: {r['error']} | | | | | | |")
                 continue
 
             def f(k, spec):
@@ -182,7 +218,7 @@ def markdown(result: dict) -> str:
             mib = format(r["peak_bytes"] / 2**20, ".0f") if "peak_bytes" in r else "-"
             out.append(
                 f"| {r['method']} | {r['median']:.2f} | {f('x_floor', '.2f')} | {f('x_best_peer', '.2f')} | {mib} "
-                f"| {f('mem_x_naive', '.3f')} | {f('mem_x_best_peer', '.3f')} |"
+                f"| {f('mem_x_naive', '.3f')} | {f('mem_x_best_peer', '.3f')} | {f('cpu_share', '.2f')} |"
             )
         best = next((r["best_peer"] for r in rows if "best_peer" in r), None)
         out += ["", f"Fastest peer: `{best}`." if best else "", ""]
@@ -251,7 +287,9 @@ def run(args: argparse.Namespace) -> dict:
                     continue
                 spec = dict(method=method, n=n, d=d, v=v, dtype=dtype, device=args.device, warmup=args.warmup,
                             repeats=args.repeats, threads=threads, chunk_size=args.chunk_size)  # fmt: skip
+                busy = _wait_for_quiet(args.quiet_wait) if getattr(args, "quiet_wait", 0) else busy_fraction(0.2)
                 res = _run_one(spec, args.timeout)
+                res["busy_before"] = busy
                 runs[method].append(res)
                 status = f"{res['median']:.3f} s" if "median" in res else res["error"]
                 print(f"  {method:<17} {status}" + (f"  (round {k + 1}/{rounds})" if rounds > 1 else ""), flush=True)
