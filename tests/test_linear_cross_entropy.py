@@ -155,6 +155,9 @@ LOSSES = {
     "whole_row": dict(loss=EntropyPenalised()),
     "piecewise": dict(loss=Piecewise()),
     "temperature_bias": dict(loss=xe.losses.Transformed(FocalLike(1.5), Temperature(1.7), ClassBias(torch.linspace(-1, 1, 50)))),
+    # Sum statistics under affine transforms (the engine forms the row sums from e and c, then transforms them).
+    "smoothing_temperature_bias": dict(loss=xe.losses.Transformed(xe.losses.CrossEntropy(0.1), Temperature(1.7), ClassBias(torch.linspace(-1, 1, 50)))),
+    "smoothing_bias_temperature": dict(loss=xe.losses.Transformed(xe.losses.CrossEntropy(0.1), ClassBias(torch.linspace(2, -1, 50)), Temperature(0.6))),
     "composed": dict(loss=xe.losses.CrossEntropy(0.05) + 0.5 * FocalLike(), z_loss=1e-3, softcap=4.0),
 }
 
@@ -605,7 +608,7 @@ def test_every_registered_loss(name):
         close(x, y, 1e-10)
 
 
-@pytest.mark.parametrize("name", ["ce", "label_smoothing", "piecewise", "temperature_bias"])
+@pytest.mark.parametrize("name", ["ce", "label_smoothing", "piecewise", "temperature_bias", "smoothing_bias_temperature"])
 def test_unfused_softmax_route(monkeypatch, name):
     """The route taken on devices without an in-place softmax (exp in place, normalisers folded)."""
     from crossent.engine import chunk_grad

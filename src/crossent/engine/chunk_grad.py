@@ -2,8 +2,10 @@
 
 The row-chunked engine (:mod:`crossent.engine.chunked`) computes a block of logits ``z`` (``[r, V]``,
 float32 or float64, every column of ``r`` rows) and hands it to a *kernel*. Three kernels share one
-interface, ``kernel(z, rows, row_scale, logit_at) -> ChunkResult``; ``row_scale`` is the upstream
-gradient of each row's loss (``None``: values only), ``logit_at(i, j)`` recomputes single raw logits.
+interface, ``kernel(z, rows, row_scale, source) -> ChunkResult``; ``row_scale`` is the upstream
+gradient of each row's loss (``None``: values only); ``source`` (optional) knows the chunk's factors:
+``source.logit_at(i, j)`` recomputes single raw logits, ``source.row_sums(w)`` gives
+``sum_j w_j z_ij`` as ``e_i . (c^T w)`` (one ``[r, D]`` product instead of a pass over the chunk).
 The kernel may overwrite ``z``.
 
 * :class:`SoftmaxKernel` (the fast path): losses over ``lse``, ``target`` and (class-weighted) sums,
@@ -115,16 +117,30 @@ class SoftmaxKernel:
             z = z / t.temperature if isinstance(t, Temperature) else z + t.bias.to(device=z.device, dtype=z.dtype)[cols]
         return z
 
-    def __call__(self, z: Tensor, rows: Rows, row_scale: Tensor | None, logit_at=None) -> ChunkResult:
+    def _transformed_sums(self, sums: Tensor, w: Tensor | None) -> Tensor:
+        """``sum_j w_j t(z)_ij`` from the raw ``sum_j w_j z_ij``: the transforms are affine per class."""
+        for t in self.plan.transforms:
+            if isinstance(t, Temperature):
+                sums = sums / t.temperature
+            else:
+                bias = t.bias.to(device=sums.device, dtype=ACC)
+                sums = sums + (bias.sum() if w is None else w.to(ACC) @ bias)
+        return sums
+
+    def __call__(self, z: Tensor, rows: Rows, row_scale: Tensor | None, source=None) -> ChunkResult:
         plan = self.plan
-        self._transform_(z, rows)
         values: dict = {}
         sum_like = []
         for s in plan.stats:
             w = _sum_weights(s, rows)
             if w is not False:
-                values[s] = (z.sum(1) if w is None else z @ w.to(z.dtype)).to(ACC)
                 sum_like.append((s, w))
+                if source is not None:
+                    values[s] = self._transformed_sums(source.row_sums(w), w)
+        self._transform_(z, rows)
+        for s, w in sum_like:
+            if s not in values:
+                values[s] = (z.sum(1) if w is None else z @ w.to(z.dtype)).to(ACC)
         ref = rows.target[:, None]  # the target column (0 on ignored rows): a reference for lse
         z_ref = z.gather(1, ref).squeeze(1).to(ACC)
         if TARGET in plan.stats:
@@ -142,7 +158,7 @@ class SoftmaxKernel:
             # p at the row's maximum lies in [1/V, 1]: its log is well conditioned.
             values[LSE] = peak.to(ACC) - z.gather(1, where[:, None]).squeeze(1).to(ACC).log()
         else:
-            values[LSE] = self._lse_from_reference(z, z_ref, ref, logit_at)
+            values[LSE] = self._lse_from_reference(z, z_ref, ref, source)
         loss = plan.row_losses(values, rows)
         if row_scale is None:
             return ChunkResult(loss, values)
@@ -164,7 +180,7 @@ class SoftmaxKernel:
         )
 
 
-    def _lse_from_reference(self, p: Tensor, z_ref: Tensor, ref: Tensor, logit_at) -> Tensor:
+    def _lse_from_reference(self, p: Tensor, z_ref: Tensor, ref: Tensor, source) -> Tensor:
         """``lse = z_k - log p_k`` for a column ``k`` with ``p_k`` well away from underflow.
 
         The target column serves almost always (it spares a separate ``max`` pass over the chunk,
@@ -177,7 +193,7 @@ class SoftmaxKernel:
         small = (p_ref < _TINY).nonzero().squeeze(1)
         if small.numel():
             p_top, k = p.index_select(0, small).max(1)
-            z_top = self._transformed_at(logit_at(small, k), k).to(ACC)
+            z_top = self._transformed_at(source.logit_at(small, k), k).to(ACC)
             lse[small] = z_top - p_top.to(ACC).log()
         return lse
 
@@ -192,7 +208,7 @@ class PlanKernel:
     def __init__(self, plan: Plan):
         self.plan = plan
 
-    def __call__(self, z: Tensor, rows: Rows, row_scale: Tensor | None, logit_at=None) -> ChunkResult:
+    def __call__(self, z: Tensor, rows: Rows, row_scale: Tensor | None, source=None) -> ChunkResult:
         plan = self.plan
         cols = slice(0, z.shape[1])
         zt = plan.transform(z, rows, cols)
@@ -215,7 +231,7 @@ class WholeRowKernel:
         self.plan = plan
         self.extra_stats = tuple(extra_stats)
 
-    def __call__(self, z: Tensor, rows: Rows, row_scale: Tensor | None, logit_at=None) -> ChunkResult:
+    def __call__(self, z: Tensor, rows: Rows, row_scale: Tensor | None, source=None) -> ChunkResult:
         plan = self.plan
         values = {}
         if self.extra_stats:

@@ -22,8 +22,6 @@ ends; the generic and whole-row kernels add a few chunk-sized temporaries. Rows 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from functools import partial
-
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -147,6 +145,9 @@ def _logits_into(out: Tensor, e: Tensor, c: Tensor, bias: Tensor | None) -> None
 
 def _column_weighted_sum(c: Tensor, w: Tensor | None, dtype: torch.dtype, block: int = 4096) -> Tensor:
     """``sum_j w_j c_j`` (``[D]``) accumulated in ``dtype`` without upcasting all of ``c`` at once."""
+    if c.dtype == dtype:
+        # One matrix-vector product: a single streaming read of c.
+        return c.T.mv(torch.ones(c.shape[0], dtype=dtype, device=c.device) if w is None else w.to(dtype))
     out = torch.zeros(c.shape[1], dtype=dtype, device=c.device)
     for start in range(0, c.shape[0], block):
         part = c[start : start + block].to(dtype)
@@ -174,6 +175,7 @@ class _Sweep:
         self.ctmp = None
         self.grad_b = torch.zeros(v, dtype=self.acc, **kw) if self.need_b else None
         self.sums: dict = {}  # key -> [w, sum_i s_i e_i (D), sum_i s_i, c^T w (D) or None]
+        self.col_sums: dict = {}  # key -> (c^T w, bias . w), see column_sums
         r = min(job.chunk_size, max(1, job.active_rows.num_rows))
         self.buf = torch.empty(r, v, dtype=self.acc, **kw)
         self.hbuf = torch.empty(r, v, dtype=e.dtype, **kw) if self.half else None
@@ -197,17 +199,29 @@ class _Sweep:
         scale = None
         if row_scale is not None:
             scale = row_scale.to(ACC).expand(r) if row_scale.dim() == 0 else row_scale[sel].to(ACC)
-        res = self.job.kernel(z, rows, scale, partial(self._logit_at, e_c))
+        res = self.job.kernel(z, rows, scale, _ChunkSource(self, e_c))
         self._put(self.per_row, sel, res.loss)
         for s, out in self.stats.items():
             self._put(out, sel, res.values[s])
         if res.grad is not None:
             self._fold(res.grad, e_c, sel, rows)
 
-    def _logit_at(self, e_c: Tensor, i: Tensor, j: Tensor) -> Tensor:
-        """Raw logits ``z[i_k, j_k]`` of the chunk, one dot product each."""
-        z = (e_c[i].to(self.acc) * self.c[j].to(self.acc)).sum(1)
-        return z if self.bias is None else z + self.bias[j].to(self.acc)
+    def column_sums(self, w: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """``(c^T w, bias . w)`` (``w = None``: all ones), computed once per call.
+
+        ``c^T w`` is accumulated in the accumulation dtype, like the logits it stands in for, and
+        returned in float64 for the row sums.
+        """
+        key = None if w is None else id(w)
+        entry = self.col_sums.get(key)
+        if entry is None:
+            cw = _column_weighted_sum(self.c, w, self.acc).to(ACC)
+            bw = None
+            if self.bias is not None:
+                bias = self.bias.to(ACC)
+                bw = bias.sum() if w is None else w.to(ACC) @ bias
+            entry = self.col_sums[key] = (cw, bw)
+        return entry
 
     @staticmethod
     def _put(out: Tensor, sel, value: Tensor) -> None:
@@ -283,7 +297,7 @@ class _Sweep:
         entry = self.sums.get(key)
         if entry is None:
             d = self.c.shape[1]
-            cw = _column_weighted_sum(self.c, w, self.acc) if self.need_e else None
+            cw = self.column_sums(w)[0].to(self.acc) if self.need_e else None
             entry = [w, torch.zeros(d, dtype=self.acc, device=self.c.device), torch.zeros((), dtype=self.acc, device=self.c.device), cw]
             self.sums[key] = entry
         return entry
@@ -309,6 +323,25 @@ class _Sweep:
         if gb is not None and gb.dtype != self.bias.dtype:
             gb = gb.to(self.bias.dtype)
         return self.grad_e, gc, gb
+
+
+class _ChunkSource:
+    """What a kernel may ask of a chunk besides its logits, answered from ``e`` and ``c`` directly."""
+
+    def __init__(self, sweep: _Sweep, e_c: Tensor):
+        self.sweep, self.e_c = sweep, e_c
+
+    def logit_at(self, i: Tensor, j: Tensor) -> Tensor:
+        """Raw logits ``z[i_k, j_k]`` of the chunk, one dot product each."""
+        sw = self.sweep
+        z = (self.e_c[i].to(sw.acc) * sw.c[j].to(sw.acc)).sum(1)
+        return z if sw.bias is None else z + sw.bias[j].to(sw.acc)
+
+    def row_sums(self, w: Tensor | None) -> Tensor:
+        """``sum_j w_j z_ij`` (float64, ``[r]``) as ``e_i . (c^T w) + bias . w``: no pass over the chunk."""
+        cw, bw = self.sweep.column_sums(w)
+        sums = self.e_c.to(ACC) @ cw
+        return sums if bw is None else sums + bw
 
 
 class _EagerGradient(torch.autograd.Function):
