@@ -445,11 +445,13 @@ def test_eager_backward_does_no_matrix_product_and_no_copy():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("name", ["ce", "z_loss", "focal", "sumsq", "whole_row"])
-def test_half_precision(dtype, name):
+@pytest.mark.parametrize("name", ["ce", "z_loss", "focal", "sumsq", "whole_row", "label_smoothing"])
+@pytest.mark.parametrize("accum", ["float32", "input"])
+def test_half_precision(dtype, name, accum):
     e, c, b, t = make(n=48, d=16, v=80, dtype=dtype)
     leaves = [x.clone().requires_grad_() for x in (e, c, b)]
-    loss = xe.linear_cross_entropy(*leaves[:2], t, bias=leaves[2], chunk_size=16, **LOSSES[name])
+    accum_dtype = dtype if accum == "input" else torch.float32
+    loss = xe.linear_cross_entropy(*leaves[:2], t, bias=leaves[2], chunk_size=16, accum_dtype=accum_dtype, **LOSSES[name])
     loss.backward()
     assert loss.dtype == dtype and all(x.grad.dtype == dtype for x in leaves)
     ref = [x.float().requires_grad_() for x in (e, c, b)]
@@ -458,6 +460,51 @@ def test_half_precision(dtype, name):
     close(loss.float(), rloss, 2e-2)
     for x, y in zip(leaves, ref):
         close(x.grad.float(), y.grad, 3e-2)
+
+
+class WeightSizedFloat32(TorchDispatchMode):
+    """Records whether any op creates a float32 tensor with as many elements as ``c``."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.seen = numel, False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.numel() == self.numel:
+                self.seen = True
+        return out
+
+
+@pytest.mark.parametrize("name", ["ce", "label_smoothing"])
+def test_accum_dtype_input_needs_no_float32_weight_buffer(name):
+    # V above the 4096-row blocks in which c is upcast for its column sums (a bounded temporary).
+    e, c, b, t = make(n=40, d=4, v=5000, dtype=torch.bfloat16)
+    e.requires_grad_(), c.requires_grad_()
+    grads = {}
+    for accum in (None, torch.bfloat16):
+        c.grad = None
+        with WeightSizedFloat32(c.numel()) as rec:
+            xe.linear_cross_entropy(e, c, t, chunk_size=5, accum_dtype=accum, **LOSSES[name]).backward()
+        assert rec.seen == (accum is None)  # the default accumulates grad_c in float32
+        grads[accum] = c.grad.float()
+    # Eight chunks: a few roundings to bfloat16 apart.
+    close(grads[torch.bfloat16], grads[None], 2e-2)
+
+
+def test_accum_dtype_choices():
+    e, c, b, t = make(n=12, d=8, v=30, dtype=torch.float32)
+    e.requires_grad_()
+    base = torch.autograd.grad(xe.linear_cross_entropy(e, c, t, chunk_size=5), e)[0]
+    same = torch.autograd.grad(xe.linear_cross_entropy(e, c, t, chunk_size=5, accum_dtype=torch.float32), e)[0]
+    assert torch.equal(base, same)
+    for bad in (torch.bfloat16, torch.float64):
+        with pytest.raises(ValueError, match="accum_dtype"):
+            xe.linear_cross_entropy(e, c, t, accum_dtype=bad)
+    crit = xe.nn.LinearCrossEntropy(accum_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="accum_dtype"):
+        crit(e, c, t)
 
 
 def test_autocast_matches_naive_autocast():

@@ -106,6 +106,7 @@ def linear_cross_entropy(
     chunk_size: int | None = None,
     return_stats: bool = False,
     extra: dict[str, Tensor] | None = None,
+    accum_dtype: torch.dtype | None = None,
 ):
     r"""Any crossent loss of the logits ``e @ c.T + bias``, computed without materialising them.
 
@@ -136,6 +137,10 @@ def linear_cross_entropy(
             takes 512 rows, fewer where that would exceed 192 MiB (V = 131072: 368 rows).
         return_stats: also return :class:`LinearStats` (per-row ``lse`` and ``argmax``).
         extra: per-row tensors that particular losses read, shaped like ``target`` (shifted with it).
+        accum_dtype: dtype in which ``c``'s gradient is summed over the chunks. ``None`` (default):
+            float32 (float64 for float64 inputs). For bfloat16/float16 inputs, passing the input dtype
+            accumulates straight into the gradient: no ``V x D`` float32 buffer and no pass over it per
+            chunk (faster, less memory), at the price of one rounding to the input dtype per chunk.
 
     Returns:
         The loss in the dtype of ``e`` (float32 under ``torch.autocast``), or ``(loss, LinearStats)``.
@@ -186,6 +191,10 @@ def linear_cross_entropy(
     else:
         fe.check_index_target(target, num_classes, ignore_index, target.shape if target.dim() else (1,))
     compute = torch.float64 if e.dtype == torch.float64 else torch.float32
+    if accum_dtype is not None and accum_dtype not in (compute, e.dtype):
+        raise ValueError(
+            f"accum_dtype must be None, {compute} or the input dtype {e.dtype}, got {accum_dtype}"
+        )
     class_weight = fe.check_class_weight(weight, num_classes, e.device, compute)
     rows = fe.index_rows(target.reshape(-1), num_classes, ignore_index, class_weight, fe.flatten_extra(extra, rows_shape))
     plan = Plan(loss_obj, rows, (Softcap(softcap),) if softcap is not None else ())
@@ -200,6 +209,7 @@ def linear_cross_entropy(
             reduction=reduction,
             chunk_size=chunk_size,
             extra_stats=(LSE, ARGMAX) if return_stats else (),
+            accum_dtype=accum_dtype,
         )
 
     def per_row(t: Tensor) -> Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from . import _frontend as fe
@@ -83,6 +84,7 @@ class LinearCrossEntropy(nn.Module):
         backend: str = "auto",
         chunk_size: int | None = None,
         return_stats: bool = False,
+        accum_dtype: torch.dtype | None = None,
     ):
         super().__init__()
         from .linear import _check_backend
@@ -98,6 +100,7 @@ class LinearCrossEntropy(nn.Module):
         self.backend = backend
         self.chunk_size = chunk_size
         self.return_stats = return_stats
+        self.accum_dtype = accum_dtype
 
     def forward(self, e: Tensor, c: Tensor, target: Tensor, bias: Tensor | None = None, extra: dict[str, Tensor] | None = None):
         """``extra`` carries per-row tensors for losses that read them (e.g. ``sample_ids``)."""
@@ -118,6 +121,7 @@ class LinearCrossEntropy(nn.Module):
             chunk_size=self.chunk_size,
             return_stats=self.return_stats,
             extra=extra,
+            accum_dtype=self.accum_dtype,
         )
 
     def extra_repr(self) -> str:

@@ -81,6 +81,7 @@ def _method(name: str, spec: dict):
             "crossent_focal": {"loss": focal_like()},
             "crossent_z_loss": {"z_loss": 1e-4},
             "crossent_smooth": {"label_smoothing": 0.1},
+            "crossent_ce_accum_input": {"accum_dtype": getattr(torch, spec["dtype"])},
         }[name]
         chunk = spec.get("chunk_size")
         return lambda e, c, t: xe.linear_cross_entropy(e, c, t, chunk_size=chunk, **kw)

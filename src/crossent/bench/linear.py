@@ -9,7 +9,8 @@ timings and its peak memory beyond inputs and gradients (RSS on CPU, allocated m
   ``torch_lce_512`` (``batch_chunk_size=512``): PyTorch's ``F.linear_cross_entropy`` (torch >= 2.13);
 * ``cce_compile``: Cut Cross-Entropy's ``torch_compile`` implementation, when installed;
 * ``crossent_ce``, ``crossent_focal`` (a focal loss over ``lse``/``target``), ``crossent_z_loss``,
-  ``crossent_smooth`` (label smoothing 0.1): :func:`crossent.linear_cross_entropy`.
+  ``crossent_smooth`` (label smoothing 0.1): :func:`crossent.linear_cross_entropy`;
+  ``crossent_ce_accum_input`` (bfloat16/float16 only): CE with ``accum_dtype`` = the input dtype.
 
 Ratios: time to the floor and to the fastest peer (any non-crossent method but the floor); memory to
 the naive path and to that fastest peer. ``cpu share`` is the smallest share of its threads' time a
@@ -46,7 +47,10 @@ METHODS = (
     "crossent_focal",
     "crossent_z_loss",
     "crossent_smooth",
+    "crossent_ce_accum_input",
 )
+#: Methods that differ from another one only for bfloat16/float16 inputs (skipped for the others).
+HALF_ONLY = ("crossent_ce_accum_input",)
 QUICK_METHODS = ("floor", "naive", "torch_lce_512", "crossent_ce", "crossent_focal", "crossent_z_loss")
 PEERS = ("naive", "naive_compile", "torch_lce", "torch_lce_auto", "torch_lce_512", "cce_compile")
 QUICK_SHAPES = ((2048, 512, 8192, "float32"),)
@@ -278,11 +282,12 @@ def run(args: argparse.Namespace) -> dict:
     for n, d, v, dtype in shapes:
         title = f"N={n} D={d} V={v} {dtype} ({args.device}, {threads} threads)"
         print(f"\n{title}", flush=True)
-        runs: dict[str, list[dict]] = {m: [] for m in methods}
+        shape_methods = [m for m in methods if dtype in ("bfloat16", "float16") or m not in HALF_ONLY]
+        runs: dict[str, list[dict]] = {m: [] for m in shape_methods}
         rounds = max(1, getattr(args, "rounds", 1))
         missing: set[str] = set()
         for k in range(rounds):
-            for method in methods:
+            for method in shape_methods:
                 if method in missing:
                     continue
                 spec = dict(method=method, n=n, d=d, v=v, dtype=dtype, device=args.device, warmup=args.warmup,

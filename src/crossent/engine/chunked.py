@@ -14,7 +14,8 @@ works, whole-row ones included. Two modes (DESIGN.md, section 2):
 Without gradients the same loop runs once and keeps nothing but ``[N]`` values.
 
 Memory beyond inputs and gradients: one float32 ``[chunk, V]`` buffer (plus one in the input dtype for
-bfloat16/float16 inputs, with a float32 ``grad_c`` accumulator), and ``[chunk, D]`` / ``[N]`` odds and
+bfloat16/float16 inputs, with a float32 ``grad_c`` accumulator unless ``accum_dtype`` is the input
+dtype), and ``[chunk, D]`` / ``[N]`` odds and
 ends; the generic and whole-row kernels add a few chunk-sized temporaries. Rows whose target is
 ``ignore_index`` are skipped.
 """
@@ -95,6 +96,7 @@ class Job:
     rows: Rows
     chunk_size: int
     extra_stats: tuple = ()
+    accum_dtype: torch.dtype | None = None  # of the grad_c accumulator; None: float32 (float64 inputs: float64)
     kernel: object = None
 
     def __post_init__(self):
@@ -170,7 +172,8 @@ class _Sweep:
         self.stats = {s: torch.zeros(m, dtype=torch.long if s == ARGMAX else ACC, **kw) for s in job.extra_stats}
         self.grad_e = (torch.zeros if job.compact else torch.empty)(m, d, dtype=e.dtype, **kw) if self.need_e else None
         # Written by the first chunk's product (no zero fill of V x D), accumulated by the next ones.
-        self.grad_c = torch.empty(v, d, dtype=self.acc, **kw) if self.need_c else None
+        c_acc = job.accum_dtype or self.acc
+        self.grad_c = torch.empty(v, d, dtype=c_acc, **kw) if self.need_c else None
         self.c_written = False
         self.ctmp = None
         self.grad_b = torch.zeros(v, dtype=self.acc, **kw) if self.need_b else None
@@ -237,15 +240,13 @@ class _Sweep:
         if b is not None:
             a = _fold_target_(G, a, b, rows.target)
         if self.half:
-            # The matrix products run in the input dtype; the row scale rides on the cast for free.
+            # The matrix products run in the input dtype. A plain cast is about twice as fast as a
+            # scaled one, so the row scale goes on the small [r, D] operands, as for float32.
             op = self.hbuf[:r]
-            if a is None:
-                op.copy_(G)
-            else:
-                torch.mul(G, a[:, None], out=op)
-            folded = True
+            op.copy_(G)
         else:
-            op, folded = G, a is None
+            op = G
+        folded = a is None
         if self.need_e:
             ge = self.grad_e[sel] if isinstance(sel, slice) else e_c.new_empty(e_c.shape)
             torch.mm(op, self.c, out=ge)
@@ -256,12 +257,13 @@ class _Sweep:
             if not isinstance(sel, slice):
                 self.grad_e.index_copy_(0, sel, ge)
         if self.need_c:
-            if self.half:
-                self._half_weight_grad(op, e_c)
+            rhs = e_c if folded else (e_c * a[:, None]).to(op.dtype)
+            if self.grad_c.dtype != op.dtype:
+                self._half_weight_grad(op, rhs)
             elif self.c_written:
-                self.grad_c.addmm_(G.T, e_c if folded else e_c * a[:, None])
+                self.grad_c.addmm_(op.T, rhs)
             else:
-                torch.mm(G.T, e_c if folded else e_c * a[:, None], out=self.grad_c)
+                torch.mm(op.T, rhs, out=self.grad_c)
             self.c_written = True
             for s, w in g.sums:
                 self._sum_entry(w)[1].addmv_(e_c.T.to(self.acc), s)
@@ -311,7 +313,7 @@ class _Sweep:
                 if w is None:
                     self.grad_c += u
                 else:
-                    self.grad_c.addr_(w.to(self.acc), u)
+                    self.grad_c.addr_(w.to(self.grad_c.dtype), u.to(self.grad_c.dtype))
             if self.need_b:
                 self.grad_b += total if w is None else total * w.to(self.acc)
 
@@ -407,13 +409,15 @@ def chunked_loss(
     chunk_size: int | None = None,
     extra_stats: tuple = (),
     mode: str = "auto",
+    accum_dtype: torch.dtype | None = None,
 ):
     """The loss of ``e @ c.T + bias`` (``e`` is ``[N, D]``) in float64, and statistics.
 
     Returns ``(loss, stats)``: ``loss`` is ``[N]`` for ``reduction='none'``, else a scalar;
     ``stats`` maps each of ``extra_stats`` (``LSE``, ``ARGMAX``) to its ``[N]`` values.
     ``mode``: ``"auto"`` (eager gradient for differentiated scalar losses, else recompute), or force
-    ``"eager"`` / ``"recompute"`` (``"eager"`` needs a scalar reduction).
+    ``"eager"`` / ``"recompute"`` (``"eager"`` needs a scalar reduction). ``accum_dtype``: dtype of the
+    ``grad_c`` accumulator (``None``: float32, float64 for float64 inputs; or the input dtype).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -421,7 +425,7 @@ def chunked_loss(
         raise ValueError("the eager-gradient mode needs reduction='mean' or 'sum'")
     if chunk_size is None:
         chunk_size = default_chunk_size(c.shape[0], c.shape[1], e.dtype)
-    job = Job(plan, rows, int(chunk_size), tuple(extra_stats))
+    job = Job(plan, rows, int(chunk_size), tuple(extra_stats), accum_dtype)
     tracked = [t for t in (e, c, bias) if t is not None]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tracked)
     if not needs_grad:
