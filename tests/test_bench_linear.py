@@ -76,3 +76,16 @@ def test_run_end_to_end(tmp_path):
     saved = json.loads((tmp_path / "linear.json").read_text())
     assert saved["meta"]["threads"] == 1 and len(saved["meta"]["loadavg_start"]) == 3
     assert (tmp_path / "linear.md").exists()
+
+
+def test_loss_against_ce_benchmark_runs():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_linear_losses.py"
+    spec = importlib.util.spec_from_file_location("bench_linear_losses", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main(["--shape", "32", "8", "50", "--repeats", "2"])
+    assert set(out["medians"]) == {"ce", "focal", "z_loss", "label_smoothing"}
+    assert all(len(ts) == 2 and min(ts) > 0 for ts in out["times"].values())

@@ -287,7 +287,10 @@ def run(args: argparse.Namespace) -> dict:
         rounds = max(1, getattr(args, "rounds", 1))
         missing: set[str] = set()
         for k in range(rounds):
-            for method in shape_methods:
+            # Each round starts one method later, so a slow spell of the machine does not always
+            # fall on the same methods.
+            shift = k % len(shape_methods)
+            for method in shape_methods[shift:] + shape_methods[:shift]:
                 if method in missing:
                     continue
                 spec = dict(method=method, n=n, d=d, v=v, dtype=dtype, device=args.device, warmup=args.warmup,

@@ -1,0 +1,66 @@
+"""Non-CE losses against CE in ``crossent.linear_cross_entropy``: forward + backward time, side by side.
+
+The losses share their matrix products and differ only in the per-chunk work, a few percent of the
+step, which is below the spread between fresh processes on a shared or virtualised machine. So this
+benchmark runs them in one process, alternating within each repeat, and reports each loss's median
+and its ratio to CE's median (memory is measured by ``bench_linear.py``).
+
+    python benchmarks/bench_linear_losses.py                           # N=4096, D=1024, V=32768, float32
+    python benchmarks/bench_linear_losses.py --shape 4096 1024 131072 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import crossent as xe
+from crossent.bench.linear import focal_like
+
+LOSSES = {
+    "ce": {},
+    "focal": {"loss": focal_like()},
+    "z_loss": {"z_loss": 1e-4},
+    "label_smoothing": {"label_smoothing": 0.1},
+}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", type=int, nargs=3, default=[4096, 1024, 32768], metavar=("N", "D", "V"))
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    n, d, v = args.shape
+    dtype = getattr(torch, args.dtype)
+    g = torch.Generator().manual_seed(0)
+    e = torch.randn(n, d, generator=g).to(dtype).requires_grad_()
+    c = (torch.randn(v, d, generator=g) * d**-0.5).to(dtype).requires_grad_()
+    t = torch.randint(0, v, (n,), generator=g)
+
+    def step(kw):
+        e.grad = c.grad = None
+        start = time.perf_counter()
+        xe.linear_cross_entropy(e, c, t, **kw).backward()
+        return time.perf_counter() - start
+
+    for kw in LOSSES.values():  # warm-up
+        step(kw)
+    times = {name: [] for name in LOSSES}
+    for k in range(args.repeats):
+        names = list(LOSSES)[k % len(LOSSES) :] + list(LOSSES)[: k % len(LOSSES)]
+        for name in names:
+            times[name].append(step(LOSSES[name]))
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
+    print(f"N={n} D={d} V={v} {args.dtype}, {torch.get_num_threads()} threads, {args.repeats} repeats")
+    print(f"{'loss':<16} {'median s':>9} {'x ce':>6}")
+    for name, m in medians.items():
+        print(f"{name:<16} {m:>9.3f} {m / medians['ce']:>6.3f}")
+    return {"medians": medians, "times": times}
+
+
+if __name__ == "__main__":
+    main()
