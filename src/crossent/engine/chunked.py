@@ -23,6 +23,7 @@ ends; the generic and whole-row kernels add a few chunk-sized temporaries. Rows 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
