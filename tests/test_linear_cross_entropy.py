@@ -395,6 +395,7 @@ class LargestTensor(TorchDispatchMode):
         self.skip = {tuple(s) for s in skip}
         self.largest = 0
         self.ops = []
+        self.created = set()  # (dtype, numel) of every tensor counted
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -406,6 +407,7 @@ class LargestTensor(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and tuple(t.shape) not in self.skip:
                 if t.numel() and t.untyped_storage().data_ptr() not in seen:
                     self.largest = max(self.largest, t.numel())
+                    self.created.add((t.dtype, t.numel()))
         return out
 
 
@@ -462,21 +464,6 @@ def test_half_precision(dtype, name, accum):
         close(x.grad.float(), y.grad, 3e-2)
 
 
-class WeightSizedFloat32(TorchDispatchMode):
-    """Records whether any op creates a float32 tensor with as many elements as ``c``."""
-
-    def __init__(self, numel):
-        super().__init__()
-        self.numel, self.seen = numel, False
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.numel() == self.numel:
-                self.seen = True
-        return out
-
-
 @pytest.mark.parametrize("name", ["ce", "label_smoothing"])
 def test_accum_dtype_input_needs_no_float32_weight_buffer(name):
     # V above the 4096-row blocks in which c is upcast for its column sums (a bounded temporary).
@@ -485,9 +472,10 @@ def test_accum_dtype_input_needs_no_float32_weight_buffer(name):
     grads = {}
     for accum in (None, torch.bfloat16):
         c.grad = None
-        with WeightSizedFloat32(c.numel()) as rec:
+        with LargestTensor() as rec:
             xe.linear_cross_entropy(e, c, t, chunk_size=5, accum_dtype=accum, **LOSSES[name]).backward()
-        assert rec.seen == (accum is None)  # the default accumulates grad_c in float32
+        seen = (torch.float32, c.numel()) in rec.created
+        assert seen == (accum is None)  # the default accumulates grad_c in float32
         grads[accum] = c.grad.float()
     # Eight chunks: a few roundings to bfloat16 apart.
     close(grads[torch.bfloat16], grads[None], 2e-2)

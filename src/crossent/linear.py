@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from . import _frontend as fe
-from .engine.chunked import chunked_loss
+from .engine.chunked import accumulation_dtype, chunked_loss
 from .engine.plan import Plan
 from .stats import ARGMAX, LSE
 from .transforms import Softcap
@@ -190,7 +190,7 @@ def linear_cross_entropy(
         target, extra = _shifted(target, ignore_index, extra)
     else:
         fe.check_index_target(target, num_classes, ignore_index, target.shape if target.dim() else (1,))
-    compute = torch.float64 if e.dtype == torch.float64 else torch.float32
+    compute = accumulation_dtype(e.dtype)
     if accum_dtype is not None and accum_dtype not in (compute, e.dtype):
         raise ValueError(
             f"accum_dtype must be None, {compute} or the input dtype {e.dtype}, got {accum_dtype}"

@@ -178,7 +178,7 @@ class _Sweep:
         self.c_written = False
         self.ctmp = None
         self.grad_b = torch.zeros(v, dtype=self.acc, **kw) if self.need_b else None
-        self.sums: dict = {}  # key -> [w, sum_i s_i e_i (D), sum_i s_i, c^T w (D) or None]
+        self.sums: dict = {}  # key -> [w, sum_i s_i e_i (D), sum_i s_i]
         self.col_sums: dict = {}  # key -> (c^T w, bias . w), see column_sums
         r = min(job.chunk_size, max(1, job.active_rows.num_rows))
         self.buf = torch.empty(r, v, dtype=self.acc, **kw)
@@ -254,7 +254,7 @@ class _Sweep:
             if not folded:
                 ge.mul_(a[:, None])
             for s, w in g.sums:
-                ge.addr_(s.to(ge.dtype), self._sum_entry(w)[3].to(ge.dtype))
+                ge.addr_(s.to(ge.dtype), self.column_sums(w)[0].to(ge.dtype))
             if not isinstance(sel, slice):
                 self.grad_e.index_copy_(0, sel, ge)
         if self.need_c:
@@ -300,8 +300,7 @@ class _Sweep:
         entry = self.sums.get(key)
         if entry is None:
             d = self.c.shape[1]
-            cw = self.column_sums(w)[0].to(self.acc) if self.need_e else None
-            entry = [w, torch.zeros(d, dtype=self.acc, device=self.c.device), torch.zeros((), dtype=self.acc, device=self.c.device), cw]
+            entry = [w, torch.zeros(d, dtype=self.acc, device=self.c.device), torch.zeros((), dtype=self.acc, device=self.c.device)]
             self.sums[key] = entry
         return entry
 
@@ -309,7 +308,7 @@ class _Sweep:
         """Sum-like statistics add ``w_j * s_i`` to every logit: one rank-1 update at the end."""
         if self.need_c and not self.c_written:
             self.grad_c.zero_()
-        for w, u, total, _ in self.sums.values():
+        for w, u, total in self.sums.values():
             if self.need_c:
                 if w is None:
                     self.grad_c += u
