@@ -464,6 +464,45 @@ def test_half_precision(dtype, name, accum):
         close(x.grad.float(), y.grad, 3e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["ce", "z_loss", "focal", "whole_row", "label_smoothing", "smoothing_temperature_bias"])
+@pytest.mark.parametrize("accum", ["float32", "input"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_half_precision_staged_kernel(monkeypatch, dtype, name, accum, reduction):
+    # Half-precision chunks reach the kernel through a float32 staging buffer a few rows at a time.
+    # Stage 16 rows of 40-row chunks (blocks of 16, 16, 8), with ignored rows (gathered chunks),
+    # class weights and a bias: the result must not depend on the staging.
+    e, c, b, t = make(n=100, d=16, v=50, dtype=dtype, ignore=(3, 4, 50, 99))
+    weight = torch.linspace(0.5, 2.0, 50)
+    accum_dtype = dtype if accum == "input" else torch.float32
+    kw = dict(chunk_size=40, accum_dtype=accum_dtype, weight=weight, reduction=reduction, **LOSSES[name])
+    # Per-row upstream gradients (recompute mode) make every row's factors differ.
+    upstream = torch.rand(100, generator=torch.Generator().manual_seed(5)) if reduction == "none" else None
+    calls = []
+    kernel_call = chunked._Sweep._kernel
+    monkeypatch.setattr(chunked._Sweep, "_kernel", lambda self, z, *a: calls.append(z.shape[0]) or kernel_call(self, z, *a))
+    runs = {}
+    for stage in (10**9, 16 * 50 * 4):
+        monkeypatch.setattr(chunked, "_STAGE_BYTES", stage)
+        calls.clear()
+        leaves = [x.clone().requires_grad_() for x in (e, c, b)]
+        loss = xe.linear_cross_entropy(*leaves[:2], t, bias=leaves[2], **kw)
+        loss.backward(None if upstream is None else upstream.to(loss.dtype))
+        runs[stage] = (calls.copy(), [loss.float()] + [x.grad.float() for x in leaves])
+    staged = [16, 16, 8, 16, 16, 8, 16]
+    # Recompute mode: one pass without gradients in the forward, one with them in the backward.
+    passes = 1 if reduction == "mean" else 2
+    assert runs[10**9][0] == [40, 40, 16] * passes and runs[16 * 50 * 4][0] == staged * passes
+    for got, want in zip(runs[16 * 50 * 4][1], runs[10**9][1]):
+        close(got, want, 1e-5 if accum == "float32" else 1e-2)
+    ref = [x.float().requires_grad_() for x in (e, c, b)]
+    rloss = xe.cross_entropy(ref[0] @ ref[1].T + ref[2], t, weight=weight, reduction=reduction, **LOSSES[name])
+    rloss.backward(upstream)
+    close(runs[16 * 50 * 4][1][0], rloss, 2e-2)
+    for x, y in zip(runs[16 * 50 * 4][1][1:], ref):
+        close(x, y.grad, 3e-2)
+
+
 @pytest.mark.parametrize("name", ["ce", "label_smoothing"])
 def test_accum_dtype_input_needs_no_float32_weight_buffer(name):
     # V above the 4096-row blocks in which c is upcast for its column sums (a bounded temporary).
@@ -591,12 +630,12 @@ def test_default_chunk_size():
     size = chunked.default_chunk_size
     assert size(32768, 1024) == 512 and size(131072, 1024) == 368
     assert size(256000, 1024) == 192
-    assert size(1000, 1024) == 2048 and size(131072, 1024, torch.bfloat16) == 240
+    assert size(1000, 1024) == 2048 and size(131072, 1024, torch.bfloat16) == 512
     assert size(10, 8) == chunked.MAX_CHUNK
     assert size(10**8, 8) == chunked.MIN_CHUNK
     for v, d, dt in [(50257, 768, torch.float32), (151936, 4096, torch.bfloat16), (262144, 2048, torch.float16)]:
         rows = size(v, d, dt)
-        assert rows % 16 == 0 and rows * v * (4 + (dt != torch.float32) * 2) <= chunked.MAX_BYTES
+        assert rows % 16 == 0 and rows * v * dt.itemsize <= chunked.MAX_BYTES
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -45,6 +45,8 @@ MIN_CHUNK, MAX_CHUNK = 16, 8192
 
 MODES = ("auto", "eager", "recompute")
 _HALF_BLOCK_BYTES = 4 * 2**20
+#: Float32 staging of half-precision chunks for the kernel: this many bytes of rows at a time.
+_STAGE_BYTES = 32 * 2**20
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -54,16 +56,14 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 def default_chunk_size(num_classes: int, hidden: int = 0, dtype: torch.dtype = torch.float32) -> int:
     """Rows per chunk for ``V = num_classes`` classes and ``D = hidden`` features.
 
-    A row of a chunk costs ``V`` float32 logits (plus an input-dtype copy for bfloat16/float16) and a
-    few ``D``-vectors. The chunk gets ``max(SPEED_ROWS, SMALL_BYTES / row)`` rows, capped at
-    ``MAX_BYTES / row``, within ``[16, 8192]`` and rounded down to a multiple of 16. For float32 and
-    D = 1024: V = 32768 gives 512 rows (64 MiB of logits), V = 131072 gives 368 rows (184 MiB),
-    V = 256000 gives 192 rows, V = 1000 gives 2048 rows; bfloat16 at V = 131072 gives 240 rows.
+    A row of a chunk costs ``V`` logits (float32, or the input dtype for bfloat16/float16, whose
+    float32 copy is staged a few rows at a time) and a few ``D``-vectors. The chunk gets
+    ``max(SPEED_ROWS, SMALL_BYTES / row)`` rows, capped at ``MAX_BYTES / row``, within ``[16, 8192]``
+    and rounded down to a multiple of 16. For float32 and D = 1024: V = 32768 gives 512 rows (64 MiB
+    of logits), V = 131072 gives 368 rows (184 MiB), V = 256000 gives 192 rows, V = 1000 gives 2048
+    rows; bfloat16 at V = 131072 gives 512 rows (128 MiB, plus 32 MiB of float32 staging).
     """
-    acc = accumulation_dtype(dtype)
-    per_logit = torch.empty(0, dtype=acc).element_size()
-    if dtype != acc:
-        per_logit += torch.empty(0, dtype=dtype).element_size()
+    per_logit = torch.empty(0, dtype=dtype).element_size()
     row = max(1, num_classes * per_logit + 3 * hidden * 4)
     rows = min(max(SPEED_ROWS, SMALL_BYTES // row), MAX_BYTES // row)
     rows = max(MIN_CHUNK, min(MAX_CHUNK, rows))
@@ -173,42 +173,85 @@ class _Sweep:
         self.stats = {s: torch.zeros(m, dtype=torch.long if s == ARGMAX else ACC, **kw) for s in job.extra_stats}
         self.grad_e = (torch.zeros if job.compact else torch.empty)(m, d, dtype=e.dtype, **kw) if self.need_e else None
         # Written by the first chunk's product (no zero fill of V x D), accumulated by the next ones.
+        # Half-precision inputs accumulate the transpose, [D, V] (see _half_weight_grad).
         c_acc = job.accum_dtype or self.acc
-        self.grad_c = torch.empty(v, d, dtype=c_acc, **kw) if self.need_c else None
+        self.c_shape = (d, v) if self.half else (v, d)
+        self.grad_c = torch.empty(self.c_shape, dtype=c_acc, **kw) if self.need_c else None
         self.c_written = False
         self.ctmp = None
         self.grad_b = torch.zeros(v, dtype=self.acc, **kw) if self.need_b else None
         self.sums: dict = {}  # key -> [w, sum_i s_i e_i (D), sum_i s_i]
         self.col_sums: dict = {}  # key -> (c^T w, bias . w), see column_sums
         r = min(job.chunk_size, max(1, job.active_rows.num_rows))
-        self.buf = torch.empty(r, v, dtype=self.acc, **kw)
-        self.hbuf = torch.empty(r, v, dtype=e.dtype, **kw) if self.half else None
+        if self.half:
+            # The products take the whole chunk in the input dtype; the kernel sees it a few rows at a
+            # time through a small float32 staging buffer, so chunks can be long (fewer passes over
+            # the grad_c accumulator) without a [chunk, V] float32 buffer.
+            self.hbuf = torch.empty(r, v, dtype=e.dtype, **kw)
+            self.stage_rows = min(r, max(MIN_CHUNK, _STAGE_BYTES // (4 * v)))
+            self.buf = torch.empty(self.stage_rows, v, dtype=self.acc, **kw)
+        else:
+            self.hbuf = None
+            self.stage_rows = r
+            self.buf = torch.empty(r, v, dtype=self.acc, **kw)
 
     def run(self, row_scale: Tensor | None = None):
         """``row_scale``: ``None`` (values only), a 0-dim tensor (same for every row) or ``[N]``."""
         for sel, rows in self.job.blocks():
-            self._chunk(sel, rows, row_scale)
+            e_c = self.e[sel] if isinstance(sel, slice) else self.e.index_select(0, sel)
+            scale = None
+            if row_scale is not None:
+                r = rows.num_rows
+                scale = row_scale.to(ACC).expand(r) if row_scale.dim() == 0 else row_scale[sel].to(ACC)
+            if self.half:
+                self._half_chunk(sel, rows, e_c, scale)
+            else:
+                z = self.buf[: rows.num_rows]
+                _logits_into(z, e_c, self.c, self.bias)
+                grad = self._kernel(z, sel, rows, e_c, scale)
+                if grad is not None:
+                    a, sums = self._fold_into_matrix(grad, rows)
+                    self._products(grad.matrix, a, sums, e_c, sel)
         self._finish_sums()
         return self
 
-    def _chunk(self, sel, rows: Rows, row_scale):
-        r = rows.num_rows
-        e_c = self.e[sel] if isinstance(sel, slice) else self.e.index_select(0, sel)
-        z = self.buf[:r]
-        if self.half:
-            _logits_into(self.hbuf[:r], e_c, self.c, self.bias)
-            z.copy_(self.hbuf[:r])
-        else:
-            _logits_into(z, e_c, self.c, self.bias)
-        scale = None
-        if row_scale is not None:
-            scale = row_scale.to(ACC).expand(r) if row_scale.dim() == 0 else row_scale[sel].to(ACC)
+    def _kernel(self, z: Tensor, sel, rows: Rows, e_c: Tensor, scale) -> ChunkGrad | None:
+        """Run the kernel on one block of logits; store its losses and statistics, return its gradient."""
         res = self.job.kernel(z, rows, scale, _ChunkSource(self, e_c))
         self._put(self.per_row, sel, res.loss)
         for s, out in self.stats.items():
             self._put(out, sel, res.values[s])
-        if res.grad is not None:
-            self._fold(res.grad, e_c, sel, rows)
+        return res.grad
+
+    def _half_chunk(self, sel, rows: Rows, e_c: Tensor, scale) -> None:
+        r = rows.num_rows
+        h = self.hbuf[:r]
+        _logits_into(h, e_c, self.c, self.bias)
+        row_factors, sums = [], []
+        for lo in range(0, r, self.stage_rows):
+            part = slice(lo, min(r, lo + self.stage_rows))
+            z = self.buf[: part.stop - lo]
+            z.copy_(h[part])
+            sub_sel = slice(sel.start + lo, sel.start + part.stop) if isinstance(sel, slice) else sel[part]
+            grad = self._kernel(z, sub_sel, rows.select(part), e_c[part], None if scale is None else scale[part])
+            if grad is None:
+                continue
+            a, s = self._fold_into_matrix(grad, rows.select(part))
+            h[part].copy_(grad.matrix)  # a plain cast: the row factors stay on the [r, D] operands
+            row_factors.append(a)
+            sums.append(s)
+        if not row_factors:
+            return
+        if all(a is None for a in row_factors):
+            a = None
+        else:
+            a = torch.cat([torch.ones(h[part].shape[0], dtype=self.acc, device=h.device) if x is None else x
+                           for x, part in zip(row_factors, self._stage_parts(r))])  # fmt: skip
+        merged = [(torch.cat([s[k][0] for s in sums]), w) for k, (_, w) in enumerate(sums[0])]
+        self._products(h, a, merged, e_c, sel)
+
+    def _stage_parts(self, r: int):
+        return [slice(lo, min(r, lo + self.stage_rows)) for lo in range(0, r, self.stage_rows)]
 
     def column_sums(self, w: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """``(c^T w, bias . w)`` (``w = None``: all ones), computed once per call.
@@ -234,40 +277,16 @@ class _Sweep:
         else:
             out.index_copy_(0, sel, value.to(out.dtype))
 
-    def _fold(self, g: ChunkGrad, e_c: Tensor, sel, rows: Rows) -> None:
-        """Add the chunk's ``dL/dz`` to ``grad_e`` / ``grad_c`` / ``grad_b`` through matrix products."""
+    def _fold_into_matrix(self, g: ChunkGrad, rows: Rows):
+        """Fold the target term into ``g.matrix`` and add the chunk's ``grad_b``.
+
+        Returns ``(a, sums)``: the logit gradient is then ``a[:, None] * matrix`` (``a = None``:
+        ones) plus the rank-1 sum terms ``sums``, which :meth:`_products` turns into ``grad_e`` and
+        ``grad_c``.
+        """
         G, a, b = g.matrix, g.row_scale, g.target_coef
-        r = G.shape[0]
         if b is not None:
             a = _fold_target_(G, a, b, rows.target)
-        if self.half:
-            # The matrix products run in the input dtype. A plain cast is about twice as fast as a
-            # scaled one, so the row scale goes on the small [r, D] operands, as for float32.
-            op = self.hbuf[:r]
-            op.copy_(G)
-        else:
-            op = G
-        folded = a is None
-        if self.need_e:
-            ge = self.grad_e[sel] if isinstance(sel, slice) else e_c.new_empty(e_c.shape)
-            torch.mm(op, self.c, out=ge)
-            if not folded:
-                ge.mul_(a[:, None])
-            for s, w in g.sums:
-                ge.addr_(s.to(ge.dtype), self.column_sums(w)[0].to(ge.dtype))
-            if not isinstance(sel, slice):
-                self.grad_e.index_copy_(0, sel, ge)
-        if self.need_c:
-            rhs = e_c if folded else (e_c * a[:, None]).to(op.dtype)
-            if self.grad_c.dtype != op.dtype:
-                self._half_weight_grad(op, rhs)
-            elif self.c_written:
-                self.grad_c.addmm_(op.T, rhs)
-            else:
-                torch.mm(op.T, rhs, out=self.grad_c)
-            self.c_written = True
-            for s, w in g.sums:
-                self._sum_entry(w)[1].addmv_(e_c.T.to(self.acc), s)
         if self.need_b:
             if a is None:
                 self.grad_b += G.sum(0)
@@ -275,25 +294,65 @@ class _Sweep:
                 self.grad_b.addmv_(G.T, a)
             for s, w in g.sums:
                 self._sum_entry(w)[2] += s.sum()
+        return a, g.sums
+
+    def _products(self, op: Tensor, a: Tensor | None, sums, e_c: Tensor, sel) -> None:
+        """Add ``a[:, None] * op`` (plus the sum terms) to ``grad_e`` and ``grad_c`` through matrix products.
+
+        ``op`` is in the input dtype; the row factors ``a`` go on the small ``[r, D]`` operands.
+        """
+        folded = a is None
+        if self.need_e:
+            ge = self.grad_e[sel] if isinstance(sel, slice) else e_c.new_empty(e_c.shape)
+            torch.mm(op, self.c, out=ge)
+            if not folded:
+                ge.mul_(a[:, None])
+            for s, w in sums:
+                ge.addr_(s.to(ge.dtype), self.column_sums(w)[0].to(ge.dtype))
+            if not isinstance(sel, slice):
+                self.grad_e.index_copy_(0, sel, ge)
+        if self.need_c:
+            rhs = e_c if folded else (e_c * a[:, None]).to(op.dtype)
+            if self.half:
+                self._half_weight_grad(op, rhs)
+            elif self.c_written:
+                self.grad_c.addmm_(op.T, rhs)
+            else:
+                torch.mm(op.T, rhs, out=self.grad_c)
+            self.c_written = True
+            for s, w in sums:
+                self._sum_entry(w)[1].addmv_(e_c.T.to(self.acc), s.to(self.acc))
 
     def _half_weight_grad(self, op: Tensor, e_c: Tensor) -> None:
-        """``grad_c += op.T @ e_c`` with half-precision products and a float32 accumulator.
+        """``grad_c.T += e_c.T @ op``: half-precision products into the transposed accumulator.
 
-        CPUs have no half x half -> float32 product in PyTorch, so the product runs over blocks of
-        vocabulary rows into a small cache-sized half buffer, each block added to the float32
-        accumulator right away (a float32 product would forgo the half-precision matrix units).
+        With the CPU's half-precision matrix units, ``e_c.T @ op`` (both operands in row-major
+        order, the output ``[D, V]``) runs two to three times faster than ``op.T @ e_c``; the
+        accumulator is transposed back once, in :meth:`grads`. CPUs have no half x half -> float32
+        product in PyTorch, so a float32 accumulator takes the product over blocks of vocabulary
+        columns into a cache-sized half buffer, each block added to it right away (a float32 product
+        would forgo the half-precision units).
         """
-        v, d = self.grad_c.shape
+        lhs = e_c.T.contiguous()
+        acc = self.grad_c
+        if acc.dtype == op.dtype:
+            if self.c_written:
+                acc.addmm_(lhs, op)
+            else:
+                torch.mm(lhs, op, out=acc)
+            return
+        d, v = acc.shape
         block = max(256, _HALF_BLOCK_BYTES // (2 * d))
         if self.ctmp is None:
-            self.ctmp = torch.empty(min(block, v), d, dtype=op.dtype, device=op.device)
+            self.ctmp = torch.empty(d, min(block, v), dtype=op.dtype, device=op.device)
         for start in range(0, v, block):
             stop = min(v, start + block)
-            tmp = torch.mm(op[:, start:stop].T, e_c, out=self.ctmp[: stop - start])
+            tmp = self.ctmp[:, : stop - start]
+            torch.mm(lhs, op[:, start:stop], out=tmp)
             if self.c_written:
-                self.grad_c[start:stop].add_(tmp)
+                acc[:, start:stop].add_(tmp)
             else:
-                self.grad_c[start:stop].copy_(tmp)
+                acc[:, start:stop].copy_(tmp)
 
     def _sum_entry(self, w: Tensor | None):
         key = None if w is None else id(w)
@@ -310,16 +369,19 @@ class _Sweep:
             self.grad_c.zero_()
         for w, u, total in self.sums.values():
             if self.need_c:
+                gc = self.grad_c.T if self.half else self.grad_c  # [V, D] either way
                 if w is None:
-                    self.grad_c += u
+                    gc += u.to(gc.dtype)
                 else:
-                    self.grad_c.addr_(w.to(self.grad_c.dtype), u.to(self.grad_c.dtype))
+                    gc.addr_(w.to(gc.dtype), u.to(gc.dtype))
             if self.need_b:
                 self.grad_b += total if w is None else total * w.to(self.acc)
 
     def grads(self):
         gc = self.grad_c
-        if gc is not None and gc.dtype != self.c.dtype:
+        if gc is not None and self.half:
+            gc = torch.empty(gc.shape[1], gc.shape[0], dtype=self.c.dtype, device=gc.device).copy_(gc.T)
+        elif gc is not None and gc.dtype != self.c.dtype:
             gc = gc.to(self.c.dtype)
         gb = self.grad_b
         if gb is not None and gb.dtype != self.bias.dtype:
