@@ -89,3 +89,18 @@ def test_loss_against_ce_benchmark_runs():
     out = mod.main(["--shape", "32", "8", "50", "--repeats", "2"])
     assert set(out["medians"]) == {"ce", "focal", "z_loss", "label_smoothing"}
     assert all(len(ts) == 2 and min(ts) > 0 for ts in out["times"].values())
+
+
+def test_precision_benchmark_runs():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_linear_precision.py"
+    spec = importlib.util.spec_from_file_location("bench_linear_precision", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main(["--tokens", "64", "--vocab", "40", "--hidden", "8", "--chunk-size", "16"])
+    row = out[64]
+    assert set(row) == {"float32 accumulator", "bfloat16 accumulator", "naive path", "exact, rounded"}
+    # Every bfloat16 gradient is at least as far from exact as the exact result rounded once.
+    assert all(0 < err[0] < 0.05 for err in row.values())

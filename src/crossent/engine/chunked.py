@@ -13,11 +13,11 @@ works, whole-row ones included. Two modes (DESIGN.md, section 2):
 
 Without gradients the same loop runs once and keeps nothing but ``[N]`` values.
 
-Memory beyond inputs and gradients: one float32 ``[chunk, V]`` buffer (plus one in the input dtype for
-bfloat16/float16 inputs, with a float32 ``grad_c`` accumulator unless ``accum_dtype`` is the input
-dtype), and ``[chunk, D]`` / ``[N]`` odds and
-ends; the generic and whole-row kernels add a few chunk-sized temporaries. Rows whose target is
-``ignore_index`` are skipped.
+Memory beyond inputs and gradients: one float32 ``[chunk, V]`` buffer, and ``[chunk, D]`` / ``[N]``
+odds and ends; the generic and whole-row kernels add a few chunk-sized temporaries. bfloat16/float16
+inputs keep the chunk in the input dtype instead, with a small float32 staging buffer for the kernel,
+and accumulate ``grad_c`` transposed (``[D, V]``, float32 unless ``accum_dtype`` is the input dtype).
+Rows whose target is ``ignore_index`` are skipped.
 """
 
 from __future__ import annotations
