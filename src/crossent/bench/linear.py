@@ -3,8 +3,8 @@
 Every configuration runs in a fresh process and reports the median of repeated forward + backward
 timings and its peak memory beyond inputs and gradients (RSS on CPU, allocated memory on CUDA):
 
-* ``floor``: the three matrix products alone (``z = e @ c.T``, ``z @ c`` and ``e.T @ z``, the fastest
-  layout of the weight gradient's product);
+* ``floor``: the three matrix products alone (``z = e @ c.T``, ``z @ c`` and ``e.T @ z`` with ``e.T``
+  copied to row-major order, the fastest layout of the weight gradient's product);
 * ``naive``: materialised logits + ``F.cross_entropy``; ``naive_compile``: the same under ``torch.compile``;
 * ``torch_lce`` (``options=None``), ``torch_lce_auto`` (``LinearCrossEntropyOptions()``) and
   ``torch_lce_512`` (``batch_chunk_size=512``): PyTorch's ``F.linear_cross_entropy`` (torch >= 2.13);
