@@ -29,8 +29,9 @@ def test_methods_agree_on_the_loss(dtype):
     assert abs(losses["torch_lce_512"] - losses["naive"]) <= tol * abs(losses["naive"])
     if dtype == "float32":  # z_loss = 1e-4 * lse^2 is below bfloat16 resolution at this loss
         assert losses["crossent_z_loss"] > losses["crossent_ce"]
-    floor = worker.measure(spec("floor"))
-    assert floor["loss"] is None and floor["median"] > 0
+    for name in ("floor", "floor_t"):
+        floor = worker.measure(spec(name))
+        assert floor["loss"] is None and floor["median"] > 0
 
 
 def test_unknown_method():
@@ -41,6 +42,7 @@ def test_unknown_method():
 def test_ratios_combine_and_markdown():
     runs = {
         "floor": [{"times": [1.0, 1.2], "median": 1.2, "peak_rss_growth": 100}],
+        "floor_t": [{"times": [0.9, 1.0], "median": 1.0, "peak_rss_growth": 100}],  # the faster floor is the reference
         "naive": [{"times": [3.0], "median": 3.0, "peak_rss_growth": 1000}, {"times": [2.0], "median": 2.0, "peak_rss_growth": 900}],
         "torch_lce_512": [{"times": [1.5, 1.7], "median": 1.7, "peak_rss_growth": 400}],
         "crossent_ce": [{"times": [1.1, 1.3], "median": 1.3, "peak_rss_growth": 100}],
@@ -54,7 +56,7 @@ def test_ratios_combine_and_markdown():
     assert by["naive"]["median"] == 3.0 and by["naive"]["peak_bytes"] == 1000  # median of all rounds, largest peak
     assert by["crossent_ce"]["best_peer"] == "torch_lce_512"
     assert by["crossent_ce"]["x_best_peer"] == pytest.approx(1.3 / 1.7)
-    assert by["crossent_ce"]["x_floor"] == pytest.approx(1.3 / 1.2)
+    assert by["crossent_ce"]["x_floor"] == pytest.approx(1.3 / 1.0) and by["floor"]["x_floor"] == pytest.approx(1.2)
     assert by["crossent_ce"]["mem_x_naive"] == pytest.approx(0.1)
     assert by["crossent_ce"]["mem_x_best_peer"] == pytest.approx(0.25)
     assert "error" in by["cce_compile"]
