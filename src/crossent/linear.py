@@ -138,9 +138,10 @@ def linear_cross_entropy(
         return_stats: also return :class:`LinearStats` (per-row ``lse`` and ``argmax``).
         extra: per-row tensors that particular losses read, shaped like ``target`` (shifted with it).
         accum_dtype: dtype in which ``c``'s gradient is summed over the chunks. ``None`` (default):
-            float32 (float64 for float64 inputs). For bfloat16/float16 inputs, passing the input dtype
-            accumulates straight into the gradient: no ``V x D`` float32 buffer and no pass over it per
-            chunk (faster, less memory), at the price of one rounding to the input dtype per chunk.
+            float32 (float64 for float64 inputs), whose error does not grow with the number of chunks.
+            For bfloat16/float16 inputs, passing the input dtype halves the accumulator and skips a
+            float32 pass over it per chunk (faster, less memory), at the price of one rounding to the
+            input dtype per chunk (an error that grows with the batch; see ``docs/linear.md``).
 
     Returns:
         The loss in the dtype of ``e`` (float32 under ``torch.autocast``), or ``(loss, LinearStats)``.
