@@ -224,34 +224,30 @@ class _Sweep:
         return res.grad
 
     def _half_chunk(self, sel, rows: Rows, e_c: Tensor, scale) -> None:
+        """A bfloat16/float16 chunk: logits and gradient in the input dtype, the kernel on float32 blocks of rows."""
         r = rows.num_rows
         h = self.hbuf[:r]
         _logits_into(h, e_c, self.c, self.bias)
-        row_factors, sums = [], []
+        row_factors, sums, factored = [], [], False
         for lo in range(0, r, self.stage_rows):
             part = slice(lo, min(r, lo + self.stage_rows))
             z = self.buf[: part.stop - lo]
             z.copy_(h[part])
             sub_sel = slice(sel.start + lo, sel.start + part.stop) if isinstance(sel, slice) else sel[part]
-            grad = self._kernel(z, sub_sel, rows.select(part), e_c[part], None if scale is None else scale[part])
-            if grad is None:
+            sub_rows = rows.select(part)
+            grad = self._kernel(z, sub_sel, sub_rows, e_c[part], None if scale is None else scale[part])
+            if grad is None:  # values only
                 continue
-            a, s = self._fold_into_matrix(grad, rows.select(part))
+            a, s = self._fold_into_matrix(grad, sub_rows)
             h[part].copy_(grad.matrix)  # a plain cast: the row factors stay on the [r, D] operands
-            row_factors.append(a)
+            factored = factored or a is not None
+            row_factors.append(z.new_ones(z.shape[0]) if a is None else a)
             sums.append(s)
         if not row_factors:
             return
-        if all(a is None for a in row_factors):
-            a = None
-        else:
-            a = torch.cat([torch.ones(h[part].shape[0], dtype=self.acc, device=h.device) if x is None else x
-                           for x, part in zip(row_factors, self._stage_parts(r))])  # fmt: skip
+        a = torch.cat(row_factors) if factored else None
         merged = [(torch.cat([s[k][0] for s in sums]), w) for k, (_, w) in enumerate(sums[0])]
         self._products(h, a, merged, e_c, sel)
-
-    def _stage_parts(self, r: int):
-        return [slice(lo, min(r, lo + self.stage_rows)) for lo in range(0, r, self.stage_rows)]
 
     def column_sums(self, w: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """``(c^T w, bias . w)`` (``w = None``: all ones), computed once per call.
