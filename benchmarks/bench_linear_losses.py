@@ -18,14 +18,9 @@ import time
 import torch
 
 import crossent as xe
-from crossent.bench.linear import focal_like
+from crossent.bench.linear import loss_kwargs
 
-LOSSES = {
-    "ce": {},
-    "focal": {"loss": focal_like()},
-    "z_loss": {"z_loss": 1e-4},
-    "label_smoothing": {"label_smoothing": 0.1},
-}
+LOSSES = {"label_smoothing" if name == "smooth" else name: kw for name, kw in loss_kwargs().items()}
 
 
 def main(argv=None) -> dict:

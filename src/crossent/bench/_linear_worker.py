@@ -77,15 +77,12 @@ def _method(name: str, spec: dict):
     if name.startswith("crossent"):
         import crossent as xe
 
-        from .linear import focal_like
+        from .linear import loss_kwargs
 
-        kw = {
-            "crossent_ce": {},
-            "crossent_focal": {"loss": focal_like()},
-            "crossent_z_loss": {"z_loss": 1e-4},
-            "crossent_smooth": {"label_smoothing": 0.1},
-            "crossent_ce_accum_input": {"accum_dtype": getattr(torch, spec["dtype"])},
-        }[name]
+        if name == "crossent_ce_accum_input":
+            kw = {"accum_dtype": getattr(torch, spec["dtype"])}
+        else:
+            kw = loss_kwargs()[name.removeprefix("crossent_")]
         chunk = spec.get("chunk_size")
         return lambda e, c, t: xe.linear_cross_entropy(e, c, t, chunk_size=chunk, **kw)
     raise ValueError(f"unknown method {name!r}")

@@ -79,6 +79,11 @@ def focal_like(gamma: float = 2.0) -> Loss:
     return _FocalLike(gamma)
 
 
+def loss_kwargs() -> dict[str, dict]:
+    """The ``linear_cross_entropy`` arguments of each benchmarked loss (``crossent_<name>`` methods)."""
+    return {"ce": {}, "focal": {"loss": focal_like()}, "z_loss": {"z_loss": 1e-4}, "smooth": {"label_smoothing": 0.1}}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the benchmark (shared by ``benchmarks/bench_linear.py`` and ``crossent bench``)."""
     parser.add_argument("--full", action="store_true", help="the recorded shapes and every method (tens of minutes)")

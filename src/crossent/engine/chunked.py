@@ -63,8 +63,7 @@ def default_chunk_size(num_classes: int, hidden: int = 0, dtype: torch.dtype = t
     of logits), V = 131072 gives 368 rows (184 MiB), V = 256000 gives 192 rows, V = 1000 gives 2048
     rows; bfloat16 at V = 131072 gives 512 rows (128 MiB, plus 32 MiB of float32 staging).
     """
-    per_logit = torch.empty(0, dtype=dtype).element_size()
-    row = max(1, num_classes * per_logit + 3 * hidden * 4)
+    row = max(1, num_classes * dtype.itemsize + 3 * hidden * 4)
     rows = min(max(SPEED_ROWS, SMALL_BYTES // row), MAX_BYTES // row)
     rows = max(MIN_CHUNK, min(MAX_CHUNK, rows))
     return rows - rows % MIN_CHUNK
@@ -175,8 +174,8 @@ class _Sweep:
         # Written by the first chunk's product (no zero fill of V x D), accumulated by the next ones.
         # Half-precision inputs accumulate the transpose, [D, V] (see _half_weight_grad).
         c_acc = job.accum_dtype or self.acc
-        self.c_shape = (d, v) if self.half else (v, d)
-        self.grad_c = torch.empty(self.c_shape, dtype=c_acc, **kw) if self.need_c else None
+        c_shape = (d, v) if self.half else (v, d)
+        self.grad_c = torch.empty(c_shape, dtype=c_acc, **kw) if self.need_c else None
         self.c_written = False
         self.ctmp = None
         self.grad_b = torch.zeros(v, dtype=self.acc, **kw) if self.need_b else None
@@ -191,8 +190,6 @@ class _Sweep:
             self.stage_rows = min(r, max(MIN_CHUNK, _STAGE_BYTES // (4 * v)))
             self.buf = torch.empty(self.stage_rows, v, dtype=self.acc, **kw)
         else:
-            self.hbuf = None
-            self.stage_rows = r
             self.buf = torch.empty(r, v, dtype=self.acc, **kw)
 
     def run(self, row_scale: Tensor | None = None):
@@ -203,15 +200,7 @@ class _Sweep:
             if row_scale is not None:
                 r = rows.num_rows
                 scale = row_scale.to(ACC).expand(r) if row_scale.dim() == 0 else row_scale[sel].to(ACC)
-            if self.half:
-                self._half_chunk(sel, rows, e_c, scale)
-            else:
-                z = self.buf[: rows.num_rows]
-                _logits_into(z, e_c, self.c, self.bias)
-                grad = self._kernel(z, sel, rows, e_c, scale)
-                if grad is not None:
-                    a, sums = self._fold_into_matrix(grad, rows)
-                    self._products(grad.matrix, a, sums, e_c, sel)
+            (self._half_chunk if self.half else self._chunk)(sel, rows, e_c, scale)
         self._finish_sums()
         return self
 
@@ -222,6 +211,14 @@ class _Sweep:
         for s, out in self.stats.items():
             self._put(out, sel, res.values[s])
         return res.grad
+
+    def _chunk(self, sel, rows: Rows, e_c: Tensor, scale) -> None:
+        """A float32/float64 chunk: the kernel works on the logit buffer itself."""
+        z = self.buf[: rows.num_rows]
+        _logits_into(z, e_c, self.c, self.bias)
+        grad = self._kernel(z, sel, rows, e_c, scale)
+        if grad is not None:
+            self._products(grad.matrix, self._fold_into_matrix(grad, rows), grad.sums, e_c, sel)
 
     def _half_chunk(self, sel, rows: Rows, e_c: Tensor, scale) -> None:
         """A bfloat16/float16 chunk: logits and gradient in the input dtype, the kernel on float32 blocks of rows."""
@@ -238,11 +235,11 @@ class _Sweep:
             grad = self._kernel(z, sub_sel, sub_rows, e_c[part], None if scale is None else scale[part])
             if grad is None:  # values only
                 continue
-            a, s = self._fold_into_matrix(grad, sub_rows)
+            a = self._fold_into_matrix(grad, sub_rows)
             h[part].copy_(grad.matrix)  # a plain cast: the row factors stay on the [r, D] operands
             factored = factored or a is not None
             row_factors.append(z.new_ones(z.shape[0]) if a is None else a)
-            sums.append(s)
+            sums.append(grad.sums)
         if not row_factors:
             return
         a = torch.cat(row_factors) if factored else None
@@ -273,12 +270,12 @@ class _Sweep:
         else:
             out.index_copy_(0, sel, value.to(out.dtype))
 
-    def _fold_into_matrix(self, g: ChunkGrad, rows: Rows):
+    def _fold_into_matrix(self, g: ChunkGrad, rows: Rows) -> Tensor | None:
         """Fold the target term into ``g.matrix`` and add the chunk's ``grad_b``.
 
-        Returns ``(a, sums)``: the logit gradient is then ``a[:, None] * matrix`` (``a = None``:
-        ones) plus the rank-1 sum terms ``sums``, which :meth:`_products` turns into ``grad_e`` and
-        ``grad_c``.
+        Returns the row factors ``a``: the logit gradient is then ``a[:, None] * matrix`` (``a =
+        None``: ones) plus the rank-1 terms ``g.sums``, which :meth:`_products` turns into ``grad_e``
+        and ``grad_c``.
         """
         G, a, b = g.matrix, g.row_scale, g.target_coef
         if b is not None:
@@ -290,7 +287,7 @@ class _Sweep:
                 self.grad_b.addmv_(G.T, a)
             for s, w in g.sums:
                 self._sum_entry(w)[2] += s.sum()
-        return a, g.sums
+        return a
 
     def _products(self, op: Tensor, a: Tensor | None, sums, e_c: Tensor, sel) -> None:
         """Add ``a[:, None] * op`` (plus the sum terms) to ``grad_e`` and ``grad_c`` through matrix products.
