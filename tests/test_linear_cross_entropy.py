@@ -7,6 +7,7 @@ and float16 are compared with the float32 reference of the same rounded inputs, 
 
 from __future__ import annotations
 
+import weakref
 from functools import partial
 
 import pytest
@@ -534,6 +535,60 @@ def test_half_precision_weight_gradient_uses_row_major_operands(accum):
         assert a_shape[0] == 12 and a_stride[1] == 1 and b_stride[1] == 1, (a_shape, a_stride, b_shape, b_stride)
 
 
+class LiveBytes(TorchDispatchMode):
+    """Bytes held by the storages that ops allocate while active: the current total and its peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.held = set()
+
+    def _release(self, key, nbytes):
+        self.live -= nbytes
+        self.held.discard(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key, nbytes = storage.data_ptr(), storage.nbytes()
+                if nbytes and key not in self.held:
+                    self.held.add(key)
+                    self.live += nbytes
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._release, key, nbytes)
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("accum", ["float32", "input"])
+def test_half_precision_gradient_is_formed_after_the_chunk_buffers_go(dtype, accum, monkeypatch):
+    # The [D, V] accumulator becomes the [V, D] gradient at the end of the pass. Until then the pass
+    # holds its chunk buffers; were they still held, that moment would set a higher peak.
+    e, c, b, t = make(n=64, d=32, v=4000, dtype=dtype)
+    e.requires_grad_(), c.requires_grad_()
+    at_conversion = []
+    convert = chunked._transpose_into
+    monkeypatch.setattr(chunked, "_transpose_into", lambda *a: (at_conversion.append(rec.peak), convert(*a))[1])
+    with LiveBytes() as rec:
+        xe.linear_cross_entropy(e, c, t, chunk_size=32, accum_dtype=dtype if accum == "input" else None).backward()
+    assert len(at_conversion) == 1
+    assert rec.peak == at_conversion[0], (rec.peak, at_conversion[0])
+    # The recorder sees the pass: at least the accumulator and one chunk of logits.
+    acc_bytes = 32 * 4000 * (dtype.itemsize if accum == "input" else 4)
+    assert rec.peak >= acc_bytes + 32 * 4000 * dtype.itemsize
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_transpose_into(dtype, monkeypatch):
+    monkeypatch.setattr(chunked, "_HALF_BLOCK_BYTES", 2 * 7 * 300)  # blocks of 300 columns and a tail
+    acc = torch.randn(7, 1000, dtype=torch.float32)
+    got = chunked._transpose_into(acc, dtype)
+    assert got.is_contiguous() and got.dtype == dtype
+    assert torch.equal(got, acc.T.to(dtype))
+
+
 @pytest.mark.parametrize("name", ["ce", "label_smoothing"])
 def test_accum_dtype_input_needs_no_float32_weight_buffer(name):
     # V above the 4096-row blocks in which c is upcast for its column sums (a bounded temporary).
@@ -664,6 +719,13 @@ def test_default_chunk_size():
     assert size(1000, 1024) == 2048 and size(131072, 1024, torch.bfloat16) == 512
     assert size(10, 8) == chunked.MAX_CHUNK
     assert size(10**8, 8) == chunked.MIN_CHUNK
+    # Half precision summed in float32: longer chunks (each costs a pass over the V x D accumulator),
+    # within half the accumulator's bytes; a half-precision accumulator, or none, keeps the rule above.
+    assert size(131072, 1024, torch.bfloat16, torch.float32) == chunked.HALF_ACCUM_ROWS
+    assert size(131072, 1024, torch.bfloat16, torch.bfloat16) == 512
+    assert size(128256, 4096, torch.float16, torch.float32) == chunked.HALF_ACCUM_ROWS
+    assert size(131072, 256, torch.bfloat16, torch.float32) == 752  # capped by MAX_BYTES, not by D
+    assert size(32768, 1024, torch.float32, torch.float32) == 512
     for v, d, dt in [(50257, 768, torch.float32), (151936, 4096, torch.bfloat16), (262144, 2048, torch.float16)]:
         rows = size(v, d, dt)
         assert rows % 16 == 0 and rows * v * dt.itemsize <= chunked.MAX_BYTES

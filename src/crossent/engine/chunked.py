@@ -37,8 +37,11 @@ from .plan import Plan
 #: The default chunk: at least ``SPEED_ROWS`` rows (the matrix products of a chunk read all of ``c``
 #: and ``grad_c``; below a few hundred rows that traffic, not arithmetic, sets their speed), more rows
 #: while the chunk takes under ``SMALL_BYTES`` (fewer, larger products for small vocabularies), and
-#: never more than ``MAX_BYTES``.
+#: never more than ``MAX_BYTES``. Half-precision inputs whose ``grad_c`` is summed in float32 pay one
+#: more pass over that ``V x D`` accumulator per chunk: they aim for ``HALF_ACCUM_ROWS`` rows and may
+#: take up to half the accumulator's bytes.
 SPEED_ROWS = 512
+HALF_ACCUM_ROWS = 1024
 SMALL_BYTES = 32 * 2**20
 MAX_BYTES = 192 * 2**20
 MIN_CHUNK, MAX_CHUNK = 16, 8192
@@ -53,7 +56,9 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def default_chunk_size(num_classes: int, hidden: int = 0, dtype: torch.dtype = torch.float32) -> int:
+def default_chunk_size(
+    num_classes: int, hidden: int = 0, dtype: torch.dtype = torch.float32, accum_dtype: torch.dtype | None = None
+) -> int:
     """Rows per chunk for ``V = num_classes`` classes and ``D = hidden`` features.
 
     A row of a chunk costs ``V`` logits (float32, or the input dtype for bfloat16/float16, whose
@@ -61,10 +66,21 @@ def default_chunk_size(num_classes: int, hidden: int = 0, dtype: torch.dtype = t
     ``max(SPEED_ROWS, SMALL_BYTES / row)`` rows, capped at ``MAX_BYTES / row``, within ``[16, 8192]``
     and rounded down to a multiple of 16. For float32 and D = 1024: V = 32768 gives 512 rows (64 MiB
     of logits), V = 131072 gives 368 rows (184 MiB), V = 256000 gives 192 rows, V = 1000 gives 2048
-    rows; bfloat16 at V = 131072 gives 512 rows (128 MiB, plus 32 MiB of float32 staging).
+    rows.
+
+    ``accum_dtype``: the dtype in which ``c``'s gradient is summed over the chunks (``None``: no
+    gradient for ``c``). Half-precision inputs with a float32 accumulator add each chunk's product to
+    it in a separate pass (no CPU product of half inputs writes float32), so their chunk aims for
+    ``HALF_ACCUM_ROWS`` rows, capped at ``MAX_BYTES`` or at ``D`` rows (logits of half the
+    accumulator's ``4 V D`` bytes), whichever allows more: bfloat16 at V = 131072 and D = 1024 gives
+    1024 rows (256 MiB beside a 512 MiB accumulator), against 512 without that accumulator.
     """
     row = max(1, num_classes * dtype.itemsize + 3 * hidden * 4)
-    rows = min(max(SPEED_ROWS, SMALL_BYTES // row), MAX_BYTES // row)
+    speed_rows, max_rows = SPEED_ROWS, MAX_BYTES // row
+    if dtype.itemsize == 2 and accum_dtype is not None and accum_dtype.itemsize == 4:
+        # D rows of half-precision logits take half the 4 V D bytes of the accumulator.
+        speed_rows, max_rows = HALF_ACCUM_ROWS, max(max_rows, hidden)
+    rows = min(max(speed_rows, SMALL_BYTES // row), max_rows)
     rows = max(MIN_CHUNK, min(MAX_CHUNK, rows))
     return rows - rows % MIN_CHUNK
 
@@ -371,15 +387,40 @@ class _Sweep:
                 self.grad_b += total if w is None else total * w.to(self.acc)
 
     def grads(self):
-        gc = self.grad_c
+        """``(grad_e, grad_c, grad_b)`` in the inputs' dtypes; the sweep gives up its buffers."""
+        # The chunk buffers go before the accumulator is turned into the gradient, so the two never
+        # coexist with them: that moment is the pass's peak for half-precision inputs.
+        self.hbuf = self.buf = self.ctmp = None
+        gc, self.grad_c = self.grad_c, None
         if gc is not None and self.half:
-            gc = torch.empty(gc.shape[1], gc.shape[0], dtype=self.c.dtype, device=gc.device).copy_(gc.T)
+            gc = _transpose_into(gc, self.c.dtype)
         elif gc is not None and gc.dtype != self.c.dtype:
             gc = gc.to(self.c.dtype)
         gb = self.grad_b
         if gb is not None and gb.dtype != self.bias.dtype:
             gb = gb.to(self.bias.dtype)
         return self.grad_e, gc, gb
+
+
+def _transpose_into(acc: Tensor, dtype: torch.dtype) -> Tensor:
+    """``acc.T`` (``acc`` is ``[D, V]``) as a contiguous ``[V, D]`` tensor of ``dtype``.
+
+    Cast first, a cache-sized block of columns at a time, then transpose within one dtype: PyTorch
+    transposes same-dtype 2-D copies in cache tiles, whereas a casting copy through transposed strides
+    walks memory element by element (1.6-1.9x slower for a float32 ``[1024, 131072]`` accumulator).
+    """
+    d, v = acc.shape
+    out = torch.empty(v, d, dtype=dtype, device=acc.device)
+    if acc.dtype == dtype:
+        return out.copy_(acc.T)
+    block = max(256, _HALF_BLOCK_BYTES // (dtype.itemsize * d))
+    tmp = torch.empty(d * min(block, v), dtype=dtype, device=acc.device)
+    for start in range(0, v, block):
+        stop = min(v, start + block)
+        part = tmp[: d * (stop - start)].view(d, stop - start)  # contiguous, so part.T tiles
+        part.copy_(acc[:, start:stop])
+        out[start:stop].copy_(part.T)
+    return out
 
 
 class _ChunkSource:
@@ -478,11 +519,14 @@ def chunked_loss(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "eager" and reduction == "none":
         raise ValueError("the eager-gradient mode needs reduction='mean' or 'sum'")
-    if chunk_size is None:
-        chunk_size = default_chunk_size(c.shape[0], c.shape[1], e.dtype)
-    job = Job(plan, rows, int(chunk_size), tuple(extra_stats), accum_dtype)
     tracked = [t for t in (e, c, bias) if t is not None]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tracked)
+    if chunk_size is None:
+        summed = None
+        if needs_grad and c.requires_grad:
+            summed = accum_dtype or accumulation_dtype(e.dtype)
+        chunk_size = default_chunk_size(c.shape[0], c.shape[1], e.dtype, summed)
+    job = Job(plan, rows, int(chunk_size), tuple(extra_stats), accum_dtype)
     if not needs_grad:
         with torch.no_grad():
             sweep = _Sweep(job, e, c, bias).run()
