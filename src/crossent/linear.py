@@ -134,7 +134,8 @@ def linear_cross_entropy(
             without copying ``e``.
         backend: ``"auto"`` or ``"torch"`` (the row-chunked engine; runs on any device).
         chunk_size: rows per chunk; the default (:func:`crossent.engine.chunked.default_chunk_size`)
-            takes 512 rows, fewer where that would exceed 192 MiB (V = 131072: 368 rows).
+            takes 512 rows, fewer where that would exceed 192 MiB (V = 131072: 368 rows);
+            bfloat16/float16 inputs with a float32 accumulator take 1024 rows where memory allows.
         return_stats: also return :class:`LinearStats` (per-row ``lse`` and ``argmax``).
         extra: per-row tensors that particular losses read, shaped like ``target`` (shifted with it).
         accum_dtype: dtype in which ``c``'s gradient is summed over the chunks. ``None`` (default):
