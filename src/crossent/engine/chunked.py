@@ -112,7 +112,7 @@ class Job:
     rows: Rows
     chunk_size: int
     extra_stats: tuple = ()
-    accum_dtype: torch.dtype | None = None  # of the grad_c accumulator; None: float32 (float64 inputs: float64)
+    accum_dtype: torch.dtype = torch.float32  # of the grad_c accumulator
     kernel: object = None
 
     def __post_init__(self):
@@ -189,9 +189,8 @@ class _Sweep:
         self.grad_e = (torch.zeros if job.compact else torch.empty)(m, d, dtype=e.dtype, **kw) if self.need_e else None
         # Written by the first chunk's product (no zero fill of V x D), accumulated by the next ones.
         # Half-precision inputs accumulate the transpose, [D, V] (see _half_weight_grad).
-        c_acc = job.accum_dtype or self.acc
         c_shape = (d, v) if self.half else (v, d)
-        self.grad_c = torch.empty(c_shape, dtype=c_acc, **kw) if self.need_c else None
+        self.grad_c = torch.empty(c_shape, dtype=job.accum_dtype, **kw) if self.need_c else None
         self.c_written = False
         self.ctmp = None
         self.grad_b = torch.zeros(v, dtype=self.acc, **kw) if self.need_b else None
@@ -351,7 +350,7 @@ class _Sweep:
                 torch.mm(lhs, op, out=acc)
             return
         d, v = acc.shape
-        block = max(256, _HALF_BLOCK_BYTES // (2 * d))
+        block = _column_block(d, op.dtype)
         if self.ctmp is None:
             self.ctmp = torch.empty(d, min(block, v), dtype=op.dtype, device=op.device)
         for start in range(0, v, block):
@@ -402,6 +401,11 @@ class _Sweep:
         return self.grad_e, gc, gb
 
 
+def _column_block(rows: int, dtype: torch.dtype) -> int:
+    """Columns of a cache-sized ``[rows, block]`` block of ``dtype`` (``_HALF_BLOCK_BYTES``, at least 256)."""
+    return max(256, _HALF_BLOCK_BYTES // (dtype.itemsize * rows))
+
+
 def _transpose_into(acc: Tensor, dtype: torch.dtype) -> Tensor:
     """``acc.T`` (``acc`` is ``[D, V]``) as a contiguous ``[V, D]`` tensor of ``dtype``.
 
@@ -413,7 +417,7 @@ def _transpose_into(acc: Tensor, dtype: torch.dtype) -> Tensor:
     out = torch.empty(v, d, dtype=dtype, device=acc.device)
     if acc.dtype == dtype:
         return out.copy_(acc.T)
-    block = max(256, _HALF_BLOCK_BYTES // (dtype.itemsize * d))
+    block = _column_block(d, dtype)
     tmp = torch.empty(d * min(block, v), dtype=dtype, device=acc.device)
     for start in range(0, v, block):
         stop = min(v, start + block)
@@ -521,10 +525,9 @@ def chunked_loss(
         raise ValueError("the eager-gradient mode needs reduction='mean' or 'sum'")
     tracked = [t for t in (e, c, bias) if t is not None]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tracked)
+    accum_dtype = accum_dtype or accumulation_dtype(e.dtype)
     if chunk_size is None:
-        summed = None
-        if needs_grad and c.requires_grad:
-            summed = accum_dtype or accumulation_dtype(e.dtype)
+        summed = accum_dtype if needs_grad and c.requires_grad else None
         chunk_size = default_chunk_size(c.shape[0], c.shape[1], e.dtype, summed)
     job = Job(plan, rows, int(chunk_size), tuple(extra_stats), accum_dtype)
     if not needs_grad:
