@@ -12,7 +12,7 @@ import torch
 
 import crossent as xe
 import reference_whole_row as ref
-from crossent.losses.adversarial import margin_pgd, smooth_adversarial_comp_sum
+from crossent.adversarial import margin_pgd, smooth_adversarial_comp_sum
 
 
 def _linear(c, d, seed):

@@ -17,9 +17,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import crossent as xe
 import crossent.linear as linear_mod
-from crossent.engine import chunked
+from crossent._engine import chunked, options as chunk_options
 from crossent.losses import Loss
-from crossent.losses.base import log_prob_target
+from crossent.losses._base import log_prob_target
 from crossent.stats import LSE, SUMSQ, TARGET, SumProbPower
 from crossent.transforms import ClassBias, Temperature
 
@@ -213,7 +213,8 @@ def test_chunk_sizes_that_do_not_divide_n(chunk_size):
 def test_recompute_mode_matches_eager(monkeypatch, name, reduction):
     e, c, b, t = make()
     eager = run_both(e, c, b, t, reduction=reduction, chunk_size=6, **LOSSES[name])[0]
-    monkeypatch.setattr(linear_mod, "chunked_loss", partial(chunked.chunked_loss, mode="recompute"))
+    recompute_mode = chunk_options.LinearCrossEntropyOptions(mode="recompute")
+    monkeypatch.setattr(linear_mod, "resolve_options", lambda options, **kw: recompute_mode.replace(**kw))
     recompute, dense = run_both(e, c, b, t, reduction=reduction, chunk_size=6, **LOSSES[name])
     for got in (eager, recompute):
         close(got[0], dense[0], 1e-10)
@@ -480,11 +481,16 @@ def test_half_precision_staged_kernel(monkeypatch, dtype, name, accum, reduction
     # Per-row upstream gradients (recompute mode) make every row's factors differ.
     upstream = torch.rand(100, generator=torch.Generator().manual_seed(5)) if reduction == "none" else None
     calls = []
-    kernel_call = chunked._Sweep._kernel
-    monkeypatch.setattr(chunked._Sweep, "_kernel", lambda self, z, *a: calls.append(z.shape[0]) or kernel_call(self, z, *a))
+    make_kernel = chunked.sweep.make_kernel
+
+    def counting_kernel(*args):
+        kernel = make_kernel(*args)
+        return lambda z, *a: calls.append(z.shape[0]) or kernel(z, *a)
+
+    monkeypatch.setattr(chunked.sweep, "make_kernel", counting_kernel)
     runs = {}
     for stage in (10**9, 16 * 50 * 4):
-        monkeypatch.setattr(chunked, "_STAGE_BYTES", stage)
+        monkeypatch.setattr(chunked.chunks, "_STAGE_BYTES", stage)
         calls.clear()
         leaves = [x.clone().requires_grad_() for x in (e, c, b)]
         loss = xe.linear_cross_entropy(*leaves[:2], t, bias=leaves[2], **kw)
@@ -569,8 +575,8 @@ def test_half_precision_gradient_is_formed_after_the_chunk_buffers_go(dtype, acc
     e, c, b, t = make(n=64, d=32, v=4000, dtype=dtype)
     e.requires_grad_(), c.requires_grad_()
     at_conversion = []
-    convert = chunked._transpose_into
-    monkeypatch.setattr(chunked, "_transpose_into", lambda *a: (at_conversion.append(rec.peak), convert(*a))[1])
+    convert = chunked.gradients.transpose_into
+    monkeypatch.setattr(chunked.gradients, "transpose_into", lambda *a: (at_conversion.append(rec.peak), convert(*a))[1])
     with LiveBytes() as rec:
         xe.linear_cross_entropy(e, c, t, chunk_size=32, accum_dtype=dtype if accum == "input" else None).backward()
     assert len(at_conversion) == 1
@@ -582,9 +588,9 @@ def test_half_precision_gradient_is_formed_after_the_chunk_buffers_go(dtype, acc
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_transpose_into(dtype, monkeypatch):
-    monkeypatch.setattr(chunked, "_HALF_BLOCK_BYTES", 2 * 7 * 300)  # blocks of 300 columns and a tail
+    monkeypatch.setattr(chunked.gradients, "_HALF_BLOCK_BYTES", 2 * 7 * 300)  # blocks of 300 columns and a tail
     acc = torch.randn(7, 1000, dtype=torch.float32)
-    got = chunked._transpose_into(acc, dtype)
+    got = chunked.gradients.transpose_into(acc, dtype)
     assert got.is_contiguous() and got.dtype == dtype
     assert torch.equal(got, acc.T.to(dtype))
 
@@ -709,26 +715,28 @@ def test_errors():
     with pytest.raises(ValueError, match="label_smoothing"):
         xe.linear_cross_entropy(e, c, t, loss=FocalLike(), label_smoothing=0.1)
     with pytest.raises(ValueError, match="mode"):
-        chunked.chunked_loss(e, c, None, None, None, reduction="mean", mode="fast")
+        xe.LinearCrossEntropyOptions(mode="fast")
+    with pytest.raises(ValueError, match="backend"):
+        xe.linear_cross_entropy(e, c, t, backend="cuda-magic")
 
 
 def test_default_chunk_size():
-    size = chunked.default_chunk_size
+    size = chunk_options.default_chunk_size
     assert size(32768, 1024) == 512 and size(131072, 1024) == 368
     assert size(256000, 1024) == 192
     assert size(1000, 1024) == 2048 and size(131072, 1024, torch.bfloat16) == 512
-    assert size(10, 8) == chunked.MAX_CHUNK
-    assert size(10**8, 8) == chunked.MIN_CHUNK
+    assert size(10, 8) == chunk_options.MAX_CHUNK
+    assert size(10**8, 8) == chunk_options.MIN_CHUNK
     # Half precision summed in float32: longer chunks (each costs a pass over the V x D accumulator),
     # within half the accumulator's bytes; a half-precision accumulator, or none, keeps the rule above.
-    assert size(131072, 1024, torch.bfloat16, torch.float32) == chunked.HALF_ACCUM_ROWS
+    assert size(131072, 1024, torch.bfloat16, torch.float32) == chunk_options.HALF_ACCUM_ROWS
     assert size(131072, 1024, torch.bfloat16, torch.bfloat16) == 512
-    assert size(128256, 4096, torch.float16, torch.float32) == chunked.HALF_ACCUM_ROWS
+    assert size(128256, 4096, torch.float16, torch.float32) == chunk_options.HALF_ACCUM_ROWS
     assert size(131072, 256, torch.bfloat16, torch.float32) == 752  # capped by MAX_BYTES, not by D
     assert size(32768, 1024, torch.float32, torch.float32) == 512
     for v, d, dt in [(50257, 768, torch.float32), (151936, 4096, torch.bfloat16), (262144, 2048, torch.float16)]:
         rows = size(v, d, dt)
-        assert rows % 16 == 0 and rows * v * dt.itemsize <= chunked.MAX_BYTES
+        assert rows % 16 == 0 and rows * v * dt.itemsize <= chunk_options.MAX_BYTES
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -778,9 +786,10 @@ def test_every_registered_loss(name):
 @pytest.mark.parametrize("name", ["ce", "label_smoothing", "piecewise", "temperature_bias", "smoothing_bias_temperature"])
 def test_unfused_softmax_route(monkeypatch, name):
     """The route taken on devices without an in-place softmax (exp in place, normalisers folded)."""
-    from crossent.engine import chunk_grad
+    from crossent._engine import softmax
 
-    monkeypatch.setattr(chunk_grad, "FUSED_SOFTMAX_DEVICES", set())
+    monkeypatch.setattr(softmax, "FUSED_SOFTMAX_DEVICES", set())
+    monkeypatch.setattr(chunked.kernels, "FUSED_SOFTMAX_DEVICES", set())
     e, c, b, t = make()
     for reduction in ("mean", "none"):
         assert_agree(e, c, b, t, 1e-10, reduction=reduction, chunk_size=6, **LOSSES[name])
@@ -790,7 +799,7 @@ def test_unfused_softmax_route(monkeypatch, name):
 
 @pytest.mark.parametrize("v", [1, 7, 100003])
 def test_in_place_softmax_is_exact(v):
-    from crossent.engine.chunk_grad import softmax_
+    from crossent._engine.softmax import softmax_
 
     z = torch.randn(5, v) * 10
     ref = torch.softmax(z, 1)

@@ -23,9 +23,9 @@ from hypothesis import strategies as st
 
 import crossent as xe
 import reference_streaming as R
-from crossent.engine.plan import Plan
-from crossent.losses import base as losses_base
-from crossent.rows import Rows
+from crossent._engine.plan import Plan
+from crossent.losses import _base as losses_base
+from crossent._rows import Rows
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
@@ -473,7 +473,7 @@ def test_column_chunks_reproduce_the_dense_result(case_id, name, hp_fn):
     loss = xe.losses.get(name, **hp_fn(c))
     rows = Rows(num_classes=c, target=y, valid=y != int(y[0]), class_weight=weight)
     plan = Plan(loss, rows)
-    plan.require_streamable("chunked-columns")
+    plan.require_blockwise("chunked-columns")
     cuts = [0, 5, 6, 17, c]
     blocks = [slice(a, b) for a, b in zip(cuts[:-1], cuts[1:])]
     states = [plan.partial_states(plan.transform(z[:, b], rows, b), rows, b) for b in blocks]
@@ -550,7 +550,7 @@ def test_streamability():
         assert not loss.streamable
         rows = Rows(num_classes=3, target=torch.zeros(1, dtype=torch.long), valid=torch.ones(1, dtype=torch.bool))
         with pytest.raises(ValueError, match="needs whole logit rows"):
-            Plan(loss, rows).require_streamable("tiled")
+            Plan(loss, rows).require_blockwise("tiled")
     assert not xe.losses.APL(active=_WholeRow(), passive="rce").streamable
     assert not xe.losses.APL(active="nce", passive=_WholeRow()).streamable
     assert xe.losses.APL(active="gce", passive="nmae").streamable

@@ -14,8 +14,8 @@ import torch
 
 import crossent as xe
 import reference_whole_row as ref
-from crossent import _frontend as fe
-from crossent.engine.plan import Plan
+from crossent._rows import index_rows
+from crossent._engine.plan import Plan
 from crossent.losses import AdaptiveLDRKL, LogitClip, NormalizedFocal, SigmoidFocal
 
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-6)}
@@ -377,12 +377,12 @@ def test_sigmoid_focal_registry_loss_with_probability_targets_and_weights():
 )
 def test_whole_row_losses_are_refused_by_a_blockwise_engine(loss, cls):
     assert loss.streamable is False
-    rows = fe.index_rows(torch.tensor([0, 1]), 3, -100, None)
+    rows = index_rows(torch.tensor([0, 1]), 3, -100, None)
     plan = Plan(loss, rows)
     with pytest.raises(ValueError, match=rf"{cls}.*'tiled'") as info:
-        plan.require_streamable("tiled")
+        plan.require_blockwise("tiled")
     assert "whole logit rows" in str(info.value)
-    Plan(xe.losses.get("ce"), rows).require_streamable("tiled")  # a streamable loss passes
+    Plan(xe.losses.get("ce"), rows).require_blockwise("tiled")  # a streamable loss passes
 
 
 # -- hyperparameter errors ---------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from crossent.rows import Rows
+from crossent._rows import Rows
 from crossent.stats import (
     ARGMAX,
     LSE,

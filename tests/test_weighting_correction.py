@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 import crossent as xe
-from crossent.losses.correction import TargetRowDot, TargetRowLogSumExp
-from crossent.rows import Rows
+from crossent.losses._correction import TargetRowDot, TargetRowLogSumExp
+from crossent._rows import Rows
 
 EPS = 1e-7
 

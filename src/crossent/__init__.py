@@ -1,14 +1,37 @@
 """crossent: cross-entropy and every loss built on it, for PyTorch.
 
 A loss is a small formula over per-row statistics of the logits; engines compute those statistics
-from a logit tensor (:func:`cross_entropy`) or without ever materialising it.
+from a logit tensor (:func:`cross_entropy`) or without ever materialising it
+(:func:`linear_cross_entropy`).
 """
 
 from . import losses, nn, stats, targets, transforms, weighting
+from ._engine.options import LinearCrossEntropyOptions, default_chunk_size
 from .functional import cross_entropy
 from .linear import LinearStats, linear_cross_entropy
 
 __version__ = "0.1.0"
 
-__all__ = ["cross_entropy", "losses", "nn", "stats", "targets", "transforms", "weighting", "__version__"]
-__all__ += ["linear_cross_entropy", "LinearStats"]
+__all__ = [
+    "cross_entropy",
+    "linear_cross_entropy",
+    "LinearStats",
+    "LinearCrossEntropyOptions",
+    "default_chunk_size",
+    "losses",
+    "nn",
+    "stats",
+    "targets",
+    "transforms",
+    "weighting",
+    "__version__",
+]
+
+
+def __getattr__(name):
+    # Submodules with optional or heavier imports load on first use.
+    if name in ("distributed", "calibration", "adversarial"):
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,55 +17,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import _frontend as fe
-from .engine.plan import Plan
-from .rows import Rows, as_float
+from . import _validation as V
+from ._engine.plan import Plan
+from ._engine.reduction import reduce
+from ._engine.vocab_parallel import ENGINE, VocabParallelRowLoss, world
+from ._rows import as_float, index_rows
+from .losses._build import build_loss
 from .transforms import Softcap
 
-ENGINE = "vocab-parallel"
-
-
-def _world(group) -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(group), dist.get_rank(group)
-    return 1, 0
-
-
-def _all_gather(t: Tensor, group, world: int) -> list[Tensor]:
-    if world == 1:
-        return [t]
-    out = [torch.empty_like(t) for _ in range(world)]
-    dist.all_gather(out, t.contiguous(), group=group)
-    return out
-
-
-def _merged_values(plan: Plan, states: dict, group, world: int) -> dict:
-    """Final statistic values from every rank's states, merged in rank order."""
-    per_rank: list[dict] = [{} for _ in range(world)]
-    for stat, state in states.items():
-        gathered = [_all_gather(part, group, world) for part in state]
-        for r in range(world):
-            per_rank[r][stat] = tuple(g[r] for g in gathered)
-    return plan.merge_states(per_rank)
-
-
-class _VocabParallelRowLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits: Tensor, plan: Plan, rows: Rows, cols: slice, group, world: int) -> Tensor:
-        z = as_float(logits)
-        states = plan.partial_states(plan.transform(z, rows, cols), rows, cols)
-        values = _merged_values(plan, states, group, world)
-        ctx.save_for_backward(logits)
-        ctx.plan, ctx.rows, ctx.cols, ctx.values = plan, rows, cols, values
-        return plan.row_losses(values, rows)
-
-    @staticmethod
-    def backward(ctx, grad_rows: Tensor):
-        (logits,) = ctx.saved_tensors
-        # Every rank holds the same upstream gradient of the (replicated) per-row losses.
-        coefs = ctx.plan.coefficients(ctx.values, ctx.rows, grad_rows)
-        grad = ctx.plan.logit_grad(as_float(logits), ctx.rows, ctx.values, coefs, ctx.cols)
-        return grad.to(logits.dtype), None, None, None, None, None
+__all__ = ["vocab_parallel_cross_entropy"]
 
 
 def vocab_parallel_cross_entropy(
@@ -110,28 +70,28 @@ def vocab_parallel_cross_entropy(
         >>> vocab_parallel_cross_entropy(logits, torch.tensor([0, 2]), vocab_start=0)
         tensor(0.6216)
     """
-    fe.check_reduction(reduction)
+    V.check_reduction(reduction)
     if not logits.is_floating_point():
         raise TypeError(f"logits must be floating point, got {logits.dtype}")
     if target.is_floating_point():
         raise ValueError("vocab_parallel_cross_entropy takes class-index targets (class probabilities are not supported)")
     if logits.shape[:-1] != target.shape:
         raise ValueError(f"target must have shape {tuple(logits.shape[:-1])} for logits {tuple(logits.shape)}, got {tuple(target.shape)}")
-    world, _ = _world(group)
+    world_size, _ = world(group)
     local = logits.shape[-1]
     if vocab_size is None:
         size = torch.tensor([local], device=logits.device)
-        if world > 1:
+        if world_size > 1:
             dist.all_reduce(size, group=group)
         vocab_size = int(size.item())
     if not 0 <= vocab_start <= vocab_size - local:
         raise ValueError(f"this rank's classes [{vocab_start}, {vocab_start + local}) do not fit in a vocabulary of {vocab_size}")
-    loss_obj = fe.build_loss(loss, label_smoothing=label_smoothing, z_loss=z_loss)
-    class_weight = fe.check_class_weight(weight, vocab_size, logits.device, as_float(logits[:0]).dtype)
-    fe.check_index_target(target, vocab_size, ignore_index, target.shape if target.dim() else (1,))
-    rows = fe.index_rows(target.reshape(-1), vocab_size, ignore_index, class_weight, fe.flatten_extra(extra, target.shape))
+    loss_obj = build_loss(loss, label_smoothing=label_smoothing, z_loss=z_loss)
+    class_weight = V.check_class_weight(weight, vocab_size, logits.device, as_float(logits[:0]).dtype)
+    V.check_index_target(target, vocab_size, ignore_index, target.shape if target.dim() else (1,))
+    rows = index_rows(target.reshape(-1), vocab_size, ignore_index, class_weight, V.flatten_extra(extra, target.shape))
     plan = Plan(loss_obj, rows, (Softcap(softcap),) if softcap is not None else ())
-    plan.require_streamable(ENGINE)
+    plan.require_blockwise(ENGINE)
     cols = slice(vocab_start, vocab_start + local)
-    per_row = _VocabParallelRowLoss.apply(logits.reshape(-1, local), plan, rows, cols, group, world)
-    return fe.reduce(per_row, rows, reduction, target.shape, logits.dtype)
+    per_row = VocabParallelRowLoss.apply(logits.reshape(-1, local), plan, rows, cols, group, world_size)
+    return reduce(per_row, rows, reduction, target.shape, logits.dtype)

@@ -5,11 +5,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _frontend as fe
-from .engine.dense import dense_row_losses
-from .engine.plan import Plan
-from .rows import as_float
+from . import _validation as V
+from ._engine.dense import dense_row_losses
+from ._engine.plan import Plan
+from ._engine.reduction import reduce
+from ._rows import as_float, index_rows, prob_rows
+from .losses._build import build_loss
 from .transforms import Softcap
+
+__all__ = ["cross_entropy"]
 
 
 def cross_entropy(
@@ -60,20 +64,20 @@ def cross_entropy(
         >>> xe.cross_entropy(logits, target, loss="ce", label_smoothing=0.1, z_loss=1e-2)
         tensor(0.7352)
     """
-    fe.check_reduction(reduction)
+    V.check_reduction(reduction)
     if not isinstance(input, Tensor) or not isinstance(target, Tensor):
         raise TypeError("input and target must be tensors")
     if not input.is_floating_point():
         raise TypeError(f"input must hold floating-point logits, got {input.dtype}")
     if input.dim() == 0:
         raise ValueError("input must have a class dimension: shape [C], [N, C] or [N, C, d1, ...]")
-    loss_obj = fe.build_loss(loss, label_smoothing=label_smoothing, z_loss=z_loss)
+    loss_obj = build_loss(loss, label_smoothing=label_smoothing, z_loss=z_loss)
 
     class_dim = 0 if input.dim() == 1 else 1
     num_classes = input.shape[class_dim]
     logits = input.movedim(class_dim, -1).reshape(-1, num_classes) if input.dim() != 2 else input
     compute_dtype = as_float(torch.empty(0, dtype=input.dtype)).dtype
-    class_weight = fe.check_class_weight(weight, num_classes, input.device, compute_dtype)
+    class_weight = V.check_class_weight(weight, num_classes, input.device, compute_dtype)
 
     if target.is_floating_point():
         if target.shape != input.shape:
@@ -82,10 +86,10 @@ def cross_entropy(
             )
         probs = target.movedim(class_dim, -1).reshape(-1, num_classes)
         out_shape = target.shape[:class_dim] + target.shape[class_dim + 1 :]
-        rows = fe.prob_rows(
+        rows = prob_rows(
             probs if target.requires_grad else probs.to(compute_dtype),
             class_weight,
-            fe.flatten_extra(extra, out_shape),
+            V.flatten_extra(extra, out_shape),
         )
     else:
         if target.dtype == torch.bool or target.is_complex():
@@ -98,13 +102,13 @@ def cross_entropy(
             )
         if target.device != input.device:
             raise ValueError(f"target is on {target.device} but input is on {input.device}")
-        fe.check_index_target(target, num_classes, ignore_index, target.shape if target.dim() else (1,))
+        V.check_index_target(target, num_classes, ignore_index, target.shape if target.dim() else (1,))
         out_shape = expected
-        rows = fe.index_rows(
-            target.reshape(-1), num_classes, ignore_index, class_weight, fe.flatten_extra(extra, out_shape)
+        rows = index_rows(
+            target.reshape(-1), num_classes, ignore_index, class_weight, V.flatten_extra(extra, out_shape)
         )
-    fe.check_loss_accepts(loss_obj, rows)
+    V.check_loss_accepts(loss_obj, rows)
 
     plan = Plan(loss_obj, rows, (Softcap(softcap),) if softcap is not None else ())
     per_row = dense_row_losses(logits, plan, rows, autograd=target.requires_grad)
-    return fe.reduce(per_row, rows, reduction, out_shape, input.dtype)
+    return reduce(per_row, rows, reduction, out_shape, input.dtype)

@@ -7,14 +7,16 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import _frontend as fe
-from .engine.chunked import accumulation_dtype, chunked_loss
-from .engine.plan import Plan
+from . import _validation as V
+from ._engine.chunked import chunked_loss
+from ._engine.options import LinearCrossEntropyOptions, accumulation_dtype
+from ._engine.plan import Plan
+from ._rows import index_rows
+from .losses._build import build_loss
 from .stats import ARGMAX, LSE
 from .transforms import Softcap
 
-#: Backends by name; ``"auto"`` picks the fastest one that applies (today: ``"torch"``).
-BACKENDS = ("auto", "torch")
+__all__ = ["linear_cross_entropy", "LinearStats", "LinearCrossEntropyOptions"]
 
 
 class LinearStats(NamedTuple):
@@ -28,10 +30,22 @@ class LinearStats(NamedTuple):
     argmax: Tensor
 
 
-def _check_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(repr(b) for b in BACKENDS)}")
-    return "torch"
+def resolve_options(
+    options: LinearCrossEntropyOptions | None, *, backend: str = "auto", chunk_size=None, accum_dtype=None
+) -> LinearCrossEntropyOptions:
+    """``options`` with the keyword shortcuts applied; a shortcut that contradicts ``options`` is an error."""
+    if options is None:
+        return LinearCrossEntropyOptions(backend=backend, chunk_size=chunk_size, accum_dtype=accum_dtype)
+    if not isinstance(options, LinearCrossEntropyOptions):
+        raise TypeError(f"options must be a crossent.LinearCrossEntropyOptions, got {type(options).__name__}")
+    given = {"backend": (backend, "auto"), "chunk_size": (chunk_size, None), "accum_dtype": (accum_dtype, None)}
+    changes = {}
+    for name, (value, default) in given.items():
+        if value != default:
+            if getattr(options, name) not in (default, value):
+                raise ValueError(f"{name}={value!r} contradicts options.{name}={getattr(options, name)!r}; give one")
+            changes[name] = value
+    return options.replace(**changes) if changes else options
 
 
 def _check_tensors(e, c, target, bias) -> None:
@@ -87,7 +101,7 @@ def _shifted(target: Tensor, ignore_index: int, extra: dict | None):
     return shifted, extra
 
 
-@torch.compiler.disable
+@torch._disable_dynamo
 def linear_cross_entropy(
     e: Tensor,
     c: Tensor,
@@ -107,6 +121,7 @@ def linear_cross_entropy(
     return_stats: bool = False,
     extra: dict[str, Tensor] | None = None,
     accum_dtype: torch.dtype | None = None,
+    options: LinearCrossEntropyOptions | None = None,
 ):
     r"""Any crossent loss of the logits ``e @ c.T + bias``, computed without materialising them.
 
@@ -133,7 +148,7 @@ def linear_cross_entropy(
             ``target[..., t + 1]``; the last position of ``e`` and the first of ``target`` are dropped
             without copying ``e``.
         backend: ``"auto"`` or ``"torch"`` (the row-chunked engine; runs on any device).
-        chunk_size: rows per chunk; the default (:func:`crossent.engine.chunked.default_chunk_size`)
+        chunk_size: rows per chunk; the default (:func:`crossent.default_chunk_size`)
             takes 512 rows, fewer where that would exceed 192 MiB (V = 131072: 368 rows);
             bfloat16/float16 inputs with a float32 accumulator take 1024 rows where memory allows.
         return_stats: also return :class:`LinearStats` (per-row ``lse`` and ``argmax``).
@@ -164,12 +179,10 @@ def linear_cross_entropy(
         >>> stats.lse, stats.argmax
         (tensor([1.4076, 0.8064, 2.7586]), tensor([0, 0, 1]))
     """
-    _check_backend(backend)
-    fe.check_reduction(reduction)
+    options = resolve_options(options, backend=backend, chunk_size=chunk_size, accum_dtype=accum_dtype)
+    V.check_reduction(reduction)
     _check_tensors(e, c, target, bias)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    loss_obj = fe.build_loss(loss, label_smoothing=label_smoothing, z_loss=z_loss)
+    loss_obj = build_loss(loss, label_smoothing=label_smoothing, z_loss=z_loss)
 
     out_dtype = e.dtype
     device_type = e.device.type
@@ -188,17 +201,14 @@ def linear_cross_entropy(
     num_classes, dim = c.shape
     rows_shape = tuple(target.shape)
     if shift:
-        fe.check_index_target(target[..., 1:], num_classes, ignore_index, target[..., 1:].shape)
+        V.check_index_target(target[..., 1:], num_classes, ignore_index, target[..., 1:].shape)
         target, extra = _shifted(target, ignore_index, extra)
     else:
-        fe.check_index_target(target, num_classes, ignore_index, target.shape if target.dim() else (1,))
+        V.check_index_target(target, num_classes, ignore_index, target.shape if target.dim() else (1,))
+    options.accumulator(e.dtype)  # checks accum_dtype against the input dtype
     compute = accumulation_dtype(e.dtype)
-    if accum_dtype is not None and accum_dtype not in (compute, e.dtype):
-        raise ValueError(
-            f"accum_dtype must be None, {compute} or the input dtype {e.dtype}, got {accum_dtype}"
-        )
-    class_weight = fe.check_class_weight(weight, num_classes, e.device, compute)
-    rows = fe.index_rows(target.reshape(-1), num_classes, ignore_index, class_weight, fe.flatten_extra(extra, rows_shape))
+    class_weight = V.check_class_weight(weight, num_classes, e.device, compute)
+    rows = index_rows(target.reshape(-1), num_classes, ignore_index, class_weight, V.flatten_extra(extra, rows_shape))
     plan = Plan(loss_obj, rows, (Softcap(softcap),) if softcap is not None else ())
 
     with torch.autocast(device_type, enabled=False):
@@ -209,9 +219,8 @@ def linear_cross_entropy(
             plan,
             rows,
             reduction=reduction,
-            chunk_size=chunk_size,
-            extra_stats=(LSE, ARGMAX) if return_stats else (),
-            accum_dtype=accum_dtype,
+            options=options,
+            report=(LSE, ARGMAX) if return_stats else (),
         )
 
     def per_row(t: Tensor) -> Tensor:

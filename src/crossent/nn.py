@@ -1,12 +1,32 @@
-"""Thin ``torch.nn.Module`` wrappers around the functional entry points."""
+"""Thin ``torch.nn.Module`` wrappers around the functional entry points.
+
+A wrapper registers the stateful parts of its loss (:meth:`crossent.losses.Loss.state_modules`) as
+submodules, so its ``state_dict()``, ``load_state_dict()``, ``.to()``, ``train()`` and ``eval()`` reach
+the loss's state.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
-from . import _frontend as fe
+from . import _validation as V
 from .functional import cross_entropy
+from .linear import linear_cross_entropy, resolve_options
+from .losses._build import build_loss
+
+__all__ = ["CrossEntropy", "LinearCrossEntropy"]
+
+
+def _register_loss(module: nn.Module, loss) -> None:
+    """``module.loss = loss``; stateful parts become submodules (``loss`` itself when it is one)."""
+    if isinstance(loss, nn.Module):
+        module.loss = loss
+        return
+    object.__setattr__(module, "loss", loss)
+    parts = loss.state_modules()
+    if parts:
+        module.loss_state = nn.ModuleList(parts)
 
 
 class CrossEntropy(nn.Module):
@@ -31,8 +51,8 @@ class CrossEntropy(nn.Module):
         softcap: float | None = None,
     ):
         super().__init__()
-        fe.check_reduction(reduction)
-        self.loss = fe.build_loss(loss, label_smoothing=label_smoothing, z_loss=z_loss)
+        V.check_reduction(reduction)
+        _register_loss(self, build_loss(loss, label_smoothing=label_smoothing, z_loss=z_loss))
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
         self.reduction = reduction
@@ -85,27 +105,21 @@ class LinearCrossEntropy(nn.Module):
         chunk_size: int | None = None,
         return_stats: bool = False,
         accum_dtype: torch.dtype | None = None,
+        options=None,
     ):
         super().__init__()
-        from .linear import _check_backend
-
-        fe.check_reduction(reduction)
-        _check_backend(backend)
-        self.loss = fe.build_loss(loss, label_smoothing=label_smoothing, z_loss=z_loss)
+        V.check_reduction(reduction)
+        self.options = resolve_options(options, backend=backend, chunk_size=chunk_size, accum_dtype=accum_dtype)
+        _register_loss(self, build_loss(loss, label_smoothing=label_smoothing, z_loss=z_loss))
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.softcap = softcap
         self.shift = shift
-        self.backend = backend
-        self.chunk_size = chunk_size
         self.return_stats = return_stats
-        self.accum_dtype = accum_dtype
 
     def forward(self, e: Tensor, c: Tensor, target: Tensor, bias: Tensor | None = None, extra: dict[str, Tensor] | None = None):
         """``extra`` carries per-row tensors for losses that read them (e.g. ``sample_ids``)."""
-        from .linear import linear_cross_entropy
-
         return linear_cross_entropy(
             e,
             c,
@@ -117,12 +131,10 @@ class LinearCrossEntropy(nn.Module):
             reduction=self.reduction,
             softcap=self.softcap,
             shift=self.shift,
-            backend=self.backend,
-            chunk_size=self.chunk_size,
             return_stats=self.return_stats,
             extra=extra,
-            accum_dtype=self.accum_dtype,
+            options=self.options,
         )
 
     def extra_repr(self) -> str:
-        return f"loss={self.loss!r}, reduction={self.reduction!r}, shift={self.shift}, backend={self.backend!r}"
+        return f"loss={self.loss!r}, reduction={self.reduction!r}, shift={self.shift}, backend={self.options.backend!r}"

@@ -10,6 +10,12 @@ Every statistic states three things (DESIGN.md section 1):
 ``compute(z, rows)`` is ``finalize(partial(...))`` over a whole row; it is written with differentiable
 torch ops, so the same code also serves as an autograd reference.
 
+A statistic may also declare its :class:`Form`: what it is, in terms a fused engine understands
+(``lse``, the target logit, a class-weighted row sum, the sum of squares, the argmax). The form fixes
+both the value and the derivative, so an engine that knows the form computes the statistic and its
+gradient term in its own fused way, without asking which class it is; a statistic without a form takes
+the generic path (``partial`` / ``merge`` / ``add_grad``), which every engine also supports.
+
 Precision: the elementwise work runs in the dtype of ``z`` (float32 for half inputs), but every
 statistic's value and state is float64. They are only ``[N]`` tensors, and it keeps formulas such as
 ``lse - z_y`` free of cancellation at large logits (``lse`` of logits near 1e4 has a float32 spacing of
@@ -22,24 +28,46 @@ computed once, however many terms of a composed loss ask for it.
 
 from __future__ import annotations
 
+import enum
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from .rows import Rows, onehot_mask
+from ._rows import Rows, onehot_mask
 
 State = tuple[Tensor, ...]
+
+
+class Form(enum.Enum):
+    """What a statistic is, for fused engines. Each form fixes the value and the derivative."""
+
+    #: ``S = log sum_j exp z_j``; ``dS/dz_j = p_j`` (the softmax of the row).
+    LOG_SUM_EXP = "log_sum_exp"
+    #: ``S = z_y``; ``dS/dz_j = 1[j = y]``.
+    TARGET = "target"
+    #: ``S = sum_j w_j z_j`` with ``w = stat.column_weights(rows)`` (``None``: ones); ``dS/dz_j = w_j``.
+    COLUMN_SUM = "column_sum"
+    #: ``S = sum_j z_j^2``; ``dS/dz_j = 2 z_j``.
+    SQUARES = "squares"
+    #: ``S = argmax_j z_j`` (first on ties); no derivative.
+    ARGMAX = "argmax"
 
 
 class Statistic:
     """Base class. Subclasses set ``key`` (hashable, includes hyperparameters)."""
 
     differentiable: ClassVar[bool] = True
-    #: ``add_grad(buffer, ..., fresh=True)`` overwrites an uninitialised buffer instead of adding to it.
-    writes_into: ClassVar[bool] = False
     #: statistics whose final values :meth:`add_grad` reads (computed alongside this one).
     requires: tuple[Statistic, ...] = ()
+
+    def form(self, rows: Rows) -> Form | None:
+        """The declared :class:`Form` (``None``: no structure a fused engine can use)."""
+        return None
+
+    def column_weights(self, rows: Rows) -> Tensor | None:
+        """For :attr:`Form.COLUMN_SUM`: the ``[C]`` class vector ``w`` (``None`` stands for ones)."""
+        raise NotImplementedError
 
     @property
     def key(self) -> tuple:
@@ -123,7 +151,8 @@ def _rescaled(la: Tensor, lb: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 class LogSumExp(Statistic):
     """``lse = log sum_j exp(z_j)``; merge by ``logaddexp``; ``d lse / d z_j = p_j``."""
 
-    writes_into = True
+    def form(self, rows):
+        return Form.LOG_SUM_EXP
 
     def partial(self, z, rows, cols):
         return (row_logsumexp(z),)
@@ -131,26 +160,16 @@ class LogSumExp(Statistic):
     def merge(self, a, b):
         return (torch.logaddexp(a[0], b[0]),)
 
-    def add_grad(self, grad, z, coef, values, rows, cols, fresh=False):
-        whole_rows = z.shape[-1] == rows.num_classes
-        if fresh and whole_rows and z.device.type == "cpu" and z.is_contiguous() and grad.is_contiguous():
-            # Whole rows on CPU: the fused softmax kernel writes p straight into the buffer in one
-            # cache-friendly pass (exact, and cheaper than rebuilding it from lse).
-            torch.ops.aten._softmax.out(z, -1, False, out=grad)
-            return grad.mul_(_coef(coef, z))
-        lse = values[self]
-        hi = lse.to(z.dtype)
-        # p * coef = exp(z - hi) * (coef * exp(-lo)): the tail of lse folds into the row factor.
-        scale = (coef.to(ACC) * torch.exp(hi.to(ACC) - lse)).to(z.dtype)[:, None]
-        if fresh:
-            return torch.sub(z, hi[:, None], out=grad).exp_().mul_(scale)
-        if grad is None:
-            return (z - hi[:, None]).exp_().mul_(scale)
-        return grad.addcmul_((z - hi[:, None]).exp_(), scale)
+    def add_grad(self, grad, z, coef, values, rows, cols):
+        term = softmax_from_lse(z, values[self]).mul_(_coef(coef, z))
+        return _accumulate(grad, term)
 
 
 class TargetLogit(Statistic):
     """``z_y``; merge by taking the chunk that holds ``y``; ``d z_y / d z_j = 1[j = y]``."""
+
+    def form(self, rows):
+        return Form.TARGET if rows.has_indices else None
 
     def partial(self, z, rows, cols):
         local, inside = onehot_mask(rows, cols, z.shape[-1])
@@ -174,6 +193,12 @@ class TargetLogit(Statistic):
 class Sum(Statistic):
     """``sum_j z_j``; merge by adding; ``d / d z_j = 1``."""
 
+    def form(self, rows):
+        return Form.COLUMN_SUM
+
+    def column_weights(self, rows):
+        return None
+
     def partial(self, z, rows, cols):
         return (z.sum(-1).to(ACC),)
 
@@ -188,6 +213,9 @@ class Sum(Statistic):
 
 class SumSquares(Statistic):
     """``sum_j z_j^2``; merge by adding; ``d / d z_j = 2 z_j``."""
+
+    def form(self, rows):
+        return Form.SQUARES
 
     def partial(self, z, rows, cols):
         return ((z * z).sum(-1).to(ACC),)
@@ -220,6 +248,12 @@ class SoftDot(Statistic):
     @property
     def key(self):
         return ("SoftDot", self.source, self.class_weighted)
+
+    def form(self, rows):
+        return Form.COLUMN_SUM if self.source == "ones" else None
+
+    def column_weights(self, rows):
+        return rows.class_weight if self.class_weighted else None
 
     def _q(self, rows: Rows, cols: slice, like: Tensor) -> Tensor:
         """``q`` over ``cols``: ``[N, width]`` or ``[width]``."""
@@ -354,6 +388,9 @@ class ArgMax(Statistic):
 
     differentiable = False
 
+    def form(self, rows):
+        return Form.ARGMAX
+
     def partial(self, z, rows, cols):
         if z.shape[-1] == 0:
             return (z.new_full((z.shape[0],), float("-inf")), torch.zeros(z.shape[0], dtype=torch.long, device=z.device))
@@ -386,8 +423,7 @@ def with_requirements(stats) -> list[Statistic]:
 
     for s in stats:
         visit(s)
-    # lse first: its derivative starts the gradient buffer without a zero fill.
-    return sorted(out, key=lambda s: 0 if s == LSE else 1)
+    return list(out)
 
 
 def merge_states(stat: Statistic, states: list[State]) -> State:

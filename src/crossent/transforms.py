@@ -3,6 +3,11 @@
 A transform maps each logit ``z_j`` to ``f(z_j)`` (possibly depending on whether ``j`` is the target)
 and states its elementwise derivative, so that every engine can chain it into the gradient without
 autograd over the whole logit matrix.
+
+A transform may also declare its structure (:meth:`Transform.structure`): :class:`Affine` (``z_j s + t_j``
+with a scalar scale and a per-class shift) or :class:`Tanh` (``cap tanh(z / cap)``). Fused engines
+read the declaration (an affine chain folds into row sums and row factors; a kernel applies either on
+chip); a transform that declares nothing takes the generic path of every engine.
 """
 
 from __future__ import annotations
@@ -10,7 +15,55 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .rows import Rows
+from dataclasses import dataclass
+
+from ._rows import Rows, onehot_mask
+
+
+@dataclass(frozen=True)
+class Affine:
+    """``z_j -> scale * z_j + shift_j``: a scalar scale and an optional ``[C]`` shift."""
+
+    scale: float = 1.0
+    shift: Tensor | None = None
+
+    def then(self, other: Affine) -> Affine:
+        """This map followed by ``other`` (a composed shift is held in float64, like the statistics)."""
+        shift = None if self.shift is None else self.shift.double() * other.scale
+        if other.shift is not None:
+            shift = other.shift if shift is None else shift + other.shift.double()
+        return Affine(self.scale * other.scale, shift)
+
+    def apply_(self, z: Tensor, cols: slice) -> Tensor:
+        """In place on a block of columns ``cols``."""
+        if self.scale != 1.0:
+            z.mul_(self.scale)
+        if self.shift is not None:
+            z.add_(self.shift[cols].to(device=z.device, dtype=z.dtype))
+        return z
+
+    def at(self, z: Tensor, cols: Tensor) -> Tensor:
+        """Values ``z`` of the columns ``cols`` (an index tensor of the same shape), mapped."""
+        if self.scale != 1.0:
+            z = z * self.scale
+        if self.shift is not None:
+            z = z + self.shift.to(device=z.device, dtype=z.dtype)[cols]
+        return z
+
+    def of_sums(self, sums: Tensor, w: Tensor | None, num_classes: int) -> Tensor:
+        """``sum_j w_j f(z)_j`` from ``sum_j w_j z_j`` (``w = None``: ones), in ``sums``' dtype."""
+        out = sums * self.scale if self.scale != 1.0 else sums
+        if self.shift is not None:
+            shift = self.shift.to(device=sums.device, dtype=sums.dtype)
+            out = out + (shift.sum() if w is None else w.to(sums.dtype) @ shift)
+        return out
+
+
+@dataclass(frozen=True)
+class Tanh:
+    """``z_j -> cap * tanh(z_j / cap)``."""
+
+    cap: float
 
 
 class Transform:
@@ -36,6 +89,13 @@ class Transform:
         """Turn ``dL/df(z)`` into ``dL/dz`` in place (``z`` is this transform's input)."""
         raise NotImplementedError
 
+    def structure(self) -> Affine | Tanh | None:
+        """The declared structure (``None``: a general elementwise map)."""
+        return None
+
+    def check(self, num_classes: int) -> None:
+        """Raise ``ValueError`` if the transform cannot apply to rows of ``num_classes`` logits."""
+
 
 class Softcap(Transform):
     """``cap * tanh(z / cap)`` (Gemma 2 style logit soft-capping)."""
@@ -56,6 +116,9 @@ class Softcap(Transform):
         t = torch.tanh(z / self.cap)
         return grad.mul_(1 - t * t)
 
+    def structure(self):
+        return Tanh(self.cap)
+
 
 class Temperature(Transform):
     """``z / T``."""
@@ -75,6 +138,9 @@ class Temperature(Transform):
     def backward_(self, grad, z, rows, cols):
         return grad.div_(self.temperature)
 
+    def structure(self):
+        return Affine(1.0 / self.temperature)
+
 
 class ClassBias(Transform):
     """``z_j + b_j`` with a fixed per-class vector ``b`` (e.g. logit adjustment ``tau * log prior``)."""
@@ -89,13 +155,71 @@ class ClassBias(Transform):
     def key(self):
         return ("ClassBias", id(self.bias))
 
+    def check(self, num_classes):
+        if self.bias.shape[0] != num_classes:
+            raise ValueError(f"class bias has {self.bias.shape[0]} entries but the logits have {num_classes} classes")
+
     def forward(self, z, rows, cols):
-        if self.bias.shape[0] != rows.num_classes:
-            raise ValueError(f"class bias has {self.bias.shape[0]} entries but the logits have {rows.num_classes} classes")
+        self.check(rows.num_classes)
         return z + self.bias[cols].to(device=z.device, dtype=z.dtype)
 
     def backward_(self, grad, z, rows, cols):
         return grad
+
+    def structure(self):
+        return Affine(1.0, self.bias)
+
+
+class CircleMargin(Transform):
+    r"""Class-level circle-loss reweighting of cosine logits (target-aware, elementwise).
+
+    .. math::
+
+        s_y \mapsto \gamma\, a_p (s_y - (1 - m)), \quad a_p = [1 + m - \mathrm{sg}(s_y)]_+ ;\qquad
+        s_k \mapsto \gamma\, a_n (s_k - m), \quad a_n = [\mathrm{sg}(s_k) + m]_+ \ (k \ne y)
+
+    The weights :math:`a_p, a_n` are detached, so the derivative is :math:`\gamma a_p` (target) or
+    :math:`\gamma a_n` (others).
+    """
+
+    def __init__(self, m: float = 0.25, gamma: float = 256.0):
+        self.m = float(m)
+        self.gamma = float(gamma)
+
+    @property
+    def key(self):
+        return ("CircleMargin", self.m, self.gamma)
+
+    def _is_target(self, z: Tensor, rows: Rows, cols: slice) -> Tensor:
+        local, inside = onehot_mask(rows, cols, z.shape[-1])
+        mask = torch.zeros(z.shape, dtype=torch.bool, device=z.device)
+        if z.shape[-1]:
+            mask.scatter_(-1, local[:, None], inside[:, None])
+        return mask
+
+    def _weights(self, z: Tensor, is_target: Tensor) -> Tensor:
+        zd = z.detach()
+        return torch.where(is_target, (1 + self.m - zd).clamp(min=0), (zd + self.m).clamp(min=0)) * self.gamma
+
+    def forward(self, z, rows, cols):
+        is_target = self._is_target(z, rows, cols)
+        # Built in z's dtype: torch.where on Python scalars would round the shift to float32.
+        shift = is_target.to(z.dtype) * (1.0 - 2.0 * self.m) + self.m
+        return self._weights(z, is_target) * (z - shift)
+
+    def backward_(self, grad, z, rows, cols):
+        return grad.mul_(self._weights(z, self._is_target(z, rows, cols)))
+
+
+def affine_chain(transforms) -> Affine | None:
+    """The composition of ``transforms`` when every one declares :class:`Affine`, else ``None``."""
+    out = Affine()
+    for t in transforms:
+        s = t.structure()
+        if not isinstance(s, Affine):
+            return None
+        out = out.then(s)
+    return out
 
 
 def apply_all(transforms, z: Tensor, rows: Rows, cols: slice) -> Tensor:

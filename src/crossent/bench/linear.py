@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from ..losses.base import Loss
+from ..losses._base import Loss
 from ..stats import LSE, TARGET
 
 METHODS = (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..losses.base import Loss, Transformed, resolve
+from ..losses._base import Loss, Transformed, resolve
 from ..transforms import ClassBias
 from ._base import Strategy, check_index_tensor, check_losses, check_vector, compute_dtype
 
@@ -177,7 +177,7 @@ class LogitAdjustment:
         Keyword arguments go to :func:`crossent.cross_entropy`; ``loss``, ``label_smoothing`` and
         ``z_loss`` apply to the adjusted logits.
         """
-        from .._frontend import build_loss
+        from ..losses._build import build_loss
         from ..functional import cross_entropy
 
         base = build_loss(

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..losses.correction import BackwardCorrection, ForwardCorrection, check_transition_matrix
+from ..losses._correction import BackwardCorrection, ForwardCorrection, check_transition_matrix
 from ._base import Strategy, check_index_tensor, check_losses, check_probabilities, compute_dtype
 
 __all__ = [

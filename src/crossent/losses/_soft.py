@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .base import Loss, register
-from .basic import CrossEntropy
+from ._base import Loss, register
+from ._basic import CrossEntropy
 
 
 @register("soft_target_ce")

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..rows import Rows
-from . import _checks
-from .base import Loss, register
+from .._rows import Rows
+from .. import _validation as V
+from ._base import Loss, register
 
 _REDUCTIONS = ("none", "mean", "sum")
 
@@ -58,8 +58,8 @@ def sigmoid_focal_loss(
         raise ValueError(f"targets must have the shape of inputs {tuple(inputs.shape)}, got {tuple(targets.shape)}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    alpha = _checks.real("alpha", alpha)
-    gamma = _checks.non_negative("gamma", gamma)
+    alpha = V.real(None, "alpha", alpha)
+    gamma = V.non_negative("gamma", gamma)
     if not targets.is_floating_point():
         targets = targets.to(inputs.dtype)
 
@@ -113,8 +113,8 @@ class SigmoidFocal(Loss):
     accepts_probs = True
 
     def __init__(self, gamma: float = 2.0, alpha: float = 0.25):
-        self.gamma = _checks.non_negative("gamma", gamma)
-        self.alpha = _checks.real("alpha", alpha)
+        self.gamma = V.non_negative("gamma", gamma)
+        self.alpha = V.real(None, "alpha", alpha)
 
     def dense_row_loss(self, z: Tensor, rows: Rows) -> Tensor:
         if rows.has_indices:

@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..rows import Rows
+from .._rows import Rows
 from ..stats import ACC, LSE, Statistic, softmax_from_lse
-from .base import Loss, register
+from ._base import Loss, register
 
 #: Keras' ``K.epsilon()``: the official code clips probabilities to ``[EPS, 1 - EPS]``.
 CLIP_EPS = 1e-7

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from . import _checks
+from . import _validation as V
 
 _REDUCTIONS = ("none", "mean", "sum")
 
@@ -162,13 +162,13 @@ def smooth_adversarial_comp_sum(
     Reference: Mao, Mohri and Zhong, *Cross-Entropy Loss Functions: Theoretical Analysis and
     Applications*, ICML 2023 (arXiv 2304.07288).
     """
-    tau = _checks.non_negative("tau", tau)
-    rho = _checks.positive("rho", rho)
-    nu = _checks.non_negative("nu", nu)
-    epsilon = _checks.non_negative("epsilon", epsilon)
-    step_size = _checks.non_negative("step_size", step_size)
-    steps = _checks.count("steps", steps, minimum=0)
-    init_std = _checks.non_negative("init_std", init_std)
+    tau = V.non_negative("tau", tau)
+    rho = V.positive("rho", rho)
+    nu = V.non_negative("nu", nu)
+    epsilon = V.non_negative("epsilon", epsilon)
+    step_size = V.non_negative("step_size", step_size)
+    steps = V.count("steps", steps, minimum=0)
+    init_std = V.non_negative("init_std", init_std)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if not isinstance(x, Tensor) or not isinstance(y, Tensor):

@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 
 from ..stats import LSE, TARGET
-from . import _params as P
-from .base import Loss, log_prob_target, register
+from .. import _validation as V
+from ._base import Loss, log_prob_target, register
 
 
 class _FocalTerm(torch.autograd.Function):
@@ -81,8 +81,8 @@ class Focal(Loss):
     """
 
     def __init__(self, gamma: float = 2.0, alpha=None):
-        self.gamma = P.real("focal", "gamma", gamma, low=0.0)
-        self.alpha = None if alpha is None else P.class_vector("focal", "alpha", alpha)
+        self.gamma = V.real("focal", "gamma", gamma, low=0.0)
+        self.alpha = None if alpha is None else V.class_vector("focal", "alpha", alpha)
 
     def statistics(self, rows):
         return (LSE, TARGET)
@@ -91,7 +91,7 @@ class Focal(Loss):
         loss = focal_term(log_prob_target(s, rows), self.gamma)
         if self.alpha is None:
             return loss
-        P.check_length("focal", "alpha", self.alpha, rows.num_classes)
+        V.check_length("focal", "alpha", self.alpha, rows.num_classes)
         target = rows.require_indices("focal")
         return loss * self.alpha.to(device=loss.device, dtype=loss.dtype)[target]
 
@@ -125,7 +125,7 @@ class Poly1(Loss):
     """
 
     def __init__(self, epsilon: float = 1.0):
-        self.epsilon = P.real("poly1", "epsilon", epsilon, low=-1.0)
+        self.epsilon = V.real("poly1", "epsilon", epsilon, low=-1.0)
 
     def statistics(self, rows):
         return (LSE, TARGET)
@@ -164,7 +164,7 @@ class Poly(Loss):
     def __init__(self, epsilons=(1.0,)):
         if isinstance(epsilons, (str, bytes)) or not hasattr(epsilons, "__iter__"):
             raise TypeError(f"poly: epsilons must be a sequence of numbers, got {type(epsilons).__name__}")
-        values = tuple(P.real("poly", f"epsilons[{j}]", e) for j, e in enumerate(epsilons))
+        values = tuple(V.real("poly", f"epsilons[{j}]", e) for j, e in enumerate(epsilons))
         if not values:
             raise ValueError("poly: epsilons must hold at least one coefficient")
         self.epsilons = values
@@ -209,8 +209,8 @@ class Poly1Focal(Loss):
     """
 
     def __init__(self, epsilon: float = 1.0, gamma: float = 2.0):
-        self.epsilon = P.real("poly1_focal", "epsilon", epsilon)
-        self.gamma = P.real("poly1_focal", "gamma", gamma, low=0.0)
+        self.epsilon = V.real("poly1_focal", "epsilon", epsilon)
+        self.gamma = V.real("poly1_focal", "gamma", gamma, low=0.0)
 
     def statistics(self, rows):
         return (LSE, TARGET)

@@ -83,3 +83,16 @@ def column_slice(start: int, width: int) -> slice:
 def as_float(t: Tensor) -> Tensor:
     """Upcast half-precision values to float32 for accumulation; leave float32/64 alone."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def index_rows(target: Tensor, num_classes: int, ignore_index: int, class_weight, extra=None) -> Rows:
+    """:class:`Rows` for flat ``[N]`` class-index targets (already range-checked)."""
+    valid = target != ignore_index
+    safe = torch.where(valid, target, torch.zeros_like(target)).long()
+    return Rows(num_classes=num_classes, target=safe, valid=valid, class_weight=class_weight, extra=extra or {})
+
+
+def prob_rows(probs: Tensor, class_weight, extra=None) -> Rows:
+    """:class:`Rows` for flat ``[N, C]`` class-probability targets."""
+    valid = torch.ones(probs.shape[0], dtype=torch.bool, device=probs.device)
+    return Rows(num_classes=probs.shape[-1], target=None, valid=valid, probs=probs, class_weight=class_weight, extra=extra or {})

@@ -15,8 +15,8 @@ import math
 import torch
 
 from ..stats import LSE, SUM, TARGET, SumProbPower
-from . import _params as P
-from .base import Loss, ScaledLoss, SumLoss, get, log_prob_target, register
+from .. import _validation as V
+from ._base import Loss, ScaledLoss, SumLoss, get, log_prob_target, register
 
 #: comp-sum with tau < 1 grows like ``p_y^(tau - 1)``, which overflows for confidently wrong rows;
 #: below this ``log p_y`` (``p_y = 1e-7``, the reference code's probability floor) the loss continues
@@ -73,7 +73,7 @@ class CompSum(Loss):
     """
 
     def __init__(self, tau: float = 1.0):
-        self.tau = P.real("comp_sum", "tau", tau, low=0.0)
+        self.tau = V.real("comp_sum", "tau", tau, low=0.0)
 
     def statistics(self, rows):
         return (LSE, TARGET)
@@ -121,7 +121,7 @@ class GCE(Loss):
     """
 
     def __init__(self, q: float = 0.7):
-        self.q = P.real("gce", "q", q, low=0.0, high=1.0, low_open=True)
+        self.q = V.real("gce", "q", q, low=0.0, high=1.0, low_open=True)
 
     def statistics(self, rows):
         return (LSE, TARGET)
@@ -160,8 +160,8 @@ class TGCE(Loss):
     """
 
     def __init__(self, q: float = 0.7, k: float = 0.5):
-        self.q = P.real("tgce", "q", q, low=0.0, high=1.0, low_open=True)
-        self.k = P.real("tgce", "k", k, low=0.0, high=1.0, high_open=True)
+        self.q = V.real("tgce", "q", q, low=0.0, high=1.0, low_open=True)
+        self.k = V.real("tgce", "k", k, low=0.0, high=1.0, high_open=True)
 
     def statistics(self, rows):
         return (LSE, TARGET)
@@ -263,7 +263,7 @@ class NGCE(Loss):
     """
 
     def __init__(self, q: float = 0.7):
-        self.q = P.real("ngce", "q", q, low=0.0, high=1.0, low_open=True)
+        self.q = V.real("ngce", "q", q, low=0.0, high=1.0, low_open=True)
         self._power = SumProbPower(self.q)
 
     def statistics(self, rows):
@@ -300,7 +300,7 @@ class NMAE(Loss):
         return (LSE, TARGET)
 
     def row_loss(self, s, rows):
-        P.at_least_classes("nmae", rows.num_classes)
+        V.at_least_classes("nmae", rows.num_classes)
         return _one_minus_p(log_prob_target(s, rows)) / (2.0 * (rows.num_classes - 1))
 
 
@@ -331,7 +331,7 @@ class RCE(Loss):
     """
 
     def __init__(self, A: float = math.log(1e-4)):
-        self.A = P.real("rce", "A", A, high=0.0, high_open=True)
+        self.A = V.real("rce", "A", A, high=0.0, high_open=True)
 
     def statistics(self, rows):
         return (LSE, TARGET)
@@ -369,9 +369,9 @@ class SCE(Loss):
     """
 
     def __init__(self, alpha: float = 0.1, beta: float = 1.0, A: float = math.log(1e-4)):
-        self.alpha = P.real("sce", "alpha", alpha, low=0.0)
-        self.beta = P.real("sce", "beta", beta, low=0.0)
-        self.A = P.real("sce", "A", A, high=0.0, high_open=True)
+        self.alpha = V.real("sce", "alpha", alpha, low=0.0)
+        self.beta = V.real("sce", "beta", beta, low=0.0)
+        self.A = V.real("sce", "A", A, high=0.0, high_open=True)
 
     def statistics(self, rows):
         return (LSE, TARGET)
@@ -423,8 +423,8 @@ class APL(Loss):
     def __init__(self, active="nce", passive="rce", alpha: float = 1.0, beta: float = 1.0):
         self.active = active
         self.passive = passive
-        self.alpha = P.real("apl", "alpha", alpha, low=0.0)
-        self.beta = P.real("apl", "beta", beta, low=0.0)
+        self.alpha = V.real("apl", "alpha", alpha, low=0.0)
+        self.beta = V.real("apl", "beta", beta, low=0.0)
         self._sum = SumLoss(
             [ScaledLoss(_part("active", active), self.alpha), ScaledLoss(_part("passive", passive), self.beta)]
         )

@@ -7,15 +7,20 @@ formula gives the coefficients ``dL/dS`` and the statistics' elementwise derivat
 
 A loss that cannot be written over mergeable statistics sets ``streamable = False`` and implements
 :meth:`Loss.dense_row_loss` over a whole logit row instead; engines that never hold a whole row refuse it.
+
+A loss with state (per-sample temperatures, running averages) subclasses :class:`StatefulLoss`, an
+``nn.Module``: its state lives in buffers (``state_dict``, ``.to()``, ``train()``/``eval()``), and it
+updates that state only in :meth:`Loss.observe`, which every engine calls exactly once per row and
+forward; the formula reads what ``observe`` returned, never the state directly.
 """
 
 from __future__ import annotations
 
 from typing import Callable, ClassVar
 
-from torch import Tensor
+from torch import Tensor, nn
 
-from ..rows import Rows
+from .._rows import Rows
 from ..stats import Statistic, with_requirements
 from ..transforms import Transform
 
@@ -66,6 +71,8 @@ class Loss:
     streamable: ClassVar[bool] = True
     #: accepts a ``[N, C]`` class-probability target (otherwise class indices are required).
     accepts_probs: ClassVar[bool] = False
+    #: keeps state that :meth:`observe` updates (see :class:`StatefulLoss`).
+    stateful: ClassVar[bool] = False
 
     # -- what the engine needs ------------------------------------------------------------------
     def statistics(self, rows: Rows) -> tuple[Statistic, ...]:
@@ -93,6 +100,20 @@ class Loss:
         """
         s = {stat: stat.compute(z, rows) for stat in with_requirements(self.statistics(rows))}
         return self.weighted_row_loss(s, rows)
+
+    # -- state ----------------------------------------------------------------------------------
+    def observe(self, z: Tensor, rows: Rows) -> dict[str, Tensor]:
+        """See whole transformed logit rows ``z`` once per forward; return per-row tensors for the formula.
+
+        Only stateful losses observe. Engines call this through :meth:`Plan.observe`, exactly once
+        per row and forward, under ``no_grad``; the returned tensors (``[N, ...]``, keyed by names unique
+        to this loss object) reach the formula in ``rows.extra``.
+        """
+        return {}
+
+    def state_modules(self) -> list[nn.Module]:
+        """The ``nn.Module`` parts of this loss that hold state (for module wrappers to register)."""
+        return [self] if isinstance(self, nn.Module) else []
 
     # -- composition ----------------------------------------------------------------------------
     def __add__(self, other: Loss) -> Loss:
@@ -144,6 +165,19 @@ class SumLoss(Loss):
     def accepts_probs(self):  # type: ignore[override]
         return all(t.accepts_probs for t in self.terms)
 
+    @property
+    def stateful(self):  # type: ignore[override]
+        return any(t.stateful for t in self.terms)
+
+    def observe(self, z, rows):
+        seen: dict = {}
+        for t in self.terms:
+            seen.update(t.observe(z, rows))
+        return seen
+
+    def state_modules(self):
+        return [m for t in self.terms for m in t.state_modules()]
+
     def statistics(self, rows):
         out: dict[Statistic, None] = {}
         for t in self.terms:
@@ -179,6 +213,16 @@ class ScaledLoss(Loss):
     def accepts_probs(self):  # type: ignore[override]
         return self.loss.accepts_probs
 
+    @property
+    def stateful(self):  # type: ignore[override]
+        return self.loss.stateful
+
+    def observe(self, z, rows):
+        return self.loss.observe(z, rows)
+
+    def state_modules(self):
+        return self.loss.state_modules()
+
     def statistics(self, rows):
         return self.loss.statistics(rows)
 
@@ -210,6 +254,16 @@ class Transformed(Loss):
     def accepts_probs(self):  # type: ignore[override]
         return self.loss.accepts_probs
 
+    @property
+    def stateful(self):  # type: ignore[override]
+        return self.loss.stateful
+
+    def observe(self, z, rows):
+        return self.loss.observe(z, rows)
+
+    def state_modules(self):
+        return self.loss.state_modules()
+
     def statistics(self, rows):
         return self.loss.statistics(rows)
 
@@ -224,6 +278,31 @@ class Transformed(Loss):
 
     def __repr__(self):
         return f"Transformed({self.loss!r}, {', '.join(map(repr, self.extra_transforms))})"
+
+
+class StatefulLoss(Loss, nn.Module):
+    """Base class of losses with state: an ``nn.Module`` whose buffers hold the state.
+
+    Subclasses call ``super().__init__()`` first, register their state as buffers, set
+    ``streamable = False`` (observing needs whole rows), update the state only in :meth:`observe`
+    and only when ``self.training``; their formula reads the observations from ``rows.extra``.
+    Module wrappers (``crossent.nn``) register them, so their ``state_dict``, ``train()`` and
+    ``eval()`` reach the state.
+    """
+
+    stateful = True
+    streamable = False
+
+    def __init__(self):
+        nn.Module.__init__(self)
+
+    def hparams(self) -> dict:
+        return {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "training"}
+
+    def __repr__(self) -> str:
+        return Loss.__repr__(self)
+
+    __hash__ = nn.Module.__hash__
 
 
 def resolve(loss, **hparams) -> Loss:
@@ -244,4 +323,4 @@ def log_prob_target(s: dict, rows: Rows) -> Tensor:
     return s[TARGET] - s[LSE]
 
 
-__all__ = ["Loss", "SumLoss", "ScaledLoss", "Transformed", "register", "get", "available", "registered", "resolve", "log_prob_target"]
+__all__ = ["Loss", "StatefulLoss", "SumLoss", "ScaledLoss", "Transformed", "register", "get", "available", "registered", "resolve", "log_prob_target"]

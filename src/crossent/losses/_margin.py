@@ -8,11 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..rows import Rows, onehot_mask
 from ..stats import LSE, TARGET, TemperedLogSumExp
-from ..transforms import Transform
-from . import _params as P
-from .base import Loss, log_prob_target, register
+from ..transforms import CircleMargin
+from .. import _validation as V
+from ._base import Loss, log_prob_target, register
 
 _NORMALIZATIONS = (None, "softplus", "l1")
 
@@ -68,8 +67,8 @@ class LDRKL(Loss):
     """
 
     def __init__(self, lam: float = 1.0, margin: float = 0.1, normalize: str | None = None):
-        self.lam = P.real("ldr_kl", "lam", lam, low=0.0, low_open=True)
-        self.margin = P.real("ldr_kl", "margin", margin)
+        self.lam = V.real("ldr_kl", "lam", lam, low=0.0, low_open=True)
+        self.margin = V.real("ldr_kl", "margin", margin)
         if normalize not in _NORMALIZATIONS:
             raise ValueError(f"ldr_kl: normalize must be one of {_NORMALIZATIONS}, got {normalize!r}")
         self.normalize = normalize
@@ -101,47 +100,6 @@ class LDRKL(Loss):
         return super().dense_row_loss(self.scores(z), rows)
 
 
-class CircleMargin(Transform):
-    r"""Class-level circle-loss reweighting of cosine logits (target-aware, elementwise).
-
-    .. math::
-
-        s_y \mapsto \gamma\, a_p (s_y - (1 - m)), \quad a_p = [1 + m - \mathrm{sg}(s_y)]_+ ;\qquad
-        s_k \mapsto \gamma\, a_n (s_k - m), \quad a_n = [\mathrm{sg}(s_k) + m]_+ \ (k \ne y)
-
-    The weights :math:`a_p, a_n` are detached, so the derivative is :math:`\gamma a_p` (target) or
-    :math:`\gamma a_n` (others).
-    """
-
-    def __init__(self, m: float = 0.25, gamma: float = 256.0):
-        self.m = float(m)
-        self.gamma = float(gamma)
-
-    @property
-    def key(self):
-        return ("CircleMargin", self.m, self.gamma)
-
-    def _is_target(self, z: Tensor, rows: Rows, cols: slice) -> Tensor:
-        local, inside = onehot_mask(rows, cols, z.shape[-1])
-        mask = torch.zeros(z.shape, dtype=torch.bool, device=z.device)
-        if z.shape[-1]:
-            mask.scatter_(-1, local[:, None], inside[:, None])
-        return mask
-
-    def _weights(self, z: Tensor, is_target: Tensor) -> Tensor:
-        zd = z.detach()
-        return torch.where(is_target, (1 + self.m - zd).clamp(min=0), (zd + self.m).clamp(min=0)) * self.gamma
-
-    def forward(self, z, rows, cols):
-        is_target = self._is_target(z, rows, cols)
-        # Built in z's dtype: torch.where on Python scalars would round the shift to float32.
-        shift = is_target.to(z.dtype) * (1.0 - 2.0 * self.m) + self.m
-        return self._weights(z, is_target) * (z - shift)
-
-    def backward_(self, grad, z, rows, cols):
-        return grad.mul_(self._weights(z, self._is_target(z, rows, cols)))
-
-
 @register("circle")
 class Circle(Loss):
     r"""Class-level circle loss: CE over circle-reweighted cosine logits.
@@ -170,8 +128,8 @@ class Circle(Loss):
     """
 
     def __init__(self, m: float = 0.25, gamma: float = 256.0):
-        self.m = P.real("circle", "m", m)
-        self.gamma = P.real("circle", "gamma", gamma, low=0.0, low_open=True)
+        self.m = V.real("circle", "m", m)
+        self.gamma = V.real("circle", "gamma", gamma, low=0.0, low_open=True)
         self._transform = CircleMargin(self.m, self.gamma)
 
     def transforms(self):
@@ -217,7 +175,7 @@ class Encouraging(Loss):
     """
 
     def __init__(self, log_end: float = 0.75):
-        self.log_end = P.real("encouraging", "log_end", log_end, low=0.0, high=1.0, low_open=True)
+        self.log_end = V.real("encouraging", "log_end", log_end, low=0.0, high=1.0, low_open=True)
 
     def statistics(self, rows):
         return (LSE, TARGET)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from ..stats import LSE, SUMSQ, TARGET
-from . import _params as P
-from .base import Loss, log_prob_target, register
+from .. import _validation as V
+from ._base import Loss, log_prob_target, register
 
 
 @register("squentropy")
@@ -38,7 +38,7 @@ class Squentropy(Loss):
         return (LSE, TARGET, SUMSQ)
 
     def row_loss(self, s, rows):
-        P.at_least_classes("squentropy", rows.num_classes)
+        V.at_least_classes("squentropy", rows.num_classes)
         z_y = s[TARGET]
         return s[LSE] - z_y + (s[SUMSQ] - z_y * z_y) / (rows.num_classes - 1)
 
@@ -73,7 +73,7 @@ class MixCE(Loss):
     """
 
     def __init__(self, eta: float = 0.5):
-        self.eta = P.real("mixce", "eta", eta, low=0.0, high=1.0)
+        self.eta = V.real("mixce", "eta", eta, low=0.0, high=1.0)
 
     def statistics(self, rows):
         return (LSE, TARGET)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ..rows import Rows
+from .._rows import Rows
 from ..stats import LSE, TARGET, SoftDot
-from .base import Loss, register
+from ._base import Loss, register
 
 _WEIGHTED_SUM = SoftDot("ones", class_weighted=True)
 _WEIGHTED_PROBS = SoftDot("probs", class_weighted=True)

@@ -2,8 +2,8 @@
 
 Forward computes the statistics of each row and the per-row loss, saving only the logits (which the
 caller holds anyway) and ``[N]`` statistic values. Backward turns the upstream gradient into
-coefficients and applies the statistics' elementwise derivatives: for CE that is one ``exp`` pass and
-a scatter, the same work as ``F.cross_entropy``'s softmax backward.
+coefficients and lets :meth:`Plan.logit_grad` form the logit gradient: for CE that is one fused softmax
+pass and a scatter, the same work as ``F.cross_entropy``'s softmax backward.
 
 Both passes walk the rows in blocks of about ``BLOCK_ELEMENTS`` logits, so every temporary is some MB:
 small enough for the allocator to recycle it from block to block (a fresh ``[N, C]`` temporary costs a
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..rows import Rows, as_float
+from .._rows import Rows, as_float
 from .plan import Plan
 
 
@@ -78,8 +78,11 @@ def dense_row_losses(logits: Tensor, plan: Plan, rows: Rows, *, autograd: bool =
     """Per-row weighted losses ``[N]`` (float32 or float64) for ``[N, C]`` logits.
 
     Whole-row losses, and calls with ``autograd=True`` (a target that needs a gradient), take ordinary
-    autograd through the row; everything else goes through the statistics.
+    autograd through the row; everything else goes through the statistics. A stateful loss observes
+    the rows once, here.
     """
+    if plan.stateful:
+        rows = plan.observe(as_float(logits), rows)
     if autograd or not plan.streamable:
         return plan.autograd_row_losses(as_float(logits), rows)
     return _DenseRowLoss.apply(logits, plan, rows)

@@ -5,7 +5,7 @@ None of these can be written over mergeable row statistics (the normalizer of NF
 ALDR-KL rescales the row by its L1 norm and fits a per-sample temperature to the whole softmax). Each
 sets ``streamable = False`` and implements :meth:`~crossent.losses.Loss.dense_row_loss` with autograd,
 so it runs where a whole row is in memory (the dense and the row-chunked engines); engines that only
-see blocks of the vocabulary refuse it through :meth:`crossent.engine.plan.Plan.require_streamable`.
+see blocks of the vocabulary refuse it by name.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import math
 import torch
 from torch import Tensor
 
-from ..rows import Rows
+from .._rows import Rows
 from ..transforms import apply_all
-from . import _checks
-from .base import Loss, register, resolve
+from .. import _validation as V
+from ._base import Loss, StatefulLoss, register, resolve
 
 
 def _weighted(loss: Tensor, rows: Rows) -> Tensor:
@@ -59,7 +59,7 @@ class NormalizedFocal(Loss):
     streamable = False
 
     def __init__(self, gamma: float = 0.5):
-        self.gamma = _checks.non_negative("gamma", gamma)
+        self.gamma = V.non_negative("gamma", gamma)
 
     def dense_row_loss(self, z: Tensor, rows: Rows) -> Tensor:
         target = rows.require_indices("nfl")
@@ -124,7 +124,7 @@ class LogitClip(Loss):
     streamable = False
 
     def __init__(self, tau: float = 1.0, p: float = 2, base="ce"):
-        self.tau = _checks.positive("tau", tau)
+        self.tau = V.positive("tau", tau)
         p_value = float("inf") if isinstance(p, str) and p.lower() == "inf" else p
         if isinstance(p_value, bool) or not isinstance(p_value, (int, float)) or not p_value >= 1:
             raise ValueError(f"p must be a number >= 1 or float('inf'), got {p!r}")
@@ -137,6 +137,22 @@ class LogitClip(Loss):
     def accepts_probs(self):  # type: ignore[override]
         return self._base.accepts_probs
 
+    @property
+    def stateful(self):  # type: ignore[override]
+        return self._base.stateful
+
+    def _clipped_for_base(self, z: Tensor, rows: Rows) -> Tensor:
+        zc = self.clip(z)
+        if self._base.transforms():
+            zc = apply_all(self._base.transforms(), zc, rows, slice(0, zc.shape[-1]))
+        return zc
+
+    def observe(self, z, rows):
+        return self._base.observe(self._clipped_for_base(z, rows), rows)
+
+    def state_modules(self):
+        return self._base.state_modules()
+
     def clip(self, z: Tensor) -> Tensor:
         """The clipped logits :math:`z \\min(1, \\tau / \\lVert z \\rVert_p)` (rows on the last axis)."""
         norm = _lp_norm(z, self._p)
@@ -146,14 +162,11 @@ class LogitClip(Loss):
         return z * torch.where(over, self.tau / safe, torch.ones_like(norm))
 
     def dense_row_loss(self, z: Tensor, rows: Rows) -> Tensor:
-        zc = self.clip(z)
-        if self._base.transforms():
-            zc = apply_all(self._base.transforms(), zc, rows, slice(0, zc.shape[-1]))
-        return self._base.dense_row_loss(zc, rows)
+        return self._base.dense_row_loss(self._clipped_for_base(z, rows), rows)
 
 
 @register("aldr_kl")
-class AdaptiveLDRKL(Loss):
+class AdaptiveLDRKL(StatefulLoss):
     r"""Adaptive LDR-KL (ALDR-KL) of Zhu, Ying and Yang, with a per-sample temperature kept here.
 
     Each row's scores are the logits rescaled by their mean absolute value,
@@ -166,11 +179,11 @@ class AdaptiveLDRKL(Loss):
 
     The second term is constant for the model (it only makes the value the paper's objective).
 
-    **State.** The loss object stores one temperature per training sample, ``lambdas[j]`` (float64,
-    initialised to :math:`\lambda_0`), keyed by the sample ids passed as
+    **State.** The loss is an ``nn.Module`` that stores one temperature per training sample, the
+    buffer ``lambdas[j]`` (float64, initialised to :math:`\lambda_0`), keyed by the sample ids passed as
     ``crossent.cross_entropy(..., extra={"sample_ids": ids})`` (one non-negative integer per row;
-    the ids of ignored rows are not read). On every evaluation, for each counted row :math:`i` with id
-    :math:`j`, first
+    the ids of ignored rows are not read). On every forward (once, whatever the engine and mode),
+    for each counted row :math:`i` with id :math:`j`, first
 
     .. math::
 
@@ -178,11 +191,12 @@ class AdaptiveLDRKL(Loss):
         \lambda_i = \lambda_0 - \lambda_0 \frac{\sum_k q_k \log(C q_k)}{\alpha \log C}
 
     is computed without gradient (:math:`\lambda^{\text{old}}_j` is the stored value), then
-    ``lambdas[j] = lambda_i`` is written (unless :meth:`eval` was called), and the loss above uses
-    this new, detached :math:`\lambda_i`. Hence :math:`\lambda_i \in (\lambda_0 (1 - 1/\alpha), \lambda_0]`.
+    ``lambdas[j] = lambda_i`` is written (in training mode only: after ``.eval()`` the table never
+    changes), and the loss above uses this new, detached :math:`\lambda_i`. Hence :math:`\lambda_i \in (\lambda_0 (1 - 1/\alpha), \lambda_0]`.
     This is the order of the official ``ALDRLoss_V1``. The ids of the counted rows of one call must be
     distinct. With ``num_samples=None`` the table grows to the largest id seen (new entries start at
-    :math:`\lambda_0`); :meth:`state_dict` / :meth:`load_state_dict` save and restore it.
+    :math:`\lambda_0`); ``state_dict()`` / ``load_state_dict()`` save and restore it (a grown table
+    restores at its saved size), and the ``crossent.nn`` wrappers include it in theirs.
 
     Not reproduced: the official CIFAR-100 variant applies ``softplus`` to the logits first. A row of
     zeros is scored as zeros (the official code divides by zero).
@@ -212,45 +226,41 @@ class AdaptiveLDRKL(Loss):
     streamable = False
 
     def __init__(self, lam0: float = 1.0, margin: float = 0.1, alpha: float = 2.0, num_samples: int | None = None):
-        self.lam0 = _checks.positive("lam0", lam0)
-        self.margin = _checks.real("margin", margin)
-        self.alpha = _checks.real("alpha", alpha)
+        super().__init__()
+        self.lam0 = V.positive("lam0", lam0)
+        self.margin = V.real(None, "margin", margin)
+        self.alpha = V.real(None, "alpha", alpha)
         if not self.alpha > 1:
             raise ValueError(f"alpha must be > 1 (it keeps every lambda above lam0 * (1 - 1/alpha) > 0), got {alpha}")
-        self.num_samples = None if num_samples is None else _checks.count("num_samples", num_samples)
-        self._lambdas = torch.full((self.num_samples or 0,), self.lam0, dtype=torch.float64)
-        self._training = True
+        self.num_samples = None if num_samples is None else V.count("num_samples", num_samples)
+        self.register_buffer("lambdas", torch.full((self.num_samples or 0,), self.lam0, dtype=torch.float64))
+        self._key = f"aldr_kl.lambda.{id(self)}"
 
     # -- state ------------------------------------------------------------------------------------
-    @property
-    def lambdas(self) -> Tensor:
-        """The stored per-sample temperatures ``[num_samples]`` (float64; read-only use)."""
-        return self._lambdas
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # A copy: the table keeps changing in place while training, a saved state must not.
+        destination[prefix + "lambdas"] = self.lambdas.detach().clone()
 
-    def train(self, mode: bool = True) -> AdaptiveLDRKL:
-        """Write the updated temperatures on each evaluation (the default); ``train(False)`` stops it."""
-        self._training = bool(mode)
-        return self
-
-    def eval(self) -> AdaptiveLDRKL:
-        """Stop writing temperatures; evaluations still compute them the same way from the stored ones."""
-        return self.train(False)
-
-    def state_dict(self) -> dict:
-        """``{"lambdas": float64 tensor}``, a copy of the stored temperatures."""
-        return {"lambdas": self._lambdas.detach().clone()}
-
-    def load_state_dict(self, state: dict) -> None:
-        if not isinstance(state, dict) or "lambdas" not in state:
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if not isinstance(state_dict, dict) or "lambdas" not in state_dict:
             raise ValueError("state must be a dict with a 'lambdas' tensor, as returned by state_dict()")
-        lam = state["lambdas"]
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        key = prefix + "lambdas"
+        if key not in state_dict:
+            if strict:
+                missing_keys.append(key)
+            return
+        lam = state_dict[key]
         if not isinstance(lam, Tensor) or lam.dim() != 1 or not lam.is_floating_point():
             raise ValueError("state['lambdas'] must be a 1-D floating-point tensor")
         if self.num_samples is not None and lam.shape[0] != self.num_samples:
             raise ValueError(f"state['lambdas'] has {lam.shape[0]} entries but num_samples is {self.num_samples}")
         if lam.numel() and not bool((lam > 0).all()):
             raise ValueError("state['lambdas'] must be positive")
-        self._lambdas = lam.detach().to(device=self._lambdas.device, dtype=torch.float64).clone()
+        # The table may have grown since it was saved (num_samples=None): restore it at its saved size.
+        self.lambdas = lam.detach().to(device=self.lambdas.device, dtype=torch.float64).clone()
 
     # -- the loss ---------------------------------------------------------------------------------
     def _sample_ids(self, rows: Rows) -> Tensor:
@@ -274,36 +284,47 @@ class AdaptiveLDRKL(Loss):
                 raise ValueError(f"sample id {high} is out of range for num_samples={self.num_samples}")
             if counted.unique().numel() != counted.numel():
                 raise ValueError("sample_ids of the counted rows of one call must be distinct")
-            if high >= self._lambdas.shape[0]:
-                grown = torch.full((high + 1,), self.lam0, dtype=torch.float64, device=self._lambdas.device)
-                grown[: self._lambdas.shape[0]] = self._lambdas
-                self._lambdas = grown
+            if high >= self.lambdas.shape[0]:
+                grown = torch.full((high + 1,), self.lam0, dtype=torch.float64, device=self.lambdas.device)
+                grown[: self.lambdas.shape[0]] = self.lambdas
+                self.lambdas = grown
         return torch.where(rows.valid, ids, torch.zeros_like(ids))
 
-    def dense_row_loss(self, z: Tensor, rows: Rows) -> Tensor:
-        target = rows.require_indices("aldr_kl")
+    def observe(self, z: Tensor, rows: Rows) -> dict[str, Tensor]:
+        """Each counted row's new temperature, from the stored one; written to the table when training."""
+        rows.require_indices("aldr_kl")
         num_classes = z.shape[-1]
         if num_classes < 2:
             raise ValueError(f"aldr_kl needs at least 2 classes, got {num_classes}")
         ids = self._sample_ids(rows)
-        if self._lambdas.device != z.device:
-            self._lambdas = self._lambdas.to(z.device)
-        log_c = math.log(num_classes)
+        if self.lambdas.device != z.device:
+            self.lambdas = self.lambdas.to(z.device)
+        s = self._scores(z)
+        if self.lambdas.numel():
+            lam_old = self.lambdas[ids].to(z.dtype)
+        else:  # nothing stored yet and every row ignored
+            lam_old = torch.full_like(ids, self.lam0, dtype=z.dtype)
+        q = torch.softmax(s / lam_old[:, None], dim=-1) + 1e-5
+        q = q / q.sum(-1, keepdim=True)
+        kl = (q * torch.log(num_classes * q)).sum(-1)
+        lam = self.lam0 - self.lam0 * kl / (self.alpha * math.log(num_classes))
+        if self.training and rows.valid.any():
+            self.lambdas[ids[rows.valid]] = lam[rows.valid].to(torch.float64)
+        return {self._key: lam}
 
-        scale = z.abs().sum(-1, keepdim=True).clamp_min(torch.finfo(z.dtype).tiny) / num_classes
-        s = z / scale
-        with torch.no_grad():
-            if self._lambdas.numel():
-                lam_old = self._lambdas[ids].to(z.dtype)
-            else:  # nothing stored yet and every row ignored
-                lam_old = torch.full_like(ids, self.lam0, dtype=z.dtype)
-            q = torch.softmax(s / lam_old[:, None], dim=-1) + 1e-5
-            q = q / q.sum(-1, keepdim=True)
-            kl = (q * torch.log(num_classes * q)).sum(-1)
-            lam = self.lam0 - self.lam0 * kl / (self.alpha * log_c)
-            if self._training and rows.valid.any():
-                self._lambdas[ids[rows.valid]] = lam[rows.valid].to(torch.float64)
+    @staticmethod
+    def _scores(z: Tensor) -> Tensor:
+        scale = z.abs().sum(-1, keepdim=True).clamp_min(torch.finfo(z.dtype).tiny) / z.shape[-1]
+        return z / scale
 
+    def dense_row_loss(self, z: Tensor, rows: Rows) -> Tensor:
+        target = rows.require_indices("aldr_kl")
+        lam = rows.extra.get(self._key)
+        if lam is None:
+            raise RuntimeError("aldr_kl: the engine evaluated the loss without observing the rows first (Plan.observe)")
+        lam = lam.to(z.dtype)
+        log_c = math.log(z.shape[-1])
+        s = self._scores(z)
         s_y = s.gather(-1, target[:, None])
         margins = torch.full_like(s, self.margin).scatter(-1, target[:, None], 0.0)
         ldr = lam * (torch.logsumexp((s - s_y + margins) / lam[:, None], dim=-1) - log_c)

@@ -1,0 +1,202 @@
+"""What one chunk of whole logit rows contributes: statistics, per-row losses, logit gradient.
+
+The row-chunked engine computes a block of logits ``z`` (``[r, V]``, float32 or float64, every column
+of ``r`` rows) and hands it to a *kernel*. Three kernels share one interface,
+``kernel(z, rows, row_scale, source) -> ChunkResult``; ``row_scale`` is the upstream gradient of each
+row's loss (``None``: values only); ``source`` (optional) knows the chunk's factors:
+``source.logit_at(i, j)`` recomputes single raw logits, ``source.row_sums(w)`` gives
+``sum_j w_j z_ij`` as ``e_i . (c^T w)`` (one ``[r, D]`` product instead of a pass over the chunk).
+The kernel may overwrite ``z``. :func:`make_kernel` picks one from the plan's declared structure.
+
+* :class:`FactoredKernel` (the fast path): plans whose statistics are all of the forms
+  ``lse``, ``target``, column sum and ``argmax`` behind an affine transform chain
+  (:attr:`Plan.structure`). It works in place on the chunk buffer and returns the gradient as
+  :meth:`Plan.factors` gives it, ``a_i P_ij + b_i 1[j = y_i] + sum_k s_ki w_kj`` with ``P`` the softmax
+  (written over ``z``). The engine folds ``a``, ``b`` and ``s`` into the small ``[r, D]`` and ``[V]``
+  operands of the matrix products, so on CPU the only pass over the chunk between the matrix products
+  is one fused softmax.
+* :class:`PlanKernel`: any other streamable loss, through :meth:`Plan.statistics` and
+  :meth:`Plan.logit_grad`; a few chunk-sized temporaries.
+* :class:`WholeRowKernel`: losses with ``streamable = False``, by autograd through the chunk's rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..._rows import Rows
+from ...stats import ACC, Form
+from ..plan import Plan
+from ..softmax import FUSED_SOFTMAX_DEVICES, softmax_
+
+
+@dataclass
+class ChunkGrad:
+    """``dL/dz = row_scale[:, None] * matrix + target_coef * onehot(y) + sum_k s_k[:, None] * w_k[None, :]``.
+
+    ``row_scale`` / ``target_coef`` are ``None`` when absent; a ``w`` of ``None`` stands for all ones.
+    """
+
+    matrix: Tensor
+    row_scale: Tensor | None = None
+    target_coef: Tensor | None = None
+    sums: list[tuple[Tensor, Tensor | None]] = field(default_factory=list)
+
+
+@dataclass
+class ChunkResult:
+    loss: Tensor  # [r] weighted per-row losses, zero on ignored rows
+    values: dict  # statistic -> [r]
+    grad: ChunkGrad | None = None
+
+
+class FactoredKernel:
+    """In-place kernel for plans of ``lse``, ``target``, column sums and ``argmax`` behind affine transforms."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.affine = plan.structure.affine
+        self.by_form = plan.structure.by_form
+        self.columns = plan.structure.columns
+
+    @staticmethod
+    def supports(plan: Plan) -> bool:
+        st = plan.structure
+        return (
+            plan.streamable
+            and st.affine is not None
+            and st.only(Form.LOG_SUM_EXP, Form.TARGET, Form.COLUMN_SUM, Form.ARGMAX)
+            and st.has(Form.LOG_SUM_EXP)
+            and st.has(Form.TARGET)
+        )
+
+    def __call__(self, z: Tensor, rows: Rows, row_scale: Tensor | None, source=None) -> ChunkResult:
+        plan, affine, num_classes = self.plan, self.affine, rows.num_classes
+        cols = slice(0, z.shape[1])
+        values: dict = {}
+        if source is not None:
+            for s, w in self.columns:
+                values[s] = affine.of_sums(source.row_sums(w), w, num_classes)
+        affine.apply_(z, cols)
+        for s, w in self.columns:
+            if s not in values:
+                values[s] = (z.sum(1) if w is None else z @ w.to(z.dtype)).to(ACC)
+        ref = rows.target[:, None]  # the target column (0 on ignored rows): a reference for lse
+        z_ref = z.gather(1, ref).squeeze(1).to(ACC)
+        values[self.by_form[Form.TARGET]] = z_ref
+        peak = where = None
+        argmax = self.by_form.get(Form.ARGMAX)
+        if argmax is not None:
+            peak, where = z.max(1)
+            values[argmax] = where
+        elif z.device.type not in FUSED_SOFTMAX_DEVICES:
+            peak = z.amax(1)
+        norm = softmax_(z, peak)
+        lse_stat = self.by_form[Form.LOG_SUM_EXP]
+        if norm is not None:
+            values[lse_stat] = peak.to(ACC) + norm.to(ACC).log()
+        elif where is not None:
+            # p at the row's maximum lies in [1/V, 1]: its log is well conditioned.
+            values[lse_stat] = peak.to(ACC) - z.gather(1, where[:, None]).squeeze(1).to(ACC).log()
+        else:
+            values[lse_stat] = self._lse_from_reference(z, z_ref, ref, source)
+        loss = plan.row_losses(values, rows)
+        if row_scale is None:
+            return ChunkResult(loss, values)
+
+        # Coefficients (float64, like the statistics) become row factors in the logits' dtype.
+        f = plan.factors(plan.coefficients(values, rows, row_scale)).scaled(affine.scale)
+        dtype = z.dtype
+        a = f.softmax if f.softmax is not None else torch.zeros_like(values[lse_stat])
+        if norm is not None:
+            a = a / norm.to(a.dtype)
+        b = f.onehot
+        sums = [(s.to(dtype), w) for s, w in f.columns]
+        return ChunkResult(loss, values, ChunkGrad(z, a.to(dtype), None if b is None else b.to(dtype), sums))
+
+    def _lse_from_reference(self, p: Tensor, z_ref: Tensor, ref: Tensor, source) -> Tensor:
+        """``lse = z_k - log p_k`` for a column ``k`` with ``p_k`` well away from underflow.
+
+        The target column serves almost always (it spares a separate ``max`` pass over the chunk,
+        the softmax kernel finds the maximum itself). Rows whose target probability is below
+        ``_TINY`` use their most probable column instead (``p >= 1/V``), whose logit is recomputed
+        as one dot product.
+        """
+        p_ref = p.gather(1, ref).squeeze(1)
+        lse = z_ref - p_ref.to(ACC).log()
+        small = (p_ref < _TINY).nonzero().squeeze(1)
+        if small.numel():
+            p_top, k = p.index_select(0, small).max(1)
+            z_top = self.affine.at(source.logit_at(small, k), k).to(ACC)
+            lse[small] = z_top - p_top.to(ACC).log()
+        return lse
+
+
+#: Below this a float32 probability has lost relative precision to underflow (exp(-69)).
+_TINY = 1e-30
+
+
+class PlanKernel:
+    """Any streamable loss through the generic :class:`Plan` methods (allocates per statistic)."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+
+    def __call__(self, z: Tensor, rows: Rows, row_scale: Tensor | None, source=None) -> ChunkResult:
+        plan = self.plan
+        cols = slice(0, z.shape[1])
+        zt = plan.transform(z, rows, cols)
+        values = plan.statistics(zt, rows)
+        del zt
+        loss = plan.row_losses(values, rows)
+        if row_scale is None:
+            return ChunkResult(loss, values)
+        coefs = plan.coefficients(values, rows, row_scale)
+        return ChunkResult(loss, values, ChunkGrad(plan.logit_grad(z, rows, values, coefs, cols)))
+
+
+class WholeRowKernel:
+    """Losses that need whole rows (``streamable = False``): autograd through the chunk.
+
+    ``extra_stats`` (``lse`` / ``argmax`` for ``return_stats``) are computed from the transformed rows.
+    """
+
+    def __init__(self, plan: Plan, extra_stats=()):
+        self.plan = plan
+        self.extra_stats = tuple(extra_stats)
+
+    def __call__(self, z: Tensor, rows: Rows, row_scale: Tensor | None, source=None) -> ChunkResult:
+        plan = self.plan
+        values = {}
+        if self.extra_stats:
+            with torch.no_grad():
+                zt = plan.transform(z, rows, slice(0, z.shape[1]))
+                values = {s: s.compute(zt, rows) for s in self.extra_stats}
+                del zt
+        if row_scale is None:
+            with torch.no_grad():
+                return ChunkResult(plan.autograd_row_losses(z, rows), values)
+        with torch.enable_grad():
+            leaf = z.detach().requires_grad_()
+            loss = plan.autograd_row_losses(leaf, rows)
+            if loss.requires_grad:
+                (grad,) = torch.autograd.grad(loss, leaf, row_scale.to(loss.dtype))
+            else:
+                grad = torch.zeros_like(z)
+        return ChunkResult(loss.detach(), values, ChunkGrad(grad))
+
+
+def make_kernel(plan: Plan, extra_stats=()):
+    """The fastest kernel for ``plan``, chosen from its declared structure.
+
+    ``extra_stats``: statistics to report besides the loss; a streamable plan must already compute
+    them (:meth:`Plan.with_statistics`), a whole-row kernel computes them itself.
+    """
+    if not plan.streamable:
+        return WholeRowKernel(plan, extra_stats)
+    if FactoredKernel.supports(plan):
+        return FactoredKernel(plan)
+    return PlanKernel(plan)
