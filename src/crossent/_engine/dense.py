@@ -83,6 +83,7 @@ def dense_row_losses(logits: Tensor, plan: Plan, rows: Rows, *, autograd: bool =
     """
     if plan.stateful:
         rows = plan.observe(as_float(logits), rows)
+        plan.commit(rows)
     if autograd or not plan.streamable:
         return plan.autograd_row_losses(as_float(logits), rows)
     return _DenseRowLoss.apply(logits, plan, rows)

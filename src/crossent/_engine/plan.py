@@ -133,11 +133,11 @@ class Plan:
 
     # -- state ------------------------------------------------------------------------------------
     def observe(self, z: Tensor, rows: Rows) -> Rows:
-        """Let a stateful loss see whole raw logit rows ``z`` once and return ``rows`` carrying its observations.
+        """Let a stateful loss see whole raw logit rows ``z``; return ``rows`` carrying its observations.
 
-        The loss updates its state here (in training mode), and its formula reads the per-row
-        observations from the returned rows, so an engine that evaluates a row twice (recompute
-        paths) passes the observed rows to the second evaluation and the state moves once.
+        Engines observe every row once per forward (in one block or several), then :meth:`commit`
+        once. The formula reads the observations from the returned rows, so an engine that evaluates
+        a row twice (recompute paths) passes the observed rows to the second evaluation.
         """
         if not self.stateful:
             return rows
@@ -145,6 +145,12 @@ class Plan:
             zt = self.transform(z, rows, slice(0, z.shape[-1]))
             seen = self.loss.observe(zt, rows)
         return replace(rows, extra={**rows.extra, **seen})
+
+    def commit(self, rows: Rows) -> None:
+        """The stateful loss's one state update of a forward, from every row's observations."""
+        if self.stateful:
+            with torch.no_grad():
+                self.loss.commit(rows)
 
     # -- forward --------------------------------------------------------------------------------
     def transform(self, z: Tensor, rows: Rows, cols: slice) -> Tensor:

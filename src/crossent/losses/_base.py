@@ -10,8 +10,9 @@ A loss that cannot be written over mergeable statistics sets ``streamable = Fals
 
 A loss with state (per-sample temperatures, running averages) subclasses :class:`StatefulLoss`, an
 ``nn.Module``: its state lives in buffers (``state_dict``, ``.to()``, ``train()``/``eval()``), and it
-updates that state only in :meth:`Loss.observe`, which every engine calls exactly once per row and
-forward; the formula reads what ``observe`` returned, never the state directly.
+reads it in :meth:`Loss.observe` (once per row and forward, possibly block by block) and updates it in
+:meth:`Loss.commit` (once per forward, with every row's observations); the formula reads what
+``observe`` returned, never the state directly.
 """
 
 from __future__ import annotations
@@ -103,13 +104,21 @@ class Loss:
 
     # -- state ----------------------------------------------------------------------------------
     def observe(self, z: Tensor, rows: Rows) -> dict[str, Tensor]:
-        """See whole transformed logit rows ``z`` once per forward; return per-row tensors for the formula.
+        """Per-row tensors for the formula, from whole transformed logit rows ``z`` and the current state.
 
-        Only stateful losses observe. Engines call this through :meth:`Plan.observe`, exactly once
-        per row and forward, under ``no_grad``; the returned tensors (``[N, ...]``, keyed by names unique
-        to this loss object) reach the formula in ``rows.extra``.
+        Only stateful losses observe. Engines call this through :meth:`Plan.observe` exactly once per
+        row and forward (an engine may observe a forward's rows in several blocks), under ``no_grad``;
+        it must not change the state. The returned tensors (``[N, ...]``, keyed by names unique to
+        this loss object) reach the formula, and :meth:`commit`, in ``rows.extra``.
         """
         return {}
+
+    def commit(self, rows: Rows) -> None:
+        """Update the state from the observations of every row of one forward (``rows.extra``).
+
+        Called once per forward by every engine (:meth:`Plan.commit`), after all rows were observed;
+        a stateful loss updates only here, and only in training mode.
+        """
 
     def state_modules(self) -> list[nn.Module]:
         """The ``nn.Module`` parts of this loss that hold state (for module wrappers to register)."""
@@ -175,6 +184,10 @@ class SumLoss(Loss):
             seen.update(t.observe(z, rows))
         return seen
 
+    def commit(self, rows):
+        for t in self.terms:
+            t.commit(rows)
+
     def state_modules(self):
         return [m for t in self.terms for m in t.state_modules()]
 
@@ -220,6 +233,9 @@ class ScaledLoss(Loss):
     def observe(self, z, rows):
         return self.loss.observe(z, rows)
 
+    def commit(self, rows):
+        self.loss.commit(rows)
+
     def state_modules(self):
         return self.loss.state_modules()
 
@@ -261,6 +277,9 @@ class Transformed(Loss):
     def observe(self, z, rows):
         return self.loss.observe(z, rows)
 
+    def commit(self, rows):
+        self.loss.commit(rows)
+
     def state_modules(self):
         return self.loss.state_modules()
 
@@ -283,9 +302,9 @@ class Transformed(Loss):
 class StatefulLoss(Loss, nn.Module):
     """Base class of losses with state: an ``nn.Module`` whose buffers hold the state.
 
-    Subclasses call ``super().__init__()`` first, register their state as buffers, set
-    ``streamable = False`` (observing needs whole rows), update the state only in :meth:`observe`
-    and only when ``self.training``; their formula reads the observations from ``rows.extra``.
+    Subclasses call ``super().__init__()`` first, register their state as buffers, read it in
+    :meth:`observe` (whole rows: such a loss is not streamable), update it only in :meth:`commit` and
+    only when ``self.training``; their formula reads the observations from ``rows.extra``.
     Module wrappers (``crossent.nn``) register them, so their ``state_dict``, ``train()`` and
     ``eval()`` reach the state.
     """

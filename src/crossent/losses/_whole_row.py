@@ -150,6 +150,9 @@ class LogitClip(Loss):
     def observe(self, z, rows):
         return self._base.observe(self._clipped_for_base(z, rows), rows)
 
+    def commit(self, rows):
+        self._base.commit(rows)
+
     def state_modules(self):
         return self._base.state_modules()
 
@@ -291,7 +294,7 @@ class AdaptiveLDRKL(StatefulLoss):
         return torch.where(rows.valid, ids, torch.zeros_like(ids))
 
     def observe(self, z: Tensor, rows: Rows) -> dict[str, Tensor]:
-        """Each counted row's new temperature, from the stored one; written to the table when training."""
+        """Each counted row's new temperature, from the stored one (the table is written in :meth:`commit`)."""
         rows.require_indices("aldr_kl")
         num_classes = z.shape[-1]
         if num_classes < 2:
@@ -308,9 +311,13 @@ class AdaptiveLDRKL(StatefulLoss):
         q = q / q.sum(-1, keepdim=True)
         kl = (q * torch.log(num_classes * q)).sum(-1)
         lam = self.lam0 - self.lam0 * kl / (self.alpha * math.log(num_classes))
+        return {self._key: lam, self._key + ".ids": ids}
+
+    def commit(self, rows: Rows) -> None:
+        """``lambdas[id] = lambda`` for every counted row of the forward (training mode only)."""
         if self.training and rows.valid.any():
-            self.lambdas[ids[rows.valid]] = lam[rows.valid].to(torch.float64)
-        return {self._key: lam}
+            ids = rows.extra[self._key + ".ids"]
+            self.lambdas[ids[rows.valid]] = rows.extra[self._key][rows.valid].to(torch.float64)
 
     @staticmethod
     def _scores(z: Tensor) -> Tensor:

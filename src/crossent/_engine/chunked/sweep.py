@@ -87,6 +87,7 @@ class Sweep:
                 self.gradients.add(ops.op, ops.row_factors, ops.sums, e_c, sel)
         if self._observe_rows:
             selection.add_extra(self._observations)
+            job.plan.commit(selection.active)
             job.observed = True
         if not job.stat_values:
             job.stat_values = self.stats
