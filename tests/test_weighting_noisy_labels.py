@@ -6,7 +6,7 @@ import torch
 
 import crossent as xe
 from crossent.weighting import RENT, DirichletWeightSampling, estimate_transition_matrix
-from crossent.weighting.noisy_labels import _anchor_below_percentile
+from crossent.weighting._noisy_labels import _anchor_below_percentile
 
 
 def ref_estimate(eta, percentile, labels=None):

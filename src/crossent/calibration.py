@@ -69,3 +69,6 @@ class TemperatureScaling:
 
     def __repr__(self) -> str:
         return f"TemperatureScaling(temperature={self.temperature:.4g})"
+
+
+__all__ = ["TemperatureScaling"]

@@ -432,3 +432,12 @@ def merge_states(stat: Statistic, states: list[State]) -> State:
     for s in states[1:]:
         acc = stat.merge(acc, s)
     return acc
+
+
+__all__ = [
+    "Form", "Statistic", "State", "ACC",
+    "LogSumExp", "TargetLogit", "Sum", "SumSquares", "SoftDot", "TemperedLogSumExp", "ProbDotLogit",
+    "SumProbPower", "ArgMax",
+    "LSE", "TARGET", "SUM", "SUMSQ", "P_DOT_Z", "ARGMAX",
+    "row_logsumexp", "softmax_from_lse", "with_requirements", "merge_states",
+]  # fmt: skip

@@ -238,3 +238,9 @@ def backward_all(transforms, grad: Tensor, z: Tensor, rows: Rows, cols: slice) -
     for t, x in zip(reversed(transforms), reversed(inputs)):
         grad = t.backward_(grad, x, rows, cols)
     return grad
+
+
+__all__ = [
+    "Transform", "Affine", "Tanh", "Softcap", "Temperature", "ClassBias", "CircleMargin",
+    "affine_chain", "apply_all", "backward_all",
+]  # fmt: skip

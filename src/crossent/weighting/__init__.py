@@ -28,17 +28,17 @@ losses ``forward_correction`` / ``backward_correction``), re-exported here with
 """
 
 from ._base import Strategy
-from .bias import BiasLossWeights, bias_loss_weights
-from .long_tail import ClassBalanced, LogitAdjustment
-from .mixce import MixCEWeights
-from .noisy_labels import (
+from ._bias import BiasLossWeights, bias_loss_weights
+from ._long_tail import ClassBalanced, LogitAdjustment
+from ._mixce import MixCEWeights
+from ._noisy_labels import (
     RENT,
     BackwardCorrection,
     DirichletWeightSampling,
     ForwardCorrection,
     estimate_transition_matrix,
 )
-from .pretraining import DoReMi, LossReweighting, sequence_losses
+from ._pretraining import DoReMi, LossReweighting, sequence_losses
 
 __all__ = [
     "Strategy",

@@ -1,0 +1,183 @@
+"""The public surface: what ``import crossent`` costs and exposes, and docs that agree with the code.
+
+* ``import crossent`` does not import ``torch._dynamo`` (about a second and 150 MiB) or optional extras.
+* Every public module has an ``__all__`` whose names resolve; implementation modules are underscored.
+* The loss tables of the README and docs list exactly the registry, with the right streamability and,
+  in docs/losses.md, the constructor's defaults.
+* Every ``python`` code block of the README and docs/ runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import crossent as xe
+
+ROOT = Path(__file__).resolve().parent.parent
+PUBLIC_MODULES = [
+    "crossent",
+    "crossent.functional",
+    "crossent.linear",
+    "crossent.nn",
+    "crossent.losses",
+    "crossent.stats",
+    "crossent.transforms",
+    "crossent.targets",
+    "crossent.weighting",
+    "crossent.calibration",
+    "crossent.distributed",
+    "crossent.adversarial",
+]
+#: Public subpackages and modules reachable as attributes; anything else must be underscored.
+ALLOWED_SUBMODULES = {m.rsplit(".", 1)[-1] for m in PUBLIC_MODULES} | {"bench", "cli", "experiments"}
+
+
+def _import_in_fresh_process(code: str) -> str:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"}, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_import_does_not_pull_in_dynamo_or_extras():
+    modules = ", ".join(repr(m) for m in PUBLIC_MODULES)
+    code = (
+        "import importlib, sys\n"
+        f"for m in [{modules}]: importlib.import_module(m)\n"
+        "heavy = ['torch._dynamo', 'torch._inductor', 'triton', 'transformers', 'matplotlib', 'sklearn']\n"
+        "print(','.join(h for h in heavy if h in sys.modules))"
+    )
+    assert _import_in_fresh_process(code) == ""
+
+
+@pytest.mark.parametrize("name", PUBLIC_MODULES)
+def test_public_modules_declare_all(name):
+    module = importlib.import_module(name)
+    assert hasattr(module, "__all__"), f"{name} has no __all__"
+    for item in module.__all__:
+        assert hasattr(module, item), f"{name}.__all__ names {item!r}, which does not exist"
+
+
+@pytest.mark.parametrize("name", ["crossent", "crossent.losses", "crossent.weighting"])
+def test_implementation_modules_are_underscored(name):
+    module = importlib.import_module(name)
+    for attr in dir(module):
+        value = getattr(module, attr)
+        if inspect.ismodule(value) and value.__name__.startswith("crossent") and not attr.startswith("_"):
+            assert attr in ALLOWED_SUBMODULES, f"{name}.{attr} is an implementation module without an underscore"
+
+
+def test_no_engine_tests_the_type_of_a_loss_statistic_or_transform():
+    """Engines read declared structure (Plan.structure), never the classes of the parts."""
+    forbidden = re.compile(r"isinstance\([^)]*,\s*\(?\s*(Temperature|ClassBias|Softcap|LogSumExp|TargetLogit|Sum|SoftDot|"
+                           r"SumSquares|CrossEntropy|ZLoss|Loss|Statistic|Transform)\b")  # fmt: skip
+    for path in (ROOT / "src/crossent/_engine").rglob("*.py"):
+        assert not forbidden.search(path.read_text()), path
+
+
+# -- loss tables -------------------------------------------------------------------------------------------------
+
+
+def _table_rows(path: Path, heading: str | None = None):
+    """``(names, cells)`` per row of the first markdown table (after ``heading``) whose header starts with ``name``."""
+    text = path.read_text()
+    if heading is not None:
+        text = text[text.index(heading) :]
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| name |"))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        names = re.findall(r"`([a-z0-9_]+)`", cells[0])
+        rows.append((names, dict(zip(header, cells))))
+    return rows
+
+
+def test_readme_loss_table_is_the_registry():
+    rows = _table_rows(ROOT / "README.md", "## Losses")
+    listed = [n for names, _ in rows for n in names]
+    assert sorted(listed) == xe.losses.available()
+    for names, cells in rows:
+        for n in names:
+            streams = cells["streams"]
+            default = _instance(n)
+            if streams == "yes" or streams.startswith("yes"):
+                assert default.streamable, n
+            elif streams == "no":
+                assert not default.streamable, n
+
+
+def _instance(name):
+    if name in ("forward_correction", "backward_correction"):
+        return xe.losses.get(name, T=torch.eye(3))
+    return xe.losses.get(name)
+
+
+def test_docs_loss_tables_are_the_registry():
+    streamed = _table_rows(ROOT / "docs/losses.md")
+    whole = _table_rows(ROOT / "docs/losses_whole_row.md")
+    listed = [n for names, _ in streamed + whole for n in names]
+    weighting = (ROOT / "docs/weighting.md").read_text()
+    elsewhere = [n for n in xe.losses.available() if f"`{n}`" in weighting and n not in listed]
+    assert sorted(listed + elsewhere) == xe.losses.available()
+    for names, _ in whole:
+        for n in names:
+            assert not _instance(n).streamable, n
+
+
+def _documented_defaults(cell: str) -> dict:
+    out = {}
+    for key, value in re.findall(r"`([A-Za-z_]+)=([^`]*)`", cell):
+        out[key] = value
+    return out
+
+
+def _same_default(documented: str, actual) -> bool:
+    try:
+        value = eval(documented, {"log": math.log, "inf": math.inf, "None": None})  # noqa: S307 - doc text we wrote
+    except Exception:
+        return str(actual) == documented.strip("'\"")
+    if isinstance(actual, float) or isinstance(value, float):
+        return actual is not None and value is not None and math.isclose(float(value), float(actual), rel_tol=1e-9)
+    return value == actual
+
+
+def test_docs_hyperparameter_defaults_match_the_constructors():
+    for names, cells in _table_rows(ROOT / "docs/losses.md"):
+        documented = _documented_defaults(cells["hyperparameters (defaults)"])
+        for n in names:
+            params = inspect.signature(xe.losses.registered()[n]).parameters
+            for key, value in documented.items():
+                assert key in params, f"docs/losses.md: {n} has no hyperparameter {key}"
+                assert _same_default(value, params[key].default), f"docs/losses.md: {n}.{key} = {value}, code: {params[key].default!r}"
+            required = [k for k, p in params.items() if p.default is inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD]
+            assert not required, f"{n} requires {required} but docs/losses.md lists defaults only"
+
+
+# -- code blocks ---------------------------------------------------------------------------------------------------
+
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+@pytest.mark.parametrize("path", DOCS, ids=[p.name for p in DOCS])
+def test_docs_code_blocks_run(path):
+    """The ``python`` blocks of one document run in order in one namespace, as a reader would paste them."""
+    text = path.read_text()
+    namespace = {"__name__": f"docs_{path.stem}"}
+    torch.manual_seed(0)
+    for match in re.finditer(r"```python\n(.*?)```", text, re.S):
+        line = text[: match.start()].count("\n") + 2
+        exec(compile(match.group(1), f"{path.name}:{line}", "exec"), namespace)  # noqa: S102 - our own docs
