@@ -17,6 +17,7 @@ from crossent.stats import (
     SumProbPower,
     TemperedLogSumExp,
     merge_states,
+    number,
     with_requirements,
 )
 
@@ -77,12 +78,17 @@ def values_for(stat, z, rows):
     return {s: s.compute(z, rows) for s in with_requirements([stat])}
 
 
+def value(stat, z, rows):
+    """The statistic over whole rows as one number per row (anchored pairs summed)."""
+    return number(stat, stat.compute(z, rows), rows)
+
+
 @pytest.mark.parametrize("stat", DIFFERENTIABLE, ids=repr)
 @pytest.mark.parametrize("weighted", [False, True])
 def test_value_matches_definition(stat, weighted):
     rows = make_rows(6, 11, weighted=weighted)
     z = torch.randn(6, 11, dtype=torch.float64) * 3
-    torch.testing.assert_close(stat.compute(z, rows), definition(stat, z, rows), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(value(stat, z, rows), definition(stat, z, rows), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("stat", DIFFERENTIABLE + [ARGMAX], ids=repr)
@@ -93,8 +99,8 @@ def test_merging_chunks_equals_whole_row(stat, c, cuts, scale):
     z = torch.randn(5, c, dtype=torch.float64, generator=torch.Generator().manual_seed(c)) * scale
     bounds = sorted({0, c, *[k for k in cuts if k < c]})
     states = [stat.partial(z[:, a:b], rows, slice(a, b)) for a, b in zip(bounds, bounds[1:])]
-    merged = stat.finalize(merge_states(stat, states))
-    whole = stat.compute(z, rows)
+    merged = number(stat, stat.finalize(merge_states(stat, states)), rows)
+    whole = value(stat, z, rows)
     if stat == ARGMAX:
         assert torch.equal(merged, whole)
     else:
@@ -107,7 +113,9 @@ def test_merge_order_does_not_matter_for_disjoint_chunks():
     for stat in (LSE, P_DOT_Z, SumProbPower(1.5), ARGMAX):
         a = stat.partial(z[:, :5], rows, slice(0, 5))
         b = stat.partial(z[:, 5:], rows, slice(5, 12))
-        torch.testing.assert_close(stat.finalize(stat.merge(a, b)), stat.finalize(stat.merge(b, a)))
+        torch.testing.assert_close(
+            number(stat, stat.finalize(stat.merge(a, b)), rows), number(stat, stat.finalize(stat.merge(b, a)), rows)
+        )
 
 
 def test_argmax_takes_first_of_ties_across_chunks():
@@ -124,7 +132,7 @@ class _StatWithDerivative(torch.autograd.Function):
     def forward(ctx, z, stat, rows, cols):
         ctx.save_for_backward(z)
         ctx.stat, ctx.rows, ctx.cols = stat, rows, cols
-        return stat.compute(z, rows)
+        return value(stat, z, rows)
 
     @staticmethod
     def backward(ctx, grad):
@@ -146,7 +154,7 @@ def test_derivative_on_column_chunks_equals_autograd(stat):
     rows = make_rows(4, 10, weighted=True)
     z = (torch.randn(4, 10, dtype=torch.float64) * 2).requires_grad_()
     coef = torch.randn(4, dtype=torch.float64)
-    (expected,) = torch.autograd.grad((stat.compute(z, rows) * coef).sum(), z)
+    (expected,) = torch.autograd.grad((value(stat, z, rows) * coef).sum(), z)
     values = values_for(stat, z.detach(), rows)
     pieces = [
         stat.add_grad(None, z.detach()[:, a:b], coef, values, rows, slice(a, b))

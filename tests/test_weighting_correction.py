@@ -7,6 +7,7 @@ import torch.nn.functional as F
 import crossent as xe
 from crossent.losses._correction import TargetRowDot, TargetRowLogSumExp
 from crossent._rows import Rows
+from crossent.stats import number
 
 EPS = 1e-7
 
@@ -173,17 +174,18 @@ def test_streaming_statistics_merge_and_gradient_by_chunks(stat_name, dtype):
     z64 = 3 * torch.randn(n, c, generator=gen, dtype=torch.float64)
     z64.requires_grad_()
     rows = Rows(num_classes=c, target=torch.tensor([0, 6, 3, 3]), valid=torch.ones(n, dtype=torch.bool))
-    whole = stat.compute(z64, rows)
+    whole_value = stat.compute(z64, rows)
+    whole = number(stat, whole_value, rows)
     assert whole.dtype == torch.float64
     z = z64.detach().to(dtype)
     tol = 1e-12 if dtype == torch.float64 else 2e-6
     parts = [stat.partial(z[:, s], rows, s) for s in (slice(0, 3), slice(3, 5), slice(5, 7))]
-    merged = stat.finalize(stat.merge(stat.merge(parts[0], parts[1]), parts[2]))
+    merged = number(stat, stat.finalize(stat.merge(stat.merge(parts[0], parts[1]), parts[2])), rows)
     assert merged.dtype == torch.float64  # statistic values are float64 whatever the logits' dtype
     torch.testing.assert_close(merged, whole.detach(), rtol=tol, atol=tol)
     coef = torch.randn(n, generator=gen, dtype=torch.float64)
     (g_ref,) = torch.autograd.grad(whole, z64, coef)
-    blocks = [stat.add_grad(None, z[:, s], coef, {stat: whole.detach()}, rows, s) for s in (slice(0, 4), slice(4, 7))]
+    blocks = [stat.add_grad(None, z[:, s], coef, {stat: whole_value.detach()}, rows, s) for s in (slice(0, 4), slice(4, 7))]
     assert blocks[0].dtype == dtype
     torch.testing.assert_close(torch.cat(blocks, 1).double(), g_ref, rtol=tol, atol=tol)
 

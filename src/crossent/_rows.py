@@ -25,6 +25,9 @@ class Rows:
         probs: ``[N, C]`` float class-probability target, or ``None`` for class indices.
         class_weight: ``[C]`` float32 per-class weight (PyTorch's ``weight``), or ``None``.
         extra: per-row tensors that particular losses need (``[N, ...]``); sliced with the rows.
+        peak: ``[N]`` maxima of the (transformed) logit block the statistics are about to see, when
+            the engine took them (:meth:`Plan.statistics`, :meth:`Plan.partial_states`); statistics
+            measure from them instead of taking the maximum again. ``None`` otherwise.
     """
 
     num_classes: int
@@ -33,6 +36,7 @@ class Rows:
     probs: Tensor | None = None
     class_weight: Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    peak: Tensor | None = None
 
     @property
     def num_rows(self) -> int:
@@ -60,6 +64,7 @@ class Rows:
             valid=self.valid[index],
             probs=cut(self.probs),
             extra={k: cut(v) for k, v in self.extra.items()},
+            peak=cut(self.peak),
         )
 
     def require_indices(self, who: str) -> Tensor:

@@ -17,10 +17,14 @@ gradient term in its own fused way, without asking which class it is; a statisti
 the generic path (``partial`` / ``merge`` / ``add_grad``), which every engine also supports.
 
 Precision: the elementwise work runs in the dtype of ``z`` (float32 for half inputs), but every
-statistic's value and state is float64. They are only ``[N]`` tensors, and it keeps formulas such as
-``lse - z_y`` free of cancellation at large logits (``lse`` of logits near 1e4 has a float32 spacing of
-1e-3). The softmax is rebuilt as ``exp(z - hi) * exp(-lo)`` with ``lse = hi + lo`` split into a float32
-head and a float64 tail, so it is as accurate as a max-subtracted softmax.
+statistic's value and state is float64, and values that move with the logits are *anchored*: a value
+is either one float64 number per row (``[N]``) or the pair ``(r, x)`` (``[N, 2]``) standing for
+``x + d r``, with ``r`` a logit-scale reference of the row (its maximum) and ``d`` the statistic's
+:meth:`Statistic.shift`. ``lse`` is the pair ``(max, log sum_j exp(z_j - max))``; column sums are
+measured from the row's maximum. A formula that declares itself shift-invariant then reads every value
+relative to one anchor per row (:func:`formula_values`), so ``lse - z_y`` is ``log sum - (z_y - max)``
+with no cancellation for any finite logits (ties at 1e30 included), and the softmax is rebuilt as
+``exp(z - hi) * exp(-lo)`` from the pair (:func:`split_lse`), as accurate as a max-subtracted softmax.
 
 A statistic is a value object: two instances with the same ``key`` are the same statistic and are
 computed once, however many terms of a composed loss ask for it.
@@ -69,6 +73,24 @@ class Statistic:
         """For :attr:`Form.COLUMN_SUM`: the ``[C]`` class vector ``w`` (``None`` stands for ones)."""
         raise NotImplementedError
 
+    def shift(self, rows: Rows) -> float | Tensor | None:
+        """How the value moves when a constant ``t`` is added to every logit of a row.
+
+        Returns ``d`` with ``S(z + t) = S(z) + d t`` (a number, or one per row), or ``None`` when the
+        statistic does not move that way (a sum of squares) or does not say. The default follows the
+        form: ``lse`` and the target logit move by ``t``, a column sum by ``sum_j w_j t``, the argmax not.
+        An anchored pair value ``(r, x)`` stands for ``x + d r``.
+        """
+        form = self.form(rows)
+        if form is Form.LOG_SUM_EXP or form is Form.TARGET:
+            return 1.0
+        if form is Form.COLUMN_SUM:
+            w = self.column_weights(rows)
+            return float(rows.num_classes) if w is None else w.to(ACC).sum()
+        if form is Form.ARGMAX:
+            return 0.0
+        return None
+
     @property
     def key(self) -> tuple:
         return (type(self).__name__,)
@@ -108,25 +130,141 @@ class Statistic:
 
 
 ACC = torch.float64
+_NEG_INF = float("-inf")
 
 
-def row_logsumexp(z: Tensor) -> Tensor:
-    """``log sum_j exp z_j`` per row as float64, from a max-subtracted sum in ``z``'s dtype."""
+# -- anchored values -------------------------------------------------------------------------------
+def anchored(r: Tensor, x: Tensor) -> Tensor:
+    """The pair ``(r, x)`` as one ``[N, 2]`` float64 value, standing for ``x + d r`` (``d``: the shift)."""
+    return torch.stack((r.to(ACC), x.to(ACC)), -1)
+
+
+def number(stat: Statistic, value: Tensor, rows: Rows) -> Tensor:
+    """The value as one number per row: ``x + d r`` for an anchored pair, the value itself otherwise."""
+    return value if value.dim() < 2 else _absolute(value, stat.shift(rows))
+
+
+def relative(stat: Statistic, value: Tensor, rows: Rows, anchor: Tensor) -> Tensor:
+    """``S - d * anchor`` (``anchor``: one logit-scale number per row), without forming ``S`` first."""
+    return _relative(value, stat.shift(rows), anchor)
+
+
+def _absolute(value: Tensor, d) -> Tensor:
+    r, x = value.unbind(-1)
+    return x + r if isinstance(d, float) and d == 1.0 else x + d * r
+
+
+def _relative(value: Tensor, d, anchor: Tensor) -> Tensor:
+    if value.dim() < 2:
+        return value if isinstance(d, float) and d == 0.0 else value - d * anchor
+    r, x = value.unbind(-1)
+    return x + d * (r - anchor)
+
+
+def anchor_of(values: dict, rows: Rows) -> Tensor | None:
+    """The per-row anchor of :func:`formula_values`: the head of ``lse`` (the row maximum), else the
+    target logit; ``None`` when the values hold neither."""
+    by_form = {s.form(rows): v for s, v in values.items()}
+    lse = by_form.get(Form.LOG_SUM_EXP)
+    if lse is not None:
+        return lse[:, 0] if lse.dim() == 2 else lse
+    return by_form.get(Form.TARGET)
+
+
+def formula_values(values: dict, rows: Rows, shift_invariant: bool) -> dict:
+    """The numbers a loss formula reads (``[N]`` per statistic) from the statistics' values.
+
+    A shift-invariant formula (one whose value does not change when a constant is added to every logit
+    of a row) reads each value relative to one anchor per row, ``S - d * anchor``: for such a formula
+    the result is the same and nothing large cancels, however large the logits. Any other formula, or
+    one reading a statistic that does not state its :meth:`~Statistic.shift`, reads the values
+    themselves. Non-differentiable statistics (the argmax) pass through.
+    """
+    shifts = {s: s.shift(rows) for s, v in values.items() if s.differentiable and (shift_invariant or v.dim() == 2)}
+    anchor = anchor_of(values, rows) if shift_invariant else None
+    if anchor is not None and all(d is not None for d in shifts.values()):
+        anchor = anchor.detach()
+        return {s: _relative(v, shifts[s], anchor) if s.differentiable else v for s, v in values.items()}
+    return {s: _absolute(v, shifts[s]) if v.dim() == 2 and s.differentiable else v for s, v in values.items()}
+
+
+# -- log-sum-exp and the softmax ---------------------------------------------------------------------
+def row_logsumexp(z: Tensor, peak: Tensor | None = None) -> Tensor:
+    """``log sum_j exp z_j`` per row as the anchored pair ``(max, log sum_j exp(z_j - max))``, float64.
+
+    ``peak`` (optional): the row maxima, when already known. A row of ``-inf`` only (or no columns) is
+    ``(-inf, -inf)``: it adds nothing when merged with other columns.
+    """
     if z.shape[-1] == 0:
-        return torch.full(z.shape[:-1], float("-inf"), dtype=ACC, device=z.device)
-    m = z.amax(dim=-1, keepdim=True)
-    s = (z - m).exp_().sum(-1)
-    return m.squeeze(-1).to(ACC) + torch.log(s.to(ACC))
+        empty = torch.full(z.shape[:-1], _NEG_INF, dtype=ACC, device=z.device)
+        return torch.stack((empty, empty), -1)
+    m = z.amax(dim=-1) if peak is None else peak.to(z.dtype)
+    safe = torch.where(m == _NEG_INF, torch.zeros_like(m), m)
+    s = (z - safe[..., None]).exp_().sum(-1)
+    return anchored(m, torch.log(s.to(ACC)))
+
+
+def merge_lse(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """Two ``(max, log-sum)`` states of disjoint columns combined (``-inf`` heads add nothing)."""
+    (ha, ta), (hb, tb) = a, b
+    h = torch.maximum(ha, hb)
+    ta = torch.where(ha == _NEG_INF, ha, ta + (ha - h))
+    tb = torch.where(hb == _NEG_INF, hb, tb + (hb - h))
+    return h, torch.logaddexp(ta, tb)
+
+
+def split_lse(lse: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``lse = hi + lo``: ``hi`` in ``dtype`` next to ``lse``, ``lo`` the float64 rest.
+
+    ``lse`` is an anchored pair ``(head, tail)`` or a plain number per row. From the pair, ``lo`` is
+    ``(head - hi) + tail``: exact however large ``head`` is next to ``tail``.
+    """
+    if lse.dim() == 2:
+        head, tail = lse.unbind(-1)
+        hi = (head + tail).to(dtype)
+        return hi, (head - hi.to(ACC)) + tail
+    hi = lse.to(dtype)
+    return hi, lse - hi.to(ACC)
 
 
 def softmax_from_lse(z: Tensor, lse: Tensor, power: float = 1.0) -> Tensor:
-    """``exp(power * (z - lse))`` in ``z``'s dtype, accurate for any magnitude of ``lse`` (float64)."""
-    hi = lse.to(z.dtype)
-    lo = lse - hi.to(lse.dtype)
+    """``exp(power * (z - lse))`` in ``z``'s dtype, accurate for any magnitude (``lse`` as :func:`split_lse`)."""
+    hi, lo = split_lse(lse, z.dtype)
     out = torch.exp((z - hi[:, None]) * power) if power != 1.0 else torch.exp(z - hi[:, None])
     factor = torch.exp(-power * lo).to(z.dtype)[:, None]
     # In place unless autograd is tracing this (the whole-row reference path).
     return out * factor if out.requires_grad else out.mul_(factor)
+
+
+# -- weighted row sums, measured from the row maximum -------------------------------------------------
+def measured_sum(z: Tensor, q: Tensor | None, peak: Tensor | None) -> State:
+    """State ``(r, sum_j q_j (z_j - r), sum_j q_j)`` of a block: a weighted row sum measured from ``r``.
+
+    ``q`` is ``[N, width]``, ``[width]`` or ``None`` (ones); ``r`` the row maximum (``peak`` when
+    given), or 0 where it is not finite. Measured from the maximum, the sum of a row of near-ties is
+    exact (``sum_j z_j`` itself would round at the size of the logits).
+    """
+    n, width = z.shape[0], z.shape[-1]
+    if width == 0:
+        zero = torch.zeros(n, dtype=ACC, device=z.device)
+        return (zero, zero, zero)
+    r = (z.detach().amax(-1) if peak is None else peak.to(z.dtype))
+    r = torch.where(torch.isfinite(r), r, torch.zeros_like(r))
+    diff = z - r[:, None]
+    if q is None:
+        x, d = diff.sum(-1), torch.full((n,), float(width), dtype=ACC, device=z.device)
+    elif q.dim() == 1:
+        x, d = diff @ q, q.to(ACC).sum().expand(n)
+    else:
+        x, d = (diff * q).sum(-1), q.to(ACC).sum(-1)
+    return (r.to(ACC), x.to(ACC), d)
+
+
+def merge_measured(a: State, b: State) -> State:
+    """Two :func:`measured_sum` states of disjoint columns, measured from one reference."""
+    (ra, xa, da), (rb, xb, db) = a, b
+    r = torch.where(da == 0, rb, ra)
+    return (r, xa + da * (ra - r) + xb + db * (rb - r), da + db)
 
 
 def _coef(coef: Tensor, z: Tensor) -> Tensor:
@@ -139,30 +277,40 @@ def _accumulate(grad: Tensor | None, term: Tensor) -> Tensor:
     return grad.add_(term)
 
 
-def _rescaled(la: Tensor, lb: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Merged log-normaliser and the factors that bring each side's normalised sums onto it."""
-    lse = torch.logaddexp(la, lb)
-    # A chunk that saw only -inf logits has la = -inf; its weight is exp(-inf) = 0, never NaN.
-    wa = torch.where(torch.isneginf(la), torch.zeros_like(la), torch.exp(la - lse))
-    wb = torch.where(torch.isneginf(lb), torch.zeros_like(lb), torch.exp(lb - lse))
-    return lse, wa, wb
+def _rescaled(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]):
+    """Merged ``(max, log-sum)`` of two chunks and the factors that bring each side's normalised sums onto it."""
+    h, t = merge_lse(a, b)
+
+    def weight(side):
+        hs, ts = side
+        # A chunk that saw only -inf logits has weight exp(-inf) = 0, never NaN.
+        return torch.where(hs == _NEG_INF, torch.zeros_like(ts), torch.exp((hs - h) + (ts - t)))
+
+    return (h, t), weight(a), weight(b)
 
 
 class LogSumExp(Statistic):
-    """``lse = log sum_j exp(z_j)``; merge by ``logaddexp``; ``d lse / d z_j = p_j``."""
+    """``lse = log sum_j exp(z_j)`` as the pair ``(max, log sum_j exp(z_j - max))``; ``d lse / d z_j = p_j``.
+
+    State and value are that pair (:func:`row_logsumexp`); chunks merge by :func:`merge_lse`.
+    """
 
     def form(self, rows):
         return Form.LOG_SUM_EXP
 
     def partial(self, z, rows, cols):
-        return (row_logsumexp(z),)
+        return tuple(row_logsumexp(z, rows.peak).unbind(-1))
 
     def merge(self, a, b):
-        return (torch.logaddexp(a[0], b[0]),)
+        return merge_lse(a, b)
+
+    def finalize(self, state):
+        return anchored(*state)
 
     def add_grad(self, grad, z, coef, values, rows, cols):
-        term = softmax_from_lse(z, values[self]).mul_(_coef(coef, z))
-        return _accumulate(grad, term)
+        # Whole rows: the max-subtracted softmax itself (one rounding less than rebuilding it from lse).
+        p = torch.softmax(z, -1) if z.shape[-1] == rows.num_classes else softmax_from_lse(z, values[self])
+        return _accumulate(grad, p.mul_(_coef(coef, z)))
 
 
 class TargetLogit(Statistic):
@@ -170,6 +318,9 @@ class TargetLogit(Statistic):
 
     def form(self, rows):
         return Form.TARGET if rows.has_indices else None
+
+    def shift(self, rows):
+        return 1.0
 
     def partial(self, z, rows, cols):
         local, inside = onehot_mask(rows, cols, z.shape[-1])
@@ -191,7 +342,7 @@ class TargetLogit(Statistic):
 
 
 class Sum(Statistic):
-    """``sum_j z_j``; merge by adding; ``d / d z_j = 1``."""
+    """``sum_j z_j``, measured from the row maximum (:func:`measured_sum`); ``d / d z_j = 1``."""
 
     def form(self, rows):
         return Form.COLUMN_SUM
@@ -200,10 +351,13 @@ class Sum(Statistic):
         return None
 
     def partial(self, z, rows, cols):
-        return (z.sum(-1).to(ACC),)
+        return measured_sum(z, None, rows.peak)
 
     def merge(self, a, b):
-        return (a[0] + b[0],)
+        return merge_measured(a, b)
+
+    def finalize(self, state):
+        return anchored(state[0], state[1])
 
     def add_grad(self, grad, z, coef, values, rows, cols):
         if grad is None:
@@ -236,7 +390,8 @@ class SoftDot(Statistic):
         source: ``"probs"`` for ``q = rows.probs`` (``[N, C]``), ``"ones"`` for ``q = 1``.
         class_weighted: multiply ``q`` by ``rows.class_weight`` when there is one.
 
-    ``SoftDot("ones", True)`` is ``sum_j w_j z_j``, the weighted sum label smoothing needs.
+    ``SoftDot("ones", True)`` is ``sum_j w_j z_j``, the weighted sum label smoothing needs. Measured from
+    the row maximum (:func:`measured_sum`); it moves by ``sum_j q_j t`` when every logit moves by ``t``.
     """
 
     def __init__(self, source: str = "probs", class_weighted: bool = False):
@@ -255,26 +410,36 @@ class SoftDot(Statistic):
     def column_weights(self, rows):
         return rows.class_weight if self.class_weighted else None
 
-    def _q(self, rows: Rows, cols: slice, like: Tensor) -> Tensor:
-        """``q`` over ``cols``: ``[N, width]`` or ``[width]``."""
+    def shift(self, rows):
+        if self.source == "ones":
+            return super().shift(rows)
+        q = rows.probs.to(ACC)
+        if self.class_weighted and rows.class_weight is not None:
+            q = q * rows.class_weight.to(ACC)
+        return q.sum(-1)
+
+    def _q(self, rows: Rows, cols: slice, like: Tensor) -> Tensor | None:
+        """``q`` over ``cols``: ``[N, width]``, ``[width]`` or ``None`` (ones)."""
         weight = rows.class_weight[cols].to(like.dtype) if (self.class_weighted and rows.class_weight is not None) else None
         if self.source == "probs":
             if rows.probs is None:
                 raise ValueError("SoftDot('probs') needs class-probability targets")
             q = rows.probs[:, cols].to(like.dtype)
             return q * weight if weight is not None else q
-        return weight if weight is not None else like.new_ones(like.shape[-1])
+        return weight
 
     def partial(self, z, rows, cols):
-        q = self._q(rows, cols, z)
-        return (((z @ q) if q.dim() == 1 else (z * q).sum(-1)).to(ACC),)
+        return measured_sum(z, self._q(rows, cols, z), rows.peak)
 
     def merge(self, a, b):
-        return (a[0] + b[0],)
+        return merge_measured(a, b)
+
+    def finalize(self, state):
+        return anchored(state[0], state[1])
 
     def add_grad(self, grad, z, coef, values, rows, cols):
         q = self._q(rows, cols, z)
-        term = _coef(coef, z) * q
+        term = _coef(coef, z) if q is None else _coef(coef, z) * q
         if grad is None:
             return term.expand_as(z).clone()
         return grad.add_(term)
@@ -283,7 +448,9 @@ class SoftDot(Statistic):
 class TemperedLogSumExp(Statistic):
     """``t * log sum_j exp((z_j + margin * 1[j != y]) / t)`` (LDR-KL, margin-tempered losses).
 
-    Merge by ``logaddexp`` of the untempered-scale states; ``dS / d z_j = softmax((z + margin') / t)_j``.
+    State: the ``(max, log-sum)`` pair of the tempered logits, merged by :func:`merge_lse`; value: that
+    pair times ``t`` (it moves by ``s`` when every logit moves by ``s``);
+    ``dS / d z_j = softmax((z + margin') / t)_j``.
     """
 
     def __init__(self, temperature: float = 1.0, margin: float = 0.0):
@@ -296,6 +463,9 @@ class TemperedLogSumExp(Statistic):
     def key(self):
         return ("TemperedLogSumExp", self.temperature, self.margin)
 
+    def shift(self, rows):
+        return 1.0
+
     def _scaled(self, z, rows, cols):
         zz = (z + self.margin) / self.temperature if self.margin else z / self.temperature
         if self.margin:
@@ -306,13 +476,13 @@ class TemperedLogSumExp(Statistic):
         return zz
 
     def partial(self, z, rows, cols):
-        return (row_logsumexp(self._scaled(z, rows, cols)),)
+        return tuple(row_logsumexp(self._scaled(z, rows, cols)).unbind(-1))
 
     def merge(self, a, b):
-        return (torch.logaddexp(a[0], b[0]),)
+        return merge_lse(a, b)
 
     def finalize(self, state):
-        return self.temperature * state[0]
+        return anchored(self.temperature * state[0], self.temperature * state[1])
 
     def add_grad(self, grad, z, coef, values, rows, cols):
         soft = softmax_from_lse(self._scaled(z, rows, cols), values[self] / self.temperature)
@@ -325,35 +495,52 @@ LSE = LogSumExp()
 
 
 class ProbDotLogit(Statistic):
-    """``sum_j p_j z_j`` (so the entropy is ``lse - p_dot_z``).
+    """``sum_j p_j z_j`` (so the entropy is ``lse - p_dot_z``); it moves by ``t`` with the logits.
 
-    State ``(lse_chunk, sum_j softmax_chunk_j z_j)``; merge rescales both sides onto the merged
-    normaliser. ``d / d z_j = p_j (1 + z_j - p_dot_z)``.
+    State ``(max, log-sum, sum_j softmax_chunk_j (z_j - max))``; merge rescales both sides onto the
+    merged normaliser. Value: the anchored pair ``(max, sum_j p_j (z_j - max))``.
+    ``d / d z_j = p_j (1 + z_j - p_dot_z)``.
     """
 
     requires = (LSE,)
 
+    def shift(self, rows):
+        return 1.0
+
     def partial(self, z, rows, cols):
-        lse = row_logsumexp(z)
-        return (lse, (softmax_from_lse(z, lse) * z).sum(-1).to(ACC))
+        lse = row_logsumexp(z, rows.peak)
+        head = lse[:, 0]
+        # A chunk of -inf only gives NaN here; its weight in any merge is 0.
+        x = (softmax_from_lse(z, lse) * (z - head.to(z.dtype)[:, None])).sum(-1).to(ACC)
+        return (head, lse[:, 1], x)
 
     def merge(self, a, b):
-        lse, wa, wb = _rescaled(a[0], b[0])
-        return (lse, wa * a[1] + wb * b[1])
+        (h, t), wa, wb = _rescaled(a[:2], b[:2])
+
+        def part(side, w):
+            hs, xs = side[0], side[2]
+            return torch.where(w == 0, torch.zeros_like(xs), w * (xs + (hs - h)))
+
+        return (h, t, part(a, wa) + part(b, wb))
 
     def finalize(self, state):
-        return state[1]
+        return anchored(state[0], state[2])
 
     def add_grad(self, grad, z, coef, values, rows, cols):
         p = softmax_from_lse(z, values[LSE])
-        term = p.mul_(z + (1 - values[self]).to(z.dtype)[:, None]).mul_(_coef(coef, z))
-        return _accumulate(grad, term)
+        pdz = values[self]
+        if pdz.dim() == 2:
+            head, x = pdz.unbind(-1)
+            centred = (z - head.to(z.dtype)[:, None]).sub_((x - 1).to(z.dtype)[:, None])
+        else:
+            centred = z + (1 - pdz).to(z.dtype)[:, None]
+        return _accumulate(grad, p.mul_(centred).mul_(_coef(coef, z)))
 
 
 class SumProbPower(Statistic):
-    """``sum_j p_j^k``; state ``(lse_chunk, sum_j exp(k (z_j - lse_chunk)))``, merged by rescaling.
+    """``sum_j p_j^k``; state ``(max, log-sum, sum_j exp(k (z_j - lse_chunk)))``, merged by rescaling.
 
-    ``d / d z_j = k (p_j^k - p_j * sum_i p_i^k)``.
+    It does not move with the logits. ``d / d z_j = k (p_j^k - p_j * sum_i p_i^k)``.
     """
 
     requires = (LSE,)
@@ -365,16 +552,19 @@ class SumProbPower(Statistic):
     def key(self):
         return ("SumProbPower", self.power)
 
+    def shift(self, rows):
+        return 0.0
+
     def partial(self, z, rows, cols):
-        lse = row_logsumexp(z)
-        return (lse, softmax_from_lse(z, lse, self.power).sum(-1).to(ACC))
+        lse = row_logsumexp(z, rows.peak)
+        return (lse[:, 0], lse[:, 1], softmax_from_lse(z, lse, self.power).sum(-1).to(ACC))
 
     def merge(self, a, b):
-        lse, wa, wb = _rescaled(a[0], b[0])
-        return (lse, wa.pow(self.power) * a[1] + wb.pow(self.power) * b[1])
+        (h, t), wa, wb = _rescaled(a[:2], b[:2])
+        return (h, t, wa.pow(self.power) * a[2] + wb.pow(self.power) * b[2])
 
     def finalize(self, state):
-        return state[1]
+        return state[2]
 
     def add_grad(self, grad, z, coef, values, rows, cols):
         k = self.power
@@ -439,5 +629,6 @@ __all__ = [
     "LogSumExp", "TargetLogit", "Sum", "SumSquares", "SoftDot", "TemperedLogSumExp", "ProbDotLogit",
     "SumProbPower", "ArgMax",
     "LSE", "TARGET", "SUM", "SUMSQ", "P_DOT_Z", "ARGMAX",
-    "row_logsumexp", "softmax_from_lse", "with_requirements", "merge_states",
+    "row_logsumexp", "softmax_from_lse", "split_lse", "merge_lse", "measured_sum", "merge_measured",
+    "anchored", "number", "relative", "anchor_of", "formula_values", "with_requirements", "merge_states",
 ]  # fmt: skip

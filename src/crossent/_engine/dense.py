@@ -5,6 +5,9 @@ caller holds anyway) and ``[N]`` statistic values. Backward turns the upstream g
 coefficients and lets :meth:`Plan.logit_grad` form the logit gradient: for CE that is one fused softmax
 pass and a scatter, the same work as ``F.cross_entropy``'s softmax backward.
 
+Under ``backward(create_graph=True)`` the gradient comes from autograd on the formula instead
+(:func:`formula_grad`), so second derivatives are exact.
+
 Both passes walk the rows in blocks of about ``BLOCK_ELEMENTS`` logits, so every temporary is some MB:
 small enough for the allocator to recycle it from block to block (a fresh ``[N, C]`` temporary costs a
 page fault per 4 KB, which dominates a softmax pass) and, for half-precision input, the float32
@@ -59,6 +62,9 @@ class _DenseRowLoss(torch.autograd.Function):
     def backward(ctx, grad_rows: Tensor):
         (logits,) = ctx.saved_tensors
         plan, rows, values = ctx.plan, ctx.rows, ctx.values
+        if torch.is_grad_enabled():
+            # backward(create_graph=True): the gradient must itself be differentiable.
+            return formula_grad(logits, plan, rows, grad_rows), None, None
         coefs = plan.coefficients(values, rows, grad_rows)
         cols = slice(0, logits.shape[-1])
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
@@ -72,6 +78,22 @@ class _DenseRowLoss(torch.autograd.Function):
                 out=grad[b],
             )
         return grad, None, None
+
+
+def formula_grad(logits: Tensor, plan: Plan, rows: Rows, grad_rows: Tensor) -> Tensor:
+    """``d(sum_i grad_rows[i] L_i) / d logits`` by autograd on the formula over whole rows, with its graph.
+
+    The fused backward forms the gradient in place, which autograd cannot differentiate; under
+    ``create_graph=True`` (gradient penalties, Hessian-vector products) the gradient comes from the
+    same per-row formula through ordinary differentiable ops instead, so its own derivatives are
+    exact. It costs what plain autograd over the logits costs.
+    """
+    with torch.enable_grad():
+        out = plan.autograd_row_losses(as_float(logits), rows)
+        if not out.requires_grad:  # a formula that does not depend on the logits
+            return torch.zeros_like(logits)
+        (grad,) = torch.autograd.grad(out, logits, grad_rows.to(out.dtype), create_graph=True)
+    return grad
 
 
 def dense_row_losses(logits: Tensor, plan: Plan, rows: Rows, *, autograd: bool = False) -> Tensor:

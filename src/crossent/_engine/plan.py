@@ -25,9 +25,22 @@ import torch
 from torch import Tensor
 
 from .._rows import Rows
-from ..stats import ACC, Form, Statistic, merge_states, with_requirements
+from ..stats import ACC, Form, Statistic, formula_values, merge_states, split_lse, with_requirements
 from ..transforms import Affine, Transform, affine_chain, apply_all, backward_all
 from .softmax import softmax_rows
+
+
+def refuse_second_order(engine: str, instead: str) -> None:
+    """Raise, by name, inside a backward that autograd records (``create_graph=True``).
+
+    For engines whose backward forms the gradient without a graph: returning it would silently drop
+    every second derivative (a gradient penalty built on it would be a constant).
+    """
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"the {engine!r} engine has no second derivatives: backward(create_graph=True) (a gradient "
+            f"penalty, a Hessian-vector product) cannot differentiate its gradient; {instead}"
+        )
 
 
 @dataclass(frozen=True)
@@ -158,6 +171,7 @@ class Plan:
 
     def partial_states(self, zt: Tensor, rows: Rows, cols: slice) -> dict:
         """Mergeable states of every statistic over the columns ``cols`` (``zt`` transformed)."""
+        rows = self._with_peak(zt, rows)
         return {s: s.partial(zt, rows, cols) for s in self.stats}
 
     def merge_states(self, chunks: list[dict]) -> dict:
@@ -166,20 +180,35 @@ class Plan:
 
     def statistics(self, zt: Tensor, rows: Rows) -> dict:
         """Final statistic values over whole rows."""
+        rows = self._with_peak(zt, rows)
         return {s: s.compute(zt, rows) for s in self.stats}
+
+    def _with_peak(self, zt: Tensor, rows: Rows) -> Rows:
+        """``rows`` carrying the maxima of ``zt``, taken once for every statistic that measures from them."""
+        if not self.stats or zt.shape[-1] == 0:
+            return rows
+        return replace(rows, peak=zt.amax(-1))
+
+    def formula_values(self, values: dict, rows: Rows) -> dict:
+        """The ``[N]`` numbers the formula reads (relative to the row's anchor for a shift-invariant loss)."""
+        return formula_values(values, rows, self.loss.shift_invariant)
 
     def row_losses(self, values: dict, rows: Rows) -> Tensor:
         """Weighted per-row losses ``[N]``, zero on ignored rows."""
-        out = self.loss.weighted_row_loss(values, rows)
+        return self._formula(self.formula_values(values, rows), rows)
+
+    def _formula(self, numbers: dict, rows: Rows) -> Tensor:
+        out = self.loss.weighted_row_loss(numbers, rows)
         return torch.where(rows.valid, out, torch.zeros_like(out))
 
     # -- backward -------------------------------------------------------------------------------
     def coefficients(self, values: dict, rows: Rows, grad_rows: Tensor) -> dict:
         """``sum_i grad_rows[i] * dL_i/dS`` per statistic, by autograd on the per-row formula."""
         wanted = [s for s in self.stats if s.differentiable]
+        numbers = self.formula_values(values, rows)
         with torch.enable_grad():
-            leaves = {s: (v.detach().requires_grad_() if s.differentiable else v) for s, v in values.items()}
-            out = self.row_losses(leaves, rows)
+            leaves = {s: (v.detach().requires_grad_() if s.differentiable else v) for s, v in numbers.items()}
+            out = self._formula(leaves, rows)
             if not out.requires_grad:
                 return {}
             grads = torch.autograd.grad(out, [leaves[s] for s in wanted], grad_rows.to(out.dtype), allow_unused=True)
@@ -243,10 +272,9 @@ class Plan:
                 grad = softmax_rows(zt, out)
                 grad.mul_(f.softmax.to(dtype)[:, None])
             else:
-                lse = values[self.structure.by_form[Form.LOG_SUM_EXP]]
-                hi = lse.to(dtype)
-                # p * a = exp(z - hi) * (a * exp(hi - lse)): the tail of lse folds into the row factor.
-                scale = (f.softmax.to(ACC) * torch.exp(hi.to(ACC) - lse)).to(dtype)[:, None]
+                hi, lo = split_lse(values[self.structure.by_form[Form.LOG_SUM_EXP]], dtype)
+                # p * a = exp(z - hi) * (a * exp(-lo)): the tail of lse folds into the row factor.
+                scale = (f.softmax.to(ACC) * torch.exp(-lo)).to(dtype)[:, None]
                 grad = torch.sub(zt, hi[:, None], out=out) if out is not None else zt - hi[:, None]
                 grad.exp_().mul_(scale)
         elif out is not None:

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .._rows import Rows, as_float
-from .plan import Plan
+from .plan import Plan, refuse_second_order
 
 ENGINE = "vocab-parallel"
 
@@ -58,6 +58,7 @@ class VocabParallelRowLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_rows: Tensor):
+        refuse_second_order(ENGINE, "gather the logits and use crossent.cross_entropy for second derivatives")
         (logits,) = ctx.saved_tensors
         # Every rank holds the same upstream gradient of the (replicated) per-row losses.
         coefs = ctx.plan.coefficients(ctx.values, ctx.rows, grad_rows)

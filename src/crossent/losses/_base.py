@@ -22,7 +22,7 @@ from typing import Callable, ClassVar
 from torch import Tensor, nn
 
 from .._rows import Rows
-from ..stats import Statistic, with_requirements
+from ..stats import Statistic, formula_values, with_requirements
 from ..transforms import Transform
 
 _REGISTRY: dict[str, Callable[..., Loss]] = {}
@@ -74,6 +74,11 @@ class Loss:
     accepts_probs: ClassVar[bool] = False
     #: keeps state that :meth:`observe` updates (see :class:`StatefulLoss`).
     stateful: ClassVar[bool] = False
+    #: the formula does not change when a constant is added to every logit of a row (it reads the logits
+    #: only through differences, as every function of log-probabilities does). Such a formula reads each
+    #: statistic relative to the row's maximum, which keeps it exact for logits of any size; any other
+    #: reads the statistics' plain values (``crossent.stats.formula_values``).
+    shift_invariant: ClassVar[bool] = False
 
     # -- what the engine needs ------------------------------------------------------------------
     def statistics(self, rows: Rows) -> tuple[Statistic, ...]:
@@ -100,7 +105,7 @@ class Loss:
         has a whole-row form (used for targets that require a gradient and as a cross-check).
         """
         s = {stat: stat.compute(z, rows) for stat in with_requirements(self.statistics(rows))}
-        return self.weighted_row_loss(s, rows)
+        return self.weighted_row_loss(formula_values(s, rows, self.shift_invariant), rows)
 
     # -- state ----------------------------------------------------------------------------------
     def observe(self, z: Tensor, rows: Rows) -> dict[str, Tensor]:
@@ -178,6 +183,10 @@ class SumLoss(Loss):
     def stateful(self):  # type: ignore[override]
         return any(t.stateful for t in self.terms)
 
+    @property
+    def shift_invariant(self):  # type: ignore[override]
+        return all(t.shift_invariant for t in self.terms)
+
     def observe(self, z, rows):
         seen: dict = {}
         for t in self.terms:
@@ -230,6 +239,10 @@ class ScaledLoss(Loss):
     def stateful(self):  # type: ignore[override]
         return self.loss.stateful
 
+    @property
+    def shift_invariant(self):  # type: ignore[override]
+        return self.loss.shift_invariant
+
     def observe(self, z, rows):
         return self.loss.observe(z, rows)
 
@@ -273,6 +286,10 @@ class Transformed(Loss):
     @property
     def stateful(self):  # type: ignore[override]
         return self.loss.stateful
+
+    @property
+    def shift_invariant(self):  # type: ignore[override]
+        return self.loss.shift_invariant
 
     def observe(self, z, rows):
         return self.loss.observe(z, rows)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from .._rows import Rows
 from ..stats import LSE, TARGET, SoftDot
 from ._base import Loss, register
@@ -46,6 +48,8 @@ class CrossEntropy(Loss):
     Reference: Szegedy et al., *Rethinking the Inception Architecture*, CVPR 2016 (label smoothing).
     """
 
+    shift_invariant = True
+
     accepts_probs = True
 
     def __init__(self, label_smoothing: float = 0.0):
@@ -85,6 +89,20 @@ class CrossEntropy(Loss):
         if rows.class_weight is not None:
             raise ValueError("CrossEntropy applies class weights itself: use weighted_row_loss")
         return self.weighted_row_loss(s, rows)
+
+    def dense_row_loss(self, z, rows):
+        if rows.has_indices:
+            return super().dense_row_loss(z, rows)
+        # Class probabilities on whole rows (a target that needs a gradient takes this path):
+        # -sum_k w_k q'_k log p_k, as PyTorch forms it. Its derivative in q_k is -w_k log p_k, one
+        # number per class; through the statistics (mass * lse - sum_k q_k z_k) it would reach a
+        # half-precision target as lse and z_k separately, each rounded to the target's dtype.
+        q = rows.probs.to(z.dtype)
+        if self.label_smoothing:
+            q = (1 - self.label_smoothing) * q + self.label_smoothing / rows.num_classes
+        if rows.class_weight is not None:
+            q = q * rows.class_weight.to(z.dtype)
+        return -(q * torch.log_softmax(z, -1)).sum(-1)
 
 
 @register("z_loss")

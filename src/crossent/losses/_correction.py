@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .._rows import Rows
-from ..stats import ACC, LSE, Statistic, softmax_from_lse
+from ..stats import LSE, Statistic, anchored, measured_sum, merge_lse, merge_measured, row_logsumexp, softmax_from_lse
 from ._base import Loss, register
 
 #: Keras' ``K.epsilon()``: the official code clips probabilities to ``[EPS, 1 - EPS]``.
@@ -63,16 +63,6 @@ def check_transition_matrix(T, who: str, *, stochastic: bool = True, atol: float
     return T.detach()
 
 
-def _logsumexp(x: Tensor) -> Tensor:
-    """Row log-sum-exp as float64 (the statistics' convention), ``-inf`` for a chunk of ``-inf`` only."""
-    if x.shape[-1] == 0:
-        return torch.full(x.shape[:-1], float("-inf"), dtype=ACC, device=x.device)
-    m = x.amax(dim=-1, keepdim=True)
-    # log T has -inf entries: a chunk where every entry is -inf sums to 0 instead of producing NaN
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    return m.squeeze(-1).to(ACC) + torch.log(torch.exp(x - m).sum(-1).to(ACC))
-
-
 class _MatrixStatistic(Statistic):
     """A statistic reading one row of a fixed ``C x C`` matrix per logit row (chosen by the target)."""
 
@@ -92,7 +82,8 @@ class _MatrixStatistic(Statistic):
 class TargetRowLogSumExp(_MatrixStatistic):
     """``log sum_j exp(z_j + B[y, j])`` for a fixed ``C x C`` matrix ``B`` (row chosen by the target).
 
-    Merge by ``logaddexp``; ``dS / d z_j = softmax(z + B[y])_j``. With ``B[y, i] = log T[i, y]`` this
+    Held as the ``(max, log-sum)`` pair of ``z + B[y]`` (like ``lse``), merged by ``merge_lse``;
+    ``dS / d z_j = softmax(z + B[y])_j``. With ``B[y, i] = log T[i, y]`` this
     is ``log (sum_i e^{z_i} T[i, y])``, the streamable half of forward correction.
     """
 
@@ -100,11 +91,18 @@ class TargetRowLogSumExp(_MatrixStatistic):
     def key(self):
         return ("TargetRowLogSumExp", id(self.matrix))
 
+    def shift(self, rows):
+        return 1.0
+
     def partial(self, z, rows, cols):
-        return (_logsumexp(z + self._target_rows(rows, cols, z)),)
+        # log T has -inf entries: a chunk where every entry is -inf adds nothing instead of producing NaN.
+        return tuple(row_logsumexp(z + self._target_rows(rows, cols, z)).unbind(-1))
 
     def merge(self, a, b):
-        return (torch.logaddexp(a[0], b[0]),)
+        return merge_lse(a, b)
+
+    def finalize(self, state):
+        return anchored(*state)
 
     def add_grad(self, grad, z, coef, values, rows, cols):
         soft = softmax_from_lse(z + self._target_rows(rows, cols, z), values[self])
@@ -115,17 +113,24 @@ class TargetRowLogSumExp(_MatrixStatistic):
 
 
 class TargetRowDot(_MatrixStatistic):
-    """``sum_j M[y, j] z_j`` for a fixed ``C x C`` matrix ``M``; merge by adding; ``d / d z_j = M[y, j]``."""
+    """``sum_j M[y, j] z_j`` for a fixed ``C x C`` matrix ``M``, measured from the row maximum; ``d / d z_j = M[y, j]``."""
 
     @property
     def key(self):
         return ("TargetRowDot", id(self.matrix))
 
+    def shift(self, rows):
+        target = rows.require_indices("a transition-matrix statistic")
+        return self.matrix.to(device=target.device, dtype=torch.float64).sum(1)[target]
+
     def partial(self, z, rows, cols):
-        return ((z * self._target_rows(rows, cols, z)).sum(-1).to(ACC),)
+        return measured_sum(z, self._target_rows(rows, cols, z), rows.peak)
 
     def merge(self, a, b):
-        return (a[0] + b[0],)
+        return merge_measured(a, b)
+
+    def finalize(self, state):
+        return anchored(state[0], state[1])
 
     def add_grad(self, grad, z, coef, values, rows, cols):
         term = self._target_rows(rows, cols, z) * coef.to(z.dtype)[:, None]
@@ -136,6 +141,8 @@ class TargetRowDot(_MatrixStatistic):
 
 class _Correction(Loss):
     """Shared plumbing: the matrix, the clip switch, a compact repr."""
+
+    shift_invariant = True
 
     def __init__(self, T, clip: bool = True):
         self.T = check_transition_matrix(T, self.name or type(self).__name__)

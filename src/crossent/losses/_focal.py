@@ -80,6 +80,8 @@ class Focal(Loss):
     Reference: Lin et al., *Focal Loss for Dense Object Detection*, ICCV 2017.
     """
 
+    shift_invariant = True
+
     def __init__(self, gamma: float = 2.0, alpha=None):
         self.gamma = V.real("focal", "gamma", gamma, low=0.0)
         self.alpha = None if alpha is None else V.class_vector("focal", "alpha", alpha)
@@ -124,6 +126,8 @@ class Poly1(Loss):
     Functions*, ICLR 2022.
     """
 
+    shift_invariant = True
+
     def __init__(self, epsilon: float = 1.0):
         self.epsilon = V.real("poly1", "epsilon", epsilon, low=-1.0)
 
@@ -160,6 +164,8 @@ class Poly(Loss):
     Reference: Leng et al., *PolyLoss: A Polynomial Expansion Perspective of Classification Loss
     Functions*, ICLR 2022.
     """
+
+    shift_invariant = True
 
     def __init__(self, epsilons=(1.0,)):
         if isinstance(epsilons, (str, bytes)) or not hasattr(epsilons, "__iter__"):
@@ -207,6 +213,8 @@ class Poly1Focal(Loss):
     Reference: Leng et al., *PolyLoss: A Polynomial Expansion Perspective of Classification Loss
     Functions*, ICLR 2022 (section 5, the focal-loss base).
     """
+
+    shift_invariant = True
 
     def __init__(self, epsilon: float = 1.0, gamma: float = 2.0):
         self.epsilon = V.real("poly1_focal", "epsilon", epsilon)

@@ -66,6 +66,8 @@ class LDRKL(Loss):
     Consistency, Robustness and Adaptivity*, ICML 2023.
     """
 
+    shift_invariant = True
+
     def __init__(self, lam: float = 1.0, margin: float = 0.1, normalize: str | None = None):
         self.lam = V.real("ldr_kl", "lam", lam, low=0.0, low_open=True)
         self.margin = V.real("ldr_kl", "margin", margin)
@@ -127,6 +129,8 @@ class Circle(Loss):
     Reference: Sun et al., *Circle Loss: A Unified Perspective of Pair Similarity Optimization*, CVPR 2020.
     """
 
+    shift_invariant = True
+
     def __init__(self, m: float = 0.25, gamma: float = 256.0):
         self.m = V.real("circle", "m", m)
         self.gamma = V.real("circle", "gamma", gamma, low=0.0, low_open=True)
@@ -173,6 +177,8 @@ class Encouraging(Loss):
     Reference: Zhao et al., *Well-classified Examples are Underestimated in Classification with Deep
     Neural Networks*, AAAI 2022.
     """
+
+    shift_invariant = True
 
     def __init__(self, log_end: float = 0.75):
         self.log_end = V.real("encouraging", "log_end", log_end, low=0.0, high=1.0, low_open=True)

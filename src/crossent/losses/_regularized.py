@@ -72,6 +72,8 @@ class MixCE(Loss):
     Reverse Cross-Entropies*, ACL 2023.
     """
 
+    shift_invariant = True
+
     def __init__(self, eta: float = 0.5):
         self.eta = V.real("mixce", "eta", eta, low=0.0, high=1.0)
 

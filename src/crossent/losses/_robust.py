@@ -72,6 +72,8 @@ class CompSum(Loss):
     Applications*, ICML 2023.
     """
 
+    shift_invariant = True
+
     def __init__(self, tau: float = 1.0):
         self.tau = V.real("comp_sum", "tau", tau, low=0.0)
 
@@ -120,6 +122,8 @@ class GCE(Loss):
     Noisy Labels*, NeurIPS 2018.
     """
 
+    shift_invariant = True
+
     def __init__(self, q: float = 0.7):
         self.q = V.real("gce", "q", q, low=0.0, high=1.0, low_open=True)
 
@@ -159,6 +163,8 @@ class TGCE(Loss):
     Noisy Labels*, NeurIPS 2018.
     """
 
+    shift_invariant = True
+
     def __init__(self, q: float = 0.7, k: float = 0.5):
         self.q = V.real("tgce", "q", q, low=0.0, high=1.0, low_open=True)
         self.k = V.real("tgce", "k", k, low=0.0, high=1.0, high_open=True)
@@ -171,7 +177,8 @@ class TGCE(Loss):
         if self.k == 0.0:
             return _gce(logp, self.q)
         floor = (1.0 - self.k**self.q) / self.q
-        return torch.where(logp > math.log(self.k), _gce(logp, self.q), torch.full_like(logp, floor))
+        # NaN compares false: written this way round, a NaN row takes the GCE branch and stays NaN.
+        return torch.where(logp <= math.log(self.k), torch.full_like(logp, floor), _gce(logp, self.q))
 
 
 @register("mae")
@@ -198,6 +205,8 @@ class MAE(Loss):
     Reference: Ghosh, Kumar, Sastry, *Robust Loss Functions under Label Noise for Deep Neural
     Networks*, AAAI 2017.
     """
+
+    shift_invariant = True
 
     def statistics(self, rows):
         return (LSE, TARGET)
@@ -227,6 +236,8 @@ class NCE(Loss):
 
     Reference: Ma et al., *Normalized Loss Functions for Deep Learning with Noisy Labels*, ICML 2020.
     """
+
+    shift_invariant = True
 
     def statistics(self, rows):
         return (LSE, TARGET, SUM)
@@ -262,6 +273,8 @@ class NGCE(Loss):
     Reference: Ma et al., *Normalized Loss Functions for Deep Learning with Noisy Labels*, ICML 2020.
     """
 
+    shift_invariant = True
+
     def __init__(self, q: float = 0.7):
         self.q = V.real("ngce", "q", q, low=0.0, high=1.0, low_open=True)
         self._power = SumProbPower(self.q)
@@ -296,6 +309,8 @@ class NMAE(Loss):
     Reference: Ma et al., *Normalized Loss Functions for Deep Learning with Noisy Labels*, ICML 2020.
     """
 
+    shift_invariant = True
+
     def statistics(self, rows):
         return (LSE, TARGET)
 
@@ -329,6 +344,8 @@ class RCE(Loss):
 
     Reference: Wang et al., *Symmetric Cross Entropy for Robust Learning with Noisy Labels*, ICCV 2019.
     """
+
+    shift_invariant = True
 
     def __init__(self, A: float = math.log(1e-4)):
         self.A = V.real("rce", "A", A, high=0.0, high_open=True)
@@ -367,6 +384,8 @@ class SCE(Loss):
 
     Reference: Wang et al., *Symmetric Cross Entropy for Robust Learning with Noisy Labels*, ICCV 2019.
     """
+
+    shift_invariant = True
 
     def __init__(self, alpha: float = 0.1, beta: float = 1.0, A: float = math.log(1e-4)):
         self.alpha = V.real("sce", "alpha", alpha, low=0.0)
@@ -436,6 +455,10 @@ class APL(Loss):
     @property
     def accepts_probs(self):  # type: ignore[override]
         return self._sum.accepts_probs
+
+    @property
+    def shift_invariant(self):  # type: ignore[override]
+        return self._sum.shift_invariant
 
     def statistics(self, rows):
         return self._sum.statistics(rows)

@@ -65,10 +65,7 @@ def sigmoid_focal_loss(
 
     loss = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
     if gamma:
-        log_one_minus_pt = torch.logaddexp(
-            torch.log(targets) - F.softplus(inputs), torch.log1p(-targets) - F.softplus(-inputs)
-        )
-        loss = loss * torch.exp(gamma * log_one_minus_pt)
+        loss = loss * torch.exp(gamma * _log_one_minus_pt(inputs, targets))
     if alpha >= 0:
         loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
     if reduction == "mean":
@@ -76,6 +73,21 @@ def sigmoid_focal_loss(
     if reduction == "sum":
         return loss.sum()
     return loss
+
+
+def _log_one_minus_pt(x: Tensor, t: Tensor) -> Tensor:
+    """``log(1 - p_t) = log(t (1 - p) + (1 - t) p)`` in log space, ``log(1 - p) = -softplus(x)``.
+
+    A target of exactly 0 or 1 takes its one term directly: ``logaddexp`` with a ``-inf`` argument has a
+    finite first derivative but a NaN second one. Targets that need a gradient keep the two-term form
+    (finite for targets strictly inside (0, 1)).
+    """
+    if t.requires_grad:
+        return torch.logaddexp(torch.log(t) - F.softplus(x), torch.log1p(-t) - F.softplus(-x))
+    one, zero = t == 1, t == 0
+    mid = torch.where(one | zero, torch.full_like(t, 0.5), t)
+    mixed = torch.logaddexp(torch.log(mid) - F.softplus(x), torch.log1p(-mid) - F.softplus(-x))
+    return torch.where(one, -F.softplus(x), torch.where(zero, -F.softplus(-x), mixed))
 
 
 @register("sigmoid_focal")

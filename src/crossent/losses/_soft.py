@@ -35,6 +35,8 @@ class SoftTargetCrossEntropy(Loss):
     Scalable Deep RL*, ICML 2024 (HL-Gauss).
     """
 
+    shift_invariant = True
+
     accepts_probs = True
 
     def __init__(self):
@@ -48,3 +50,6 @@ class SoftTargetCrossEntropy(Loss):
 
     def row_loss(self, s, rows):
         return self._ce.row_loss(s, rows)
+
+    def dense_row_loss(self, z, rows):
+        return self._ce.dense_row_loss(z, rows)

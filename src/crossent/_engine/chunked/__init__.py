@@ -11,7 +11,9 @@ works, whole-row ones included. Two modes (DESIGN.md, section 2):
 * **recompute** (``reduction='none'``, or an upstream gradient unknown up front): the forward keeps
   per-row losses only; backward recomputes each chunk's logits (four matrix products).
 
-Without gradients the same loop runs once and keeps nothing but ``[N]`` values.
+Without gradients the same loop runs once and keeps nothing but ``[N]`` values. Neither backward is
+differentiable: under ``backward(create_graph=True)`` both raise by name rather than return a gradient
+without its graph.
 
 The parts, each in its module: :mod:`.options` is in ``crossent._engine.options`` (chunk size,
 accumulator dtype, mode); :mod:`.selection` (which rows, in which chunks); :mod:`.chunks` (forming a
@@ -29,14 +31,21 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from ..._rows import Rows
 from ...stats import ACC
 from ..options import LinearCrossEntropyOptions
-from ..plan import Plan
+from ..plan import Plan, refuse_second_order
 from ..reduction import mean_denominator, reduce
 from .sweep import Job, Sweep
+
+
+ENGINE = "row-chunked"
+#: What to use instead under ``backward(create_graph=True)``.
+INSTEAD = (
+    "materialise the logits (e @ c.T + bias) and use crossent.cross_entropy, whose backward is "
+    "differentiable under create_graph=True"
+)
 
 
 class _EagerGradient(torch.autograd.Function):
@@ -54,8 +63,8 @@ class _EagerGradient(torch.autograd.Function):
         return reduce(sweep.per_row, job.rows, reduction, (e.shape[0],), ACC)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
+        refuse_second_order(ENGINE, INSTEAD)
         grads, ctx.grads = ctx.grads, None
         if grads is None:
             raise RuntimeError(
@@ -81,8 +90,8 @@ class _Recompute(torch.autograd.Function):
         return sweep.per_row
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_rows):
+        refuse_second_order(ENGINE, INSTEAD)
         e, c, bias = ctx.saved_tensors
         need = tuple(ctx.needs_input_grad[:3])
         sweep = Sweep(ctx.job, e, c, bias, need).run(grad_rows)

@@ -2,8 +2,8 @@
 
 Both producers share one method, ``run(sel, rows, e_c, scale, kernel, record, grads)``: form the
 chunk's logits ``e_c @ c.T + bias``, let the kernel compute losses, statistics and (with ``scale``) the
-factored logit gradient, let ``record`` store the chunk's results, and return the operands of the
-gradient products (``None`` for values only).
+factored logit gradient, let ``record(sel, rows, result)`` store the chunk's results, and return the
+operands of the gradient products (``None`` for values only).
 
 * :class:`FloatChunks` (float32/float64 inputs): one ``[chunk, V]`` buffer in the input dtype; the
   kernel works on it in place and its gradient is the product operand.
@@ -55,7 +55,7 @@ class FloatChunks:
         z = self.buffer[: rows.num_rows]
         logits_into(z, e_c, source.c, source.bias)
         res = kernel(z, rows, scale, source)
-        record(sel, res)
+        record(sel, rows, res)
         if res.grad is None:
             return None
         a = grads.fold(res.grad, rows.target)
@@ -85,7 +85,7 @@ class HalfChunks:
             sub_rows = rows.select(part)
             sub_source = ChunkSource(e_c[part], source.c, source.bias, source.column_sums)
             res = kernel(z, sub_rows, None if scale is None else scale[part], sub_source)
-            record(sub_selector(sel, part), res)
+            record(sub_selector(sel, part), sub_rows, res)
             if res.grad is None:  # values only
                 continue
             a = grads.fold(res.grad, sub_rows.target)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..._rows import Rows
-from ...stats import ACC, Form
+from ...stats import ACC, Form, anchored
 from ..plan import Plan
 from ..softmax import FUSED_SOFTMAX_DEVICES, softmax_
 
@@ -96,11 +96,12 @@ class FactoredKernel:
             peak = z.amax(1)
         norm = softmax_(z, peak)
         lse_stat = self.by_form[Form.LOG_SUM_EXP]
+        # lse as the anchored pair (head, tail): a logit of the row and -log of its probability.
         if norm is not None:
-            values[lse_stat] = peak.to(ACC) + norm.to(ACC).log()
+            values[lse_stat] = anchored(peak, norm.to(ACC).log())
         elif where is not None:
             # p at the row's maximum lies in [1/V, 1]: its log is well conditioned.
-            values[lse_stat] = peak.to(ACC) - z.gather(1, where[:, None]).squeeze(1).to(ACC).log()
+            values[lse_stat] = anchored(peak, -z.gather(1, where[:, None]).squeeze(1).to(ACC).log())
         else:
             values[lse_stat] = self._lse_from_reference(z, z_ref, ref, source)
         loss = plan.row_losses(values, rows)
@@ -110,7 +111,7 @@ class FactoredKernel:
         # Coefficients (float64, like the statistics) become row factors in the logits' dtype.
         f = plan.factors(plan.coefficients(values, rows, row_scale)).scaled(affine.scale)
         dtype = z.dtype
-        a = f.softmax if f.softmax is not None else torch.zeros_like(values[lse_stat])
+        a = f.softmax if f.softmax is not None else torch.zeros_like(z_ref)
         if norm is not None:
             a = a / norm.to(a.dtype)
         b = f.onehot
@@ -118,7 +119,7 @@ class FactoredKernel:
         return ChunkResult(loss, values, ChunkGrad(z, a.to(dtype), None if b is None else b.to(dtype), sums))
 
     def _lse_from_reference(self, p: Tensor, z_ref: Tensor, ref: Tensor, source) -> Tensor:
-        """``lse = z_k - log p_k`` for a column ``k`` with ``p_k`` well away from underflow.
+        """``lse`` as the pair ``(z_k, -log p_k)`` for a column ``k`` with ``p_k`` well away from underflow.
 
         The target column serves almost always (it spares a separate ``max`` pass over the chunk,
         the softmax kernel finds the maximum itself). Rows whose target probability is below
@@ -126,13 +127,13 @@ class FactoredKernel:
         as one dot product.
         """
         p_ref = p.gather(1, ref).squeeze(1)
-        lse = z_ref - p_ref.to(ACC).log()
+        head, tail = z_ref.clone(), -p_ref.to(ACC).log()
         small = (p_ref < _TINY).nonzero().squeeze(1)
         if small.numel():
             p_top, k = p.index_select(0, small).max(1)
-            z_top = self.affine.at(source.logit_at(small, k), k).to(ACC)
-            lse[small] = z_top - p_top.to(ACC).log()
-        return lse
+            head[small] = self.affine.at(source.logit_at(small, k), k).to(ACC)
+            tail[small] = -p_top.to(ACC).log()
+        return anchored(head, tail)
 
 
 #: Below this a float32 probability has lost relative precision to underflow (exp(-69)).

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..._rows import Rows
-from ...stats import ACC, Form
+from ...stats import ACC, Form, number
 from ..plan import Plan
 from .chunks import FloatChunks, HalfChunks
 from .gradients import ChunkSource, ColumnSums, Gradients
@@ -117,10 +117,10 @@ class Sweep:
 
         return run
 
-    def _record(self, sel, res: ChunkResult) -> None:
+    def _record(self, sel, rows: Rows, res: ChunkResult) -> None:
         RowSelection.put(self.per_row, sel, res.loss)
         for s, out in self.stats.items():
-            RowSelection.put(out, sel, res.values[s])
+            RowSelection.put(out, sel, number(s, res.values[s], rows))
 
     def grads(self):
         """``(grad_e, grad_c, grad_bias)`` in the inputs' dtypes; the sweep gives up its buffers.
