@@ -21,7 +21,8 @@ import triton.language as tl
 from .tiles import logit_tile, transformed
 
 
-@triton.jit
+# Row counts and tile ranges change from call to call (and slab to slab): one compilation serves them all.
+@triton.jit(do_not_specialize=["M", "first_tile", "num_tiles", "grad_c_row0"])
 def gradient_kernel(
     E, C, BIAS, ROWS, TARGET, SHIFT0, SHIFT1, SHIFT2, W0, W1,
     LSE_HI, TEMPERED_HI, F_SOFTMAX, F_PROB_DOT, F_PROB_POWER, F_TARGET, F_COLUMN0, F_COLUMN1, F_SQUARES,
@@ -100,9 +101,15 @@ def gradient_kernel(
     dz = grad * slope
     if COMPUTE_BIAS:
         tl.atomic_add(GRAD_BIAS + cols, tl.sum(dz, 0), mask=col_ok)
-    dz = dz.to(E.dtype.element_ty)
-    if UPCAST:
-        dz = dz.to(tl.float32)
+    if not UPCAST:
+        dz = dz.to(E.dtype.element_ty)
+    elif E.dtype.element_ty == tl.bfloat16:
+        # The interpreter truncates float32 -> bfloat16; round to nearest even, as GPUs do.
+        bits = dz.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        dz = bits.to(tl.float32, bitcast=True)
+    else:
+        dz = dz.to(E.dtype.element_ty).to(tl.float32)
 
     offs_d = tl.arange(0, BLOCK_DG)
     if COMPUTE_E:

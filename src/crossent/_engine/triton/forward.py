@@ -23,7 +23,8 @@ import triton.language as tl
 from .tiles import logit_tile, transformed
 
 
-@triton.jit
+# Row counts and tile ranges change from call to call (and slab to slab): one compilation serves them all.
+@triton.jit(do_not_specialize=["M", "num_splits", "tiles_per_split"])
 def statistics_kernel(
     E, C, BIAS, ROWS, TARGET, SHIFT0, SHIFT1, SHIFT2, W0, W1, OUT, ARGMAX_INDEX,
     M, V, D, stride_e, stride_c, num_splits, tiles_per_split,
