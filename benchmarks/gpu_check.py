@@ -33,6 +33,7 @@ import statistics
 import sys
 import time
 import traceback
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -79,10 +80,14 @@ def naive(e, c, t):
     return F.cross_entropy((e @ c.T).float(), t)
 
 
+def triton_loss(e, c, t, **kw):
+    return xe.linear_cross_entropy(e, c, t, backend="triton", **kw)
+
+
 def methods() -> dict:
     """Name -> callable or the reason it is skipped."""
     out: dict = {
-        "crossent_triton": lambda e, c, t: xe.linear_cross_entropy(e, c, t, backend="triton"),
+        "crossent_triton": triton_loss,
         "crossent_torch": lambda e, c, t: xe.linear_cross_entropy(e, c, t, backend="torch"),
         "naive": naive,
     }
@@ -146,11 +151,16 @@ def agreement(args, clock, results):
     ref_grads = [g.detach() for g in torch.autograd.grad(ref, (e32, c32))]
     logits = logits.detach()
     rows = results.setdefault("agreement", {})
-    rows["_reference"] = {"loss": ref.item(), "p_target_median": logits.log_softmax(-1).gather(1, t[:, None]).exp().median().item()}
+    rows["_reference"] = {
+        "loss": ref.item(),
+        "p_target_median": logits.log_softmax(-1).gather(1, t[:, None]).exp().median().item(),
+    }
     cands = dict(methods())
     for eps in args.filter_eps:
         opts = LinearCrossEntropyOptions(backend="triton", filter_eps=eps)
-        cands[f"crossent_triton_filter_{eps:g}"] = lambda e_, c_, t_, o=opts: xe.linear_cross_entropy(e_, c_, t_, options=o)
+        cands[f"crossent_triton_filter_{eps:g}"] = lambda e_, c_, t_, o=opts: xe.linear_cross_entropy(
+            e_, c_, t_, options=o
+        )
     for name, fn in cands.items():
         if clock.left() < 60:
             rows[name] = "skipped: time budget"
@@ -177,7 +187,7 @@ def agreement(args, clock, results):
             (gz,) = torch.autograd.grad(dense, z)
             ref_e, ref_c = (gz @ c32.detach(), gz.T @ e32.detach())
             del z, gz
-            loss, grads = _run(lambda e_, c_, t_: xe.linear_cross_entropy(e_, c_, t_, backend="triton", **kw), e, c, t)
+            loss, grads = _run(partial(triton_loss, **kw), e, c, t)
             others[name] = _errors(loss, grads, dense.detach(), (ref_e, ref_c))
         except Exception as err:  # noqa: BLE001
             others[name] = f"failed: {err!r}"
@@ -209,7 +219,12 @@ def measure(fn, e, c, t, reps: int) -> dict:
         le.grad = lc.grad = None
     peak = torch.cuda.max_memory_allocated() - base
     grads = le.numel() * le.element_size() + lc.numel() * lc.element_size()
-    return {"ms": statistics.median(times), "ms_min": min(times), "peak_gib": peak / GIB, "peak_beyond_grads_gib": (peak - grads) / GIB}
+    return {
+        "ms": statistics.median(times),
+        "ms_min": min(times),
+        "peak_gib": peak / GIB,
+        "peak_beyond_grads_gib": (peak - grads) / GIB,
+    }
 
 
 def speed(args, clock, results):
@@ -252,7 +267,7 @@ def losses(args, clock, results):
             rows[name] = "skipped: time budget"
             continue
         try:
-            rows[name] = measure(lambda e_, c_, t_, kw=kw: xe.linear_cross_entropy(e_, c_, t_, backend="triton", **kw), e, c, t, args.reps)
+            rows[name] = measure(partial(triton_loss, **kw), e, c, t, args.reps)
         except Exception as err:  # noqa: BLE001
             rows[name] = f"failed: {err!r}"
             traceback.print_exc()
@@ -269,7 +284,10 @@ def tiles(args, clock, results):
         "default": (default, per_sm),
         "bwd_64x128_w4": (default.replace(backward=config.Tiles(64, 128, 32, 4, 3)), per_sm),
         "bwd_128x64_w4": (default.replace(backward=config.Tiles(128, 64, 64, 4, 3)), per_sm),
-        "bwd_128x128_w8_s4_dg128": (default.replace(backward=config.Tiles(128, 128, 64, 8, 4), grad_block_d=128), per_sm),
+        "bwd_128x128_w8_s4_dg128": (
+            default.replace(backward=config.Tiles(128, 128, 64, 8, 4), grad_block_d=128),
+            per_sm,
+        ),
         "fwd_128x256_w8": (default.replace(forward=config.Tiles(128, 256, 32, 8, 3)), per_sm),
         "fwd_64x128_w4_s4": (default.replace(forward=config.Tiles(64, 128, 64, 4, 4)), per_sm),
         "fwd_programs_x2": (default, 2 * per_sm),
@@ -283,7 +301,7 @@ def tiles(args, clock, results):
                 continue
             config.HALF, config.PROGRAMS_PER_SM = launch, programs
             try:
-                rows[name] = measure(lambda e_, c_, t_: xe.linear_cross_entropy(e_, c_, t_, backend="triton"), e, c, t, args.reps)
+                rows[name] = measure(triton_loss, e, c, t, args.reps)
             except Exception as err:  # noqa: BLE001
                 rows[name] = f"failed: {err!r}"
             print(name, rows[name], flush=True)

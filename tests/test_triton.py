@@ -33,7 +33,6 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 
 
-
 def _kernels():
     """The launch module, or ``None`` if its kernels were built for another device (see conftest.py)."""
     from crossent._engine.triton import launch
@@ -42,7 +41,9 @@ def _kernels():
 
 
 LAUNCH = _kernels()
-pytestmark = pytest.mark.skipif(LAUNCH is None, reason="the triton kernels were built for another device (TRITON_INTERPRET)")
+pytestmark = pytest.mark.skipif(
+    LAUNCH is None, reason="the triton kernels were built for another device (TRITON_INTERPRET)"
+)
 
 N, D, V = 37, 24, 301
 HALF_TOL = {torch.bfloat16: (2.0**-8, 2e-2), torch.float16: (2.0**-11, 2.5e-3)}  # (loss, gradients)
@@ -138,7 +139,11 @@ def test_registry_hyperparameters(name, hparams):
 
 @pytest.mark.parametrize("name", WHOLE_ROW)
 def test_whole_row_losses_are_refused_by_name(name):
-    e, c, t = torch.randn(4, 3, device=DEVICE), torch.randn(6, 3, device=DEVICE), torch.tensor([0, 5, 2, 1], device=DEVICE)
+    e, c, t = (
+        torch.randn(4, 3, device=DEVICE),
+        torch.randn(6, 3, device=DEVICE),
+        torch.tensor([0, 5, 2, 1], device=DEVICE),
+    )
     with pytest.raises(ValueError, match=r"needs whole logit rows.*'triton'"):
         xe.linear_cross_entropy(e, c, t, loss=_registry_instance(name, 6), backend="triton")
 
@@ -215,7 +220,9 @@ def test_shift_and_return_stats():
     e, c, b, t = make()
     e3, t3 = e[:36].reshape(4, 9, D), t[:36].reshape(4, 9)
     upstream = torch.randn(4, 8, device=DEVICE)
-    (loss, stats), logits = agree(e3, c, b, t3, shift=True, reduction="none", upstream=upstream, return_stats=True, z_loss=1e-3)
+    (loss, stats), logits = agree(
+        e3, c, b, t3, shift=True, reduction="none", upstream=upstream, return_stats=True, z_loss=1e-3
+    )
     assert loss.shape == stats.lse.shape == stats.argmax.shape == (4, 8)
     close(stats.lse, torch.logsumexp(logits, -1), 1e-6, "lse")
     assert torch.equal(stats.argmax, logits.argmax(-1))
@@ -230,7 +237,7 @@ def test_return_stats_reports_ignored_rows_and_softcap():
 
 
 def test_argmax_takes_the_first_of_ties_across_tiles_and_splits():
-    e, c, b, t = make(bias=False)
+    e, c, _, t = make(bias=False)
     c[250] = c[7]  # column 7 (first tile, first split) and 250 (last tile, second split) tie
     e[:5] = c[7] * 10
     _, stats = xe.linear_cross_entropy(e, c, t, return_stats=True, backend="triton")
@@ -275,7 +282,9 @@ def test_tile_sizes_do_not_matter(monkeypatch):
 # -- half precision ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype,option", [(torch.bfloat16, "weight"), (torch.float16, "softcap_smoothing"), (torch.bfloat16, "none")])
+@pytest.mark.parametrize(
+    "dtype,option", [(torch.bfloat16, "weight"), (torch.float16, "softcap_smoothing"), (torch.bfloat16, "none")]
+)
 def test_half_precision(dtype, option):
     kw = _resolve(OPTIONS[option])
     e, c, b, t = make(dtype=dtype)
@@ -290,7 +299,7 @@ def test_half_precision(dtype, option):
 
 def test_filter_eps():
     """Tiles whose gradient is negligible everywhere are skipped: exact at 0, zero rows of grad_c when large."""
-    e, c, b, t = make(bias=False)
+    e, c, _, t = make(bias=False)
     e[:, 0] = e[:, 0].abs() + 3.0
     c[128:256, 0] = -20.0  # the class tile [128, 256): logits below -60 on every row, p < 1e-25
     t = torch.where(t.ge(128) & t.lt(256), 0, t)
@@ -327,7 +336,7 @@ def test_auto_picks_triton_only_on_cuda_for_what_it_computes():
 
 
 def test_errors_say_why():
-    e, c, b, t = make()
+    e, c, _, t = make()
     correction = xe.losses.get("forward_correction", T=torch.eye(6), clip=False)
     with pytest.raises(ValueError, match="TargetRowLogSumExp.*declares no form"):
         xe.linear_cross_entropy(e[:, :3], c[:6, :3], t.clamp(0, 5), loss=correction, backend="triton")
@@ -344,7 +353,7 @@ def test_errors_say_why():
 
 def test_without_triton_the_backend_says_so(monkeypatch):
     monkeypatch.setattr(backend_mod, "triton_importable", lambda: False)
-    e, c, b, t = make()
+    e, c, _, t = make()
     with pytest.raises(ImportError, match=r"needs Triton.*crossent\[triton\]"):
         xe.linear_cross_entropy(e, c, t, backend="triton")
     assert backend_mod.choose_backend(LinearCrossEntropyOptions(), "cuda", torch.float32, _plan()) == "torch"
@@ -352,6 +361,6 @@ def test_without_triton_the_backend_says_so(monkeypatch):
 
 def test_device_check_names_the_device(monkeypatch):
     monkeypatch.setattr(LAUNCH, "INTERPRETED", not LAUNCH.INTERPRETED)
-    e, c, b, t = make()
+    e, c, _, t = make()
     with pytest.raises(ValueError, match="CUDA tensors|CPU tensors only"):
         xe.linear_cross_entropy(e, c, t, backend="triton")

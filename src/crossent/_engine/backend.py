@@ -24,7 +24,7 @@ TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def triton_importable() -> bool:
     try:
         import triton  # noqa: F401
-    except Exception:  # an installed Triton can still fail to load (no driver, version clash)
+    except Exception:  # noqa: BLE001 - an installed Triton can still fail to load (no driver, version clash)
         return False
     return True
 
@@ -36,7 +36,9 @@ def choose_backend(options: LinearCrossEntropyOptions, device_type: str, dtype: 
         return "torch"
     if options.backend == "triton":
         if not triton_importable():
-            raise ImportError("backend='triton' needs Triton, which is not installed or does not load: pip install 'crossent[triton]'")
+            raise ImportError(
+                "backend='triton' needs Triton, which is not installed or does not load: pip install 'crossent[triton]'"
+            )
         from .triton import unsupported
 
         reason = unsupported(plan)

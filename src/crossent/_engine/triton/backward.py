@@ -10,7 +10,7 @@ with ``p = exp(z' - lse)``, ``q`` the tempered softmax; the chain's slope turns 
 With ``FILTER`` a tile whose every entry is below its row's threshold is skipped (Cut Cross-Entropy's
 gradient filter). The tile then goes, in the inputs' dtype, through two products accumulated in
 float32 by atomic adds: ``grad_e[rows] += dz @ c[cols]`` and ``grad_c[cols] += dz.T @ e[rows]``, in
-steps of ``BLOCK_DG`` features; ``grad_bias[cols] += sum_i dz_ij``.
+steps of ``BLOCK_DG`` features; ``grad_bias[cols] += sum_i dz_ij`` (relaxed atomics: only the sums matter).
 """
 
 from __future__ import annotations
@@ -67,24 +67,28 @@ def gradient_kernel(
         # Factors carry exp(hi - lse) for the float64 tail of lse (docs/design.md, Precision).
         lse_hi = tl.load(LSE_HI + rows, mask=row_ok, other=float("inf"))[:, None]  # p = 0 on padding rows
         p = tl.exp(zt - lse_hi)
+        a = tl.load(F_SOFTMAX + rows, mask=row_ok, other=0.0)[:, None]
         if HAS_PROB_DOT:
-            grad += p * (tl.load(F_SOFTMAX + rows, mask=row_ok, other=0.0)[:, None] + tl.load(F_PROB_DOT + rows, mask=row_ok, other=0.0)[:, None] * zt)
-        else:
-            grad += p * tl.load(F_SOFTMAX + rows, mask=row_ok, other=0.0)[:, None]
+            a = a + tl.load(F_PROB_DOT + rows, mask=row_ok, other=0.0)[:, None] * zt
+        grad += p * a
         if HAS_PROB_POWER:
-            grad += tl.load(F_PROB_POWER + rows, mask=row_ok, other=0.0)[:, None] * tl.exp(power * (zt - lse_hi))
+            h = tl.load(F_PROB_POWER + rows, mask=row_ok, other=0.0)[:, None]
+            grad += h * tl.exp(power * (zt - lse_hi))
     if HAS_TARGET:
-        grad += tl.where(is_target, tl.load(F_TARGET + rows, mask=row_ok, other=0.0)[:, None], 0.0)
+        b = tl.load(F_TARGET + rows, mask=row_ok, other=0.0)[:, None]
+        grad += tl.where(is_target, b, 0.0)
     if NUM_COLUMNS >= 1:
+        s0 = tl.load(F_COLUMN0 + rows, mask=row_ok, other=0.0)[:, None]
         if W0_ONES:
-            grad += tl.load(F_COLUMN0 + rows, mask=row_ok, other=0.0)[:, None]
+            grad += s0
         else:
-            grad += tl.load(F_COLUMN0 + rows, mask=row_ok, other=0.0)[:, None] * tl.load(W0 + cols, mask=col_ok, other=0.0)[None, :]
+            grad += s0 * tl.load(W0 + cols, mask=col_ok, other=0.0)[None, :]
     if NUM_COLUMNS >= 2:
+        s1 = tl.load(F_COLUMN1 + rows, mask=row_ok, other=0.0)[:, None]
         if W1_ONES:
-            grad += tl.load(F_COLUMN1 + rows, mask=row_ok, other=0.0)[:, None]
+            grad += s1
         else:
-            grad += tl.load(F_COLUMN1 + rows, mask=row_ok, other=0.0)[:, None] * tl.load(W1 + cols, mask=col_ok, other=0.0)[None, :]
+            grad += s1 * tl.load(W1 + cols, mask=col_ok, other=0.0)[None, :]
     if HAS_SQUARES:
         grad += tl.load(F_SQUARES + rows, mask=row_ok, other=0.0)[:, None] * zt
     if HAS_TEMPERED:
@@ -100,7 +104,7 @@ def gradient_kernel(
 
     dz = grad * slope
     if COMPUTE_BIAS:
-        tl.atomic_add(GRAD_BIAS + cols, tl.sum(dz, 0), mask=col_ok)
+        tl.atomic_add(GRAD_BIAS + cols, tl.sum(dz, 0), mask=col_ok, sem="relaxed")
     if not UPCAST:
         dz = dz.to(E.dtype.element_ty)
     elif E.dtype.element_ty == tl.bfloat16:
@@ -120,7 +124,8 @@ def gradient_kernel(
             c = tl.load(c_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
             if UPCAST:
                 c = c.to(tl.float32)
-            tl.atomic_add(ge_ptrs, tl.dot(dz, c, input_precision=PRECISION), mask=row_ok[:, None] & d_ok[None, :])
+            part = tl.dot(dz, c, input_precision=PRECISION)
+            tl.atomic_add(ge_ptrs, part, mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
             c_ptrs += BLOCK_DG
             ge_ptrs += BLOCK_DG
     if COMPUTE_C:
@@ -132,6 +137,7 @@ def gradient_kernel(
             e = tl.load(e_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             if UPCAST:
                 e = e.to(tl.float32)
-            tl.atomic_add(gc_ptrs, tl.dot(dz_t, e, input_precision=PRECISION), mask=col_ok[:, None] & d_ok[None, :])
+            part = tl.dot(dz_t, e, input_precision=PRECISION)
+            tl.atomic_add(gc_ptrs, part, mask=col_ok[:, None] & d_ok[None, :], sem="relaxed")
             e_ptrs += BLOCK_DG
             gc_ptrs += BLOCK_DG

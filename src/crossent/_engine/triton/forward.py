@@ -116,8 +116,8 @@ def statistics_kernel(
             t_base = tl.where(tm == float("-inf"), 0.0, tm)
             ts = ts * tl.exp(tm_old - t_base) + tl.sum(tl.exp(u - t_base[:, None]), 1)
 
-    out = OUT + split * M + rows
-    stride_slot = num_splits * M
+    out = OUT + split.to(tl.int64) * M + rows
+    stride_slot = num_splits.to(tl.int64) * M
     if HAS_LSE:
         tl.store(out + SLOT_LSE_MAX * stride_slot, m, mask=row_ok)
         tl.store(out + SLOT_LSE_SUM * stride_slot, s, mask=row_ok)
@@ -135,7 +135,7 @@ def statistics_kernel(
         tl.store(out + SLOT_SQUARES * stride_slot, squares, mask=row_ok)
     if HAS_ARGMAX:
         tl.store(out + SLOT_ARGMAX_VALUE * stride_slot, best, mask=row_ok)
-        tl.store(ARGMAX_INDEX + split * M + rows, best_index, mask=row_ok)
+        tl.store(ARGMAX_INDEX + split.to(tl.int64) * M + rows, best_index, mask=row_ok)
     if HAS_TEMPERED:
         tl.store(out + SLOT_TEMPERED_MAX * stride_slot, tm, mask=row_ok)
         tl.store(out + SLOT_TEMPERED_SUM * stride_slot, ts, mask=row_ok)

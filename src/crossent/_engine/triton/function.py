@@ -37,7 +37,8 @@ class Call:
         self.rows = rows
         self.selection = RowSelection(rows, max(1, rows.num_rows), keep_all=bool(self.report))
         active = self.selection.active
-        self.index = self.selection.index if self.selection.index is not None else torch.arange(rows.num_rows, device=rows.valid.device)
+        index = self.selection.index
+        self.index = index if index is not None else torch.arange(rows.num_rows, device=rows.valid.device)
         self.target = active.target.contiguous()
         self.launch = launch
         self.filter_eps = options.filter_eps
@@ -101,7 +102,7 @@ def triton_loss(
     rows: Rows,
     *,
     reduction: str,
-    options: LinearCrossEntropyOptions = LinearCrossEntropyOptions(),
+    options: LinearCrossEntropyOptions | None = None,
     report: tuple = (),
 ):
     """The loss of ``e @ c.T + bias`` (``e`` is ``[N, D]``) in float64 and the reported statistics.
@@ -111,11 +112,12 @@ def triton_loss(
     """
     from .launch import check_device, launch_config
 
+    options = options if options is not None else LinearCrossEntropyOptions()
     if options.mode == "eager":
-        raise ValueError("the triton backend recomputes the logits in backward; mode='eager' applies to backend='torch'")
+        raise ValueError("the triton backend recomputes the logits in backward; mode='eager' needs backend='torch'")
     check_device(e)
     if e.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"the triton backend takes float32, bfloat16 or float16 inputs, got {e.dtype}; use backend='torch'")
+        raise ValueError(f"the triton backend takes float32, bfloat16 or float16 inputs, got {e.dtype}; use 'torch'")
     e = e if e.stride(-1) == 1 else e.contiguous()
     c = c if c.stride(-1) == 1 else c.contiguous()
     bias = bias.contiguous() if bias is not None else None

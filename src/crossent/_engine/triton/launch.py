@@ -37,7 +37,7 @@ _BACKWARD_ARGS = _arguments(gradient_kernel)
 def check_device(t: Tensor) -> None:
     """Compiled kernels need CUDA tensors; the interpreter needs CPU tensors."""
     if INTERPRETED and t.device.type != "cpu":
-        raise ValueError(f"the triton kernels were defined under TRITON_INTERPRET=1 and run on CPU tensors only; got {t.device}")
+        raise ValueError(f"the triton kernels were defined under TRITON_INTERPRET=1: CPU tensors only, got {t.device}")
     if not INTERPRETED and t.device.type != "cuda":
         raise ValueError(
             f"backend='triton' needs CUDA tensors, got {t.device}; on CPU use backend='torch' (or run the kernels "
@@ -73,7 +73,9 @@ def _only(args: dict, names: set) -> dict:
     return {k: v for k, v in args.items() if k in names}
 
 
-def forward_values(program: Program, e: Tensor, c: Tensor, bias: Tensor | None, index: Tensor, target: Tensor, launch: Launch) -> dict:
+def forward_values(
+    program: Program, e: Tensor, c: Tensor, bias: Tensor | None, index: Tensor, target: Tensor, launch: Launch
+) -> dict:
     """``{stat: [M] values}`` for the rows ``e[index]`` (``target``: their class indices)."""
     m = index.shape[0]
     num_splits, per_split = splits(m, c.shape[0], launch)
@@ -108,7 +110,8 @@ def gradients(
     if need_c:
         grad_c = torch.zeros((v, d), dtype=f32, device=e.device) if direct else torch.empty_like(c)
         slab = num_tiles if direct else max(1, launch.slab_bytes // (4 * d * tiles.block_v))
-        buffer = grad_c if direct else torch.empty((min(slab, num_tiles) * tiles.block_v, d), dtype=f32, device=e.device)
+        rows = min(slab, num_tiles) * tiles.block_v
+        buffer = grad_c if direct else torch.empty((rows, d), dtype=f32, device=e.device)
     else:
         grad_c, slab, buffer = None, num_tiles, None
     dummy = torch.empty(1, dtype=f32, device=e.device)
@@ -122,7 +125,7 @@ def gradients(
         LSE_HI=row(factors.lse_hi), TEMPERED_HI=row(factors.tempered_hi), F_SOFTMAX=row(factors.softmax),
         F_PROB_DOT=row(factors.prob_dot), F_PROB_POWER=row(factors.prob_power), F_TARGET=row(factors.target),
         F_COLUMN0=columns[0], F_COLUMN1=columns[1], F_SQUARES=row(factors.squares), F_TEMPERED=row(factors.tempered),
-        THRESHOLD=row(factors.threshold), GRAD_E=grad_e if need_e else dummy, GRAD_BIAS=grad_bias if need_bias else dummy,
+        THRESHOLD=row(factors.threshold), GRAD_E=row(grad_e), GRAD_BIAS=row(grad_bias),
         FILTER=factors.threshold is not None, COMPUTE_E=need_e, COMPUTE_C=need_c, COMPUTE_BIAS=need_bias,
         BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_D=tiles.block_d, BLOCK_DG=launch.grad_block_d,
         GROUP_N=launch.group_n,

@@ -74,7 +74,7 @@ class Chain:
 
     def shifts(self, device) -> tuple[Tensor | None, ...]:
         """The per-class shifts as float32 ``[V]`` vectors on ``device`` (``None``: no shift)."""
-        return tuple(None if a.shift is None else a.shift.to(device=device, dtype=torch.float32).contiguous() for a in self.stages)
+        return tuple(None if a.shift is None else a.shift.to(device, torch.float32).contiguous() for a in self.stages)
 
 
 @dataclass
@@ -101,13 +101,19 @@ class Program:
                 columns.append((stat, weights[stat]))
                 continue
             role = ROLES.get(form)
+            loss = plan.loss
             if role is None:
-                raise Unsupported(f"statistic {stat!r} declares no form the triton kernels compute (loss {plan.loss!r})")
+                raise Unsupported(f"statistic {stat!r} declares no form the triton kernels compute (loss {loss!r})")
             if role in roles:
-                raise Unsupported(f"the triton kernels compute one statistic of form {form.value}; {plan.loss!r} has {roles[role]!r} and {stat!r}")
+                raise Unsupported(
+                    f"the triton kernels compute one statistic of form {form.value}; {loss!r} has "
+                    f"{roles[role]!r} and {stat!r}"
+                )
             roles[role] = stat
         if len(columns) > MAX_COLUMNS:
-            raise Unsupported(f"the triton kernels carry at most {MAX_COLUMNS} column sums; {plan.loss!r} has {len(columns)}")
+            raise Unsupported(
+                f"the triton kernels carry at most {MAX_COLUMNS} column sums; {plan.loss!r} has {len(columns)}"
+            )
         program = Program(roles, columns, Chain.of(plan.structure.chain))
         program.slots = {name: i for i, name in enumerate(n for n in SLOTS if program.uses(n))}
         return program

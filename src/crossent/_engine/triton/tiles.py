@@ -46,7 +46,8 @@ def tanh(x):
     decay = tl.exp(-2.0 * a)
     far = (1.0 - decay) / (1.0 + decay)
     x2 = x * x
-    near = x * (1.0 + x2 * (-1.0 / 3 + x2 * (2.0 / 15 + x2 * (-17.0 / 315 + x2 * (62.0 / 2835 + x2 * (-1382.0 / 155925))))))
+    series = 62.0 / 2835 + x2 * (-1382.0 / 155925)  # tanh's Taylor series to x^11
+    near = x * (1.0 + x2 * (-1.0 / 3 + x2 * (2.0 / 15 + x2 * (-17.0 / 315 + x2 * series))))
     return tl.where(a < 0.25, near, tl.where(x < 0, -far, far))
 
 
