@@ -10,15 +10,16 @@ Sections, each skipped once the time budget is spent (results are written after 
    reference (TF32 off) formed from the same rounded inputs: relative error of the loss and of
    ``grad_e``/``grad_c`` (Frobenius norm of the difference over that of the reference, and the
    largest entry error over the largest entry) for crossent (``triton``, ``triton`` with
-   ``filter_eps``, ``torch``) and each peer; then other losses of the ``triton`` backend against the
-   dense path on the same float32 logits.
+   ``filter_eps``, ``torch``) and each peer.
 2. ``speed``: forward + backward time (median of ``--reps`` after two warm-up calls, CUDA events) and
    peak memory beyond the inputs (allocated bytes; also beyond inputs and gradients) for: crossent
    ``triton`` and ``torch``, Cut Cross-Entropy (``impl="cce"`` and its exact variant), Liger's fused
    linear cross-entropy, PyTorch's ``F.linear_cross_entropy``, ``torch.compile`` of the naive path and
    the naive path. A peer that is not installed (or fails) is reported as skipped, with the reason.
 3. ``losses``: every streamable loss family of interest on the ``triton`` backend, time relative to CE.
-4. ``tiles``: CE on the ``triton`` backend with a few other tile shapes (for choosing defaults).
+4. ``agreement_losses``: those losses on the ``triton`` backend against the dense path on the same
+   float32 logits, errors as in 1.
+5. ``tiles``: CE on the ``triton`` backend with a few other tile shapes (for choosing defaults).
 
 Synthetic data shaped like a language model's head (:func:`lm_like`): a Zipf class prior, noise, and
 targets drawn from the prior and made likely (mean loss about 2.3 nats at V=256000).
@@ -149,18 +150,14 @@ def agreement(args, clock, results):
     logits = e32 @ c32.T
     ref = F.cross_entropy(logits, t)
     ref_grads = [g.detach() for g in torch.autograd.grad(ref, (e32, c32))]
-    logits = logits.detach()
+    p_target = logits.detach().log_softmax(-1).gather(1, t[:, None]).exp()
+    del logits
     rows = results.setdefault("agreement", {})
-    rows["_reference"] = {
-        "loss": ref.item(),
-        "p_target_median": logits.log_softmax(-1).gather(1, t[:, None]).exp().median().item(),
-    }
+    rows["_reference"] = {"loss": ref.item(), "p_target_median": p_target.median().item()}
     cands = dict(methods())
     for eps in args.filter_eps:
         opts = LinearCrossEntropyOptions(backend="triton", filter_eps=eps)
-        cands[f"crossent_triton_filter_{eps:g}"] = lambda e_, c_, t_, o=opts: xe.linear_cross_entropy(
-            e_, c_, t_, options=o
-        )
+        cands[f"crossent_triton_filter_{eps:g}"] = partial(triton_loss, options=opts)
     for name, fn in cands.items():
         if clock.left() < 60:
             rows[name] = "skipped: time budget"
@@ -176,7 +173,14 @@ def agreement(args, clock, results):
             traceback.print_exc()
         print(name, rows[name], flush=True)
         torch.cuda.empty_cache()
-    # Other losses: the triton backend against the dense path on the same float32 logits.
+
+
+def agreement_losses(args, clock, results):
+    """Other losses of the triton backend against the dense path on the same float32 logits."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    e, c, t = lm_like(args.n, args.d, args.v, torch.bfloat16)
+    e32, c32 = e.float(), c.float()
+    logits = e32 @ c32.T
     others = results.setdefault("agreement_losses", {})
     for name, kw in LOSSES.items():
         if name == "ce" or clock.left() < 60:
@@ -185,7 +189,7 @@ def agreement(args, clock, results):
             z = logits.clone().requires_grad_()
             dense = xe.cross_entropy(z, t, **kw)
             (gz,) = torch.autograd.grad(dense, z)
-            ref_e, ref_c = (gz @ c32.detach(), gz.T @ e32.detach())
+            ref_e, ref_c = (gz @ c32, gz.T @ e32)
             del z, gz
             loss, grads = _run(partial(triton_loss, **kw), e, c, t)
             others[name] = _errors(loss, grads, dense.detach(), (ref_e, ref_c))
@@ -339,7 +343,7 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--budget", type=float, default=300.0, help="seconds for all sections")
     p.add_argument("--filter-eps", type=float, nargs="*", default=[2.0**-12, 2.0**-7])
-    p.add_argument("--sections", nargs="*", default=["agreement", "speed", "losses", "tiles"])
+    p.add_argument("--sections", nargs="*", default=["agreement", "speed", "losses", "agreement_losses", "tiles"])
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check")
