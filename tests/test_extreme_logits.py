@@ -4,7 +4,7 @@ A log-sum-exp held as one float64 number loses its small log term next to a larg
 rounds to 1e16). Every shift-invariant loss must give the value and gradient of the same rows moved to
 a maximum of 0, which the float64 references here compute (``reference_streaming.py``). Engines: dense
 (``cross_entropy``), row-chunked (``linear_cross_entropy``, with ``e`` and ``c`` whose products are the
-rows exactly), vocabulary-parallel (the engine's own steps over column shards in one process, and two
+rows exactly; its Triton backend too), vocabulary-parallel (the engine's own steps over column shards in one process, and two
 gloo processes). Tolerances: 1e-6 relative for float32 (its rounding of the result), 1e-15 for float64.
 """
 
@@ -138,6 +138,31 @@ def test_row_chunked_engine_without_an_in_place_softmax(monkeypatch):
         for name in ("ce", "smoothing", "nce"):
             for mode in ("eager", "recompute"):
                 test_row_chunked_engine(name, case, mode)
+
+
+def triton_device() -> str:
+    """The device the Triton kernels run on here (skips when Triton is missing or built for another)."""
+    pytest.importorskip("triton")
+    from crossent._engine.triton import launch
+
+    if launch.INTERPRETED == torch.cuda.is_available():
+        pytest.skip("the triton kernels were built for another device (TRITON_INTERPRET)")
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("case", CASES[:2], ids=[c[0] for c in CASES[:2]])
+def test_triton_engine(case):
+    """The Triton backend's split states merge as (max, log-sum) pairs too (float32: its only full-precision dtype)."""
+    device = triton_device()
+    _, z, y = case
+    for name in FUSED:
+        kw, _ = LOSSES[name]
+        e, c = (t.to(device).requires_grad_() for t in factors(z))
+        out = xe.linear_cross_entropy(e, c, y.to(device), reduction="none", backend="triton", **kw)
+        out.sum().backward()
+        want, want_grad = expected(name, z, y)
+        torch.testing.assert_close(out.double().cpu(), want, **tol(z.dtype))
+        torch.testing.assert_close(e.grad.double().cpu(), want_grad @ c.detach().double().cpu(), **grad_tol(z.dtype))
 
 
 def shards(z, y, bounds, **kw):

@@ -4,9 +4,9 @@ On the dense engine every registered loss must give, under ``backward(create_gra
 second-order quantities as plain autograd on its formula written independently
 (``reference_streaming.py`` / ``reference_whole_row.py`` / the formulas below): a Hessian-vector product
 ``H v`` and the gradient of a penalty ``L + ||dL/dz||^2``. Float64, tiny shapes, 1e-9 relative.
-The row-chunked and vocabulary-parallel engines form their gradients without a graph; they must
-refuse ``create_graph=True`` by name rather than return a gradient whose own derivative is silently
-zero.
+The row-chunked engine (its Triton backend too) and the vocabulary-parallel engine form their
+gradients without a graph; they must refuse ``create_graph=True`` by name rather than return a
+gradient whose own derivative is silently zero.
 """
 
 from __future__ import annotations
@@ -199,6 +199,20 @@ def test_row_chunked_engine_refuses_create_graph_by_name(reduction, loss):
     dense = torch.autograd.grad(xe.cross_entropy(e @ c.T, y, loss=loss, reduction=reduction).sum(), (e, c))
     for a, b in zip(grads, dense):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_triton_engine_refuses_create_graph_by_name():
+    pytest.importorskip("triton")
+    from crossent._engine.triton import launch
+
+    if launch.INTERPRETED == torch.cuda.is_available():
+        pytest.skip("the triton kernels were built for another device (TRITON_INTERPRET)")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    e = torch.randn(6, 3, device=device, requires_grad=True)
+    c = torch.randn(C, 3, device=device, requires_grad=True)
+    out = xe.linear_cross_entropy(e, c, torch.randint(0, C, (6,), device=device), backend="triton")
+    with pytest.raises(RuntimeError, match=r"'triton' engine has no second derivatives"):
+        torch.autograd.grad(out, (e, c), create_graph=True)
 
 
 def test_vocab_parallel_engine_refuses_create_graph_by_name():

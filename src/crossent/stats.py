@@ -11,10 +11,11 @@ Every statistic states three things (DESIGN.md section 1):
 torch ops, so the same code also serves as an autograd reference.
 
 A statistic may also declare its :class:`Form`: what it is, in terms a fused engine understands
-(``lse``, the target logit, a class-weighted row sum, the sum of squares, the argmax). The form fixes
-both the value and the derivative, so an engine that knows the form computes the statistic and its
-gradient term in its own fused way, without asking which class it is; a statistic without a form takes
-the generic path (``partial`` / ``merge`` / ``add_grad``), which every engine also supports.
+(``lse``, the target logit, a class-weighted row sum, the sum of squares, the argmax, a tempered
+``lse``, ``sum_j p_j z_j``, ``sum_j p_j^k``). The form fixes the value, the derivative and the layout of
+the mergeable state, so an engine that knows the form computes the statistic and its gradient term in
+its own fused way, without asking which class it is; a statistic without a form takes the generic
+path (``partial`` / ``merge`` / ``add_grad``), which every engine also supports.
 
 Precision: the elementwise work runs in the dtype of ``z`` (float32 for half inputs), but every
 statistic's value and state is float64, and values that move with the logits are *anchored*: a value
@@ -44,18 +45,37 @@ State = tuple[Tensor, ...]
 
 
 class Form(enum.Enum):
-    """What a statistic is, for fused engines. Each form fixes the value and the derivative."""
+    """What a statistic is, for fused engines. Each form fixes the value, the derivative and the state.
 
-    #: ``S = log sum_j exp z_j``; ``dS/dz_j = p_j`` (the softmax of the row).
+    The state is what ``partial`` returns over a block of columns (and ``merge`` combines); an engine
+    that computes a form's state itself hands it to the statistic's ``merge`` / ``finalize``. The first
+    five forms are the terms of :class:`~crossent._engine.plan.Factors`; the last three have no factor
+    there (engines that only read ``Factors`` take their generic path) but a kernel can compute them.
+    """
+
+    #: ``S = log sum_j exp z_j``; ``dS/dz_j = p_j`` (the softmax of the row). State and value: the
+    #: anchored pair ``(max_j z_j, log sum_j exp(z_j - max))`` (``(-inf, -inf)`` for a block of ``-inf``).
     LOG_SUM_EXP = "log_sum_exp"
-    #: ``S = z_y``; ``dS/dz_j = 1[j = y]``.
+    #: ``S = z_y``; ``dS/dz_j = 1[j = y]``. State ``(z_y or 0,)``.
     TARGET = "target"
     #: ``S = sum_j w_j z_j`` with ``w = stat.column_weights(rows)`` (``None``: ones); ``dS/dz_j = w_j``.
+    #: State ``(r, sum_j w_j (z_j - r), sum_j w_j)`` with ``r`` the block's row maximum (:func:`measured_sum`;
+    #: ``(0, S, 0)`` is a plain sum); value: the pair ``(r, x)`` or the plain number ``S``.
     COLUMN_SUM = "column_sum"
-    #: ``S = sum_j z_j^2``; ``dS/dz_j = 2 z_j``.
+    #: ``S = sum_j z_j^2``; ``dS/dz_j = 2 z_j``. State ``(S,)``.
     SQUARES = "squares"
-    #: ``S = argmax_j z_j`` (first on ties); no derivative.
+    #: ``S = argmax_j z_j`` (first on ties); no derivative. State ``(max_j z_j, argmax_j z_j)``.
     ARGMAX = "argmax"
+    #: ``S = t log sum_j exp(u_j)`` with ``u_j = (z_j + m 1[j != y]) / t``, ``t = stat.temperature``,
+    #: ``m = stat.margin``; ``dS/dz_j = softmax(u)_j``. State: the ``(max, log-sum)`` pair of ``u``;
+    #: value: that pair times ``t``.
+    TEMPERED_LOG_SUM_EXP = "tempered_log_sum_exp"
+    #: ``S = sum_j p_j z_j``; ``dS/dz_j = p_j (1 + z_j - S)``. State over the block: its ``(max, log-sum)``
+    #: pair and ``sum_j p_j (z_j - max)`` with the block's softmax ``p``; value: the pair ``(max, that sum)``.
+    PROB_DOT_LOGIT = "prob_dot_logit"
+    #: ``S = sum_j p_j^k`` with ``k = stat.power``; ``dS/dz_j = k (p_j^k - p_j S)``. State over the block:
+    #: its ``(max, log-sum)`` pair and ``S`` with the block's softmax.
+    SUM_PROB_POWER = "sum_prob_power"
 
 
 class Statistic:
@@ -82,12 +102,12 @@ class Statistic:
         An anchored pair value ``(r, x)`` stands for ``x + d r``.
         """
         form = self.form(rows)
-        if form is Form.LOG_SUM_EXP or form is Form.TARGET:
+        if form in (Form.LOG_SUM_EXP, Form.TARGET, Form.TEMPERED_LOG_SUM_EXP, Form.PROB_DOT_LOGIT):
             return 1.0
         if form is Form.COLUMN_SUM:
             w = self.column_weights(rows)
             return float(rows.num_classes) if w is None else w.to(ACC).sum()
-        if form is Form.ARGMAX:
+        if form in (Form.ARGMAX, Form.SUM_PROB_POWER):
             return 0.0
         return None
 
@@ -463,6 +483,9 @@ class TemperedLogSumExp(Statistic):
     def key(self):
         return ("TemperedLogSumExp", self.temperature, self.margin)
 
+    def form(self, rows):
+        return Form.TEMPERED_LOG_SUM_EXP if (rows.has_indices or not self.margin) else None
+
     def shift(self, rows):
         return 1.0
 
@@ -503,6 +526,9 @@ class ProbDotLogit(Statistic):
     """
 
     requires = (LSE,)
+
+    def form(self, rows):
+        return Form.PROB_DOT_LOGIT
 
     def shift(self, rows):
         return 1.0
@@ -551,6 +577,9 @@ class SumProbPower(Statistic):
     @property
     def key(self):
         return ("SumProbPower", self.power)
+
+    def form(self, rows):
+        return Form.SUM_PROB_POWER
 
     def shift(self, rows):
         return 0.0
