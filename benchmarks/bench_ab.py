@@ -2,11 +2,11 @@
 
 A baseline tree (e.g. ``git archive <commit> src | tar -x -C /some/dir``) is loaded as the package
 ``crossent_baseline`` next to this tree's ``crossent``; every case then alternates one baseline step and
-one new step, ``--repeats`` times, so load from other processes affects both alike. Reported: the
-median of each side and their ratio (new / baseline). Cases: the dense forward + backward of
-``benchmarks/bench_dense.py`` (CE, ``N = 8192``, ``C`` in {1000, 32000}, float32) and the fused one of
-``benchmarks/bench_linear.py`` (``N, D, V = 4096, 1024, 32768``, float32: CE, z-loss 1e-4, label
-smoothing 0.1) with the three-matrix-product floor for scale.
+one new step (each side first in every other pair), ``--repeats`` times, so load from other processes
+affects both alike. Reported: the median of each side and their ratio (new / baseline). Cases: the
+dense forward + backward of ``benchmarks/bench_dense.py`` (CE, ``N = 8192``, ``C`` in {1000, 32000},
+float32) and the fused one of ``benchmarks/bench_linear.py`` (``N, D, V = 4096, 1024, 32768``,
+float32: CE, z-loss 1e-4, label smoothing 0.1) with the three-matrix-product floor for scale.
 
     python benchmarks/bench_ab.py --baseline /path/to/old/src --repeats 9
 """
@@ -83,9 +83,13 @@ def main(argv=None) -> list[dict]:
     for label, step in cases:
         step(old), step(new)  # warm-up
         a, b = [], []
-        for _ in range(args.repeats):
-            a.append(step(old))
-            b.append(step(new))
+        for k in range(args.repeats):  # each side goes first in every other pair
+            if k % 2:
+                b.append(step(new))
+                a.append(step(old))
+            else:
+                a.append(step(old))
+                b.append(step(new))
         row = {"case": label, "baseline_s": statistics.median(a), "new_s": statistics.median(b)}
         row["ratio"] = row["new_s"] / row["baseline_s"]
         results.append(row)

@@ -175,20 +175,30 @@ def _absolute(value: Tensor, d) -> Tensor:
 
 
 def _relative(value: Tensor, d, anchor: Tensor) -> Tensor:
+    unit = isinstance(d, float) and d == 1.0
     if value.dim() < 2:
-        return value if isinstance(d, float) and d == 0.0 else value - d * anchor
+        if isinstance(d, float) and d == 0.0:
+            return value
+        return value - anchor if unit else value - d * anchor
     r, x = value.unbind(-1)
-    return x + d * (r - anchor)
+    return x + (r - anchor) if unit else x + d * (r - anchor)
 
 
 def anchor_of(values: dict, rows: Rows) -> Tensor | None:
     """The per-row anchor of :func:`formula_values`: the head of ``lse`` (the row maximum), else the
     target logit; ``None`` when the values hold neither."""
-    by_form = {s.form(rows): v for s, v in values.items()}
-    lse = by_form.get(Form.LOG_SUM_EXP)
-    if lse is not None:
-        return lse[:, 0] if lse.dim() == 2 else lse
-    return by_form.get(Form.TARGET)
+    return _anchor(values, rows)[1]
+
+
+def _anchor(values: dict, rows: Rows) -> tuple[Statistic | None, Tensor | None]:
+    target = None
+    for s, v in values.items():
+        form = s.form(rows)
+        if form is Form.LOG_SUM_EXP:
+            return s, (v[:, 0] if v.dim() == 2 else v)
+        if form is Form.TARGET and target is None:
+            target = (s, v)
+    return target if target is not None else (None, None)
 
 
 def formula_values(values: dict, rows: Rows, shift_invariant: bool) -> dict:
@@ -200,12 +210,25 @@ def formula_values(values: dict, rows: Rows, shift_invariant: bool) -> dict:
     one reading a statistic that does not state its :meth:`~Statistic.shift`, reads the values
     themselves. Non-differentiable statistics (the argmax) pass through.
     """
-    shifts = {s: s.shift(rows) for s, v in values.items() if s.differentiable and (shift_invariant or v.dim() == 2)}
-    anchor = anchor_of(values, rows) if shift_invariant else None
-    if anchor is not None and all(d is not None for d in shifts.values()):
-        anchor = anchor.detach()
-        return {s: _relative(v, shifts[s], anchor) if s.differentiable else v for s, v in values.items()}
-    return {s: _absolute(v, shifts[s]) if v.dim() == 2 and s.differentiable else v for s, v in values.items()}
+    if shift_invariant:
+        source, anchor = _anchor(values, rows)
+        if anchor is not None:
+            anchor = anchor.detach()
+            out = {}
+            for s, v in values.items():
+                if not s.differentiable:
+                    out[s] = v
+                    continue
+                d = s.shift(rows)
+                if d is None:
+                    break
+                if s is source and v.dim() == 2 and not v.requires_grad:
+                    out[s] = v[:, 1]  # measured from its own head: the tail, exactly
+                else:
+                    out[s] = _relative(v, d, anchor)
+            else:
+                return out
+    return {s: _absolute(v, s.shift(rows)) if v.dim() == 2 and s.differentiable else v for s, v in values.items()}
 
 
 # -- log-sum-exp and the softmax ---------------------------------------------------------------------
@@ -215,13 +238,18 @@ def row_logsumexp(z: Tensor, peak: Tensor | None = None) -> Tensor:
     ``peak`` (optional): the row maxima, when already known. A row of ``-inf`` only (or no columns) is
     ``(-inf, -inf)``: it adds nothing when merged with other columns.
     """
+    return anchored(*lse_state(z, peak))
+
+
+def lse_state(z: Tensor, peak: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`row_logsumexp` as the state ``(max, log-sum)`` of two float64 ``[N]`` tensors."""
     if z.shape[-1] == 0:
         empty = torch.full(z.shape[:-1], _NEG_INF, dtype=ACC, device=z.device)
-        return torch.stack((empty, empty), -1)
+        return empty, empty
     m = z.amax(dim=-1) if peak is None else peak.to(z.dtype)
-    safe = torch.where(m == _NEG_INF, torch.zeros_like(m), m)
+    safe = torch.nan_to_num(m, nan=float("nan"), posinf=float("inf"), neginf=0.0)  # -inf rows: measure from 0
     s = (z - safe[..., None]).exp_().sum(-1)
-    return anchored(m, torch.log(s.to(ACC)))
+    return m.to(ACC), torch.log(s.to(ACC))
 
 
 def merge_lse(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -268,8 +296,8 @@ def measured_sum(z: Tensor, q: Tensor | None, peak: Tensor | None) -> State:
     if width == 0:
         zero = torch.zeros(n, dtype=ACC, device=z.device)
         return (zero, zero, zero)
-    r = (z.detach().amax(-1) if peak is None else peak.to(z.dtype))
-    r = torch.where(torch.isfinite(r), r, torch.zeros_like(r))
+    r = z.detach().amax(-1) if peak is None else peak.to(z.dtype)
+    r = torch.nan_to_num(r, nan=0.0, posinf=0.0, neginf=0.0)  # a non-finite maximum: measure from 0
     diff = z - r[:, None]
     if q is None:
         x, d = diff.sum(-1), torch.full((n,), float(width), dtype=ACC, device=z.device)
@@ -319,7 +347,7 @@ class LogSumExp(Statistic):
         return Form.LOG_SUM_EXP
 
     def partial(self, z, rows, cols):
-        return tuple(row_logsumexp(z, rows.peak).unbind(-1))
+        return lse_state(z, rows.peak)
 
     def merge(self, a, b):
         return merge_lse(a, b)
@@ -499,7 +527,7 @@ class TemperedLogSumExp(Statistic):
         return zz
 
     def partial(self, z, rows, cols):
-        return tuple(row_logsumexp(self._scaled(z, rows, cols)).unbind(-1))
+        return lse_state(self._scaled(z, rows, cols))
 
     def merge(self, a, b):
         return merge_lse(a, b)
@@ -658,6 +686,6 @@ __all__ = [
     "LogSumExp", "TargetLogit", "Sum", "SumSquares", "SoftDot", "TemperedLogSumExp", "ProbDotLogit",
     "SumProbPower", "ArgMax",
     "LSE", "TARGET", "SUM", "SUMSQ", "P_DOT_Z", "ARGMAX",
-    "row_logsumexp", "softmax_from_lse", "split_lse", "merge_lse", "measured_sum", "merge_measured",
+    "row_logsumexp", "lse_state", "softmax_from_lse", "split_lse", "merge_lse", "measured_sum", "merge_measured",
     "anchored", "number", "relative", "anchor_of", "formula_values", "with_requirements", "merge_states",
 ]  # fmt: skip

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .._rows import Rows
-from ..stats import LSE, Statistic, anchored, measured_sum, merge_lse, merge_measured, row_logsumexp, softmax_from_lse
+from ..stats import LSE, Statistic, anchored, lse_state, measured_sum, merge_lse, merge_measured, softmax_from_lse
 from ._base import Loss, register
 
 #: Keras' ``K.epsilon()``: the official code clips probabilities to ``[EPS, 1 - EPS]``.
@@ -96,7 +96,7 @@ class TargetRowLogSumExp(_MatrixStatistic):
 
     def partial(self, z, rows, cols):
         # log T has -inf entries: a chunk where every entry is -inf adds nothing instead of producing NaN.
-        return tuple(row_logsumexp(z + self._target_rows(rows, cols, z)).unbind(-1))
+        return lse_state(z + self._target_rows(rows, cols, z))
 
     def merge(self, a, b):
         return merge_lse(a, b)
