@@ -14,7 +14,7 @@ logits are in memory. Merging once per call would mean keeping every chunk's log
 block this engine avoids) or forming them twice (a fourth matrix product, a third more arithmetic).
 The gathers are small (``chunk x K`` float64: 8 KiB for 512 rows of cross-entropy) and few
 (``N / chunk``), so their latency is negligible beside a chunk's matrix products. A recompute pass in
-backward (``reduction='none'``) reuses the forward's merged values and communicates nothing.
+backward (``reduction='none'``) reuses the forward's merged values: no all-gather again.
 
 **Gradients.** ``c_shard`` and ``bias_shard`` get the gradients of their own rows. ``e``'s gradient is
 a sum over all classes, so each rank's columns give a partial sum; it is summed over the group in
