@@ -39,6 +39,7 @@ from ..stats import Form
 from .chunked import chunked_loss
 from .chunked.chunks import stage_rows
 from .chunked.kernels import ChunkGrad, ChunkResult
+from .dense import row_blocks
 from .options import LinearCrossEntropyOptions, accumulation_dtype
 from .plan import Plan
 from .shards import Layout
@@ -57,25 +58,43 @@ class ShardKernel:
         self.plan, self.layout, self.cols = plan, layout, layout.cols
         self._kept: list[dict] = []
         self._next = 0
-        # The gradient may overwrite the chunk's logits unless the plan reads them after writing it.
+        # The gradient is written over the chunk's logits: in place, unless the plan reads a block's
+        # logits after writing its gradient (a sum of squares), then through a block-sized temporary.
         self._in_place = not plan.structure.has(Form.SQUARES)
 
     def __call__(self, z: Tensor, rows: Rows, row_scale: Tensor | None, source=None) -> ChunkResult:
         plan, cols = self.plan, self.cols
+        # Blocks of rows, as in the dense engine: the temporaries of the statistics and the gradient are
+        # a few MiB, recycled from block to block, never another chunk-sized buffer.
+        blocks = row_blocks(*z.shape)
         if row_scale is not None and self._kept:
             values = self._kept[self._next]
             self._next = (self._next + 1) % len(self._kept)
         else:
-            states = plan.partial_states(plan.transform(z, rows, cols), rows, cols)
-            values = merged_values(plan, states, self.layout)
+            values = merged_values(plan, self._states(z, rows, blocks), self.layout)
             if row_scale is None:
                 self._kept.append(values)
         loss = plan.row_losses(values, rows)
         if row_scale is None:
             return ChunkResult(loss, values)
         coefs = plan.coefficients(values, rows, row_scale)
-        grad = plan.logit_grad(z, rows, values, coefs, cols, out=z if self._in_place else None)
-        return ChunkResult(loss, values, ChunkGrad(grad))
+        for b in blocks:
+            zb, block_values, block_coefs = z[b], {k: v[b] for k, v in values.items()}, {k: v[b] for k, v in coefs.items()}
+            grad = plan.logit_grad(zb, rows.select(b), block_values, block_coefs, cols, out=zb if self._in_place else None)
+            if not self._in_place:
+                zb.copy_(grad)  # the block's logits are no longer needed
+        return ChunkResult(loss, values, ChunkGrad(z))
+
+    def _states(self, z: Tensor, rows: Rows, blocks) -> dict:
+        """The mergeable states of the chunk's local columns, block by block."""
+        plan, cols = self.plan, self.cols
+        parts = []
+        for b in blocks:
+            rows_b = rows.select(b)
+            parts.append(plan.partial_states(plan.transform(z[b], rows_b, cols), rows_b, cols))
+        if len(parts) == 1:
+            return parts[0]
+        return {s: tuple(torch.cat(ts) for ts in zip(*(p[s] for p in parts))) for s in parts[0]}
 
 
 class _SumGradOverRanks(torch.autograd.Function):
