@@ -34,7 +34,7 @@ def _child(rank: int, world: int, tmp: str, cases: dict, gloo_timeout: float) ->
             try:
                 case(rank, world)
                 outcome[name] = (None, time.perf_counter() - start)
-            except BaseException:  # noqa: BLE001: reported to the test process
+            except BaseException:  # noqa: BLE001 (reported to the test process)
                 outcome[name] = (traceback.format_exc(), time.perf_counter() - start)
         dist.destroy_process_group()
     finally:

@@ -202,7 +202,7 @@ def fused_against_dense(rank: int, world: int, kw: dict, reduction: str, dtype=t
 
 def fused_loss_matrix(rank: int, world: int):
     """Every required loss, every reduction, several chunks (5 rows each) and one."""
-    for name, kw in FUSED_LOSSES.items():
+    for kw in FUSED_LOSSES.values():
         for reduction in ("mean", "sum", "none"):
             fused_against_dense(rank, world, kw, reduction, chunk_size=5)
     fused_against_dense(rank, world, {}, "mean")
@@ -452,10 +452,11 @@ def _cases(world: int) -> dict:
 
 @functools.cache
 def _launch(world: int) -> dict:
-    # Imported here, once, so that the forked ranks inherit them instead of importing them each.
-    import torch._dynamo  # noqa: F401  (the first call of an entry point would import it)
-    import torch.distributed.fsdp  # noqa: F401
-    import torch.distributed.tensor.parallel  # noqa: F401
+    # Imported here, once, so that the forked ranks inherit them instead of importing them each
+    # (the first call of an entry point imports torch._dynamo).
+    import torch._dynamo
+    import torch.distributed.fsdp
+    import torch.distributed.tensor.parallel
 
     return run_cases(world, _cases(world), timeout=150, gloo_timeout=20)
 

@@ -86,4 +86,4 @@ def dtensor_linear_cross_entropy(e, c, target, *, bias=None, weight=None, **opti
     )  # fmt: skip
 
 
-__all__ = ["is_dtensor", "dtensor_linear_cross_entropy"]
+__all__ = ["dtensor_linear_cross_entropy", "is_dtensor"]

@@ -17,8 +17,9 @@ Without an initialised process group a process is a group of one, and must hold 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -105,7 +106,7 @@ def agree(who: str, group, device, check: Callable[[], tuple[Claim, Any]]) -> tu
         claim, result = check()
         row = torch.tensor(_encode(claim), dtype=torch.int64, device=device)
         row[_FIELDS.index("target")] = _fingerprint(claim.target)
-    except Exception as err:  # noqa: BLE001: re-raised below, after every rank has heard of it
+    except Exception as err:  # noqa: BLE001 (re-raised below, once every rank has heard of it)
         error, result = err, None
         row = torch.zeros(len(_FIELDS), dtype=torch.int64, device=device)
         row[0] = 1

@@ -148,4 +148,4 @@ def sharded_loss(
     )  # fmt: skip
 
 
-__all__ = ["ShardKernel", "sharded_loss", "chunk_rows"]
+__all__ = ["ShardKernel", "chunk_rows", "sharded_loss"]
