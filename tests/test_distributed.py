@@ -481,6 +481,12 @@ def test_whole_row_and_stateful_losses_are_refused_by_name():
         vocab_parallel_linear_cross_entropy(e, c, t, vocab_start=0, loss=xe.losses.get("aldr_kl"))
 
 
+def test_the_triton_backend_is_refused_by_name():
+    e, c, _, t = linear_data()
+    with pytest.raises(ValueError, match=r"row-chunked engine on every rank; backend='triton'"):
+        vocab_parallel_linear_cross_entropy(e, c, t, vocab_start=0, backend="triton")
+
+
 def test_cross_entropy_of_the_dense_reference_is_pytorchs():
     """The dense float32 reference of the multi-process tests is PyTorch's own cross-entropy."""
     e, c, b, t = linear_data()

@@ -201,7 +201,8 @@ def vocab_parallel_linear_cross_entropy(
         loss, ignore_index, reduction, label_smoothing, z_loss, softcap, shift, backend, chunk_size,
             return_stats, extra, accum_dtype, options: as in :func:`crossent.linear_cross_entropy`;
             ``return_stats`` gives the merged ``lse`` and the global ``argmax``. The default chunk size
-            is sized by the widest shard, the same on every rank.
+            is sized by the widest shard, the same on every rank. The engine is the row-chunked one
+            (``backend`` ``"auto"`` or ``"torch"``).
 
     Raises:
         ValueError: on every rank, when the shards do not tile the vocabulary or the ranks pass
@@ -221,6 +222,11 @@ def vocab_parallel_linear_cross_entropy(
 
     def check():
         opts = resolve_options(options, backend=backend, chunk_size=chunk_size, accum_dtype=accum_dtype)
+        if opts.backend == "triton" or opts.filter_eps is not None:
+            raise ValueError(
+                f"{who} runs the row-chunked engine on every rank; backend='triton' and filter_eps are not "
+                f"available on it (got backend={opts.backend!r}, filter_eps={opts.filter_eps!r})"
+            )
         V.check_reduction(reduction)
         _check_tensors(e, c_shard, target, bias_shard, allow_no_classes=True)
         start = _index("vocab_start", vocab_start)

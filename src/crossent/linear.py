@@ -9,7 +9,7 @@ from torch import Tensor
 
 from . import _validation as V
 from ._dtensor import dtensor_linear_cross_entropy, is_dtensor
-from ._engine.chunked import chunked_loss
+from ._engine.backend import linear_engine
 from ._engine.options import LinearCrossEntropyOptions, accumulation_dtype
 from ._engine.plan import Plan
 from ._rows import index_rows
@@ -148,7 +148,9 @@ def linear_cross_entropy(
         shift: causal-LM shift along the sequence dim (``target``'s last): position ``t`` predicts
             ``target[..., t + 1]``; the last position of ``e`` and the first of ``target`` are dropped
             without copying ``e``.
-        backend: ``"auto"`` or ``"torch"`` (the row-chunked engine; runs on any device).
+        backend: ``"auto"``, ``"torch"`` (the row-chunked engine; runs on any device) or ``"triton"``
+            (tiled GPU kernels for every streamable loss, docs/triton.md). ``"auto"`` takes
+            ``"triton"`` for CUDA inputs when Triton is installed and the loss streams, else ``"torch"``.
         chunk_size: rows per chunk; the default (:func:`crossent.default_chunk_size`)
             takes 512 rows, fewer where that would exceed 192 MiB (V = 131072: 368 rows);
             bfloat16/float16 inputs with a float32 accumulator take 1024 rows where memory allows.
@@ -199,8 +201,9 @@ def linear_cross_entropy(
     rows = index_rows(target.reshape(-1), num_classes, ignore_index, class_weight, V.flatten_extra(extra, rows_shape))
     plan = Plan(loss_obj, rows, (Softcap(softcap),) if softcap is not None else ())
 
+    engine = linear_engine(options, e, plan)
     with torch.autocast(e.device.type, enabled=False):
-        value, stats = chunked_loss(
+        value, stats = engine(
             e.reshape(-1, dim),
             c,
             bias,
