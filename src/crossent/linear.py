@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from . import _validation as V
+from ._dtensor import dtensor_linear_cross_entropy, is_dtensor
 from ._engine.backend import linear_engine
 from ._engine.options import LinearCrossEntropyOptions, accumulation_dtype
 from ._engine.plan import Plan
@@ -48,7 +49,7 @@ def resolve_options(
     return options.replace(**changes) if changes else options
 
 
-def _check_tensors(e, c, target, bias) -> None:
+def _check_tensors(e, c, target, bias, allow_no_classes: bool = False) -> None:
     for name, t in (("e", e), ("c", c), ("target", target)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
@@ -62,7 +63,7 @@ def _check_tensors(e, c, target, bias) -> None:
         raise ValueError(f"c must be a [V, D] matrix (an nn.Linear weight), got shape {tuple(c.shape)}")
     if c.shape[1] != e.shape[-1]:
         raise ValueError(f"e has {e.shape[-1]} features but c has {c.shape[1]} (shapes {tuple(e.shape)}, {tuple(c.shape)})")
-    if c.shape[0] == 0:
+    if c.shape[0] == 0 and not allow_no_classes:
         raise ValueError("c must have at least one class (row)")
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         raise TypeError(
@@ -181,11 +182,43 @@ def linear_cross_entropy(
         >>> stats.lse, stats.argmax
         (tensor([1.4076, 0.8064, 2.7586]), tensor([0, 0, 1]))
     """
+    if is_dtensor(c) or is_dtensor(e):  # a vocabulary-sharded head: the vocabulary-parallel engine
+        return dtensor_linear_cross_entropy(**locals())
     options = resolve_options(options, backend=backend, chunk_size=chunk_size, accum_dtype=accum_dtype)
     V.check_reduction(reduction)
     _check_tensors(e, c, target, bias)
     loss_obj = build_loss(loss, label_smoothing=label_smoothing, z_loss=z_loss)
+    e, c, bias, out_dtype = _compute_inputs(e, c, bias)
 
+    num_classes, dim = c.shape
+    rows_shape = tuple(target.shape)
+    _check_target(target, num_classes, ignore_index, shift)
+    if shift:
+        target, extra = _shifted(target, ignore_index, extra)
+    options.accumulator(e.dtype)  # checks accum_dtype against the input dtype
+    compute = accumulation_dtype(e.dtype)
+    class_weight = V.check_class_weight(weight, num_classes, e.device, compute)
+    rows = index_rows(target.reshape(-1), num_classes, ignore_index, class_weight, V.flatten_extra(extra, rows_shape))
+    plan = Plan(loss_obj, rows, (Softcap(softcap),) if softcap is not None else ())
+
+    engine = linear_engine(options, e, plan)
+    with torch.autocast(e.device.type, enabled=False):
+        value, stats = engine(
+            e.reshape(-1, dim),
+            c,
+            bias,
+            plan,
+            rows,
+            reduction=reduction,
+            options=options,
+            report=(LSE, ARGMAX) if return_stats else (),
+        )
+
+    return _finish(value, stats, rows_shape, shift, reduction, out_dtype, return_stats)
+
+
+def _compute_inputs(e: Tensor, c: Tensor, bias: Tensor | None):
+    """``(e, c, bias, out_dtype)``: the inputs in the dtype the products run in, and the loss's dtype."""
     out_dtype = e.dtype
     device_type = e.device.type
     if torch.is_autocast_enabled(device_type):
@@ -199,32 +232,18 @@ def linear_cross_entropy(
             f"e, c and bias must share one dtype, got {e.dtype}, {c.dtype}"
             + (f", {bias.dtype}" if bias is not None else "")
         )
+    return e, c, bias, out_dtype
 
-    num_classes, dim = c.shape
-    rows_shape = tuple(target.shape)
+
+def _check_target(target: Tensor, num_classes: int, ignore_index: int, shift: bool) -> None:
     if shift:
         V.check_index_target(target[..., 1:], num_classes, ignore_index, target[..., 1:].shape)
-        target, extra = _shifted(target, ignore_index, extra)
     else:
         V.check_index_target(target, num_classes, ignore_index, target.shape if target.dim() else (1,))
-    options.accumulator(e.dtype)  # checks accum_dtype against the input dtype
-    compute = accumulation_dtype(e.dtype)
-    class_weight = V.check_class_weight(weight, num_classes, e.device, compute)
-    rows = index_rows(target.reshape(-1), num_classes, ignore_index, class_weight, V.flatten_extra(extra, rows_shape))
-    plan = Plan(loss_obj, rows, (Softcap(softcap),) if softcap is not None else ())
 
-    engine = linear_engine(options, e, plan)
-    with torch.autocast(device_type, enabled=False):
-        value, stats = engine(
-            e.reshape(-1, dim),
-            c,
-            bias,
-            plan,
-            rows,
-            reduction=reduction,
-            options=options,
-            report=(LSE, ARGMAX) if return_stats else (),
-        )
+
+def _finish(value: Tensor, stats: dict, rows_shape, shift: bool, reduction: str, out_dtype, return_stats: bool):
+    """The engine's float64 result as the entry point returns it: per-row shape, dtype, optional stats."""
 
     def per_row(t: Tensor) -> Tensor:
         t = t.reshape(rows_shape)

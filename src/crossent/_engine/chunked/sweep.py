@@ -27,14 +27,17 @@ from .selection import RowSelection, expand_scale
 class Job:
     """The untracked half of one call: plan, kernel, row selection, accumulator dtype, reported statistics.
 
+    ``kernel(plan, report)`` builds the chunk kernel (``None``: :func:`~.kernels.make_kernel`; an engine
+    may bring its own, as the vocabulary-parallel one does).
+
     Attributes:
         stat_values: ``{stat: [N] values}`` of the reported statistics, set by the first sweep.
     """
 
-    def __init__(self, plan: Plan, rows: Rows, chunk_size: int, accum_dtype: torch.dtype, report=()):
+    def __init__(self, plan: Plan, rows: Rows, chunk_size: int, accum_dtype: torch.dtype, report=(), kernel=None):
         self.report = tuple(report)
         self.plan = plan.with_statistics(self.report, rows)
-        self.kernel = make_kernel(self.plan, self.report)
+        self.kernel = (kernel or make_kernel)(self.plan, self.report)
         # Ignored rows contribute nothing; they are visited only when their statistics are reported.
         self.selection = RowSelection(rows, chunk_size, keep_all=bool(self.report))
         self.accum_dtype = accum_dtype
