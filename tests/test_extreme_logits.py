@@ -4,23 +4,20 @@ A log-sum-exp held as one float64 number loses its small log term next to a larg
 rounds to 1e16). Every shift-invariant loss must give the value and gradient of the same rows moved to
 a maximum of 0, which the float64 references here compute (``reference_streaming.py``). Engines: dense
 (``cross_entropy``), row-chunked (``linear_cross_entropy``, with ``e`` and ``c`` whose products are the
-rows exactly; its Triton backend too), vocabulary-parallel (the engine's own steps over column shards in one process, and two
-gloo processes). Tolerances: 1e-6 relative for float32 (its rounding of the result), 1e-15 for float64.
+rows exactly; its Triton backend too), vocabulary-parallel (the engine's own steps over column shards
+in one process, and two gloo processes). Tolerances: 1e-6 relative for float32 (its rounding of the
+result), 1e-15 for float64.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import crossent as xe
 import reference_streaming as R
+from _gloo import check, run_cases
 from crossent._engine.plan import Plan
 from crossent._rows import index_rows
 from crossent.distributed import vocab_parallel_cross_entropy
@@ -32,7 +29,10 @@ WEIGHT = torch.tensor([0.5, 2.0, 1.25, 0.75])
 #: name -> (crossent arguments, float64 reference per-row function of (z, y))
 LOSSES = {
     "ce": (dict(loss="ce"), R.ce),
-    "smoothing": (dict(loss="ce", label_smoothing=0.1), lambda z, y: F.cross_entropy(z, y, label_smoothing=0.1, reduction="none")),
+    "smoothing": (
+        dict(loss="ce", label_smoothing=0.1),
+        lambda z, y: F.cross_entropy(z, y, label_smoothing=0.1, reduction="none"),
+    ),
     "weighted_smoothing": (
         dict(loss="ce", label_smoothing=0.1, weight=WEIGHT),
         lambda z, y: F.cross_entropy(z, y, weight=WEIGHT.double(), label_smoothing=0.1, reduction="none"),
@@ -41,7 +41,8 @@ LOSSES = {
     "nce": (dict(loss="nce"), R.nce),
     "ngce": (dict(loss="ngce"), R.ngce),
 }
-FUSED = ("ce", "smoothing", "focal", "nce", "ngce")  # class weights: see test_fused_column_sums_are_exact_for_exact_products
+#: Class weights on the row-chunked engine: test_fused_column_sums_are_exact_for_exact_products.
+FUSED = ("ce", "smoothing", "focal", "nce", "ngce")
 
 
 def tied_rows(v: float, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,9 +217,10 @@ def test_nce_and_ngce_are_finite_on_tied_rows_at_1e30():
 def test_return_stats_lse_keeps_its_tail():
     e, c = factors(tied_rows(1e10, torch.float64)[0])
     _, stats = xe.linear_cross_entropy(e, c, torch.tensor([0, 1, 0]), return_stats=True)
-    torch.testing.assert_close(stats.lse.double(), torch.tensor([1e10, 1e10, 1e10], dtype=torch.float64), rtol=1e-12, atol=0)
+    torch.testing.assert_close(stats.lse.double(), torch.full((3,), 1e10, dtype=torch.float64), rtol=1e-12, atol=0)
     z = torch.tensor([[0.0, 1.0, 2.0]], dtype=torch.float64)
-    _, stats = xe.linear_cross_entropy(torch.eye(1, dtype=torch.float64), z.T.contiguous(), torch.tensor([0]), return_stats=True)
+    e = torch.eye(1, dtype=torch.float64)
+    _, stats = xe.linear_cross_entropy(e, z.T.contiguous(), torch.tensor([0]), return_stats=True)
     torch.testing.assert_close(stats.lse, torch.logsumexp(z, -1).float())
 
 
@@ -233,40 +235,31 @@ def test_fused_column_sums_are_exact_for_exact_products():
     torch.testing.assert_close(out, want, rtol=1e-15, atol=0)
 
 
-def _gloo_worker(rank: int, world: int, init_file: str):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        lo, hi = (0, 2) if rank == 0 else (2, 4)
-        z = torch.full((1, 4), 1e20)
-        x = z[:, lo:hi].clone().requires_grad_()
-        vocab_parallel_cross_entropy(x, torch.tensor([0]), vocab_start=lo, vocab_size=4).backward()
-        torch.testing.assert_close(x.grad, torch.tensor([[-0.75, 0.25, 0.25, 0.25]])[:, lo:hi])
-        for _, z, y in CASES:
-            for name in LOSSES:
-                kw = dict(LOSSES[name][0])
-                x = z[:, lo:hi].clone().requires_grad_()
-                out = vocab_parallel_cross_entropy(x, y, vocab_start=lo, vocab_size=4, reduction="none", **kw)
-                out.sum().backward()
-                want, want_grad = expected(name, z, y)
-                torch.testing.assert_close(out.double(), want, **tol(z.dtype))
-                torch.testing.assert_close(x.grad.double(), want_grad[:, lo:hi], **grad_tol(z.dtype))
-    finally:
-        dist.destroy_process_group()
+def _two_ranks(rank: int, world: int):
+    """Each of two gloo ranks holds two of the four classes."""
+    lo, hi = (0, 2) if rank == 0 else (2, 4)
+    x = torch.full((1, 2), 1e20, requires_grad=True)
+    vocab_parallel_cross_entropy(x, torch.tensor([0]), vocab_start=lo, vocab_size=4).backward()
+    torch.testing.assert_close(x.grad, torch.tensor([[-0.75, 0.25, 0.25, 0.25]])[:, lo:hi])
+    for _, z, y in CASES:
+        for name in LOSSES:
+            x = z[:, lo:hi].clone().requires_grad_()
+            out = vocab_parallel_cross_entropy(x, y, vocab_start=lo, vocab_size=4, reduction="none", **LOSSES[name][0])
+            out.sum().backward()
+            want, want_grad = expected(name, z, y)
+            torch.testing.assert_close(out.double(), want, **tol(z.dtype))
+            torch.testing.assert_close(x.grad.double(), want_grad[:, lo:hi], **grad_tol(z.dtype))
 
 
 @pytest.mark.slow
 def test_vocab_parallel_engine_on_two_gloo_ranks():
-    with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.start_processes(
-            _gloo_worker, args=(2, os.path.join(tmp, "init")), nprocs=2, join=False, start_method="spawn"
-        )
-        while not ctx.join(timeout=120):
-            pass
+    check(run_cases(2, {"extreme_logits": _two_ranks}, timeout=120, gloo_timeout=20), "extreme_logits")
 
 
 # -- class-probability targets at large logits, against PyTorch's own error ----------------------------
 PROB_CASES = [
-    (torch.bfloat16, 30.0), (torch.bfloat16, 330.0), (torch.float16, 30.0), (torch.float32, 30.0), (torch.float32, 330.0),
+    (torch.bfloat16, 30.0), (torch.bfloat16, 330.0), (torch.float16, 30.0),
+    (torch.float32, 30.0), (torch.float32, 330.0),
 ]  # fmt: skip
 
 

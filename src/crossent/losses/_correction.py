@@ -113,7 +113,10 @@ class TargetRowLogSumExp(_MatrixStatistic):
 
 
 class TargetRowDot(_MatrixStatistic):
-    """``sum_j M[y, j] z_j`` for a fixed ``C x C`` matrix ``M``, measured from the row maximum; ``d / d z_j = M[y, j]``."""
+    """``sum_j M[y, j] z_j`` for a fixed ``C x C`` matrix ``M``, measured from the row maximum.
+
+    ``d / d z_j = M[y, j]``; it moves by ``sum_j M[y, j] t`` when every logit moves by ``t``.
+    """
 
     @property
     def key(self):
