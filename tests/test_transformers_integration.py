@@ -12,6 +12,7 @@ text, and two gloo processes under DDP.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import sysconfig
 import tempfile
@@ -190,7 +191,9 @@ def test_positional_labels_tuple_output_and_logits_to_keep():
     stock = model(input_ids=ids, labels=labels)
     last = labels[:, -4:].contiguous()  # targets of the last four positions, already shifted
     keep = model(input_ids=ids, labels=last, shift_labels=last, logits_to_keep=4)
+    stock_signature = inspect.signature(model.forward)
     with xt.patched(model):
+        assert inspect.signature(model.forward) == stock_signature  # what Trainer reads
         out = model(ids, None, None, None, None, labels)
         close(out.loss, stock.loss)
         assert out.logits is None

@@ -206,10 +206,15 @@ def _settings_of(model) -> _Settings:
 
 
 def _instance_forward(original):
-    @functools.wraps(original)
     def forward(self, *args, **kwargs):
         return _run(self, original, args, kwargs)
 
+    # The stock signature, with ``self`` in front for the binding: Trainer reads the parameter names
+    # (which dataset columns to keep, whether the forward takes num_items_in_batch).
+    functools.update_wrapper(forward, getattr(original, "__func__", original))
+    stock = inspect.signature(original)
+    self_parameter = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    forward.__signature__ = stock.replace(parameters=[self_parameter, *stock.parameters.values()])
     return forward
 
 
