@@ -78,11 +78,22 @@ def main():
         trainer = transformers.Trainer(
             model=model,
             args=transformers.TrainingArguments(
-                output_dir=out, max_steps=args.steps, per_device_train_batch_size=8, gradient_accumulation_steps=2,
-                learning_rate=3e-3, lr_scheduler_type="cosine", warmup_steps=20, logging_steps=max(1, args.steps // 6),
-                eval_strategy="no", per_device_eval_batch_size=16, report_to=[], save_strategy="no",
-                use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
-            ),  # fmt: skip
+                output_dir=out,
+                max_steps=args.steps,
+                per_device_train_batch_size=8,
+                gradient_accumulation_steps=2,
+                learning_rate=3e-3,
+                lr_scheduler_type="cosine",
+                warmup_steps=20,
+                logging_steps=max(1, args.steps // 6),
+                eval_strategy="no",
+                per_device_eval_batch_size=16,
+                report_to=[],
+                save_strategy="no",
+                use_cpu=True,
+                dataloader_num_workers=0,
+                disable_tqdm=True,
+            ),
             train_dataset=train,
             eval_dataset=torch.utils.data.Subset(test, range(64)),
         )

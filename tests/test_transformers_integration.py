@@ -24,14 +24,17 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 transformers = pytest.importorskip("transformers")
 
-import crossent as xe  # noqa: E402
-import crossent.integrations.transformers as xt  # noqa: E402
-from crossent.integrations import _families  # noqa: E402
+import crossent as xe
+import crossent.integrations.transformers as xt
+from crossent.integrations import _families
 
 V, D = 96, 32
 COMMON = dict(vocab_size=V, hidden_size=D, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
 MOE = dict(num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.05)
+GPT2 = dict(
+    vocab_size=V, n_embd=D, n_layer=1, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+)
 
 #: name -> (config class, model class, config arguments beyond COMMON)
 FAMILIES = {
@@ -39,9 +42,17 @@ FAMILIES = {
     "mistral": ("MistralConfig", "MistralForCausalLM", {}),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, **MOE)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
-    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=16, **MOE)),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        dict(num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=16, **MOE),
+    ),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=8)),
-    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(num_experts=4, moe_intermediate_size=16, head_dim=8, **MOE)),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(num_experts=4, moe_intermediate_size=16, head_dim=8, **MOE),
+    ),
     "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(head_dim=8)),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(head_dim=8, final_logit_softcapping=2.0)),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(head_dim=8, final_logit_softcapping=2.5)),
@@ -49,8 +60,7 @@ FAMILIES = {
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
     "granite": ("GraniteConfig", "GraniteForCausalLM", dict(logits_scaling=4.0)),
     "cohere": ("CohereConfig", "CohereForCausalLM", dict(logit_scale=0.5)),
-    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=D, n_layer=1, n_head=4, n_positions=64, resid_pdrop=0.0,
-                                                  embd_pdrop=0.0, attn_pdrop=0.0, vocab_size=V)),  # fmt: skip
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", GPT2),
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {}),
 }
 
@@ -104,9 +114,9 @@ def close(actual, expected, rel=1e-5):
 
 def same_gradients(got: dict, want: dict, rel=1e-5):
     assert got.keys() == want.keys()
-    for name in want:
+    for name, expected in want.items():
         try:
-            close(got[name], want[name], rel)
+            close(got[name], expected, rel)
         except AssertionError as err:
             raise AssertionError(f"gradient of {name}: {err}") from None
 
@@ -254,6 +264,28 @@ def test_class_patch_reaches_models_created_later():
     close(out.loss, ref)
 
 
+def test_bfloat16_model_and_autocast():
+    """Half precision: the float32 loss within 2e-2 of stock's, gradients in the same direction."""
+    ids, labels = batch()
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config_of("llama")).to(torch.bfloat16).train()
+    stock, want = run(model, input_ids=ids, labels=labels)
+    with xt.patched(model):
+        out, grads = run(model, input_ids=ids, labels=labels)
+    assert out.loss.dtype == torch.float32
+    close(out.loss, stock.loss, 2e-2)
+    for name, g in grads.items():
+        assert g.dtype == torch.bfloat16
+        assert F.cosine_similarity(g.float().flatten(), want[name].float().flatten(), dim=0) > 0.99, name
+    model = tiny("gemma2")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        stock, _ = run(model, input_ids=ids, labels=labels)
+        with xt.patched(model):
+            out, _ = run(model, input_ids=ids, labels=labels)
+    assert out.loss.dtype == torch.float32
+    close(out.loss, stock.loss, 2e-2)
+
+
 # -- no [B, T, V] tensor ----------------------------------------------------------------------------------
 
 
@@ -280,10 +312,9 @@ def test_no_logit_tensor_in_a_patched_training_step():
     with LargestTensor() as stock:
         model(input_ids=ids, labels=ids).loss.backward()
     assert stock.largest >= b * t * vocab  # the stock step has its [B, T, V] logits
-    with xt.patched(model, chunk_size=16):
-        with LargestTensor() as rec:
-            out = model(input_ids=ids, labels=ids)
-            out.loss.backward()
+    with xt.patched(model, chunk_size=16), LargestTensor() as rec:
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
     assert out.logits is None
     assert rec.largest <= max(16 * vocab, vocab * D), rec.largest  # one chunk of logits, or the weight's shape
 
@@ -295,7 +326,9 @@ def test_peft_heads_are_unwrapped():
     peft = pytest.importorskip("peft")
     ids, labels = batch()
     configs = {
-        "LoRA on the head": peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "lm_head"], lora_dropout=0.0, init_lora_weights=False),
+        "LoRA on the head": peft.LoraConfig(
+            r=4, target_modules=["q_proj", "v_proj", "lm_head"], lora_dropout=0.0, init_lora_weights=False
+        ),
         "modules_to_save": peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]),
     }
     for case, config in configs.items():
@@ -435,6 +468,8 @@ def test_two_gloo_processes_under_ddp():
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.start_processes(_ddp_worker, args=(2, os.path.join(tmp, "init")), nprocs=2, join=False, start_method="spawn")
+        ctx = mp.start_processes(
+            _ddp_worker, args=(2, os.path.join(tmp, "init")), nprocs=2, join=False, start_method="spawn"
+        )
         while not ctx.join(timeout=120):
             pass

@@ -53,7 +53,9 @@ def _peft_linear(head: nn.Module, who: str) -> tuple[Tensor, Tensor | None]:
                 continue
             refusal = _lora_refusal(head, adapter)
             if refusal:
-                raise UnsupportedModel(f"{who}: the LoRA adapter {adapter!r} on the head {refusal}; crossent folds plain LoRA only")
+                raise UnsupportedModel(
+                    f"{who}: the LoRA adapter {adapter!r} on the head {refusal}; crossent folds plain LoRA only"
+                )
             weight = weight + head.get_delta_weight(adapter).to(weight.dtype)
         return weight, bias
     raise UnsupportedModel(f"{who}: crossent cannot read the weight of the PEFT head {type(head).__name__}")

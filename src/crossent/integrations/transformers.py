@@ -40,7 +40,7 @@ from ..losses._build import build_loss
 from ._families import FAMILIES, LogitMap, UnsupportedModel, check_post_processing, logit_map, probe, register_family
 from ._heads import head_weights
 
-__all__ = ["apply", "undo", "patched", "is_patched", "register_family", "UnsupportedModel", "FAMILIES"]
+__all__ = ["FAMILIES", "UnsupportedModel", "apply", "is_patched", "patched", "register_family", "undo"]
 
 #: Keyword arguments of :func:`apply` that configure the loss (those of ``linear_cross_entropy``).
 LOSS_OPTIONS = ("weight", "label_smoothing", "z_loss", "backend", "chunk_size", "accum_dtype", "options")
@@ -65,8 +65,12 @@ class _Settings:
         unknown = [k for k in options if k not in LOSS_OPTIONS]
         if unknown:
             why = "; ".join(f"{k}: {_SET_BY_THE_FORWARD[k]}" for k in unknown if k in _SET_BY_THE_FORWARD)
-            raise TypeError(f"apply() got unexpected options {unknown}; it takes {LOSS_OPTIONS}" + (f" ({why})" if why else ""))
-        self.loss = build_loss(loss, label_smoothing=options.get("label_smoothing", 0.0), z_loss=options.get("z_loss", 0.0))
+            raise TypeError(
+                f"apply() got unexpected options {unknown}; it takes {LOSS_OPTIONS}" + (f" ({why})" if why else "")
+            )
+        self.loss = build_loss(
+            loss, label_smoothing=options.get("label_smoothing", 0.0), z_loss=options.get("z_loss", 0.0)
+        )
         weight = options.get("weight")
         if weight is not None and (not isinstance(weight, Tensor) or weight.dim() != 1):
             raise TypeError(f"weight must be a 1-D tensor of class weights, got {type(weight).__name__}")
@@ -183,7 +187,11 @@ def _causal_lm(model) -> nn.Module:
     """The transformers model behind a PEFT wrapper (or the model itself)."""
     get_base = getattr(model, "get_base_model", None)
     target = get_base() if callable(get_base) and type(model).__module__.startswith("peft.") else model
-    if not isinstance(target, nn.Module) or not hasattr(target, "config") or not hasattr(target, "get_output_embeddings"):
+    if (
+        not isinstance(target, nn.Module)
+        or not hasattr(target, "config")
+        or not hasattr(target, "get_output_embeddings")
+    ):
         raise TypeError(f"apply() takes a transformers causal LM (or a PEFT model of one), got {type(model).__name__}")
     return target
 
@@ -191,7 +199,9 @@ def _causal_lm(model) -> nn.Module:
 def _check_family(model_type: str, config, who: str) -> None:
     """Refuse, by name, what crossent cannot reproduce: unknown families, encoder-decoder models."""
     if config is not None and getattr(config, "is_encoder_decoder", False):
-        raise UnsupportedModel(f"{who}: encoder-decoder models are not supported (their loss does not shift the labels)")
+        raise UnsupportedModel(
+            f"{who}: encoder-decoder models are not supported (their loss does not shift the labels)"
+        )
     logit_map(model_type, config, who)
 
 
@@ -229,7 +239,7 @@ def _class_forward(cls, original):
 # -- one forward ---------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _signature(function) -> inspect.Signature:
     return inspect.signature(function)
 
@@ -329,7 +339,9 @@ class _Call:
         if self.shift_labels is not None:
             target, shift = self.shift_labels, False
             if target.numel() != hidden[..., 0].numel():
-                raise ValueError(f"shift_labels has {target.numel()} entries for {hidden[..., 0].numel()} positions (shape {rows})")
+                raise ValueError(
+                    f"shift_labels has {target.numel()} entries for {hidden[..., 0].numel()} positions (shape {rows})"
+                )
         else:
             target, shift = self.labels, True
             if tuple(target.shape) != rows:
@@ -356,14 +368,20 @@ class _Call:
         self.received, self.consumed = logits, True
         return self.loss
 
-    def dense_loss(self, logits: Tensor, labels, num_items_in_batch=None, ignore_index=-100, shift_labels=None, **kwargs):
+    def dense_loss(
+        self, logits: Tensor, labels, num_items_in_batch=None, ignore_index=-100, shift_labels=None, **kwargs
+    ):
         """The same loss from materialised logits, with ``ForCausalLMLoss``'s semantics."""
         self.consumed = True
         if shift_labels is None:
             shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
         flat = logits.float().reshape(-1, logits.shape[-1])
         target = shift_labels.reshape(-1).to(flat.device)
-        options = dict(loss=self.settings.loss, weight=_on(self.settings.weight, flat.device), ignore_index=ignore_index)
+        options = {
+            "loss": self.settings.loss,
+            "weight": _on(self.settings.weight, flat.device),
+            "ignore_index": ignore_index,
+        }
         if self.sample_weight is None and num_items_in_batch is None:
             return cross_entropy(flat, target, **options)
         if self.sample_weight is None:
@@ -381,7 +399,9 @@ class _Call:
 
     def finish(self, out):
         if not self.consumed:
-            raise UnsupportedModel(f"{self.who}: the forward computed its loss without self.loss_function; crossent cannot patch it")
+            raise UnsupportedModel(
+                f"{self.who}: the forward computed its loss without self.loss_function; crossent cannot patch it"
+            )
         if not self.fused:
             return out
         if isinstance(out, dict):
@@ -405,4 +425,3 @@ def _on(weight: Tensor | None, device) -> Tensor | None:
 
 def _as_tensor(count, like: Tensor) -> Tensor:
     return count.to(like.device) if isinstance(count, Tensor) else torch.as_tensor(count, device=like.device)
-
