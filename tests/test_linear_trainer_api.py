@@ -279,3 +279,29 @@ def test_sample_weight_and_normalizer_in_half_precision(dtype):
     for g, r in zip(grads(loss, fused), grads(ref, dense)):
         assert g.dtype == dtype
         close(g.float(), r, 3e-2)
+
+
+def _triton_runs_here() -> bool:
+    """The Triton kernels can run in this process: compiled on a GPU, or in the interpreter on CPU."""
+    try:
+        from crossent._engine.triton import launch
+    except ImportError:
+        return False
+    return launch.INTERPRETED != torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _triton_runs_here(), reason="Triton kernels not available in this process")
+def test_trainer_options_on_the_triton_backend():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    e, c, b, t = (x.to(device) for x in make(n=21, d=16, v=130, dtype=torch.float32, ignore=(3,)))
+    w = torch.rand(21, generator=torch.Generator().manual_seed(7)).to(device)
+    kw = dict(sample_weight=w, normalizer=17, return_stats=("argmax", "entropy"), loss="focal")
+    fused = leaves_of(e, c, b)
+    loss, stats = xe.linear_cross_entropy(fused[0], fused[1], t, bias=fused[2], backend="triton", **kw)
+    plain = leaves_of(e, c, b)
+    ref, ref_stats = xe.linear_cross_entropy(plain[0], plain[1], t, bias=plain[2], backend="torch", **kw)
+    close(loss, ref, 1e-5)
+    close(stats.entropy, ref_stats.entropy, 1e-5)
+    assert torch.equal(stats.argmax, ref_stats.argmax)
+    for g, r in zip(grads(loss, fused), grads(ref, plain)):
+        close(g, r, 1e-5)

@@ -8,21 +8,18 @@ import torch
 from torch import Tensor
 
 from . import _validation as V
-from ._engine.chunked import chunked_loss
+from ._engine.backend import linear_engine
 from ._engine.options import LinearCrossEntropyOptions, accumulation_dtype
 from ._engine.plan import Plan
 from ._rows import index_rows
 from .losses._build import build_loss
-from .stats import ARGMAX, LSE, ProbDotLogit
+from .stats import ARGMAX, LSE, P_DOT_Z
 from .transforms import Softcap
 
 __all__ = ["linear_cross_entropy", "LinearStats", "LinearCrossEntropyOptions"]
 
-#: ``sum_j p_j z_j``, from which the entropy is ``lse - p_dot_z``.
-_P_DOT_Z = ProbDotLogit()
-
-#: What each name of ``return_stats`` makes the engine compute.
-_STAT_SOURCES = {"lse": (LSE,), "argmax": (ARGMAX,), "entropy": (LSE, _P_DOT_Z)}
+#: What each name of ``return_stats`` makes the engine compute (the entropy is ``lse - p_dot_z``).
+_STAT_SOURCES = {"lse": (LSE,), "argmax": (ARGMAX,), "entropy": (LSE, P_DOT_Z)}
 
 
 class LinearStats(NamedTuple):
@@ -227,7 +224,9 @@ def linear_cross_entropy(
             without copying ``e``. ``target`` is the *unshifted* labels, over the same positions as
             ``e``; targets already shifted (``target[..., t]`` follows position ``t``, as transformers'
             ``shift_labels``) take ``shift=False``. A target one position shorter than ``e`` is an error.
-        backend: ``"auto"`` or ``"torch"`` (the row-chunked engine; runs on any device).
+        backend: ``"auto"``, ``"torch"`` (the row-chunked engine; runs on any device) or ``"triton"``
+            (tiled GPU kernels for every streamable loss, docs/triton.md). ``"auto"`` takes
+            ``"triton"`` for CUDA inputs when Triton is installed and the loss streams, else ``"torch"``.
         chunk_size: rows per chunk; the default (:func:`crossent.default_chunk_size`)
             takes 512 rows, fewer where that would exceed 192 MiB (V = 131072: 368 rows);
             bfloat16/float16 inputs with a float32 accumulator take 1024 rows where memory allows.
@@ -318,8 +317,9 @@ def linear_cross_entropy(
     plan = Plan(loss_obj, rows, (Softcap(softcap),) if softcap is not None else ())
 
     report = tuple(dict.fromkeys(s for name in stat_names for s in _STAT_SOURCES[name]))
+    engine = linear_engine(options, e, plan)
     with torch.autocast(device_type, enabled=False):
-        value, stats = chunked_loss(
+        value, stats = engine(
             e.reshape(-1, dim),
             c,
             bias,
@@ -342,7 +342,7 @@ def linear_cross_entropy(
     fields = {
         "lse": lambda: per_row(stats[LSE]).float(),
         "argmax": lambda: per_row(stats[ARGMAX]),
-        "entropy": lambda: per_row(stats[LSE] - stats[_P_DOT_Z]).float(),
+        "entropy": lambda: per_row(stats[LSE] - stats[P_DOT_Z]).float(),
     }
     return value, LinearStats(**{name: fields[name]() if name in stat_names else None for name in fields})
 
