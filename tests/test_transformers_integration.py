@@ -6,7 +6,7 @@ to the largest entry (float32), for padded labels, ``num_items_in_batch`` and ``
 family's soft-capping or logit scaling active (the head's weight is scaled up so that logits reach
 several units). Other checks: gradient accumulation, ``logits`` is ``None`` in training, no
 ``[B, T, V]`` tensor is allocated, non-CE losses, PEFT, refusals by name, a short training run on real
-text, and two gloo processes under DDP.
+text, and two gloo processes: DDP, and a tensor-parallel head (a DTensor weight split by vocabulary).
 """
 
 from __future__ import annotations
@@ -438,7 +438,8 @@ def _ddp_worker(rank: int, world: int, init_file: str):
     try:
         ids, labels = batch(seed=2, b=4, t=9)
         labels[0, 4:] = -100  # uneven counts across ranks
-        model = tiny("granite")
+        model = getattr(transformers, FAMILIES["granite"][1])(config_of("granite")).train()
+        model.load_state_dict(tiny("granite").state_dict())
         stock, want = run(model, input_ids=ids, labels=labels)  # the global batch, one process
         model.zero_grad(set_to_none=True)
         count = (labels[:, 1:] != -100).sum()  # Trainer: summed over ranks (average_tokens_across_devices)
@@ -452,19 +453,28 @@ def _ddp_worker(rank: int, world: int, init_file: str):
         close(total, stock.loss)
         same_gradients({n: p.grad for n, p in model.named_parameters()}, want)
 
-        from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+        # A tensor-parallel head (its weight a DTensor split by vocabulary rows, the logits gathered):
+        # the patched loss runs crossent's vocabulary-parallel engine, the same loss and gradients.
+        from torch.distributed.tensor import Replicate, init_device_mesh
+        from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
-        mesh = init_device_mesh("cpu", (world,))
-        head = model.get_output_embeddings()
-        head.weight = torch.nn.Parameter(distribute_tensor(head.weight.detach(), mesh, [Shard(0)]))
-        with pytest.raises(xt.UnsupportedModel, match="DTensor.*tp_plan"):
-            model(input_ids=ids[mine], labels=labels[mine])
+        tp = tiny("granite")
+        parallelize_module(tp.lm_head, init_device_mesh("cpu", (world,)), ColwiseParallel(output_layouts=Replicate()))
+        stock, want = run(tp, input_ids=ids, labels=labels, num_items_in_batch=count)
+        with xt.patched(tp):
+            out, grads = run(tp, input_ids=ids, labels=labels, num_items_in_batch=count)
+        assert out.logits is None and hasattr(grads["lm_head.weight"], "to_local")
+        close(out.loss, stock.loss)
+        local = lambda g: g.to_local() if hasattr(g, "to_local") else g  # noqa: E731
+        same_gradients({n: local(g) for n, g in grads.items()}, {n: local(g) for n, g in want.items()})
+        with xt.patched(tp), pytest.raises(ValueError, match="sample_weight is not available for a DTensor"):
+            tp(input_ids=ids, labels=labels, sample_weight=torch.ones(labels.shape))
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_under_ddp():
+def test_two_gloo_processes_ddp_and_a_tensor_parallel_head():
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from . import _validation as V
+from ._dtensor import dtensor_linear_cross_entropy, is_dtensor
 from ._engine.backend import linear_engine
 from ._engine.options import LinearCrossEntropyOptions, accumulation_dtype
 from ._engine.plan import Plan
@@ -17,6 +18,7 @@ from .stats import ARGMAX, LSE, P_DOT_Z
 from .transforms import Softcap
 
 __all__ = ["linear_cross_entropy", "LinearStats", "LinearCrossEntropyOptions"]
+
 
 #: What each name of ``return_stats`` makes the engine compute (the entropy is ``lse - p_dot_z``).
 _STAT_SOURCES = {"lse": (LSE,), "argmax": (ARGMAX,), "entropy": (LSE, P_DOT_Z)}
@@ -76,7 +78,7 @@ def resolve_options(
     return options.replace(**changes) if changes else options
 
 
-def _check_tensors(e, c, target, bias, shift: bool = False) -> None:
+def _check_tensors(e, c, target, bias, allow_no_classes: bool = False, shift: bool = False) -> None:
     for name, t in (("e", e), ("c", c), ("target", target)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
@@ -90,7 +92,7 @@ def _check_tensors(e, c, target, bias, shift: bool = False) -> None:
         raise ValueError(f"c must be a [V, D] matrix (an nn.Linear weight), got shape {tuple(c.shape)}")
     if c.shape[1] != e.shape[-1]:
         raise ValueError(f"e has {e.shape[-1]} features but c has {c.shape[1]} (shapes {tuple(e.shape)}, {tuple(c.shape)})")
-    if c.shape[0] == 0:
+    if c.shape[0] == 0 and not allow_no_classes:
         raise ValueError("c must have at least one class (row)")
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         raise TypeError(
@@ -277,39 +279,26 @@ def linear_cross_entropy(
         >>> stats.entropy
         tensor([0.8324, 0.7520, 0.8854])
     """
+    if is_dtensor(c) or is_dtensor(e):  # a vocabulary-sharded head: the vocabulary-parallel engine
+        return _dtensor_call(locals())
     options = resolve_options(options, backend=backend, chunk_size=chunk_size, accum_dtype=accum_dtype)
     V.check_reduction(reduction)
-    _check_tensors(e, c, target, bias, shift)
+    _check_tensors(e, c, target, bias, shift=shift)
     loss_obj = build_loss(loss, label_smoothing=label_smoothing, z_loss=z_loss)
     stat_names = _stat_names(return_stats)
     sample_weight = _check_sample_weight(sample_weight, target, e.device)
     denominator = _check_normalizer(normalizer, reduction, e.device)
-
-    out_dtype = accumulation_dtype(e.dtype)
-    device_type = e.device.type
-    if torch.is_autocast_enabled(device_type):
-        # Match ``autocast(e @ c.T)`` followed by a float32 loss, as the naive path computes it.
-        dtype = torch.get_autocast_dtype(device_type)
-        e, c = e.to(dtype), c.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-        out_dtype = torch.float32
-    if c.dtype != e.dtype or (bias is not None and bias.dtype != e.dtype):
-        raise TypeError(
-            f"e, c and bias must share one dtype, got {e.dtype}, {c.dtype}"
-            + (f", {bias.dtype}" if bias is not None else "")
-        )
+    e, c, bias, out_dtype = _compute_inputs(e, c, bias)
 
     num_classes, dim = c.shape
     rows_shape = tuple(target.shape)
+    _check_target(target, num_classes, ignore_index, shift)
     if shift:
-        V.check_index_target(target[..., 1:], num_classes, ignore_index, target[..., 1:].shape)
         if sample_weight is not None:
             extra = {**(extra or {}), _SAMPLE_WEIGHT: sample_weight}
         target, extra = _shifted(target, ignore_index, extra)
         if sample_weight is not None:
             sample_weight = extra.pop(_SAMPLE_WEIGHT)
-    else:
-        V.check_index_target(target, num_classes, ignore_index, target.shape if target.dim() else (1,))
     options.accumulator(e.dtype)  # checks accum_dtype against the input dtype
     compute = accumulation_dtype(e.dtype)
     class_weight = V.check_class_weight(weight, num_classes, e.device, compute)
@@ -318,7 +307,7 @@ def linear_cross_entropy(
 
     report = tuple(dict.fromkeys(s for name in stat_names for s in _STAT_SOURCES[name]))
     engine = linear_engine(options, e, plan)
-    with torch.autocast(device_type, enabled=False):
+    with torch.autocast(e.device.type, enabled=False):
         value, stats = engine(
             e.reshape(-1, dim),
             c,
@@ -332,11 +321,44 @@ def linear_cross_entropy(
             denominator=denominator,
         )
 
+    return _finish(value, stats, rows_shape, shift, reduction, out_dtype, return_stats)
+
+
+def _compute_inputs(e: Tensor, c: Tensor, bias: Tensor | None):
+    """``(e, c, bias, out_dtype)``: the inputs in the dtype the products run in, and the loss's dtype
+    (float32 for float32 and half-precision inputs, float64 for float64)."""
+    out_dtype = accumulation_dtype(e.dtype)
+    device_type = e.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Match ``autocast(e @ c.T)`` followed by a float32 loss, as the naive path computes it.
+        dtype = torch.get_autocast_dtype(device_type)
+        e, c = e.to(dtype), c.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+        out_dtype = torch.float32
+    if c.dtype != e.dtype or (bias is not None and bias.dtype != e.dtype):
+        raise TypeError(
+            f"e, c and bias must share one dtype, got {e.dtype}, {c.dtype}"
+            + (f", {bias.dtype}" if bias is not None else "")
+        )
+    return e, c, bias, out_dtype
+
+
+def _check_target(target: Tensor, num_classes: int, ignore_index: int, shift: bool) -> None:
+    if shift:
+        V.check_index_target(target[..., 1:], num_classes, ignore_index, target[..., 1:].shape)
+    else:
+        V.check_index_target(target, num_classes, ignore_index, target.shape if target.dim() else (1,))
+
+
+def _finish(value: Tensor, stats: dict, rows_shape, shift: bool, reduction: str, out_dtype, return_stats):
+    """The engine's float64 result as the entry point returns it: per-row shape, dtype, optional stats."""
+
     def per_row(t: Tensor) -> Tensor:
         t = t.reshape(rows_shape)
         return t[..., :-1] if shift else t
 
     value = (per_row(value) if reduction == "none" else value).to(out_dtype)
+    stat_names = _stat_names(return_stats)
     if not stat_names:
         return value
     fields = {
@@ -345,6 +367,23 @@ def linear_cross_entropy(
         "entropy": lambda: per_row(stats[LSE] - stats[P_DOT_Z]).float(),
     }
     return value, LinearStats(**{name: fields[name]() if name in stat_names else None for name in fields})
+
+
+def _dtensor_call(args: dict):
+    """The DTensor path with the trainer options it supports: ``normalizer`` divides its sum."""
+    sample_weight, normalizer = args.pop("sample_weight"), args.pop("normalizer")
+    if sample_weight is not None:
+        raise ValueError("linear_cross_entropy: sample_weight is not available for a DTensor classifier")
+    if not isinstance(args["return_stats"], bool):
+        raise ValueError("linear_cross_entropy: a DTensor classifier reports return_stats=True (lse, argmax) only")
+    if normalizer is None:
+        return dtensor_linear_cross_entropy(**args)
+    device = args["e"].device
+    denominator = _check_normalizer(normalizer, args["reduction"], device)
+    out = dtensor_linear_cross_entropy(**{**args, "reduction": "sum"})
+    loss, stats = out if isinstance(out, tuple) else (out, None)
+    loss = (loss.double() / denominator).to(loss.dtype)
+    return loss if stats is None else (loss, stats)
 
 
 #: The key under which ``sample_weight`` rides along the causal shift with the extras.

@@ -3,14 +3,13 @@
 The fused loss needs the ``[V, D]`` matrix ``W`` and the bias ``b`` of ``logits = x @ W.T + b``. A
 plain ``nn.Linear`` gives them directly; PEFT wrappers are unwrapped: ``modules_to_save`` gives its
 active copy, a LoRA layer gives ``W + sum_a scale_a B_a A_a`` over its active adapters (one ``V x D``
-tensor; autograd carries the gradient to ``A`` and ``B``). Anything else is refused by name, as are
-weights crossent cannot take as they are: a sharded ``DTensor`` (tensor parallelism) and a weight
-that is still partitioned (DeepSpeed ZeRO-3 outside the module's gathered forward).
+tensor; autograd carries the gradient to ``A`` and ``B``). Anything else is refused by name, as is a
+weight that is still partitioned (DeepSpeed ZeRO-3 outside the module's gathered forward). A
+vocabulary-sharded ``DTensor`` weight (tensor parallelism) is passed on as it is:
+``linear_cross_entropy`` runs the vocabulary-parallel engine on it.
 """
 
 from __future__ import annotations
-
-import sys
 
 from torch import Tensor, nn
 
@@ -76,14 +75,6 @@ def _lora_refusal(layer, adapter: str) -> str | None:
 
 
 def _check_usable(weight: Tensor, who: str) -> None:
-    dtensor = sys.modules.get("torch.distributed.tensor")
-    if dtensor is not None and isinstance(weight, dtensor.DTensor):
-        raise UnsupportedModel(
-            f"{who}: the head's weight is a DTensor ({weight.placements}), sharded by tensor parallelism; "
-            "crossent.linear_cross_entropy takes plain tensors. Leave the head out of the tensor-parallel plan "
-            "(drop 'lm_head' from the model's tp_plan), or call crossent.distributed.vocab_parallel_cross_entropy "
-            "on the local shard's logits yourself"
-        )
     if weight.dim() != 2 or weight.numel() == 0:
         raise UnsupportedModel(
             f"{who}: the head's weight has shape {tuple(weight.shape)} inside its forward: it is partitioned "

@@ -26,6 +26,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import math
+import sys
 import types
 import weakref
 
@@ -330,7 +332,7 @@ class _Call:
             sample_weight=sample_weight, normalizer=self.num_items, options=self.settings.engine,
         )  # fmt: skip
         self.sent = probe(weight.shape[0], hidden.dim() - 1, hidden.dtype, hidden.device)
-        return self.sent
+        return _like_output_of(weight, self.sent)
 
     def targets(self, hidden: Tensor):
         """``(target, shift, sample_weight)`` for the head's input ``hidden`` (``[..., D]``)."""
@@ -338,9 +340,9 @@ class _Call:
         weight = self.sample_weight
         if self.shift_labels is not None:
             target, shift = self.shift_labels, False
-            if target.numel() != hidden[..., 0].numel():
+            if target.numel() != math.prod(rows):
                 raise ValueError(
-                    f"shift_labels has {target.numel()} entries for {hidden[..., 0].numel()} positions (shape {rows})"
+                    f"shift_labels has {target.numel()} entries for {math.prod(rows)} positions (shape {rows})"
                 )
         else:
             target, shift = self.labels, True
@@ -410,6 +412,16 @@ class _Call:
         if isinstance(out, tuple):
             return tuple(None if x is self.received else x for x in out)
         return out
+
+
+def _like_output_of(weight: Tensor, probe: Tensor) -> Tensor:
+    """The probe as the head's output: for a tensor-parallel head (a DTensor weight), a replicated DTensor,
+    which the parallel plan's output hook lays out as it would the logits (a gathering plan keeps it whole)."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    if dtensor is None or not isinstance(weight, dtensor.DTensor):
+        return probe
+    mesh = weight.device_mesh
+    return dtensor.DTensor.from_local(probe, mesh, [dtensor.Replicate()] * mesh.ndim)
 
 
 def _restore(module: nn.Module, name: str, saved) -> None:

@@ -102,6 +102,7 @@ def chunked_loss(
     reduction: str,
     options: LinearCrossEntropyOptions = LinearCrossEntropyOptions(),
     report: tuple = (),
+    kernel=None,
     row_weight: Tensor | None = None,
     denominator: Tensor | None = None,
 ):
@@ -109,7 +110,8 @@ def chunked_loss(
 
     Returns ``(loss, stats)``: ``loss`` is ``[N]`` for ``reduction='none'``, else a scalar; ``stats``
     maps each statistic of ``report`` (e.g. ``LSE``, ``ARGMAX``) to its ``[N]`` values. The chunk size,
-    the ``grad_c`` accumulator's dtype and the mode come from ``options``.
+    the ``grad_c`` accumulator's dtype and the mode come from ``options``; ``kernel(plan, report)``
+    builds the chunk kernel (:class:`Job`).
 
     ``row_weight`` (``[N]``) multiplies each row's loss before the reduction; ``denominator`` (0-dim)
     replaces the ``mean`` divisor. Both keep the eager-gradient path: they only change the upstream
@@ -125,14 +127,14 @@ def chunked_loss(
     summed = accum_dtype if needs_grad and c.requires_grad else None
     chunk_size = options.chunk_rows(c.shape[0], c.shape[1], e.dtype, summed)
     if not needs_grad and not weight_grad:
-        job = Job(plan, rows, chunk_size, accum_dtype, report, row_weight, denominator)
+        job = Job(plan, rows, chunk_size, accum_dtype, report, kernel, row_weight, denominator)
         with torch.no_grad():
             sweep = Sweep(job, e, c, bias).run()
         return reduce(job.weighted(sweep.per_row), rows, reduction, (e.shape[0],), ACC, denominator), sweep.stats
     if reduction != "none" and options.mode != "recompute" and not weight_grad:
-        job = Job(plan, rows, chunk_size, accum_dtype, report, row_weight, denominator)
+        job = Job(plan, rows, chunk_size, accum_dtype, report, kernel, row_weight, denominator)
         return _EagerGradient.apply(e, c, bias, job, reduction), job.stat_values
-    job = Job(plan, rows, chunk_size, accum_dtype, report)
+    job = Job(plan, rows, chunk_size, accum_dtype, report, kernel)
     per_row = _Recompute.apply(e, c, bias, job)
     if row_weight is not None:
         per_row = per_row * row_weight.to(ACC)  # autograd carries the weights' gradient
