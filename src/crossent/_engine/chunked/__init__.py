@@ -55,12 +55,15 @@ class _EagerGradient(torch.autograd.Function):
     def forward(ctx, e, c, bias, job: Job, reduction: str):
         need = tuple(ctx.needs_input_grad[:3])
         if reduction == "mean":
-            scale = 1.0 / mean_denominator(job.rows, ACC)
+            denominator = job.denominator if job.denominator is not None else mean_denominator(job.rows, ACC)
+            scale = 1.0 / denominator.to(ACC)
         else:
             scale = torch.ones((), dtype=ACC, device=e.device)
+        if job.row_weight is not None:
+            scale = job.row_weight * scale  # each row's upstream gradient: its weight over the divisor
         sweep = Sweep(job, e, c, bias, need).run(scale)
         ctx.grads = sweep.grads()
-        return reduce(sweep.per_row, job.rows, reduction, (e.shape[0],), ACC)
+        return reduce(job.weighted(sweep.per_row), job.rows, reduction, (e.shape[0],), ACC, job.denominator)
 
     @staticmethod
     def backward(ctx, grad):
@@ -109,6 +112,8 @@ def chunked_loss(
     options: LinearCrossEntropyOptions = LinearCrossEntropyOptions(),
     report: tuple = (),
     kernel=None,
+    row_weight: Tensor | None = None,
+    denominator: Tensor | None = None,
 ):
     """The loss of ``e @ c.T + bias`` (``e`` is ``[N, D]``) in float64, and reported statistics.
 
@@ -116,21 +121,30 @@ def chunked_loss(
     maps each statistic of ``report`` (e.g. ``LSE``, ``ARGMAX``) to its ``[N]`` values. The chunk size,
     the ``grad_c`` accumulator's dtype and the mode come from ``options``; ``kernel(plan, report)``
     builds the chunk kernel (:class:`Job`).
+
+    ``row_weight`` (``[N]``) multiplies each row's loss before the reduction; ``denominator`` (0-dim)
+    replaces the ``mean`` divisor. Both keep the eager-gradient path: they only change the upstream
+    gradient of each row, which is still known before the loop. A ``row_weight`` that requires grad
+    takes the recompute path, where autograd differentiates the product.
     """
     if options.mode == "eager" and reduction == "none":
         raise ValueError("the eager-gradient mode needs reduction='mean' or 'sum'")
     tracked = [t for t in (e, c, bias) if t is not None]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tracked)
+    weight_grad = row_weight is not None and torch.is_grad_enabled() and row_weight.requires_grad
     accum_dtype = options.accumulator(e.dtype)
     summed = accum_dtype if needs_grad and c.requires_grad else None
     chunk_size = options.chunk_rows(c.shape[0], c.shape[1], e.dtype, summed)
-    job = Job(plan, rows, chunk_size, accum_dtype, report, kernel)
-    if not needs_grad:
+    if not needs_grad and not weight_grad:
+        job = Job(plan, rows, chunk_size, accum_dtype, report, kernel, row_weight, denominator)
         with torch.no_grad():
             sweep = Sweep(job, e, c, bias).run()
-        return reduce(sweep.per_row, rows, reduction, (e.shape[0],), ACC), sweep.stats
-    if reduction != "none" and options.mode != "recompute":
-        loss = _EagerGradient.apply(e, c, bias, job, reduction)
-    else:
-        loss = reduce(_Recompute.apply(e, c, bias, job), rows, reduction, (e.shape[0],), ACC)
-    return loss, job.stat_values
+        return reduce(job.weighted(sweep.per_row), rows, reduction, (e.shape[0],), ACC, denominator), sweep.stats
+    if reduction != "none" and options.mode != "recompute" and not weight_grad:
+        job = Job(plan, rows, chunk_size, accum_dtype, report, kernel, row_weight, denominator)
+        return _EagerGradient.apply(e, c, bias, job, reduction), job.stat_values
+    job = Job(plan, rows, chunk_size, accum_dtype, report, kernel)
+    per_row = _Recompute.apply(e, c, bias, job)
+    if row_weight is not None:
+        per_row = per_row * row_weight.to(ACC)  # autograd carries the weights' gradient
+    return reduce(per_row, rows, reduction, (e.shape[0],), ACC, denominator), job.stat_values

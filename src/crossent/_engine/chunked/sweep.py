@@ -32,9 +32,16 @@ class Job:
 
     Attributes:
         stat_values: ``{stat: [N] values}`` of the reported statistics, set by the first sweep.
+        row_weight: ``[N]`` per-row factors of the loss (float64, detached), or ``None``.
+        denominator: the ``mean`` divisor given by the caller (0-dim), or ``None``.
     """
 
-    def __init__(self, plan: Plan, rows: Rows, chunk_size: int, accum_dtype: torch.dtype, report=(), kernel=None):
+    def __init__(
+        self, plan: Plan, rows: Rows, chunk_size: int, accum_dtype: torch.dtype, report=(), kernel=None,
+        row_weight: Tensor | None = None, denominator: Tensor | None = None,
+    ):  # fmt: skip
+        self.row_weight = None if row_weight is None else row_weight.detach().to(ACC)
+        self.denominator = denominator
         self.report = tuple(report)
         self.plan = plan.with_statistics(self.report, rows)
         self.kernel = (kernel or make_kernel)(self.plan, self.report)
@@ -47,6 +54,10 @@ class Job:
     @property
     def rows(self) -> Rows:
         return self.selection.rows
+
+    def weighted(self, per_row: Tensor) -> Tensor:
+        """``per_row`` times the row weights (as it is without them)."""
+        return per_row if self.row_weight is None else per_row * self.row_weight
 
 
 class Sweep:

@@ -105,11 +105,14 @@ def triton_loss(
     reduction: str,
     options: LinearCrossEntropyOptions | None = None,
     report: tuple = (),
+    row_weight: Tensor | None = None,
+    denominator: Tensor | None = None,
 ):
     """The loss of ``e @ c.T + bias`` (``e`` is ``[N, D]``) in float64 and the reported statistics.
 
     The counterpart of :func:`crossent._engine.chunked.chunked_loss` (same arguments and results) on
     the Triton kernels. Raises ``ValueError`` for a plan the kernels cannot run, naming the part.
+    ``row_weight`` and ``denominator`` act on the per-row losses (autograd carries their factors).
     """
     from .launch import check_device, launch_config
 
@@ -128,7 +131,9 @@ def triton_loss(
     else:
         with torch.no_grad():
             per_row, _ = _row_losses(call, e, c, bias)
-    return reduce(per_row, rows, reduction, (e.shape[0],), ACC), call.stat_values
+    if row_weight is not None:
+        per_row = per_row * row_weight.to(ACC)
+    return reduce(per_row, rows, reduction, (e.shape[0],), ACC, denominator), call.stat_values
 
 
 __all__ = ["triton_loss", "Call"]
