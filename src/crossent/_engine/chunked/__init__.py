@@ -39,19 +39,44 @@ from ..reduction import mean_denominator, reduce
 from .sweep import Job, Sweep
 
 
+def gradient_scale(job: Job, reduction: str, device) -> Tensor:
+    """The upstream gradient of every row of a reduced loss: ``1 / denominator`` (mean) or 1 (sum)."""
+    if reduction == "mean":
+        return 1.0 / mean_denominator(job.rows, ACC)
+    return torch.ones((), dtype=ACC, device=device)
+
+
+def forward_with_gradients(e: Tensor, c: Tensor, bias: Tensor | None, job: Job, reduction: str, need) -> tuple:
+    """A reduced loss and ``(grad_e, grad_c, grad_bias)`` for an upstream gradient of 1, in one sweep."""
+    sweep = Sweep(job, e, c, bias, tuple(need)).run(gradient_scale(job, reduction, e.device))
+    return reduce(sweep.per_row, job.rows, reduction, (e.shape[0],), ACC), sweep.grads()
+
+
+def recomputed_gradients(e: Tensor, c: Tensor, bias: Tensor | None, job: Job, grad_rows: Tensor, need) -> tuple:
+    """``(grad_e, grad_c, grad_bias)`` for per-row upstream gradients ``grad_rows`` (``[N]`` or 0-dim)."""
+    return Sweep(job, e, c, bias, tuple(need)).run(grad_rows).grads()
+
+
+def row_values(e: Tensor, c: Tensor, bias: Tensor | None, job: Job) -> Tensor:
+    """``[N]`` float64 per-row losses without gradients (reported statistics land on ``job``)."""
+    with torch.no_grad():
+        return Sweep(job, e, c, bias).run().per_row
+
+
+def make_job(e: Tensor, c: Tensor, plan: Plan, rows: Rows, options: LinearCrossEntropyOptions, report=(), *, c_grad: bool) -> Job:
+    """The untracked half of a call; ``c_grad``: whether ``c``'s gradient is summed (it sizes the chunk)."""
+    accum_dtype = options.accumulator(e.dtype)
+    chunk_size = options.chunk_rows(c.shape[0], c.shape[1], e.dtype, accum_dtype if c_grad else None)
+    return Job(plan, rows, chunk_size, accum_dtype, report)
+
+
 class _EagerGradient(torch.autograd.Function):
     """Scalar loss; gradients formed during the forward pass, rescaled in backward."""
 
     @staticmethod
     def forward(ctx, e, c, bias, job: Job, reduction: str):
-        need = tuple(ctx.needs_input_grad[:3])
-        if reduction == "mean":
-            scale = 1.0 / mean_denominator(job.rows, ACC)
-        else:
-            scale = torch.ones((), dtype=ACC, device=e.device)
-        sweep = Sweep(job, e, c, bias, need).run(scale)
-        ctx.grads = sweep.grads()
-        return reduce(sweep.per_row, job.rows, reduction, (e.shape[0],), ACC)
+        loss, ctx.grads = forward_with_gradients(e, c, bias, job, reduction, ctx.needs_input_grad[:3])
+        return loss
 
     @staticmethod
     @once_differentiable
@@ -75,18 +100,16 @@ class _Recompute(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, e, c, bias, job: Job):
-        sweep = Sweep(job, e, c, bias).run()
+        per_row = row_values(e, c, bias, job)
         ctx.save_for_backward(e, c, bias)
         ctx.job = job
-        return sweep.per_row
+        return per_row
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_rows):
         e, c, bias = ctx.saved_tensors
-        need = tuple(ctx.needs_input_grad[:3])
-        sweep = Sweep(ctx.job, e, c, bias, need).run(grad_rows)
-        return (*sweep.grads(), None)
+        return (*recomputed_gradients(e, c, bias, ctx.job, grad_rows, ctx.needs_input_grad[:3]), None)
 
 
 def chunked_loss(
@@ -110,14 +133,9 @@ def chunked_loss(
         raise ValueError("the eager-gradient mode needs reduction='mean' or 'sum'")
     tracked = [t for t in (e, c, bias) if t is not None]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tracked)
-    accum_dtype = options.accumulator(e.dtype)
-    summed = accum_dtype if needs_grad and c.requires_grad else None
-    chunk_size = options.chunk_rows(c.shape[0], c.shape[1], e.dtype, summed)
-    job = Job(plan, rows, chunk_size, accum_dtype, report)
+    job = make_job(e, c, plan, rows, options, report, c_grad=needs_grad and c.requires_grad)
     if not needs_grad:
-        with torch.no_grad():
-            sweep = Sweep(job, e, c, bias).run()
-        return reduce(sweep.per_row, rows, reduction, (e.shape[0],), ACC), sweep.stats
+        return reduce(row_values(e, c, bias, job), rows, reduction, (e.shape[0],), ACC), job.stat_values
     if reduction != "none" and options.mode != "recompute":
         loss = _EagerGradient.apply(e, c, bias, job, reduction)
     else:
