@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 try:
-    from torch._library.opaque_object import register_opaque_type
+    from torch._library.opaque_object import MemberType, register_opaque_type
     from torch._opaque_base import OpaqueBase
 except ImportError:  # PyTorch without opaque objects for custom operators
     LossRef = None
@@ -29,7 +29,8 @@ else:
         def __reduce__(self):
             return (LossRef, (self.loss,))
 
-    register_opaque_type(LossRef, typ="reference")
+    # The compiler reads ``loss`` off the real object (ref_of checks that it is the loss at hand).
+    register_opaque_type(LossRef, typ="reference", members={"loss": MemberType.USE_REAL})
     NO_LOSS = LossRef(None)
 
 

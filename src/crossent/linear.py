@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -11,7 +14,7 @@ from . import _validation as V
 from ._engine.chunked import chunked_loss
 from ._engine.options import LinearCrossEntropyOptions, accumulation_dtype
 from ._engine.plan import Plan
-from ._rows import index_rows
+from ._rows import Rows, index_rows
 from .losses._build import build_loss
 from .stats import ARGMAX, LSE
 from .transforms import Softcap
@@ -64,11 +67,12 @@ def _check_tensors(e, c, target, bias) -> None:
         raise ValueError(f"e has {e.shape[-1]} features but c has {c.shape[1]} (shapes {tuple(e.shape)}, {tuple(c.shape)})")
     if c.shape[0] == 0:
         raise ValueError("c must have at least one class (row)")
-    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+    if target.is_floating_point():
         raise TypeError(
             f"target must hold integer class indices, got {target.dtype}; for class-probability targets "
             "materialise the logits and use crossent.cross_entropy"
         )
+    V.index_target(target)  # refuses bool and complex
     if tuple(target.shape) != tuple(e.shape[:-1]):
         raise ValueError(f"target must have shape {tuple(e.shape[:-1])} (e without its last dim), got {tuple(target.shape)}")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != c.shape[0]):
@@ -84,8 +88,6 @@ def _shifted(target: Tensor, ignore_index: int, extra: dict | None):
     The last position of each sequence gets ``ignore_index``, so ``e`` is used as it is (a view, never
     copied) and those rows cost nothing (ignored rows are skipped).
     """
-    if target.dim() == 0 or target.shape[-1] == 0:
-        raise ValueError("shift=True needs a sequence dimension (target [..., T] with T >= 1)")
     shifted = torch.full_like(target, ignore_index)
     shifted[..., :-1] = target[..., 1:]
     if extra:
@@ -101,7 +103,6 @@ def _shifted(target: Tensor, ignore_index: int, extra: dict | None):
     return shifted, extra
 
 
-@torch._disable_dynamo
 def linear_cross_entropy(
     e: Tensor,
     c: Tensor,
@@ -110,7 +111,7 @@ def linear_cross_entropy(
     bias: Tensor | None = None,
     loss="ce",
     weight: Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int | None = -100,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
@@ -138,12 +139,14 @@ def linear_cross_entropy(
         bias: optional ``[V]`` classifier bias.
         loss: a registered name or a :class:`crossent.losses.Loss`; whole-row losses work too.
         weight: ``[V]`` class weights (PyTorch's ``weight``).
-        ignore_index: target value that contributes nothing; such rows are skipped.
+        ignore_index: target value that contributes nothing; such rows are skipped (``None``: -100,
+            as in ``torch.nn.functional.linear_cross_entropy``).
         reduction: ``"mean"`` (weighted mean over counted rows), ``"sum"`` or ``"none"`` (loss per row,
             shape of ``target``, or of ``target[..., 1:]`` with ``shift``).
         label_smoothing: smoothing of ``loss="ce"``.
         z_loss: adds ``z_loss * lse**2`` per row.
-        softcap: logits pass through ``softcap * tanh(z / softcap)`` first.
+        softcap: logits pass through ``softcap * tanh(z / softcap)`` first (``None`` or ``math.inf``:
+            no capping).
         shift: causal-LM shift along the sequence dim (``target``'s last): position ``t`` predicts
             ``target[..., t + 1]``; the last position of ``e`` and the first of ``target`` are dropped
             without copying ``e``.
@@ -162,7 +165,9 @@ def linear_cross_entropy(
     Returns:
         The loss in the dtype of ``e`` (float32 under ``torch.autocast``), or ``(loss, LinearStats)``.
 
-    Under ``torch.compile`` the call is a graph break: it runs eagerly between compiled graphs.
+    Under ``torch.compile`` (``fullgraph=True`` too) the engine runs as one custom operator of the
+    graph, with the same values and gradients as eager mode. Its loss must be a registered name, or an
+    object built outside the compiled code (any module attribute), and must keep no state.
 
     Example:
         >>> import torch, crossent as xe
@@ -182,11 +187,27 @@ def linear_cross_entropy(
     options = resolve_options(options, backend=backend, chunk_size=chunk_size, accum_dtype=accum_dtype)
     V.check_reduction(reduction)
     _check_tensors(e, c, target, bias)
-    loss_obj = build_loss(loss, label_smoothing=label_smoothing, z_loss=z_loss)
+    if shift and (target.dim() == 0 or target.shape[-1] == 0):
+        raise ValueError(f"shift=True needs a sequence dimension (target [..., T] with T >= 1), got shape {tuple(target.shape)}")
+    if options.mode == "eager" and reduction == "none":
+        raise ValueError("the eager-gradient mode needs reduction='mean' or 'sum'")
+    call = LinearCall(
+        loss=loss,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=V.check_softcap(softcap),
+        reduction=reduction,
+        ignore_index=-100 if ignore_index is None else V.check_ignore_index(ignore_index),
+        shift=bool(shift),
+        return_stats=bool(return_stats),
+        options=options,
+    )
+    loss_obj = call.build_loss()
+    target = V.index_target(target)
 
     out_dtype = e.dtype
     device_type = e.device.type
-    if torch.is_autocast_enabled(device_type):
+    if device_type != "meta" and torch.is_autocast_enabled(device_type):
         # Match ``autocast(e @ c.T)`` followed by a float32 loss, as the naive path computes it.
         dtype = torch.get_autocast_dtype(device_type)
         e, c = e.to(dtype), c.to(dtype)
@@ -198,30 +219,14 @@ def linear_cross_entropy(
             + (f", {bias.dtype}" if bias is not None else "")
         )
 
-    num_classes, dim = c.shape
     rows_shape = tuple(target.shape)
-    if shift:
-        V.check_index_target(target[..., 1:], num_classes, ignore_index, target[..., 1:].shape)
-        target, extra = _shifted(target, ignore_index, extra)
-    else:
-        V.check_index_target(target, num_classes, ignore_index, target.shape if target.dim() else (1,))
-    options.accumulator(e.dtype)  # checks accum_dtype against the input dtype
-    compute = accumulation_dtype(e.dtype)
-    class_weight = V.check_class_weight(weight, num_classes, e.device, compute)
-    rows = index_rows(target.reshape(-1), num_classes, ignore_index, class_weight, V.flatten_extra(extra, rows_shape))
-    plan = Plan(loss_obj, rows, (Softcap(softcap),) if softcap is not None else ())
+    flat = e.reshape(math.prod(rows_shape), c.shape[1])
+    if torch.compiler.is_compiling():
+        from ._linear_op import compiled_call
 
-    with torch.autocast(device_type, enabled=False):
-        value, stats = chunked_loss(
-            e.reshape(-1, dim),
-            c,
-            bias,
-            plan,
-            rows,
-            reduction=reduction,
-            options=options,
-            report=(LSE, ARGMAX) if return_stats else (),
-        )
+        value, lse, argmax = compiled_call(flat, c, target, bias, weight, extra, loss_obj, call)
+    else:
+        value, lse, argmax = engine_call(flat, c, target, bias, weight, extra, loss_obj, call)
 
     def per_row(t: Tensor) -> Tensor:
         t = t.reshape(rows_shape)
@@ -230,4 +235,59 @@ def linear_cross_entropy(
     value = (per_row(value) if reduction == "none" else value).to(out_dtype)
     if not return_stats:
         return value
-    return value, LinearStats(per_row(stats[LSE]).float(), per_row(stats[ARGMAX]))
+    return value, LinearStats(per_row(lse).float(), per_row(argmax))
+
+
+@dataclass(frozen=True)
+class LinearCall:
+    """The arguments of one :func:`linear_cross_entropy` call that are not tensors, checked.
+
+    Everything the engine half of a call needs besides the tensors; :func:`engine_call` (eager) and
+    the custom operator behind ``torch.compile`` (``crossent._linear_op``) both start from it.
+    """
+
+    loss: object  # a registered name or a Loss
+    label_smoothing: float
+    z_loss: float
+    softcap: float | None
+    reduction: str
+    ignore_index: int
+    shift: bool
+    return_stats: bool
+    options: LinearCrossEntropyOptions
+
+    def build_loss(self):
+        return build_loss(self.loss, label_smoothing=self.label_smoothing, z_loss=self.z_loss)
+
+    @property
+    def report(self) -> tuple:
+        return (LSE, ARGMAX) if self.return_stats else ()
+
+
+def prepare(e: Tensor, c: Tensor, target: Tensor, weight, extra, loss_obj, call: LinearCall) -> tuple[Plan, Rows]:
+    """The plan and rows of a call: the causal shift, the checks that read the target, class weights.
+
+    ``e`` is ``[N, D]``; ``target`` has the rows' shape (``N`` elements, int64).
+    """
+    num_classes = c.shape[0]
+    rows_shape = tuple(target.shape)
+    if call.shift:
+        V.check_index_target(target[..., 1:], num_classes, call.ignore_index, target[..., 1:].shape)
+        target, extra = _shifted(target, call.ignore_index, extra)
+    else:
+        V.check_index_target(target, num_classes, call.ignore_index, target.shape if target.dim() else (1,))
+    call.options.accumulator(e.dtype)  # checks accum_dtype against the input dtype
+    class_weight = V.check_class_weight(weight, num_classes, e.device, accumulation_dtype(e.dtype))
+    rows = index_rows(target.reshape(-1), num_classes, call.ignore_index, class_weight, V.flatten_extra(extra, rows_shape))
+    plan = Plan(loss_obj, rows, (Softcap(call.softcap),) if call.softcap is not None else ())
+    return plan, rows
+
+
+def engine_call(e: Tensor, c: Tensor, target: Tensor, bias, weight, extra, loss_obj, call: LinearCall):
+    """The engine half of an eager call: ``(loss, lse, argmax)``, the loss float64 (``[N]`` for
+    ``reduction='none'``), ``lse`` / ``argmax`` ``[N]`` when ``call.return_stats``."""
+    plan, rows = prepare(e, c, target, weight, extra, loss_obj, call)
+    no_autocast = torch.autocast(e.device.type, enabled=False) if e.device.type != "meta" else contextlib.nullcontext()
+    with no_autocast:
+        value, stats = chunked_loss(e, c, bias, plan, rows, reduction=call.reduction, options=call.options, report=call.report)
+    return value, stats.get(LSE), stats.get(ARGMAX)

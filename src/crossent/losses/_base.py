@@ -92,6 +92,12 @@ class Loss:
     def __init__(self):
         attach(self)
 
+    def __copy__(self):
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        attach(new)  # a reference of its own (deepcopy and pickle copy the reference with the object)
+        return new
+
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         init = cls.__dict__.get("__init__")
