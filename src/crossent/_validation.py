@@ -142,11 +142,11 @@ def check_class_weight(weight: Tensor | None, num_classes: int, device, dtype) -
     return weight.detach().to(device=device, dtype=dtype)
 
 
-def index_target(target: Tensor) -> Tensor:
+def index_target(target: Tensor, expected: str = "integer class indices or float probabilities") -> Tensor:
     """A class-index target as int64: any integer dtype (unsigned ones converted without wrapping
     around, so ``ignore_index=-100`` never matches a ``uint8`` class); bool and complex are refused."""
     if target.dtype == torch.bool or target.is_complex() or target.is_floating_point():
-        raise TypeError(f"target must hold integer class indices or float probabilities, got {target.dtype}")
+        raise TypeError(f"target must hold {expected}, got {target.dtype}")
     return target if target.dtype == torch.int64 else target.long()
 
 

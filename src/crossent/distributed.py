@@ -71,10 +71,18 @@ def vocab_parallel_cross_entropy(
         tensor(0.6216)
     """
     V.check_reduction(reduction)
+    if not isinstance(logits, Tensor) or not isinstance(target, Tensor):
+        raise TypeError(f"logits and target must be tensors, got {type(logits).__name__} and {type(target).__name__}")
     if not logits.is_floating_point():
         raise TypeError(f"logits must be floating point, got {logits.dtype}")
+    if logits.dim() == 0:
+        raise ValueError("logits must have a class dimension: shape [..., V_r]")
     if target.is_floating_point():
         raise ValueError("vocab_parallel_cross_entropy takes class-index targets (class probabilities are not supported)")
+    target = V.index_target(target, "integer class indices")
+    vocab_start = V.count("vocab_start", vocab_start, 0)
+    softcap = V.check_softcap(softcap)
+    ignore_index = V.check_ignore_index(ignore_index)
     if logits.shape[:-1] != target.shape:
         raise ValueError(f"target must have shape {tuple(logits.shape[:-1])} for logits {tuple(logits.shape)}, got {tuple(target.shape)}")
     world_size, _ = world(group)

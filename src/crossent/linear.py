@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -14,9 +13,10 @@ from . import _validation as V
 from ._engine.chunked import chunked_loss
 from ._engine.options import LinearCrossEntropyOptions, accumulation_dtype
 from ._engine.plan import Plan
+from ._engine.reduction import reduce
 from ._rows import Rows, index_rows
 from .losses._build import build_loss
-from .stats import ARGMAX, LSE
+from .stats import ACC, ARGMAX, LSE
 from .transforms import Softcap
 
 __all__ = ["linear_cross_entropy", "LinearStats", "LinearCrossEntropyOptions"]
@@ -72,7 +72,7 @@ def _check_tensors(e, c, target, bias) -> None:
             f"target must hold integer class indices, got {target.dtype}; for class-probability targets "
             "materialise the logits and use crossent.cross_entropy"
         )
-    V.index_target(target)  # refuses bool and complex
+    V.index_target(target, "integer class indices")  # refuses bool and complex
     if tuple(target.shape) != tuple(e.shape[:-1]):
         raise ValueError(f"target must have shape {tuple(e.shape[:-1])} (e without its last dim), got {tuple(target.shape)}")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != c.shape[0]):
@@ -287,7 +287,19 @@ def engine_call(e: Tensor, c: Tensor, target: Tensor, bias, weight, extra, loss_
     """The engine half of an eager call: ``(loss, lse, argmax)``, the loss float64 (``[N]`` for
     ``reduction='none'``), ``lse`` / ``argmax`` ``[N]`` when ``call.return_stats``."""
     plan, rows = prepare(e, c, target, weight, extra, loss_obj, call)
-    no_autocast = torch.autocast(e.device.type, enabled=False) if e.device.type != "meta" else contextlib.nullcontext()
-    with no_autocast:
+    if e.device.type == "meta":
+        return _meta_call(e, c, bias, plan, rows, call)
+    with torch.autocast(e.device.type, enabled=False):
         value, stats = chunked_loss(e, c, bias, plan, rows, reduction=call.reduction, options=call.options, report=call.report)
     return value, stats.get(LSE), stats.get(ARGMAX)
+
+
+def _meta_call(e: Tensor, c: Tensor, bias, plan: Plan, rows: Rows, call: LinearCall):
+    """'meta' tensors hold no data (deferred initialisation, shape propagation): the logits cost nothing,
+    so the formula on them gives the shapes, dtypes and autograd graph."""
+    logits = e @ c.T if bias is None else torch.addmm(bias, e, c.T)
+    per_row = plan.autograd_row_losses(logits.float() if logits.dtype != torch.float64 else logits, rows)
+    value = reduce(per_row.to(ACC), rows, call.reduction, (e.shape[0],), ACC)
+    if not call.return_stats:
+        return value, None, None
+    return value, e.new_empty(e.shape[0], dtype=ACC), e.new_empty(e.shape[0], dtype=torch.long)

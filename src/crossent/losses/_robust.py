@@ -232,6 +232,7 @@ class NCE(Loss):
         return (LSE, TARGET, SUM)
 
     def row_loss(self, s, rows):
+        V.at_least_classes("nce", rows.num_classes)  # one class: 0 / 0
         lse = s[LSE]
         return (lse - s[TARGET]) / (rows.num_classes * lse - s[SUM])
 
@@ -270,6 +271,7 @@ class NGCE(Loss):
         return (LSE, TARGET, self._power)
 
     def row_loss(self, s, rows):
+        V.at_least_classes("ngce", rows.num_classes)  # one class: 0 / 0
         numerator = -torch.expm1(self.q * log_prob_target(s, rows))
         return numerator / (rows.num_classes - s[self._power])
 
