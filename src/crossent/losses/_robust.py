@@ -141,7 +141,8 @@ class TGCE(Loss):
 
     Rows with :math:`p_y \le k` get a constant loss and no gradient (the paper's pruning of likely
     mislabelled samples, applied per batch; the paper re-scores the whole training set periodically
-    instead, which needs state outside the loss). ``k=0`` is :class:`GCE`.
+    instead, which needs state outside the loss). ``k=0`` is :class:`GCE`. The official code subtracts
+    :math:`L_q(k)` from every row (pruned rows give 0): a constant offset, with equal gradients.
 
     Statistics: ``lse``, ``target``. Streams on every engine.
 
