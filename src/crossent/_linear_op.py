@@ -34,7 +34,9 @@ __all__ = ["compiled_call"]
 def compiled_call(e: Tensor, c: Tensor, target: Tensor, bias, weight, extra, loss_obj, call: LinearCall):
     """What :func:`crossent.linear.engine_call` returns, through the custom operator (traceable)."""
     if LossRef is None:
-        raise RuntimeError("linear_cross_entropy under torch.compile needs a PyTorch with opaque custom-op objects (2.10+)")
+        raise RuntimeError(
+            "linear_cross_entropy under torch.compile needs a PyTorch whose custom operators take opaque objects"
+        )
     if loss_obj.stateful:
         raise ValueError(
             f"linear_cross_entropy under torch.compile: the loss {loss_obj!r} keeps state, which the compiled "
@@ -55,9 +57,9 @@ def compiled_call(e: Tensor, c: Tensor, target: Tensor, bias, weight, extra, los
     need = [torch.is_grad_enabled() and t is not None and t.requires_grad for t in (e, c, bias)]
     o = call.options
     out = _linear_cross_entropy(
-        e, c, target, bias, weight, [extra[k] for k in keys], "\n".join(keys), name, ref, call.label_smoothing, call.z_loss,
-        call.softcap, call.reduction, call.ignore_index, call.shift, call.return_stats, o.backend, o.chunk_size,
-        o.accum_dtype, o.mode, need,
+        e, c, target, bias, weight, [extra[k] for k in keys], "\n".join(keys), name, ref, call.label_smoothing,
+        call.z_loss, call.softcap, call.reduction, call.ignore_index, call.shift, call.return_stats, o.backend,
+        o.chunk_size, o.accum_dtype, o.mode, need,
     )  # fmt: skip
     value, lse, argmax = out[:3]
     return value, (lse if call.return_stats else None), (argmax if call.return_stats else None)

@@ -131,14 +131,20 @@ def check_class_weight(weight: Tensor | None, num_classes: int, device, dtype) -
     if weight is None:
         return None
     if not isinstance(weight, Tensor):
-        hint = " (the loss is a keyword argument: loss=...)" if isinstance(weight, str) or hasattr(weight, "row_loss") else ""
+        looks_like_a_loss = isinstance(weight, str) or hasattr(weight, "row_loss")
+        hint = "; the loss is a keyword argument: pass the loss by keyword (loss=...)" if looks_like_a_loss else ""
         raise TypeError(f"weight must be a tensor of class weights, got {type(weight).__name__}{hint}")
     if weight.dim() != 1 or weight.shape[0] != num_classes:
         raise ValueError(f"weight must be a 1-D tensor of {num_classes} class weights, got shape {tuple(weight.shape)}")
     if not weight.is_floating_point():
         raise TypeError(f"weight must be floating point, got {weight.dtype}")
     bad = ~torch.isfinite(weight.detach())
-    data_check(bad, "weight must be finite", lambda: f"weight must be finite; weight[{_first(bad)}] = {weight[_first(bad)].item()}")
+
+    def detail() -> str:
+        i = _first(bad)
+        return f"weight must be finite; weight[{i}] = {weight[i].item()}"
+
+    data_check(bad, "weight must be finite", detail)
     return weight.detach().to(device=device, dtype=dtype)
 
 

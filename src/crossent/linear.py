@@ -188,7 +188,9 @@ def linear_cross_entropy(
     V.check_reduction(reduction)
     _check_tensors(e, c, target, bias)
     if shift and (target.dim() == 0 or target.shape[-1] == 0):
-        raise ValueError(f"shift=True needs a sequence dimension (target [..., T] with T >= 1), got shape {tuple(target.shape)}")
+        raise ValueError(
+            f"shift=True needs a sequence dimension (target [..., T] with T >= 1), got shape {tuple(target.shape)}"
+        )
     if options.mode == "eager" and reduction == "none":
         raise ValueError("the eager-gradient mode needs reduction='mean' or 'sum'")
     call = LinearCall(
@@ -278,7 +280,8 @@ def prepare(e: Tensor, c: Tensor, target: Tensor, weight, extra, loss_obj, call:
         V.check_index_target(target, num_classes, call.ignore_index, target.shape if target.dim() else (1,))
     call.options.accumulator(e.dtype)  # checks accum_dtype against the input dtype
     class_weight = V.check_class_weight(weight, num_classes, e.device, accumulation_dtype(e.dtype))
-    rows = index_rows(target.reshape(-1), num_classes, call.ignore_index, class_weight, V.flatten_extra(extra, rows_shape))
+    extra = V.flatten_extra(extra, rows_shape)
+    rows = index_rows(target.reshape(-1), num_classes, call.ignore_index, class_weight, extra)
     plan = Plan(loss_obj, rows, (Softcap(call.softcap),) if call.softcap is not None else ())
     return plan, rows
 
@@ -290,7 +293,9 @@ def engine_call(e: Tensor, c: Tensor, target: Tensor, bias, weight, extra, loss_
     if e.device.type == "meta":
         return _meta_call(e, c, bias, plan, rows, call)
     with torch.autocast(e.device.type, enabled=False):
-        value, stats = chunked_loss(e, c, bias, plan, rows, reduction=call.reduction, options=call.options, report=call.report)
+        value, stats = chunked_loss(
+            e, c, bias, plan, rows, reduction=call.reduction, options=call.options, report=call.report
+        )
     return value, stats.get(LSE), stats.get(ARGMAX)
 
 

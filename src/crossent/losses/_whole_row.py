@@ -284,11 +284,15 @@ class AdaptiveLDRKL(StatefulLoss):
                      lambda: f"sample_ids must be non-negative, got {int(ids[negative].min())}")  # fmt: skip
         if self.num_samples is not None:
             beyond = valid & (ids >= self.num_samples)
-            V.data_check(beyond, f"aldr_kl: sample ids must be below num_samples={self.num_samples}",
-                         lambda: f"sample id {int(ids[beyond].max())} is out of range for num_samples={self.num_samples}")  # fmt: skip
+            V.data_check(
+                beyond,
+                f"aldr_kl: sample ids must be below num_samples={self.num_samples}",
+                lambda: f"sample id {int(ids[beyond].max())} is out of range for num_samples={self.num_samples}",
+            )
         # Distinct ids among the counted rows: sorted, ignored rows hold distinct negative stand-ins.
         standing = torch.where(valid, ids, -1 - torch.arange(ids.shape[0], device=ids.device)).sort().values
-        V.data_check((standing[1:] == standing[:-1]), "aldr_kl: sample_ids of the counted rows of one call must be distinct")
+        duplicate = standing[1:] == standing[:-1]
+        V.data_check(duplicate, "aldr_kl: sample_ids of the counted rows of one call must be distinct")
         if self.num_samples is None:
             if torch.compiler.is_compiling():
                 raise ValueError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -195,7 +196,8 @@ def _step_count(state: dict, key: str, who: str, *, minimum: int) -> int:
     value = state[key]
     if isinstance(value, Tensor) and value.numel() == 1:
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != int(value) or value < minimum:
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not number or value != int(value) or value < minimum:
         raise ValueError(f"{who}: {key} must be an integer >= {minimum}, got {value!r}")
     return int(value)
 

@@ -63,7 +63,9 @@ def row_values(e: Tensor, c: Tensor, bias: Tensor | None, job: Job) -> Tensor:
         return Sweep(job, e, c, bias).run().per_row
 
 
-def make_job(e: Tensor, c: Tensor, plan: Plan, rows: Rows, options: LinearCrossEntropyOptions, report=(), *, c_grad: bool) -> Job:
+def make_job(
+    e: Tensor, c: Tensor, plan: Plan, rows: Rows, options: LinearCrossEntropyOptions, report=(), *, c_grad: bool
+) -> Job:
     """The untracked half of a call; ``c_grad``: whether ``c``'s gradient is summed (it sizes the chunk)."""
     accum_dtype = options.accumulator(e.dtype)
     chunk_size = options.chunk_rows(c.shape[0], c.shape[1], e.dtype, accum_dtype if c_grad else None)
