@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from . import _validation as V
-from ._engine.chunked import chunked_loss
-from ._engine.options import LinearCrossEntropyOptions, accumulation_dtype
-from ._engine.plan import Plan
-from ._engine.reduction import reduce
-from ._rows import Rows, index_rows
-from .losses._build import build_loss
-from .stats import ACC, ARGMAX, LSE
-from .transforms import Softcap
+from ._engine.options import LinearCrossEntropyOptions
+from ._linear_call import LinearCall, compiled_call, engine_call
 
 __all__ = ["linear_cross_entropy", "LinearStats", "LinearCrossEntropyOptions"]
 
@@ -80,27 +73,6 @@ def _check_tensors(e, c, target, bias) -> None:
     for name, t in (("c", c), ("target", target)) + ((("bias", bias),) if bias is not None else ()):
         if t.device != e.device:
             raise ValueError(f"{name} is on {t.device} but e is on {e.device}")
-
-
-def _shifted(target: Tensor, ignore_index: int, extra: dict | None):
-    """Targets (and extras) of the causal shift laid over all positions: row t predicts t + 1.
-
-    The last position of each sequence gets ``ignore_index``, so ``e`` is used as it is (a view, never
-    copied) and those rows cost nothing (ignored rows are skipped).
-    """
-    shifted = torch.full_like(target, ignore_index)
-    shifted[..., :-1] = target[..., 1:]
-    if extra:
-        moved = {}
-        for k, v in extra.items():
-            if not isinstance(v, Tensor):
-                raise TypeError(f"extra[{k!r}] must be a tensor, got {type(v).__name__}")
-            w = torch.zeros_like(v)
-            d = target.dim() - 1
-            w.narrow(d, 0, v.shape[d] - 1).copy_(v.narrow(d, 1, v.shape[d] - 1))
-            moved[k] = w
-        extra = moved
-    return shifted, extra
 
 
 def linear_cross_entropy(
@@ -223,12 +195,8 @@ def linear_cross_entropy(
 
     rows_shape = tuple(target.shape)
     flat = e.reshape(math.prod(rows_shape), c.shape[1])
-    if torch.compiler.is_compiling():
-        from ._linear_op import compiled_call
-
-        value, lse, argmax = compiled_call(flat, c, target, bias, weight, extra, loss_obj, call)
-    else:
-        value, lse, argmax = engine_call(flat, c, target, bias, weight, extra, loss_obj, call)
+    run = compiled_call if torch.compiler.is_compiling() else engine_call
+    value, lse, argmax = run(flat, c, target, bias, weight, extra, loss_obj, call)
 
     def per_row(t: Tensor) -> Tensor:
         t = t.reshape(rows_shape)
@@ -238,73 +206,3 @@ def linear_cross_entropy(
     if not return_stats:
         return value
     return value, LinearStats(per_row(lse).float(), per_row(argmax))
-
-
-@dataclass(frozen=True)
-class LinearCall:
-    """The arguments of one :func:`linear_cross_entropy` call that are not tensors, checked.
-
-    Everything the engine half of a call needs besides the tensors; :func:`engine_call` (eager) and
-    the custom operator behind ``torch.compile`` (``crossent._linear_op``) both start from it.
-    """
-
-    loss: object  # a registered name or a Loss
-    label_smoothing: float
-    z_loss: float
-    softcap: float | None
-    reduction: str
-    ignore_index: int
-    shift: bool
-    return_stats: bool
-    options: LinearCrossEntropyOptions
-
-    def build_loss(self):
-        return build_loss(self.loss, label_smoothing=self.label_smoothing, z_loss=self.z_loss)
-
-    @property
-    def report(self) -> tuple:
-        return (LSE, ARGMAX) if self.return_stats else ()
-
-
-def prepare(e: Tensor, c: Tensor, target: Tensor, weight, extra, loss_obj, call: LinearCall) -> tuple[Plan, Rows]:
-    """The plan and rows of a call: the causal shift, the checks that read the target, class weights.
-
-    ``e`` is ``[N, D]``; ``target`` has the rows' shape (``N`` elements, int64).
-    """
-    num_classes = c.shape[0]
-    rows_shape = tuple(target.shape)
-    if call.shift:
-        V.check_index_target(target[..., 1:], num_classes, call.ignore_index, target[..., 1:].shape)
-        target, extra = _shifted(target, call.ignore_index, extra)
-    else:
-        V.check_index_target(target, num_classes, call.ignore_index, target.shape if target.dim() else (1,))
-    call.options.accumulator(e.dtype)  # checks accum_dtype against the input dtype
-    class_weight = V.check_class_weight(weight, num_classes, e.device, accumulation_dtype(e.dtype))
-    extra = V.flatten_extra(extra, rows_shape)
-    rows = index_rows(target.reshape(-1), num_classes, call.ignore_index, class_weight, extra)
-    plan = Plan(loss_obj, rows, (Softcap(call.softcap),) if call.softcap is not None else ())
-    return plan, rows
-
-
-def engine_call(e: Tensor, c: Tensor, target: Tensor, bias, weight, extra, loss_obj, call: LinearCall):
-    """The engine half of an eager call: ``(loss, lse, argmax)``, the loss float64 (``[N]`` for
-    ``reduction='none'``), ``lse`` / ``argmax`` ``[N]`` when ``call.return_stats``."""
-    plan, rows = prepare(e, c, target, weight, extra, loss_obj, call)
-    if e.device.type == "meta":
-        return _meta_call(e, c, bias, plan, rows, call)
-    with torch.autocast(e.device.type, enabled=False):
-        value, stats = chunked_loss(
-            e, c, bias, plan, rows, reduction=call.reduction, options=call.options, report=call.report
-        )
-    return value, stats.get(LSE), stats.get(ARGMAX)
-
-
-def _meta_call(e: Tensor, c: Tensor, bias, plan: Plan, rows: Rows, call: LinearCall):
-    """'meta' tensors hold no data (deferred initialisation, shape propagation): the logits cost nothing,
-    so the formula on them gives the shapes, dtypes and autograd graph."""
-    logits = e @ c.T if bias is None else torch.addmm(bias, e, c.T)
-    per_row = plan.autograd_row_losses(logits.float() if logits.dtype != torch.float64 else logits, rows)
-    value = reduce(per_row.to(ACC), rows, call.reduction, (e.shape[0],), ACC)
-    if not call.return_stats:
-        return value, None, None
-    return value, e.new_empty(e.shape[0], dtype=ACC), e.new_empty(e.shape[0], dtype=torch.long)

@@ -1,35 +1,140 @@
-"""``linear_cross_entropy`` under ``torch.compile``: the row-chunked engine as one custom operator.
+"""The engine half of ``crossent.linear_cross_entropy``, in eager mode and under ``torch.compile``.
 
-The compiler cannot trace the engine (a Python loop over chunks with in-place buffers), and needs
-not: ``crossent::linear_cross_entropy`` runs it eagerly inside the compiled graph, as PyTorch's own
-``linear_cross_entropy`` runs its chunked kernel, so ``fullgraph=True`` holds and the values and
-gradients are those of eager mode. The operator's arguments are the tensors of the call and its
-checked non-tensor arguments (:class:`crossent.linear.LinearCall`, spelled out as plain values);
-a loss object travels as an opaque :class:`crossent._loss_ref.LossRef`.
+:func:`crossent.linear_cross_entropy` checks its arguments and gathers the non-tensor ones in a
+:class:`LinearCall`; :func:`prepare` builds the rows and the plan (causal shift, checks that read the
+target, class weights) and :func:`engine_call` runs the row-chunked engine, whose autograd functions
+give the gradients.
 
-Gradients: a differentiated ``mean``/``sum`` (the eager-gradient mode) returns ``grad_e``, ``grad_c``
-and ``grad_bias`` from the forward pass and the backward scales them; otherwise the backward is a
-second operator that recomputes the chunks, as the eager engine does. Neither consumes its buffers,
-so ``retain_graph=True`` works here. A stateful loss would observe its rows again in that recompute,
-so it is refused under ``torch.compile``.
+Under ``torch.compile`` the compiler cannot trace the engine (a Python loop over chunks with in-place
+buffers), and needs not: ``crossent::linear_cross_entropy`` is a custom operator that does
+:func:`engine_call`'s work eagerly inside the compiled graph, as PyTorch's own ``linear_cross_entropy``
+runs its chunked kernel, so ``fullgraph=True`` holds and values and gradients are eager mode's. Its
+arguments are the tensors of the call and the fields of the :class:`LinearCall` as plain values; a loss
+object travels as an opaque :class:`crossent._loss_ref.LossRef`. A differentiated ``mean``/``sum``
+returns ``grad_e``, ``grad_c`` and ``grad_bias`` from the forward operator and the backward scales
+them; otherwise the backward is a second operator that recomputes the chunks. Neither consumes its
+buffers, so ``retain_graph=True`` works. A stateful loss would observe its rows again in that
+recompute, so it is refused under ``torch.compile``.
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ._engine.chunked import forward_with_gradients, gradient_scale, make_job, recomputed_gradients, row_values
-from ._engine.options import LinearCrossEntropyOptions
+from . import _validation as V
+from ._engine.chunked import (
+    chunked_loss,
+    forward_with_gradients,
+    gradient_scale,
+    make_job,
+    recomputed_gradients,
+    row_values,
+)
+from ._engine.options import LinearCrossEntropyOptions, accumulation_dtype
+from ._engine.plan import Plan
 from ._engine.reduction import reduce
 from ._loss_ref import NO_LOSS, LossRef, ref_of
-from .linear import LinearCall, prepare
+from ._rows import Rows, index_rows
+from .losses._build import build_loss
 from .stats import ACC, ARGMAX, LSE
+from .transforms import Softcap
 
-__all__ = ["compiled_call"]
+__all__ = ["LinearCall", "prepare", "engine_call", "compiled_call"]
 
+
+@dataclass(frozen=True)
+class LinearCall:
+    """The arguments of one :func:`linear_cross_entropy` call that are not tensors, checked.
+
+    Everything the engine half of a call needs besides the tensors; :func:`engine_call` (eager) and
+    the custom operator behind ``torch.compile`` (below) both start from it.
+    """
+
+    loss: object  # a registered name or a Loss
+    label_smoothing: float
+    z_loss: float
+    softcap: float | None
+    reduction: str
+    ignore_index: int
+    shift: bool
+    return_stats: bool
+    options: LinearCrossEntropyOptions
+
+    def build_loss(self):
+        return build_loss(self.loss, label_smoothing=self.label_smoothing, z_loss=self.z_loss)
+
+    @property
+    def report(self) -> tuple:
+        return (LSE, ARGMAX) if self.return_stats else ()
+
+
+def prepare(e: Tensor, c: Tensor, target: Tensor, weight, extra, loss_obj, call: LinearCall) -> tuple[Plan, Rows]:
+    """The plan and rows of a call: the causal shift, the checks that read the target, class weights.
+
+    ``e`` is ``[N, D]``; ``target`` has the rows' shape (``N`` elements, int64).
+    """
+    num_classes = c.shape[0]
+    rows_shape = tuple(target.shape)
+    if call.shift:
+        V.check_index_target(target[..., 1:], num_classes, call.ignore_index, target[..., 1:].shape)
+        target, extra = _shifted(target, call.ignore_index, extra)
+    else:
+        V.check_index_target(target, num_classes, call.ignore_index, target.shape if target.dim() else (1,))
+    call.options.accumulator(e.dtype)  # checks accum_dtype against the input dtype
+    class_weight = V.check_class_weight(weight, num_classes, e.device, accumulation_dtype(e.dtype))
+    extra = V.flatten_extra(extra, rows_shape)
+    rows = index_rows(target.reshape(-1), num_classes, call.ignore_index, class_weight, extra)
+    plan = Plan(loss_obj, rows, (Softcap(call.softcap),) if call.softcap is not None else ())
+    return plan, rows
+
+
+def engine_call(e: Tensor, c: Tensor, target: Tensor, bias, weight, extra, loss_obj, call: LinearCall):
+    """The engine half of an eager call: ``(loss, lse, argmax)``, the loss float64 (``[N]`` for
+    ``reduction='none'``), ``lse`` / ``argmax`` ``[N]`` when ``call.return_stats``."""
+    plan, rows = prepare(e, c, target, weight, extra, loss_obj, call)
+    if e.device.type == "meta":
+        return _meta_call(e, c, bias, plan, rows, call)
+    with torch.autocast(e.device.type, enabled=False):
+        value, stats = chunked_loss(
+            e, c, bias, plan, rows, reduction=call.reduction, options=call.options, report=call.report
+        )
+    return value, stats.get(LSE), stats.get(ARGMAX)
+
+
+def _meta_call(e: Tensor, c: Tensor, bias, plan: Plan, rows: Rows, call: LinearCall):
+    """'meta' tensors hold no data (deferred initialisation, shape propagation): the logits cost nothing,
+    so the formula on them gives the shapes, dtypes and autograd graph."""
+    logits = e @ c.T if bias is None else torch.addmm(bias, e, c.T)
+    per_row = plan.autograd_row_losses(logits.float() if logits.dtype != torch.float64 else logits, rows)
+    value = reduce(per_row.to(ACC), rows, call.reduction, (e.shape[0],), ACC)
+    if not call.return_stats:
+        return value, None, None
+    return value, e.new_empty(e.shape[0], dtype=ACC), e.new_empty(e.shape[0], dtype=torch.long)
+
+
+def _shifted(target: Tensor, ignore_index: int, extra: dict | None):
+    """Targets (and extras) of the causal shift laid over all positions: row t predicts t + 1.
+
+    The last position of each sequence gets ``ignore_index``, so ``e`` is used as it is (a view, never
+    copied) and those rows cost nothing (ignored rows are skipped).
+    """
+    shifted = torch.full_like(target, ignore_index)
+    shifted[..., :-1] = target[..., 1:]
+    if extra:
+        moved = {}
+        for k, v in extra.items():
+            if not isinstance(v, Tensor):
+                raise TypeError(f"extra[{k!r}] must be a tensor, got {type(v).__name__}")
+            w = torch.zeros_like(v)
+            d = target.dim() - 1
+            w.narrow(d, 0, v.shape[d] - 1).copy_(v.narrow(d, 1, v.shape[d] - 1))
+            moved[k] = w
+        extra = moved
+    return shifted, extra
 
 def compiled_call(e: Tensor, c: Tensor, target: Tensor, bias, weight, extra, loss_obj, call: LinearCall):
     """What :func:`crossent.linear.engine_call` returns, through the custom operator (traceable)."""
