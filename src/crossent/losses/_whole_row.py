@@ -209,7 +209,8 @@ class AdaptiveLDRKL(StatefulLoss):
             cross-validation from {0.1, 1, 10}).
         margin: :math:`c`, the margin added to non-target scores. Default ``0.1``.
         alpha: :math:`\alpha > 1`, strength of the KL prior on :math:`\lambda`. Default ``2.0``.
-        num_samples: size of the training set (ids must be below it), or ``None`` to grow as needed.
+        num_samples: size of the training set (ids must be below it), or ``None`` to grow as needed
+            (growing reads the ids on the host; under ``torch.compile`` give ``num_samples``).
 
     Example:
         >>> import torch, crossent as xe
