@@ -1,9 +1,19 @@
-"""Test-suite settings: under CI, hypothesis runs a fixed set of examples (reproducible runs)."""
+"""Test-suite settings.
+
+* Under CI, hypothesis runs a fixed set of examples (reproducible runs).
+* Without a GPU, the Triton kernels run in Triton's interpreter (NumPy on CPU tensors). Triton reads
+  ``TRITON_INTERPRET`` when it is first imported (its own library functions are defined then), so it
+  is set here, before any test imports it.
+"""
 
 import os
 
+import torch
 from hypothesis import settings
 
 settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

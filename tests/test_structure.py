@@ -14,7 +14,9 @@ from crossent._engine.chunked.kernels import FactoredKernel, PlanKernel, WholeRo
 from crossent._engine.plan import Plan
 from crossent._rows import index_rows
 from crossent.losses import Loss
-from crossent.stats import ARGMAX, LSE, P_DOT_Z, SUM, SUMSQ, TARGET, Form, SoftDot, Statistic, SumProbPower
+from crossent.stats import (
+    ARGMAX, LSE, P_DOT_Z, SUM, SUMSQ, TARGET, Form, SoftDot, Statistic, SumProbPower, TemperedLogSumExp,
+)  # fmt: skip
 from crossent.transforms import Affine, ClassBias, Softcap, Tanh, Temperature, Transform
 
 C = 11
@@ -34,8 +36,15 @@ def test_builtin_forms():
     weighted = SoftDot("ones", class_weighted=True)
     assert weighted.form(rows) is Form.COLUMN_SUM and weighted.column_weights(rows) is rows.class_weight
     assert SUMSQ.form(rows) is Form.SQUARES and ARGMAX.form(rows) is Form.ARGMAX
-    for generic in (P_DOT_Z, SumProbPower(2.0), SoftDot("probs")):
-        assert generic.form(rows) is None
+    assert SoftDot("probs").form(rows) is None
+    # Forms without a Factors term: declared for kernels, generic for engines that read Factors.
+    tempered = TemperedLogSumExp(0.5, 0.2)
+    assert P_DOT_Z.form(rows) is Form.PROB_DOT_LOGIT and SumProbPower(2.0).form(rows) is Form.SUM_PROB_POWER
+    assert tempered.form(rows) is Form.TEMPERED_LOG_SUM_EXP
+    plan = Plan(xe.losses.get("ngce") + xe.losses.get("ldr_kl"), rows)
+    assert not plan.structure.factored and set(plan.structure.by_form) == {Form.LOG_SUM_EXP, Form.TARGET}
+    assert {s.key[0] for s in plan.structure.generic} == {"SumProbPower", "TemperedLogSumExp"}
+    assert dict(plan.structure.forms)[SumProbPower(0.7)] is Form.SUM_PROB_POWER
 
 
 def test_builtin_transform_structures_compose():

@@ -36,6 +36,8 @@ PUBLIC_MODULES = [
     "crossent.calibration",
     "crossent.distributed",
     "crossent.adversarial",
+    "crossent.integrations",
+    "crossent.integrations.transformers",
 ]
 #: Public subpackages and modules reachable as attributes; anything else must be underscored.
 ALLOWED_SUBMODULES = {m.rsplit(".", 1)[-1] for m in PUBLIC_MODULES} | {"bench", "cli", "experiments"}

@@ -1,31 +1,76 @@
 """Vocabulary-parallel losses: each process holds a slice of the classes, none holds a whole row.
 
-This is the layout of a tensor-parallel LM head (Megatron-style): rank ``r`` computes the logits of
-classes ``[vocab_start, vocab_start + V_r)`` only. Every streamable crossent loss runs on it: each rank
-computes the mergeable states of its columns, one all-gather of ``[N]``-sized states per statistic
-combines them (in rank order, so every rank gets bit-identical values), the per-row formula runs
-everywhere, and the backward pass needs no communication at all: each rank applies the coefficients
-to its own columns. Whole-row losses are refused by name.
+This is the layout of a tensor-parallel LM head (Megatron-style): rank ``r`` holds classes
+``[vocab_start, vocab_start + V_r)`` only. Every streamable crossent loss runs on it: each rank
+computes the mergeable states of its columns, one all-gather combines them (merged in the order of the
+classes, so every rank gets bit-identical values), the per-row formula runs everywhere, and each rank
+gets the gradient of its own columns. Whole-row and stateful losses are refused by name.
 
-Works with any ``torch.distributed`` backend (gloo on CPU, NCCL on GPU) and under DDP/FSDP; without
-an initialised process group it runs as a single rank.
+* :func:`vocab_parallel_cross_entropy`: from the ``[N, V_r]`` logits each rank holds;
+* :func:`vocab_parallel_linear_cross_entropy`: from the hidden states and the rank's rows of the
+  classifier, without the logits (at most one chunk of them);
+* :func:`crossent.linear_cross_entropy` with a classifier that is a DTensor split ``Shard(0)`` over
+  the vocabulary (``ColwiseParallel``) calls the latter by itself.
+
+Before anything is merged, the ranks agree on the layout in one small all-gather per call: the shards
+must tile ``[0, vocab_size)`` exactly, and every rank must pass the same rows; otherwise every rank
+raises the same error, naming the classes and the ranks. A rank whose arguments are rejected makes
+every rank raise, never leaves the others waiting in a collective. Without an initialised process group
+a process is a group of one and must hold every class.
+
+Works with any ``torch.distributed`` backend (gloo on CPU, NCCL on GPU) and under DDP/FSDP; see
+``docs/distributed.md``.
 """
 
 from __future__ import annotations
 
+import operator
+from types import SimpleNamespace
+
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from . import _validation as V
+from ._engine.options import LinearCrossEntropyOptions, accumulation_dtype
 from ._engine.plan import Plan
 from ._engine.reduction import reduce
-from ._engine.vocab_parallel import ENGINE, VocabParallelRowLoss, world
+from ._engine.shards import Claim, agree
+from ._engine.vocab_parallel import ENGINE, VocabParallelRowLoss
+from ._engine.vocab_parallel_linear import sharded_loss
 from ._rows import as_float, index_rows
+from .linear import _check_target, _check_tensors, _compute_inputs, _finish, _shifted, resolve_options
 from .losses._build import build_loss
+from .stats import ARGMAX, LSE
 from .transforms import Softcap
 
-__all__ = ["vocab_parallel_cross_entropy"]
+__all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy"]
+
+
+def _index(name: str, value, *, optional: bool = False, minimum: int = 0) -> int | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int{' or None' if optional else ''}, got {type(value).__name__} {value!r}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _device(t) -> torch.device:
+    return t.device if isinstance(t, Tensor) else torch.device("cpu")
+
+
+def _weight_length(weight) -> int | None:
+    return weight.numel() if isinstance(weight, Tensor) else None
+
+
+def _transforms(softcap):
+    softcap = V.check_softcap(softcap)  # math.inf: no capping
+    return (Softcap(softcap),) if softcap is not None else ()
 
 
 def vocab_parallel_cross_entropy(
@@ -47,21 +92,24 @@ def vocab_parallel_cross_entropy(
     r"""Any streamable crossent loss over logits whose classes are split across processes.
 
     Every rank of ``group`` calls this with the same ``target`` and its own logit columns; every rank
-    gets the same loss, and the gradient of its own columns.
+    gets the same loss, and the gradient of its own columns. The ranks' classes must tile
+    ``[0, vocab_size)``; a rank may hold none (``V_r = 0``).
 
     Args:
         logits: ``[N, V_r]`` (or ``[..., V_r]``) logits of classes ``[vocab_start, vocab_start + V_r)``.
         target: ``[N]`` (or ``[...]``) global class indices, identical on every rank.
         vocab_start: first class index held by this rank.
-        vocab_size: total number of classes ``C``; the sum of the ranks' ``V_r`` when omitted (one
-            extra all-reduce).
+        vocab_size: total number of classes ``C``; the sum of the ranks' ``V_r`` when omitted.
         group: the process group over which the vocabulary is split (default: the world).
         weight: ``[C]`` global class weights, identical on every rank.
         loss, ignore_index, reduction, label_smoothing, z_loss, softcap, extra: as in
             :func:`crossent.cross_entropy`.
 
     Raises:
-        ValueError: for a loss that needs whole rows (e.g. ``nfl``), naming it and this engine.
+        ValueError: on every rank, when the shards do not tile the vocabulary or the ranks pass
+            different rows; for a loss that needs whole rows (e.g. ``nfl``), naming it and this engine.
+        RuntimeError: on every other rank, when one rank's arguments were rejected (that rank raises
+            its own error).
 
     Example (single process, which behaves as one rank holding every class):
         >>> import torch, crossent as xe
@@ -70,36 +118,151 @@ def vocab_parallel_cross_entropy(
         >>> vocab_parallel_cross_entropy(logits, torch.tensor([0, 2]), vocab_start=0)
         tensor(0.6216)
     """
-    V.check_reduction(reduction)
-    if not isinstance(logits, Tensor) or not isinstance(target, Tensor):
-        raise TypeError(f"logits and target must be tensors, got {type(logits).__name__} and {type(target).__name__}")
-    if not logits.is_floating_point():
-        raise TypeError(f"logits must be floating point, got {logits.dtype}")
-    if logits.dim() == 0:
-        raise ValueError("logits must have a class dimension: shape [..., V_r]")
-    if target.is_floating_point():
-        raise ValueError("vocab_parallel_cross_entropy takes class-index targets (class probabilities are not supported)")
+    who = "vocab_parallel_cross_entropy"
+
+    def check():
+        V.check_reduction(reduction)
+        for name, t in (("logits", logits), ("target", target)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if not logits.is_floating_point():
+            raise TypeError(f"logits must be floating point, got {logits.dtype}")
+        if logits.dim() < 1:
+            raise ValueError("logits must have shape [..., V_r] (a class dimension last), got a 0-dim tensor")
+        if target.is_floating_point():
+            raise ValueError(f"{who} takes class-index targets (class probabilities are not supported)")
+        V.index_target(target, "integer class indices")  # refuses bool and complex
+        V.check_ignore_index(ignore_index)
+        V.check_softcap(softcap)
+        if logits.shape[:-1] != target.shape:
+            raise ValueError(f"target must have shape {tuple(logits.shape[:-1])} for logits {tuple(logits.shape)}, got {tuple(target.shape)}")
+        start = _index("vocab_start", vocab_start)
+        size = _index("vocab_size", vocab_size, optional=True, minimum=1)
+        loss_obj = build_loss(loss, label_smoothing=label_smoothing, z_loss=z_loss)
+        return Claim(start, logits.shape[-1], size, target, ignore_index, _weight_length(weight)), loss_obj
+
+    loss_obj, layout = agree(who, group, _device(logits), check)
+    # Everything below depends on values the ranks agreed on: it raises on every rank alike, or on none.
     target = V.index_target(target, "integer class indices")
-    vocab_start = V.count("vocab_start", vocab_start, 0)
-    softcap = V.check_softcap(softcap)
-    ignore_index = V.check_ignore_index(ignore_index)
-    if logits.shape[:-1] != target.shape:
-        raise ValueError(f"target must have shape {tuple(logits.shape[:-1])} for logits {tuple(logits.shape)}, got {tuple(target.shape)}")
-    world_size, _ = world(group)
-    local = logits.shape[-1]
-    if vocab_size is None:
-        size = torch.tensor([local], device=logits.device)
-        if world_size > 1:
-            dist.all_reduce(size, group=group)
-        vocab_size = int(size.item())
-    if not 0 <= vocab_start <= vocab_size - local:
-        raise ValueError(f"this rank's classes [{vocab_start}, {vocab_start + local}) do not fit in a vocabulary of {vocab_size}")
-    loss_obj = build_loss(loss, label_smoothing=label_smoothing, z_loss=z_loss)
-    class_weight = V.check_class_weight(weight, vocab_size, logits.device, as_float(logits[:0]).dtype)
-    V.check_index_target(target, vocab_size, ignore_index, target.shape if target.dim() else (1,))
-    rows = index_rows(target.reshape(-1), vocab_size, ignore_index, class_weight, V.flatten_extra(extra, target.shape))
-    plan = Plan(loss_obj, rows, (Softcap(softcap),) if softcap is not None else ())
+    num_classes = layout.vocab_size
+    class_weight = V.check_class_weight(weight, num_classes, logits.device, as_float(logits[:0]).dtype)
+    V.check_index_target(target, num_classes, ignore_index, target.shape if target.dim() else (1,))
+    rows = index_rows(target.reshape(-1), num_classes, ignore_index, class_weight, V.flatten_extra(extra, target.shape))
+    plan = Plan(loss_obj, rows, _transforms(softcap))
     plan.require_blockwise(ENGINE)
-    cols = slice(vocab_start, vocab_start + local)
-    per_row = VocabParallelRowLoss.apply(logits.reshape(-1, local), plan, rows, cols, group, world_size)
+    per_row = VocabParallelRowLoss.apply(logits.reshape(rows.num_rows, logits.shape[-1]), plan, rows, layout.cols, layout)
     return reduce(per_row, rows, reduction, target.shape, logits.dtype)
+
+
+@torch._disable_dynamo
+def vocab_parallel_linear_cross_entropy(
+    e: Tensor,
+    c_shard: Tensor,
+    target: Tensor,
+    *,
+    vocab_start: int,
+    vocab_size: int | None = None,
+    group=None,
+    bias_shard: Tensor | None = None,
+    loss="ce",
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    shift: bool = False,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+    return_stats: bool = False,
+    extra: dict[str, Tensor] | None = None,
+    accum_dtype: torch.dtype | None = None,
+    options: LinearCrossEntropyOptions | None = None,
+):
+    r"""Any streamable crossent loss of ``e @ c.T + bias`` where each rank holds a block of ``c``'s rows.
+
+    Equals :func:`crossent.linear_cross_entropy` of the whole classifier (values and gradients) while
+    each rank holds only its ``c_shard = c[vocab_start : vocab_start + V_r]`` and at most one
+    ``[chunk_size, V_r]`` block of logits. Every rank of ``group`` passes the same ``e`` and ``target``
+    (the input of a column-parallel ``lm_head``) and gets the same loss. Each chunk's statistics are
+    merged over the group by one all-gather of ``[chunk_size, K]`` (``K``: the loss's state tensors,
+    2 for cross-entropy), so that the chunk's gradient is formed while its logits are held: three
+    matrix products per chunk, as in one process.
+
+    Gradients follow Megatron-LM's column-parallel convention: ``c_shard`` and ``bias_shard`` get the
+    gradient of their own rows; ``e``'s gradient is summed over the group in backward (one all-reduce
+    of ``[N, D]``), so every rank gets the whole gradient of ``e``, as if the loss were computed once.
+
+    Args:
+        e: hidden states ``[..., D]``, identical on every rank.
+        c_shard: ``[V_r, D]`` classifier rows of classes ``[vocab_start, vocab_start + V_r)``; ``V_r``
+            may be 0.
+        target: class indices ``[...]`` (``e`` without its last dim), global, identical on every rank.
+        vocab_start: first class held by this rank.
+        vocab_size: total number of classes ``C``; the sum of the ranks' ``V_r`` when omitted.
+        group: the process group over which the vocabulary is split (default: the world).
+        bias_shard: optional ``[V_r]`` bias of this rank's classes.
+        weight: ``[C]`` global class weights, identical on every rank.
+        loss, ignore_index, reduction, label_smoothing, z_loss, softcap, shift, backend, chunk_size,
+            return_stats, extra, accum_dtype, options: as in :func:`crossent.linear_cross_entropy`;
+            ``return_stats`` gives the merged ``lse`` and the global ``argmax``. The default chunk size
+            is sized by the widest shard, the same on every rank. The engine is the row-chunked one
+            (``backend`` ``"auto"`` or ``"torch"``).
+
+    Raises:
+        ValueError: on every rank, when the shards do not tile the vocabulary or the ranks pass
+            different rows; for a loss that needs whole rows or keeps state (e.g. ``nfl``), by name.
+        RuntimeError: on every other rank, when one rank's arguments were rejected (that rank raises
+            its own error).
+
+    Example (single process, which behaves as one rank holding every class):
+        >>> import torch
+        >>> from crossent.distributed import vocab_parallel_linear_cross_entropy
+        >>> e = torch.tensor([[1.0, 0.0], [0.5, -1.0], [0.0, 2.0]])
+        >>> c = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 1.0]])
+        >>> vocab_parallel_linear_cross_entropy(e, c, torch.tensor([0, 2, 1]), vocab_start=0)
+        tensor(1.1575)
+    """
+    who = "vocab_parallel_linear_cross_entropy"
+
+    def check():
+        nonlocal target
+        opts = resolve_options(options, backend=backend, chunk_size=chunk_size, accum_dtype=accum_dtype)
+        if opts.backend == "triton" or opts.filter_eps is not None:
+            raise ValueError(
+                f"{who} runs the row-chunked engine on every rank; backend='triton' and filter_eps are not "
+                f"available on it (got backend={opts.backend!r}, filter_eps={opts.filter_eps!r})"
+            )
+        V.check_reduction(reduction)
+        _check_tensors(e, c_shard, target, bias_shard, allow_no_classes=True, shift=shift)
+        target = V.index_target(target, "integer class indices")  # uint8 read as the classes it holds
+        V.check_ignore_index(ignore_index)
+        V.check_softcap(softcap)
+        start = _index("vocab_start", vocab_start)
+        size = _index("vocab_size", vocab_size, optional=True, minimum=1)
+        loss_obj = build_loss(loss, label_smoothing=label_smoothing, z_loss=z_loss)
+        ee, c, bias, out_dtype = _compute_inputs(e, c_shard, bias_shard)
+        opts.accumulator(ee.dtype)  # checks accum_dtype against the input dtype
+        rows_target, rows_extra = _shifted(target, ignore_index, extra) if shift else (target, extra)
+        claim = Claim(start, c.shape[0], size, target, ignore_index, _weight_length(weight), opts.chunk_size)
+        call = SimpleNamespace(
+            options=opts, loss=loss_obj, e=ee, c=c, bias=bias, out_dtype=out_dtype, target=rows_target, extra=rows_extra
+        )
+        return claim, call
+
+    call, layout = agree(who, group, _device(e), check)
+    # Everything below depends on values the ranks agreed on: it raises on every rank alike, or on none.
+    num_classes = layout.vocab_size
+    rows_shape = tuple(target.shape)
+    _check_target(target, num_classes, ignore_index, shift)
+    class_weight = V.check_class_weight(weight, num_classes, e.device, accumulation_dtype(call.e.dtype))
+    extra_rows = V.flatten_extra(call.extra, rows_shape)
+    rows = index_rows(call.target.reshape(-1), num_classes, ignore_index, class_weight, extra_rows)
+    plan = Plan(call.loss, rows, _transforms(softcap))
+    plan.require_blockwise(ENGINE)
+    with torch.autocast(call.e.device.type, enabled=False):
+        value, stats = sharded_loss(
+            call.e.reshape(-1, call.e.shape[-1]), call.c, call.bias, plan, rows, layout,
+            reduction=reduction, options=call.options, report=(LSE, ARGMAX) if return_stats else (),
+        )  # fmt: skip
+    return _finish(value, stats, rows_shape, shift, reduction, call.out_dtype, return_stats)

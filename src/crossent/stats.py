@@ -11,10 +11,11 @@ Every statistic states three things (DESIGN.md section 1):
 torch ops, so the same code also serves as an autograd reference.
 
 A statistic may also declare its :class:`Form`: what it is, in terms a fused engine understands
-(``lse``, the target logit, a class-weighted row sum, the sum of squares, the argmax). The form fixes
-both the value and the derivative, so an engine that knows the form computes the statistic and its
-gradient term in its own fused way, without asking which class it is; a statistic without a form takes
-the generic path (``partial`` / ``merge`` / ``add_grad``), which every engine also supports.
+(``lse``, the target logit, a class-weighted row sum, the sum of squares, the argmax, a tempered
+``lse``, ``sum_j p_j z_j``, ``sum_j p_j^k``). The form fixes the value, the derivative and the layout of
+the mergeable state, so an engine that knows the form computes the statistic and its gradient term in
+its own fused way, without asking which class it is; a statistic without a form takes the generic
+path (``partial`` / ``merge`` / ``add_grad``), which every engine also supports.
 
 Precision: the elementwise work runs in the dtype of ``z`` (float32 for half inputs), but every
 statistic's value and state is float64. They are only ``[N]`` tensors, and it keeps formulas such as
@@ -40,18 +41,33 @@ State = tuple[Tensor, ...]
 
 
 class Form(enum.Enum):
-    """What a statistic is, for fused engines. Each form fixes the value and the derivative."""
+    """What a statistic is, for fused engines. Each form fixes the value, the derivative and the state.
 
-    #: ``S = log sum_j exp z_j``; ``dS/dz_j = p_j`` (the softmax of the row).
+    The state is what ``partial`` returns over a block of columns (and ``merge`` combines); an engine
+    that computes a form's state itself hands it to the statistic's ``merge`` / ``finalize``. The first
+    five forms are the terms of :class:`~crossent._engine.plan.Factors`; the last three have no factor
+    there (engines that only read ``Factors`` take their generic path) but a kernel can compute them.
+    """
+
+    #: ``S = log sum_j exp z_j``; ``dS/dz_j = p_j`` (the softmax of the row). State ``(S,)``.
     LOG_SUM_EXP = "log_sum_exp"
-    #: ``S = z_y``; ``dS/dz_j = 1[j = y]``.
+    #: ``S = z_y``; ``dS/dz_j = 1[j = y]``. State ``(z_y or 0,)``.
     TARGET = "target"
     #: ``S = sum_j w_j z_j`` with ``w = stat.column_weights(rows)`` (``None``: ones); ``dS/dz_j = w_j``.
+    #: State ``(S,)``.
     COLUMN_SUM = "column_sum"
-    #: ``S = sum_j z_j^2``; ``dS/dz_j = 2 z_j``.
+    #: ``S = sum_j z_j^2``; ``dS/dz_j = 2 z_j``. State ``(S,)``.
     SQUARES = "squares"
-    #: ``S = argmax_j z_j`` (first on ties); no derivative.
+    #: ``S = argmax_j z_j`` (first on ties); no derivative. State ``(max_j z_j, argmax_j z_j)``.
     ARGMAX = "argmax"
+    #: ``S = t log sum_j exp(u_j)`` with ``u_j = (z_j + m 1[j != y]) / t``, ``t = stat.temperature``,
+    #: ``m = stat.margin``; ``dS/dz_j = softmax(u)_j``. State ``(log sum_j exp u_j,)``.
+    TEMPERED_LOG_SUM_EXP = "tempered_log_sum_exp"
+    #: ``S = sum_j p_j z_j``; ``dS/dz_j = p_j (1 + z_j - S)``. State ``(lse, S)`` over the block.
+    PROB_DOT_LOGIT = "prob_dot_logit"
+    #: ``S = sum_j p_j^k`` with ``k = stat.power``; ``dS/dz_j = k (p_j^k - p_j S)``. State ``(lse, S)``
+    #: over the block.
+    SUM_PROB_POWER = "sum_prob_power"
 
 
 class Statistic:
@@ -296,6 +312,9 @@ class TemperedLogSumExp(Statistic):
     def key(self):
         return ("TemperedLogSumExp", self.temperature, self.margin)
 
+    def form(self, rows):
+        return Form.TEMPERED_LOG_SUM_EXP if (rows.has_indices or not self.margin) else None
+
     def _scaled(self, z, rows, cols):
         zz = (z + self.margin) / self.temperature if self.margin else z / self.temperature
         if self.margin:
@@ -333,6 +352,9 @@ class ProbDotLogit(Statistic):
 
     requires = (LSE,)
 
+    def form(self, rows):
+        return Form.PROB_DOT_LOGIT
+
     def partial(self, z, rows, cols):
         lse = row_logsumexp(z)
         return (lse, (softmax_from_lse(z, lse) * z).sum(-1).to(ACC))
@@ -364,6 +386,9 @@ class SumProbPower(Statistic):
     @property
     def key(self):
         return ("SumProbPower", self.power)
+
+    def form(self, rows):
+        return Form.SUM_PROB_POWER
 
     def partial(self, z, rows, cols):
         lse = row_logsumexp(z)

@@ -5,9 +5,10 @@ and states its elementwise derivative, so that every engine can chain it into th
 autograd over the whole logit matrix.
 
 A transform may also declare its structure (:meth:`Transform.structure`): :class:`Affine` (``z_j s + t_j``
-with a scalar scale and a per-class shift) or :class:`Tanh` (``cap tanh(z / cap)``). Fused engines
-read the declaration (an affine chain folds into row sums and row factors; a kernel applies either on
-chip); a transform that declares nothing takes the generic path of every engine.
+with a scalar scale and a per-class shift), :class:`Tanh` (``cap tanh(z / cap)``) or :class:`Circle`
+(the target-aware circle margin). Fused engines read the declaration (an affine chain folds into row
+sums and row factors; a kernel applies any of them on chip); a transform that declares nothing takes
+the generic path of every engine.
 """
 
 from __future__ import annotations
@@ -67,6 +68,18 @@ class Tanh:
     cap: float
 
 
+@dataclass(frozen=True)
+class Circle:
+    """The class-level circle margin, target-aware with detached weights (:class:`CircleMargin`).
+
+    ``z_y -> gamma a_p (z_y - (1 - m))`` with ``a_p = [1 + m - z_y]_+``, ``z_j -> gamma a_n (z_j - m)``
+    with ``a_n = [z_j + m]_+`` (``j != y``); the derivative is ``gamma a_p`` or ``gamma a_n``.
+    """
+
+    m: float
+    gamma: float
+
+
 class Transform:
     """Base class. ``forward`` uses differentiable torch ops (it doubles as the autograd reference)."""
 
@@ -90,7 +103,7 @@ class Transform:
         """Turn ``dL/df(z)`` into ``dL/dz`` in place (``z`` is this transform's input)."""
         raise NotImplementedError
 
-    def structure(self) -> Affine | Tanh | None:
+    def structure(self) -> Affine | Tanh | Circle | None:
         """The declared structure (``None``: a general elementwise map)."""
         return None
 
@@ -210,6 +223,9 @@ class CircleMargin(Transform):
     def backward_(self, grad, z, rows, cols):
         return grad.mul_(self._weights(z, self._is_target(z, rows, cols)))
 
+    def structure(self):
+        return Circle(self.m, self.gamma)
+
 
 def affine_chain(transforms) -> Affine | None:
     """The composition of ``transforms`` when every one declares :class:`Affine`, else ``None``."""
@@ -241,6 +257,6 @@ def backward_all(transforms, grad: Tensor, z: Tensor, rows: Rows, cols: slice) -
 
 
 __all__ = [
-    "Transform", "Affine", "Tanh", "Softcap", "Temperature", "ClassBias", "CircleMargin",
+    "Transform", "Affine", "Tanh", "Circle", "Softcap", "Temperature", "ClassBias", "CircleMargin",
     "affine_chain", "apply_all", "backward_all",
 ]  # fmt: skip

@@ -25,7 +25,7 @@ MAX_BYTES = 192 * 2**20
 MIN_CHUNK, MAX_CHUNK = 16, 8192
 
 MODES = ("auto", "eager", "recompute")
-BACKENDS = ("auto", "torch")
+BACKENDS = ("auto", "torch", "triton")
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -67,20 +67,26 @@ class LinearCrossEntropyOptions:
     """How :func:`crossent.linear_cross_entropy` runs; every field has a default that resolves per call.
 
     Attributes:
-        backend: ``"auto"`` (the fastest engine that applies) or ``"torch"`` (the row-chunked engine,
-            any device).
+        backend: ``"auto"`` (the fastest engine that applies: ``"triton"`` for CUDA tensors when Triton
+            is installed and the loss streams through its kernels, else ``"torch"``), ``"torch"`` (the
+            row-chunked engine, any device) or ``"triton"`` (tiled GPU kernels, docs/triton.md).
         chunk_size: rows of logits per chunk; ``None``: :func:`default_chunk_size`.
         accum_dtype: dtype in which ``c``'s gradient is summed over the chunks; ``None``: float32
             (float64 for float64 inputs), or the input dtype (half precision: faster, one rounding per
             chunk).
         mode: ``"auto"`` (gradients formed during the forward pass for a differentiated ``mean`` /
-            ``sum``, recomputed in backward otherwise), or force ``"eager"`` / ``"recompute"``.
+            ``sum``, recomputed in backward otherwise), or force ``"eager"`` / ``"recompute"``. The
+            ``triton`` backend always recomputes.
+        filter_eps: ``triton`` backend only: skip the gradient of a ``[rows, classes]`` tile where every
+            entry of ``dL/dz`` is below ``filter_eps`` times its row's upstream gradient (Cut
+            Cross-Entropy's gradient filter). ``None`` (default): exact, nothing skipped.
     """
 
     backend: str = "auto"
     chunk_size: int | None = None
     accum_dtype: torch.dtype | None = None
     mode: str = "auto"
+    filter_eps: float | None = None
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -94,6 +100,9 @@ class LinearCrossEntropyOptions:
             raise ValueError(f"accum_dtype must be None or a floating dtype, got {self.accum_dtype!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        eps = self.filter_eps
+        if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < float("inf")):
+            raise ValueError(f"filter_eps must be None or a finite number >= 0, got {eps!r}")
 
     def replace(self, **changes) -> LinearCrossEntropyOptions:
         return dataclasses.replace(self, **changes)

@@ -30,19 +30,28 @@ from ..transforms import Affine, Transform, affine_chain, apply_all, backward_al
 from .softmax import softmax_rows
 
 
+#: The forms that :class:`Factors` expresses; a statistic of another form takes the generic gradient path.
+FACTOR_FORMS = frozenset({Form.LOG_SUM_EXP, Form.TARGET, Form.COLUMN_SUM, Form.SQUARES, Form.ARGMAX})
+
+
 @dataclass(frozen=True)
 class Structure:
     """What a fused engine may assume about a plan, from the declarations of its parts.
 
-    ``by_form`` maps each :class:`~crossent.stats.Form` to the plan's statistic of that form;
-    ``generic`` lists the differentiable statistics that declare no form (or repeat one);
-    ``affine`` is the whole transform chain when every transform is affine, else ``None``.
+    ``by_form`` maps each :class:`~crossent.stats.Form` of :data:`FACTOR_FORMS` to the plan's statistic
+    of that form; ``generic`` lists the differentiable statistics whose gradient :class:`Factors`
+    cannot express (no form, a form outside :data:`FACTOR_FORMS`, or a repeated one); ``affine`` is
+    the whole transform chain when every transform is affine, else ``None``; ``forms`` pairs every
+    statistic with its declared form (``None``: none), for kernels that compute more forms than
+    ``Factors`` has terms; ``chain`` holds every transform's declared structure, in order.
     """
 
     by_form: dict
     columns: tuple  # ((stat, w), ...) for every COLUMN_SUM statistic
     generic: tuple
     affine: Affine | None
+    forms: tuple = ()  # ((stat, form or None), ...) for every statistic, in plan order
+    chain: tuple = ()  # (transform.structure(), ...) in the order the transforms apply
 
     @property
     def factored(self) -> bool:
@@ -59,16 +68,18 @@ class Structure:
     @staticmethod
     def of(stats, transforms, rows: Rows) -> Structure:
         by_form: dict = {}
-        columns, generic = [], []
+        columns, generic, forms = [], [], []
         for s in stats:
             form = s.form(rows)
+            forms.append((s, form))
             if form is Form.COLUMN_SUM:
                 columns.append((s, s.column_weights(rows)))
-            elif form is not None and form not in by_form:
+            elif form in FACTOR_FORMS and form not in by_form:
                 by_form[form] = s
             elif s.differentiable:
                 generic.append(s)
-        return Structure(by_form, tuple(columns), tuple(generic), affine_chain(transforms))
+        chain = tuple(t.structure() for t in transforms)
+        return Structure(by_form, tuple(columns), tuple(generic), affine_chain(transforms), tuple(forms), chain)
 
 
 @dataclass

@@ -30,11 +30,17 @@ def mean_denominator(rows: Rows, dtype: torch.dtype) -> Tensor:
     return torch.where(denom != 0, denom, torch.ones_like(denom))
 
 
-def reduce(per_row: Tensor, rows: Rows, reduction: str, out_shape, out_dtype) -> Tensor:
-    """PyTorch's reductions; a mean over zero counted rows is 0.0 (PyTorch gives NaN): :func:`mean_denominator`."""
+def reduce(per_row: Tensor, rows: Rows, reduction: str, out_shape, out_dtype, denominator: Tensor | None = None) -> Tensor:
+    """PyTorch's reductions; a mean over zero counted rows is 0.0 (PyTorch gives NaN): :func:`mean_denominator`.
+
+    ``denominator``: the ``mean`` divisor given by the caller (e.g. the number of counted tokens of a
+    whole batch of micro-batches) instead of :func:`mean_denominator`.
+    """
     if reduction == "none":
         return per_row.reshape(out_shape).to(out_dtype)
     total = per_row.sum()
     if reduction == "sum":
         return total.to(out_dtype)
-    return (total / mean_denominator(rows, total.dtype)).to(out_dtype)
+    if denominator is None:
+        denominator = mean_denominator(rows, total.dtype)
+    return (total / denominator.to(total.dtype)).to(out_dtype)

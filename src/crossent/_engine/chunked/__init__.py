@@ -39,46 +39,22 @@ from ..reduction import mean_denominator, reduce
 from .sweep import Job, Sweep
 
 
-def gradient_scale(job: Job, reduction: str, device) -> Tensor:
-    """The upstream gradient of every row of a reduced loss: ``1 / denominator`` (mean) or 1 (sum)."""
-    if reduction == "mean":
-        return 1.0 / mean_denominator(job.rows, ACC)
-    return torch.ones((), dtype=ACC, device=device)
-
-
-def forward_with_gradients(e: Tensor, c: Tensor, bias: Tensor | None, job: Job, reduction: str, need) -> tuple:
-    """A reduced loss and ``(grad_e, grad_c, grad_bias)`` for an upstream gradient of 1, in one sweep."""
-    sweep = Sweep(job, e, c, bias, tuple(need)).run(gradient_scale(job, reduction, e.device))
-    return reduce(sweep.per_row, job.rows, reduction, (e.shape[0],), ACC), sweep.grads()
-
-
-def recomputed_gradients(e: Tensor, c: Tensor, bias: Tensor | None, job: Job, grad_rows: Tensor, need) -> tuple:
-    """``(grad_e, grad_c, grad_bias)`` for per-row upstream gradients ``grad_rows`` (``[N]`` or 0-dim)."""
-    return Sweep(job, e, c, bias, tuple(need)).run(grad_rows).grads()
-
-
-def row_values(e: Tensor, c: Tensor, bias: Tensor | None, job: Job) -> Tensor:
-    """``[N]`` float64 per-row losses without gradients (reported statistics land on ``job``)."""
-    with torch.no_grad():
-        return Sweep(job, e, c, bias).run().per_row
-
-
-def make_job(
-    e: Tensor, c: Tensor, plan: Plan, rows: Rows, options: LinearCrossEntropyOptions, report=(), *, c_grad: bool
-) -> Job:
-    """The untracked half of a call; ``c_grad``: whether ``c``'s gradient is summed (it sizes the chunk)."""
-    accum_dtype = options.accumulator(e.dtype)
-    chunk_size = options.chunk_rows(c.shape[0], c.shape[1], e.dtype, accum_dtype if c_grad else None)
-    return Job(plan, rows, chunk_size, accum_dtype, report)
-
-
 class _EagerGradient(torch.autograd.Function):
     """Scalar loss; gradients formed during the forward pass, rescaled in backward."""
 
     @staticmethod
     def forward(ctx, e, c, bias, job: Job, reduction: str):
-        loss, ctx.grads = forward_with_gradients(e, c, bias, job, reduction, ctx.needs_input_grad[:3])
-        return loss
+        need = tuple(ctx.needs_input_grad[:3])
+        if reduction == "mean":
+            denominator = job.denominator if job.denominator is not None else mean_denominator(job.rows, ACC)
+            scale = 1.0 / denominator.to(ACC)
+        else:
+            scale = torch.ones((), dtype=ACC, device=e.device)
+        if job.row_weight is not None:
+            scale = job.row_weight * scale  # each row's upstream gradient: its weight over the divisor
+        sweep = Sweep(job, e, c, bias, need).run(scale)
+        ctx.grads = sweep.grads()
+        return reduce(job.weighted(sweep.per_row), job.rows, reduction, (e.shape[0],), ACC, job.denominator)
 
     @staticmethod
     @once_differentiable
@@ -102,16 +78,18 @@ class _Recompute(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, e, c, bias, job: Job):
-        per_row = row_values(e, c, bias, job)
+        sweep = Sweep(job, e, c, bias).run()
         ctx.save_for_backward(e, c, bias)
         ctx.job = job
-        return per_row
+        return sweep.per_row
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_rows):
         e, c, bias = ctx.saved_tensors
-        return (*recomputed_gradients(e, c, bias, ctx.job, grad_rows, ctx.needs_input_grad[:3]), None)
+        need = tuple(ctx.needs_input_grad[:3])
+        sweep = Sweep(ctx.job, e, c, bias, need).run(grad_rows)
+        return (*sweep.grads(), None)
 
 
 def chunked_loss(
@@ -124,22 +102,40 @@ def chunked_loss(
     reduction: str,
     options: LinearCrossEntropyOptions = LinearCrossEntropyOptions(),
     report: tuple = (),
+    kernel=None,
+    row_weight: Tensor | None = None,
+    denominator: Tensor | None = None,
 ):
     """The loss of ``e @ c.T + bias`` (``e`` is ``[N, D]``) in float64, and reported statistics.
 
     Returns ``(loss, stats)``: ``loss`` is ``[N]`` for ``reduction='none'``, else a scalar; ``stats``
     maps each statistic of ``report`` (e.g. ``LSE``, ``ARGMAX``) to its ``[N]`` values. The chunk size,
-    the ``grad_c`` accumulator's dtype and the mode come from ``options``.
+    the ``grad_c`` accumulator's dtype and the mode come from ``options``; ``kernel(plan, report)``
+    builds the chunk kernel (:class:`Job`).
+
+    ``row_weight`` (``[N]``) multiplies each row's loss before the reduction; ``denominator`` (0-dim)
+    replaces the ``mean`` divisor. Both keep the eager-gradient path: they only change the upstream
+    gradient of each row, which is still known before the loop. A ``row_weight`` that requires grad
+    takes the recompute path, where autograd differentiates the product.
     """
     if options.mode == "eager" and reduction == "none":
         raise ValueError("the eager-gradient mode needs reduction='mean' or 'sum'")
     tracked = [t for t in (e, c, bias) if t is not None]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tracked)
-    job = make_job(e, c, plan, rows, options, report, c_grad=needs_grad and c.requires_grad)
-    if not needs_grad:
-        return reduce(row_values(e, c, bias, job), rows, reduction, (e.shape[0],), ACC), job.stat_values
-    if reduction != "none" and options.mode != "recompute":
-        loss = _EagerGradient.apply(e, c, bias, job, reduction)
-    else:
-        loss = reduce(_Recompute.apply(e, c, bias, job), rows, reduction, (e.shape[0],), ACC)
-    return loss, job.stat_values
+    weight_grad = row_weight is not None and torch.is_grad_enabled() and row_weight.requires_grad
+    accum_dtype = options.accumulator(e.dtype)
+    summed = accum_dtype if needs_grad and c.requires_grad else None
+    chunk_size = options.chunk_rows(c.shape[0], c.shape[1], e.dtype, summed)
+    if not needs_grad and not weight_grad:
+        job = Job(plan, rows, chunk_size, accum_dtype, report, kernel, row_weight, denominator)
+        with torch.no_grad():
+            sweep = Sweep(job, e, c, bias).run()
+        return reduce(job.weighted(sweep.per_row), rows, reduction, (e.shape[0],), ACC, denominator), sweep.stats
+    if reduction != "none" and options.mode != "recompute" and not weight_grad:
+        job = Job(plan, rows, chunk_size, accum_dtype, report, kernel, row_weight, denominator)
+        return _EagerGradient.apply(e, c, bias, job, reduction), job.stat_values
+    job = Job(plan, rows, chunk_size, accum_dtype, report, kernel)
+    per_row = _Recompute.apply(e, c, bias, job)
+    if row_weight is not None:
+        per_row = per_row * row_weight.to(ACC)  # autograd carries the weights' gradient
+    return reduce(per_row, rows, reduction, (e.shape[0],), ACC, denominator), job.stat_values

@@ -65,12 +65,17 @@ class FloatChunks:
         self.buffer = None
 
 
+def stage_rows(rows: int, v: int) -> int:
+    """Rows of a half-precision chunk of ``rows`` rows and ``v`` columns that the kernel sees at once."""
+    return min(rows, max(MIN_CHUNK, _STAGE_BYTES // (4 * max(1, v))))
+
+
 class HalfChunks:
     """bfloat16/float16 chunks: logits and gradient in the input dtype, the kernel on float32 blocks of rows."""
 
     def __init__(self, rows: int, v: int, dtype: torch.dtype, compute: torch.dtype, device):
         self.logits = torch.empty(rows, v, dtype=dtype, device=device)
-        self.stage_rows = min(rows, max(MIN_CHUNK, _STAGE_BYTES // (4 * v)))
+        self.stage_rows = stage_rows(rows, v)
         self.stage = torch.empty(self.stage_rows, v, dtype=compute, device=device)
 
     def run(self, sel, rows: Rows, e_c: Tensor, scale, kernel, source: ChunkSource, record, grads: Gradients):

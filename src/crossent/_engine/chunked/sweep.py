@@ -27,14 +27,24 @@ from .selection import RowSelection, expand_scale
 class Job:
     """The untracked half of one call: plan, kernel, row selection, accumulator dtype, reported statistics.
 
+    ``kernel(plan, report)`` builds the chunk kernel (``None``: :func:`~.kernels.make_kernel`; an engine
+    may bring its own, as the vocabulary-parallel one does).
+
     Attributes:
         stat_values: ``{stat: [N] values}`` of the reported statistics, set by the first sweep.
+        row_weight: ``[N]`` per-row factors of the loss (float64, detached), or ``None``.
+        denominator: the ``mean`` divisor given by the caller (0-dim), or ``None``.
     """
 
-    def __init__(self, plan: Plan, rows: Rows, chunk_size: int, accum_dtype: torch.dtype, report=()):
+    def __init__(
+        self, plan: Plan, rows: Rows, chunk_size: int, accum_dtype: torch.dtype, report=(), kernel=None,
+        row_weight: Tensor | None = None, denominator: Tensor | None = None,
+    ):  # fmt: skip
+        self.row_weight = None if row_weight is None else row_weight.detach().to(ACC)
+        self.denominator = denominator
         self.report = tuple(report)
         self.plan = plan.with_statistics(self.report, rows)
-        self.kernel = make_kernel(self.plan, self.report)
+        self.kernel = (kernel or make_kernel)(self.plan, self.report)
         # Ignored rows contribute nothing; they are visited only when their statistics are reported.
         self.selection = RowSelection(rows, chunk_size, keep_all=bool(self.report))
         self.accum_dtype = accum_dtype
@@ -44,6 +54,10 @@ class Job:
     @property
     def rows(self) -> Rows:
         return self.selection.rows
+
+    def weighted(self, per_row: Tensor) -> Tensor:
+        """``per_row`` times the row weights (as it is without them)."""
+        return per_row if self.row_weight is None else per_row * self.row_weight
 
 
 class Sweep:

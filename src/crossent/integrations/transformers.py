@@ -1,0 +1,439 @@
+"""Hugging Face transformers: train a causal LM with any crossent loss, without its logits.
+
+    import crossent.integrations.transformers as xt
+
+    xt.apply(model, loss="focal")                 # a loaded *ForCausalLM, patched in place
+    out = model(input_ids, labels=labels)          # training: out.loss, out.logits is None
+    out.loss.backward()
+
+One mechanism for every family (:mod:`._families`): in training, a forward given ``labels`` runs as
+it stands, except that the head module computes the loss with :func:`crossent.linear_cross_entropy`
+from its input and its own weight (inside the head's forward, so FSDP and DeepSpeed ZeRO-3 gather
+that weight as for the stock head), with the family's logit post-processing (soft-capping, scaling)
+read from the config, and returns a probe instead of ``[B, T, V]`` logits; ``loss_function`` returns
+that loss after checking that the forward post-processed the probe as the config says. The loss has
+the stock semantics: the causal shift (or the given ``shift_labels``), ``ignore_index``,
+``num_items_in_batch`` (the sum divided by it, as transformers' ``fixed_cross_entropy``),
+``logits_to_keep``, tied embeddings, a float32 loss.
+
+Without labels, in eval mode, or with ``return_logits=True``, the stock forward runs with its
+logits; given labels, the loss is then the same crossent loss evaluated on those logits.
+``transformers`` is imported only by the functions that need it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import math
+import sys
+import types
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..functional import cross_entropy
+from ..linear import linear_cross_entropy, resolve_options
+from ..losses import Transformed
+from ..losses._build import build_loss
+from ._families import FAMILIES, LogitMap, UnsupportedModel, check_post_processing, logit_map, probe, register_family
+from ._heads import head_weights
+
+__all__ = ["FAMILIES", "UnsupportedModel", "apply", "is_patched", "patched", "register_family", "undo"]
+
+#: Keyword arguments of :func:`apply` that configure the loss (those of ``linear_cross_entropy``).
+LOSS_OPTIONS = ("weight", "label_smoothing", "z_loss", "backend", "chunk_size", "accum_dtype", "options")
+
+#: Arguments of ``linear_cross_entropy`` that the patched forward sets itself, and where they come from.
+_SET_BY_THE_FORWARD = {
+    "shift": "the causal shift is the model's (or pass shift_labels to the forward)",
+    "ignore_index": "the forward's ignore_index keyword (default -100) is used",
+    "reduction": "the model's loss is the mean, or the sum over num_items_in_batch",
+    "normalizer": "pass num_items_in_batch to the forward",
+    "sample_weight": "pass sample_weight to the forward",
+    "softcap": "the head's own soft-capping comes from the config; add a transform to the loss for another",
+    "bias": "the head's bias is used",
+    "return_stats": "call crossent.linear_cross_entropy on the hidden states for per-token statistics",
+}
+
+
+class _Settings:
+    """What :func:`apply` was given: the loss object and the engine options."""
+
+    def __init__(self, loss, options: dict):
+        unknown = [k for k in options if k not in LOSS_OPTIONS]
+        if unknown:
+            why = "; ".join(f"{k}: {_SET_BY_THE_FORWARD[k]}" for k in unknown if k in _SET_BY_THE_FORWARD)
+            raise TypeError(
+                f"apply() got unexpected options {unknown}; it takes {LOSS_OPTIONS}" + (f" ({why})" if why else "")
+            )
+        self.loss = build_loss(
+            loss, label_smoothing=options.get("label_smoothing", 0.0), z_loss=options.get("z_loss", 0.0)
+        )
+        weight = options.get("weight")
+        if weight is not None and (not isinstance(weight, Tensor) or weight.dim() != 1):
+            raise TypeError(f"weight must be a 1-D tensor of class weights, got {type(weight).__name__}")
+        self.weight = weight
+        self.engine = resolve_options(
+            options.get("options"), backend=options.get("backend", "auto"), chunk_size=options.get("chunk_size"),
+            accum_dtype=options.get("accum_dtype"),
+        )  # fmt: skip
+
+    def loss_for(self, logit_map: LogitMap):
+        transforms = logit_map.transforms()
+        return Transformed(self.loss, *transforms) if transforms else self.loss
+
+
+# -- patching ------------------------------------------------------------------------------------------------
+
+#: Patched instances -> (settings, the forward attribute they had before, or None).
+_INSTANCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: Patched classes -> (settings, the forward in the class's own namespace before, or None).
+_CLASSES: dict = {}
+#: Models whose patched forward is running (a nested patched forward runs unpatched).
+_ACTIVE: weakref.WeakSet = weakref.WeakSet()
+#: Models whose post-processing was checked, with the map that was checked.
+_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def apply(model, loss="ce", **options):
+    """Patch a transformers causal LM (or a class of them) to train with a crossent loss, without logits.
+
+    Args:
+        model: a loaded ``*ForCausalLM`` (also wrapped by PEFT), patched in place; or a class such as
+            ``transformers.LlamaForCausalLM``, patched for every instance (also those created later).
+        loss: a registered crossent loss name or a :class:`crossent.losses.Loss`.
+        **options: ``weight`` (class weights), ``label_smoothing``, ``z_loss``, and the engine's
+            ``backend``, ``chunk_size``, ``accum_dtype``, ``options``, as in
+            :func:`crossent.linear_cross_entropy`.
+
+    Returns:
+        ``model``. Applying again replaces the loss and options.
+
+    Raises:
+        UnsupportedModel: a family whose head post-processing crossent does not know, an encoder-decoder
+            model, or a head that is not a linear layer.
+
+    The patched forward takes two more keyword arguments: ``sample_weight`` (a float per label,
+    shaped like ``labels``, or like ``shift_labels`` when given, multiplying each token's loss) and
+    ``return_logits=True`` (run the stock head: the logits are returned, the loss is the same crossent
+    loss computed from them).
+    """
+    settings = _Settings(loss, options)
+    if isinstance(model, type):
+        _check_family(model.config_class.model_type, None, model.__name__)
+        if model not in _CLASSES:
+            _CLASSES[model] = (settings, model.__dict__.get("forward"))
+            model.forward = _class_forward(model, model.forward)
+        else:
+            _CLASSES[model] = (settings, _CLASSES[model][1])
+        return model
+    target = _causal_lm(model)
+    _check_family(target.config.model_type, target.config, type(target).__name__)
+    if target in _INSTANCES:
+        _INSTANCES[target] = (settings, _INSTANCES[target][1])
+        return model
+    _INSTANCES[target] = (settings, target.__dict__.get("forward"))
+    original = target.forward
+    target.forward = types.MethodType(_instance_forward(original), target)
+    return model
+
+
+def undo(model) -> None:
+    """Remove the patch of :func:`apply` from a model or a class (and from instances of a patched class)."""
+    if isinstance(model, type):
+        if model not in _CLASSES:
+            raise ValueError(f"{model.__name__} is not patched")
+        _, before = _CLASSES.pop(model)
+        if before is None:
+            del model.forward
+        else:
+            model.forward = before
+        return
+    target = _causal_lm(model)
+    if target not in _INSTANCES:
+        raise ValueError(f"{type(target).__name__} is not patched (for a patched class, undo the class)")
+    _, before = _INSTANCES.pop(target)
+    if before is None:
+        del target.forward
+    else:
+        target.forward = before
+    _CHECKED.pop(target, None)
+
+
+def is_patched(model) -> bool:
+    """Whether :func:`apply` patched this model (directly or through its class) or this class."""
+    if isinstance(model, type):
+        return model in _CLASSES
+    target = _causal_lm(model)
+    return target in _INSTANCES or any(isinstance(target, cls) for cls in _CLASSES)
+
+
+@contextlib.contextmanager
+def patched(model, loss="ce", **options):
+    """:func:`apply` for the duration of a ``with`` block, then :func:`undo`; yields ``model``."""
+    already = is_patched(model) and (isinstance(model, type) or _causal_lm(model) in _INSTANCES)
+    if already:
+        raise ValueError("the model is already patched; undo it first or use apply() to change the loss")
+    apply(model, loss, **options)
+    try:
+        yield model
+    finally:
+        undo(model)
+
+
+def _causal_lm(model) -> nn.Module:
+    """The transformers model behind a PEFT wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    target = get_base() if callable(get_base) and type(model).__module__.startswith("peft.") else model
+    if (
+        not isinstance(target, nn.Module)
+        or not hasattr(target, "config")
+        or not hasattr(target, "get_output_embeddings")
+    ):
+        raise TypeError(f"apply() takes a transformers causal LM (or a PEFT model of one), got {type(model).__name__}")
+    return target
+
+
+def _check_family(model_type: str, config, who: str) -> None:
+    """Refuse, by name, what crossent cannot reproduce: unknown families, encoder-decoder models."""
+    if config is not None and getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModel(
+            f"{who}: encoder-decoder models are not supported (their loss does not shift the labels)"
+        )
+    logit_map(model_type, config, who)
+
+
+def _settings_of(model) -> _Settings:
+    entry = _INSTANCES.get(model)
+    if entry is not None:
+        return entry[0]
+    for cls in type(model).__mro__:
+        if cls in _CLASSES:
+            return _CLASSES[cls][0]
+    raise RuntimeError(f"{type(model).__name__} is not patched")
+
+
+def _instance_forward(original):
+    def forward(self, *args, **kwargs):
+        return _run(self, original, args, kwargs)
+
+    # The stock signature, with ``self`` in front for the binding: Trainer reads the parameter names
+    # (which dataset columns to keep, whether the forward takes num_items_in_batch).
+    functools.update_wrapper(forward, getattr(original, "__func__", original))
+    stock = inspect.signature(original)
+    self_parameter = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    forward.__signature__ = stock.replace(parameters=[self_parameter, *stock.parameters.values()])
+    return forward
+
+
+def _class_forward(cls, original):
+    @functools.wraps(original)
+    def forward(self, *args, **kwargs):
+        return _run(self, types.MethodType(original, self), args, kwargs)
+
+    return forward
+
+
+# -- one forward ---------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _signature(function) -> inspect.Signature:
+    return inspect.signature(function)
+
+
+def _labels_of(original, args, kwargs):
+    if "labels" in kwargs or not args:
+        return kwargs.get("labels")
+    function = getattr(original, "__func__", original)
+    bound = _signature(function).bind_partial(None, *args, **kwargs)
+    return bound.arguments.get("labels")
+
+
+def _run(model, original, args, kwargs):
+    if model in _ACTIVE:  # patched twice (instance and class): the outer patch does the work
+        return original(*args, **kwargs)
+    settings = _settings_of(model)
+    return_logits = kwargs.pop("return_logits", False)
+    sample_weight = kwargs.pop("sample_weight", None)
+    labels = _labels_of(original, args, kwargs)
+    if labels is None:
+        if sample_weight is not None:
+            raise ValueError("sample_weight weighs the loss of each label; the forward got no labels")
+        return original(*args, **kwargs)
+    fused = model.training and not return_logits
+    call = _Call(model, settings, labels, kwargs, sample_weight, fused)
+    _ACTIVE.add(model)
+    try:
+        with call.installed():
+            out = original(*args, **kwargs)
+    except Exception as err:
+        if call.loss is not None and not call.consumed and not isinstance(err, UnsupportedModel):
+            # The forward used the head's output (the probe) for more than loss_function.
+            raise UnsupportedModel(
+                f"{call.who}: the forward failed on the head's output before its loss_function ran, so it does "
+                f"more with the logits than the pattern crossent reproduces ({type(err).__name__}: {err})"
+            ) from err
+        raise
+    finally:
+        _ACTIVE.discard(model)
+    return call.finish(out)
+
+
+class _Call:
+    """One patched forward given labels: what the head needs, and what it leaves for ``loss_function``."""
+
+    def __init__(self, model, settings: _Settings, labels: Tensor, kwargs: dict, sample_weight, fused: bool):
+        self.model, self.settings, self.fused = model, settings, fused
+        self.who = type(model).__name__
+        self.labels = labels
+        self.shift_labels = kwargs.get("shift_labels")
+        self.num_items = kwargs.get("num_items_in_batch")
+        self.ignore_index = kwargs.get("ignore_index", -100)
+        self.sample_weight = sample_weight
+        self.logit_map = logit_map(model.config.model_type, model.config, self.who)
+        self.loss: Tensor | None = None
+        self.sent: Tensor | None = None
+        self.received = None
+        self.consumed = False
+
+    @contextlib.contextmanager
+    def installed(self):
+        """The loss function (and, when fused, the head's forward) replaced for this call only."""
+        model = self.model
+        head = model.get_output_embeddings() if self.fused else None
+        if self.fused and head is None:
+            raise UnsupportedModel(f"{self.who}: get_output_embeddings() returned no head")
+        saved_loss = model.__dict__.get("_loss_function")
+        saved_head = head.__dict__.get("forward") if head is not None else None
+        model.loss_function = self.loss_function
+        if head is not None:
+            head.forward = functools.partial(self.head_forward, head)
+        try:
+            yield
+        finally:
+            _restore(model, "_loss_function", saved_loss)
+            if head is not None:
+                _restore(head, "forward", saved_head)
+
+    # The head's forward in a fused call: the loss from its input, a probe instead of the logits.
+    def head_forward(self, head, hidden: Tensor, *args, **kwargs):
+        if args or kwargs or self.loss is not None:
+            raise UnsupportedModel(f"{self.who}: the head is called more than once or with extra arguments")
+        weight, bias = head_weights(head, self.who)
+        target, shift, sample_weight = self.targets(hidden)
+        self.loss = linear_cross_entropy(
+            hidden, weight, target, bias=bias, loss=self.settings.loss_for(self.logit_map),
+            weight=_on(self.settings.weight, hidden.device), ignore_index=self.ignore_index, shift=shift,
+            sample_weight=sample_weight, normalizer=self.num_items, options=self.settings.engine,
+        )  # fmt: skip
+        self.sent = probe(weight.shape[0], hidden.dim() - 1, hidden.dtype, hidden.device)
+        return _like_output_of(weight, self.sent)
+
+    def targets(self, hidden: Tensor):
+        """``(target, shift, sample_weight)`` for the head's input ``hidden`` (``[..., D]``)."""
+        rows = tuple(hidden.shape[:-1])
+        weight = self.sample_weight
+        if self.shift_labels is not None:
+            target, shift = self.shift_labels, False
+            if target.numel() != math.prod(rows):
+                raise ValueError(
+                    f"shift_labels has {target.numel()} entries for {math.prod(rows)} positions (shape {rows})"
+                )
+        else:
+            target, shift = self.labels, True
+            if tuple(target.shape) != rows:
+                raise ValueError(
+                    f"labels of shape {tuple(target.shape)} do not cover the {rows} positions the head sees "
+                    "(with logits_to_keep, pass shift_labels for the kept positions)"
+                )
+        if weight is not None:
+            if not isinstance(weight, Tensor) or weight.numel() != target.numel():
+                raise ValueError(f"sample_weight must have one weight per label ({tuple(target.shape)}), got "
+                                 f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}")  # fmt: skip
+            weight = weight.reshape(rows).to(hidden.device)
+        return target.reshape(rows).to(hidden.device), shift, weight
+
+    # The model's loss_function for this call.
+    def loss_function(self, logits, labels=None, vocab_size=None, **kwargs):
+        if not self.fused:
+            return self.dense_loss(logits, labels, **kwargs)
+        if self.loss is None:
+            raise UnsupportedModel(f"{self.who}: loss_function ran before the head (get_output_embeddings()) did")
+        if _CHECKED.get(self.model) != self.logit_map:
+            check_post_processing(self.who, self.logit_map, self.sent, logits)
+            _CHECKED[self.model] = self.logit_map
+        self.received, self.consumed = logits, True
+        return self.loss
+
+    def dense_loss(
+        self, logits: Tensor, labels, num_items_in_batch=None, ignore_index=-100, shift_labels=None, **kwargs
+    ):
+        """The same loss from materialised logits, with ``ForCausalLMLoss``'s semantics."""
+        self.consumed = True
+        if shift_labels is None:
+            shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        flat = logits.float().reshape(-1, logits.shape[-1])
+        target = shift_labels.reshape(-1).to(flat.device)
+        options = {
+            "loss": self.settings.loss,
+            "weight": _on(self.settings.weight, flat.device),
+            "ignore_index": ignore_index,
+        }
+        if self.sample_weight is None and num_items_in_batch is None:
+            return cross_entropy(flat, target, **options)
+        if self.sample_weight is None:
+            total = cross_entropy(flat, target, reduction="sum", **options)
+        else:
+            w = self.sample_weight if self.shift_labels is not None else F.pad(self.sample_weight, (0, 1))[..., 1:]
+            per_row = cross_entropy(flat, target, reduction="none", **options)
+            total = (per_row * w.reshape(-1).to(per_row)).sum()
+        if num_items_in_batch is not None:
+            return total / _as_tensor(num_items_in_batch, total)
+        counted = target != ignore_index
+        weight = options["weight"]
+        denominator = counted.sum() if weight is None else weight[target[counted]].sum()
+        return total / torch.where(denominator != 0, denominator, torch.ones_like(denominator))  # crossent: 0 rows -> 0
+
+    def finish(self, out):
+        if not self.consumed:
+            raise UnsupportedModel(
+                f"{self.who}: the forward computed its loss without self.loss_function; crossent cannot patch it"
+            )
+        if not self.fused:
+            return out
+        if isinstance(out, dict):
+            out["logits"] = None
+            return out
+        if isinstance(out, tuple):
+            return tuple(None if x is self.received else x for x in out)
+        return out
+
+
+def _like_output_of(weight: Tensor, probe: Tensor) -> Tensor:
+    """The probe as the head's output: for a tensor-parallel head (a DTensor weight), a replicated DTensor,
+    which the parallel plan's output hook lays out as it would the logits (a gathering plan keeps it whole)."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    if dtensor is None or not isinstance(weight, dtensor.DTensor):
+        return probe
+    mesh = weight.device_mesh
+    return dtensor.DTensor.from_local(probe, mesh, [dtensor.Replicate()] * mesh.ndim)
+
+
+def _restore(module: nn.Module, name: str, saved) -> None:
+    if saved is None:
+        module.__dict__.pop(name, None)
+    else:
+        module.__dict__[name] = saved
+
+
+def _on(weight: Tensor | None, device) -> Tensor | None:
+    return None if weight is None else weight.to(device)
+
+
+def _as_tensor(count, like: Tensor) -> Tensor:
+    return count.to(like.device) if isinstance(count, Tensor) else torch.as_tensor(count, device=like.device)

@@ -1,0 +1,485 @@
+"""crossent.integrations.transformers against the stock transformers models it patches.
+
+Every family is a tiny randomly initialised model from a small config (no downloads), built once. The
+patched model's loss and every parameter's gradient must match the stock model's within 1e-5 relative
+to the largest entry (float32), for padded labels, ``num_items_in_batch`` and ``shift_labels``, with the
+family's soft-capping or logit scaling active (the head's weight is scaled up so that logits reach
+several units). Other checks: gradient accumulation, ``logits`` is ``None`` in training, no
+``[B, T, V]`` tensor is allocated, non-CE losses, PEFT, refusals by name, a short training run on real
+text, and two gloo processes: DDP, and a tensor-parallel head (a DTensor weight split by vocabulary).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import sysconfig
+import tempfile
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+transformers = pytest.importorskip("transformers")
+
+import crossent as xe
+import crossent.integrations.transformers as xt
+from crossent.integrations import _families
+
+V, D = 96, 32
+COMMON = dict(vocab_size=V, hidden_size=D, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
+MOE = dict(num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.05)
+GPT2 = dict(
+    vocab_size=V, n_embd=D, n_layer=1, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+)
+
+#: name -> (config class, model class, config arguments beyond COMMON)
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, **MOE)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        dict(num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=16, **MOE),
+    ),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=8)),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(num_experts=4, moe_intermediate_size=16, head_dim=8, **MOE),
+    ),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(head_dim=8)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(head_dim=8, final_logit_softcapping=2.0)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(head_dim=8, final_logit_softcapping=2.5)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", dict(logits_scaling=4.0)),
+    "cohere": ("CohereConfig", "CohereForCausalLM", dict(logit_scale=0.5)),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", GPT2),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {}),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run faster on one thread than on two (no work to split, no threads to wake)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def config_of(name: str, **overrides):
+    config_cls, _, extra = FAMILIES[name]
+    args = dict(extra) if name == "gpt2" else {**COMMON, **extra}
+    return getattr(transformers, config_cls)(**{**args, **overrides})
+
+
+@functools.cache
+def tiny(name: str):
+    torch.manual_seed(0)
+    model = getattr(transformers, FAMILIES[name][1])(config_of(name)).float()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(30.0)  # logits of several units: soft caps and scales matter
+    return model.train()
+
+
+def batch(seed=0, b=2, t=10):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, V, (b, t), generator=g)
+    labels = ids.clone()
+    labels[0, :3] = -100  # a masked prompt
+    labels[1, -2:] = -100  # padding
+    return ids, labels
+
+
+def run(model, **kwargs):
+    """Loss, output and every parameter's gradient of one training forward and backward."""
+    model.zero_grad(set_to_none=True)
+    out = model(**kwargs)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def close(actual, expected, rel=1e-5):
+    scale = max(expected.detach().abs().max().item(), 1e-12)
+    err = (actual.detach().double() - expected.detach().double()).abs().max().item()
+    assert err <= rel * scale, f"max error {err:.3g} > {rel:g} * {scale:.3g}"
+
+
+def same_gradients(got: dict, want: dict, rel=1e-5):
+    assert got.keys() == want.keys()
+    for name, expected in want.items():
+        try:
+            close(got[name], expected, rel)
+        except AssertionError as err:
+            raise AssertionError(f"gradient of {name}: {err}") from None
+
+
+# -- every family against stock ---------------------------------------------------------------------------
+
+
+def cases():
+    ids, labels = batch()
+    shift = F.pad(labels[:, 1:], (0, 1), value=-100)
+    shift[1, 0] = -100
+    return {
+        "padded labels": dict(input_ids=ids, labels=labels),
+        "num_items_in_batch": dict(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(23)),
+        "shift_labels": dict(input_ids=ids, labels=labels, shift_labels=shift),
+    }
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_family_matches_stock(name):
+    model = tiny(name)
+    assert model.config.model_type in _families.FAMILIES
+    for case, kwargs in cases().items():
+        stock, stock_grads = run(model, **kwargs)
+        assert stock.logits.shape == (2, 10, V)
+        with xt.patched(model):
+            out, grads = run(model, **kwargs)
+        assert out.logits is None, case
+        assert out.loss.dtype == torch.float32
+        close(out.loss, stock.loss)
+        same_gradients(grads, stock_grads)
+    assert "forward" not in model.__dict__ and "_loss_function" not in model.__dict__
+
+
+def test_post_processing_is_read_from_the_config():
+    assert str(_families.logit_map("gemma2", tiny("gemma2").config, "m")) == "2 * tanh(z / 2)"
+    assert str(_families.logit_map("granite", tiny("granite").config, "m")) == "0.25 * z"
+    assert str(_families.logit_map("cohere", tiny("cohere").config, "m")) == "0.5 * z"
+    assert str(_families.logit_map("llama", tiny("llama").config, "m")) == "z"
+
+
+def test_gradient_accumulation_equals_one_large_batch():
+    """Four micro-batches, each normalised by the count over all of them (transformers' Trainer), summed."""
+    model = tiny("gemma2")
+    ids, labels = batch(seed=1, b=8, t=9)
+    labels[2:5, 5:] = -100
+    stock, want = run(model, input_ids=ids, labels=labels)
+    count = (labels[:, 1:] != -100).sum()
+    with xt.patched(model):
+        model.zero_grad(set_to_none=True)
+        total = 0.0
+        for part in torch.arange(8).chunk(4):
+            out = model(input_ids=ids[part], labels=labels[part], num_items_in_batch=count)
+            out.loss.backward()
+            total += out.loss.item()
+    close(torch.tensor(total), stock.loss)
+    same_gradients({n: p.grad for n, p in model.named_parameters()}, want)
+
+
+def test_logits_on_request_and_in_eval():
+    model = tiny("cohere")
+    ids, labels = batch()
+    stock, _ = run(model, input_ids=ids, labels=labels)
+    with xt.patched(model):
+        out = model(input_ids=ids, labels=labels, return_logits=True)
+        close(out.logits, stock.logits, 1e-6)
+        close(out.loss, stock.loss)
+        model.eval()
+        try:
+            out = model(input_ids=ids, labels=labels)
+        finally:
+            model.train()
+        close(out.logits, stock.logits, 1e-6)
+        close(out.loss, stock.loss)
+        out = model(input_ids=ids)  # no labels: the stock forward
+        assert out.loss is None and out.logits.shape == (2, 10, V)
+
+
+def test_positional_labels_tuple_output_and_logits_to_keep():
+    model = tiny("llama")
+    ids, labels = batch()
+    stock = model(input_ids=ids, labels=labels)
+    last = labels[:, -4:].contiguous()  # targets of the last four positions, already shifted
+    keep = model(input_ids=ids, labels=last, shift_labels=last, logits_to_keep=4)
+    stock_signature = inspect.signature(model.forward)
+    with xt.patched(model):
+        assert inspect.signature(model.forward) == stock_signature  # what Trainer reads
+        out = model(ids, None, None, None, None, labels)
+        close(out.loss, stock.loss)
+        assert out.logits is None
+        as_tuple = model(input_ids=ids, labels=labels, return_dict=False)
+        close(as_tuple[0], stock.loss)
+        assert all(x is None or x.shape[-1] != V for x in as_tuple[1:] if isinstance(x, torch.Tensor) or x is None)
+        out = model(input_ids=ids, labels=last, shift_labels=last, logits_to_keep=4)
+        close(out.loss, keep.loss)
+        with pytest.raises(ValueError, match="logits_to_keep, pass shift_labels"):
+            model(input_ids=ids, labels=labels, logits_to_keep=4)
+
+
+@pytest.mark.parametrize(
+    "loss, kw", [("focal", {}), ("focal", {"weight": "cw"}), ("mixce", {"z_loss": 1e-3}), ("z_loss", {}),
+                 ("ce", {"label_smoothing": 0.1, "weight": "cw"})],
+)  # fmt: skip
+def test_other_losses_equal_the_loss_of_the_stock_logits(loss, kw):
+    """Per-token weights too: each token's loss times its weight, over the counted tokens (or class weights)."""
+    model = tiny("gemma2")
+    ids, labels = batch()
+    if kw.get("weight") == "cw":
+        kw = {**kw, "weight": torch.rand(V, generator=torch.Generator().manual_seed(5)) + 0.5}
+    sample_weight = torch.rand(labels.shape, generator=torch.Generator().manual_seed(6))
+
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=ids).logits
+    target = labels[:, 1:].reshape(-1)
+    counted = target[target != -100]
+    per = xe.cross_entropy(logits[:, :-1].reshape(-1, V), target, loss=loss, reduction="none", **kw)
+    divisor = counted.numel() if "weight" not in kw else kw["weight"][counted].sum()
+    want_loss = (per * sample_weight[:, 1:].reshape(-1)).sum() / divisor
+    want_loss.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    with xt.patched(model, loss=loss, **kw):
+        out, grads = run(model, input_ids=ids, labels=labels, sample_weight=sample_weight)
+        evaluated = model(input_ids=ids, labels=labels, sample_weight=sample_weight, return_logits=True).loss
+    close(out.loss, want_loss)
+    close(evaluated, want_loss)
+    same_gradients(grads, want)
+
+
+def test_class_patch_reaches_models_created_later():
+    cls = transformers.Qwen3ForCausalLM
+    original = cls.__dict__["forward"]
+    with xt.patched(cls, loss="focal"):
+        torch.manual_seed(0)
+        model = cls(config_of("qwen3")).train()
+        assert xt.is_patched(model)
+        ids, labels = batch()
+        out = model(input_ids=ids, labels=labels)
+        assert out.logits is None
+        xt.apply(model, loss="focal")  # an instance patch on top of the class patch: one loss, computed once
+        close(model(input_ids=ids, labels=labels).loss, out.loss, 1e-6)
+        xt.undo(model)
+    assert not xt.is_patched(model) and cls.__dict__["forward"] is original
+    logits = model(input_ids=ids).logits
+    ref = xe.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), loss="focal")
+    close(out.loss, ref)
+
+
+def test_bfloat16_model_and_autocast():
+    """Half precision: the float32 loss within 2e-2 of stock's, gradients in the same direction."""
+    ids, labels = batch()
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config_of("llama")).to(torch.bfloat16).train()
+    stock, want = run(model, input_ids=ids, labels=labels)
+    with xt.patched(model):
+        out, grads = run(model, input_ids=ids, labels=labels)
+    assert out.loss.dtype == torch.float32
+    close(out.loss, stock.loss, 2e-2)
+    for name, g in grads.items():
+        assert g.dtype == torch.bfloat16
+        assert F.cosine_similarity(g.float().flatten(), want[name].float().flatten(), dim=0) > 0.99, name
+    model = tiny("gemma2")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        stock, _ = run(model, input_ids=ids, labels=labels)
+        with xt.patched(model):
+            out, _ = run(model, input_ids=ids, labels=labels)
+    assert out.loss.dtype == torch.float32
+    close(out.loss, stock.loss, 2e-2)
+
+
+# -- no [B, T, V] tensor ----------------------------------------------------------------------------------
+
+
+class LargestTensor(TorchDispatchMode):
+    """The largest number of elements of a tensor created by an op while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_no_logit_tensor_in_a_patched_training_step():
+    vocab, b, t = 2048, 2, 32
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config_of("llama", vocab_size=vocab)).train()
+    ids = torch.randint(3, vocab, (b, t))
+    with LargestTensor() as stock:
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert stock.largest >= b * t * vocab  # the stock step has its [B, T, V] logits
+    with xt.patched(model, chunk_size=16), LargestTensor() as rec:
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+    assert out.logits is None
+    assert rec.largest <= max(16 * vocab, vocab * D), rec.largest  # one chunk of logits, or the weight's shape
+
+
+# -- PEFT ---------------------------------------------------------------------------------------------------
+
+
+def test_peft_heads_are_unwrapped():
+    peft = pytest.importorskip("peft")
+    ids, labels = batch()
+    configs = {
+        "LoRA on the head": peft.LoraConfig(
+            r=4, target_modules=["q_proj", "v_proj", "lm_head"], lora_dropout=0.0, init_lora_weights=False
+        ),
+        "modules_to_save": peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+    }
+    for case, config in configs.items():
+        torch.manual_seed(0)
+        model = peft.get_peft_model(transformers.LlamaForCausalLM(config_of("llama")), config).train()
+        stock, want = run(model, input_ids=ids, labels=labels)
+        assert want, case
+        with xt.patched(model, z_loss=0.0):
+            out, grads = run(model, input_ids=ids, labels=labels)
+        assert out.logits is None
+        close(out.loss, stock.loss)
+        same_gradients(grads, want)
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=4, target_modules=["lm_head"], lora_dropout=0.1)
+    model = peft.get_peft_model(transformers.LlamaForCausalLM(config_of("llama")), config).train()
+    with xt.patched(model), pytest.raises(xt.UnsupportedModel, match="dropout.*set lora_dropout=0"):
+        model(input_ids=ids, labels=labels)
+
+
+# -- refusals -----------------------------------------------------------------------------------------------
+
+
+def test_unknown_families_and_options_are_refused_by_name():
+    with pytest.raises(xt.UnsupportedModel, match="OlmoForCausalLM.*model_type 'olmo'.*register_family"):
+        xt.apply(transformers.OlmoForCausalLM)
+    with pytest.raises(TypeError, match=r"unexpected options \['shift'\].*shift_labels"):
+        xt.apply(tiny("llama"), shift=True)
+    with pytest.raises(ValueError, match="not patched"):
+        xt.undo(tiny("llama"))
+
+
+def test_a_forgotten_softcap_is_refused(monkeypatch):
+    """Declared without its soft cap, Gemma 2 would train on the wrong loss: the first forward refuses it."""
+    model = tiny("gemma2")
+    monkeypatch.setitem(_families.FAMILIES, "gemma2", ())
+    ids, labels = batch()
+    with xt.patched(model), pytest.raises(xt.UnsupportedModel, match=r"Gemma2ForCausalLM.*differently.*\(z\)"):
+        model(input_ids=ids, labels=labels)
+
+
+def test_heads_that_are_not_reproduced_are_refused():
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    class CutVocabulary(transformers.LlamaForCausalLM):
+        def forward(self, input_ids=None, labels=None, **kwargs):
+            logits = self.lm_head(self.model(input_ids=input_ids).last_hidden_state)[..., : V - 2]
+            loss = None if labels is None else self.loss_function(logits, labels, V - 2, **kwargs)
+            return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    class OwnLoss(transformers.LlamaForCausalLM):
+        def forward(self, input_ids=None, labels=None, **kwargs):
+            logits = self.lm_head(self.model(input_ids=input_ids).last_hidden_state)
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1))
+            return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    ids, labels = batch()
+    labels = labels.clamp_max(V - 3)
+    for cls, message in ((CutVocabulary, "shape.*vocabulary was cut"), (OwnLoss, "before its loss_function ran")):
+        torch.manual_seed(0)
+        model = cls(config_of("llama")).train()
+        with xt.patched(model), pytest.raises(xt.UnsupportedModel, match=f"{cls.__name__}.*({message})"):
+            model(input_ids=ids, labels=labels)
+
+
+# -- training on real text ---------------------------------------------------------------------------------
+
+
+def stdlib_text(num_bytes: int) -> bytes:
+    """Real text that every machine has: the standard library's source (DATASETS.md)."""
+    path = os.path.join(sysconfig.get_paths()["stdlib"], "textwrap.py")
+    with open(path, "rb") as f:
+        return f.read(num_bytes)
+
+
+@pytest.mark.parametrize("loss", ["focal"])
+def test_a_non_ce_loss_trains_a_tiny_model_on_real_text(loss):
+    data = torch.tensor(list(stdlib_text(16384)), dtype=torch.long)
+    seq, bsz = 64, 8
+    torch.manual_seed(0)
+    config = config_of("llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+    model = xt.apply(transformers.LlamaForCausalLM(config).train(), loss=loss)
+    optim = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(50):
+        starts = torch.randint(0, data.numel() - seq, (bsz,), generator=g)
+        ids = torch.stack([data[s : s + seq] for s in starts.tolist()])
+        out = model(input_ids=ids, labels=ids)
+        assert out.logits is None
+        out.loss.backward()
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        losses.append(out.loss.item())
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.6 * first, (first, last)
+
+
+# -- two processes --------------------------------------------------------------------------------------------
+
+
+def _ddp_worker(rank: int, world: int, init_file: str):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        ids, labels = batch(seed=2, b=4, t=9)
+        labels[0, 4:] = -100  # uneven counts across ranks
+        model = getattr(transformers, FAMILIES["granite"][1])(config_of("granite")).train()
+        model.load_state_dict(tiny("granite").state_dict())
+        stock, want = run(model, input_ids=ids, labels=labels)  # the global batch, one process
+        model.zero_grad(set_to_none=True)
+        count = (labels[:, 1:] != -100).sum()  # Trainer: summed over ranks (average_tokens_across_devices)
+        ddp = DDP(xt.apply(model, loss="ce"))
+        mine = slice(2 * rank, 2 * rank + 2)
+        out = ddp(input_ids=ids[mine], labels=labels[mine], num_items_in_batch=count)
+        assert out.logits is None
+        (out.loss * world).backward()  # Trainer scales by the number of processes; DDP averages the gradients
+        total = out.loss.detach().clone()
+        dist.all_reduce(total)
+        close(total, stock.loss)
+        same_gradients({n: p.grad for n, p in model.named_parameters()}, want)
+
+        # A tensor-parallel head (its weight a DTensor split by vocabulary rows, the logits gathered):
+        # the patched loss runs crossent's vocabulary-parallel engine, the same loss and gradients.
+        from torch.distributed.tensor import Replicate, init_device_mesh
+        from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+        tp = tiny("granite")
+        parallelize_module(tp.lm_head, init_device_mesh("cpu", (world,)), ColwiseParallel(output_layouts=Replicate()))
+        stock, want = run(tp, input_ids=ids, labels=labels, num_items_in_batch=count)
+        with xt.patched(tp):
+            out, grads = run(tp, input_ids=ids, labels=labels, num_items_in_batch=count)
+        assert out.logits is None and hasattr(grads["lm_head.weight"], "to_local")
+        close(out.loss, stock.loss)
+        local = lambda g: g.to_local() if hasattr(g, "to_local") else g  # noqa: E731
+        same_gradients({n: local(g) for n, g in grads.items()}, {n: local(g) for n, g in want.items()})
+        with xt.patched(tp), pytest.raises(ValueError, match="sample_weight is not available for a DTensor"):
+            tp(input_ids=ids, labels=labels, sample_weight=torch.ones(labels.shape))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_ddp_and_a_tensor_parallel_head():
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = mp.start_processes(
+            _ddp_worker, args=(2, os.path.join(tmp, "init")), nprocs=2, join=False, start_method="spawn"
+        )
+        while not ctx.join(timeout=120):
+            pass
