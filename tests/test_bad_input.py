@@ -168,7 +168,7 @@ def test_linear_cross_entropy_on_meta_tensors(kw):
     "logits, target, kw, err, match",
     [
         (torch.tensor(1.0), torch.tensor(0), {"vocab_start": 0}, ValueError, "class dimension"),
-        ([[1.0, 2.0]], torch.tensor([0]), {"vocab_start": 0}, TypeError, "logits and target must be tensors, got list"),
+        ([[1.0, 2.0]], torch.tensor([0]), {"vocab_start": 0}, TypeError, "logits must be a tensor, got list"),
         (torch.randn(2, 3), torch.tensor([0, 1]), {"vocab_start": None}, TypeError, "vocab_start must be an int, got NoneType"),
         (torch.randn(2, 3), torch.tensor([0, 1]), {"vocab_start": 0.0}, TypeError, "vocab_start must be an int, got float"),
         (torch.randn(2, 3), torch.tensor([0, 1]), {"vocab_start": -1}, ValueError, "vocab_start must be >= 0"),

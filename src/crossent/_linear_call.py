@@ -131,7 +131,7 @@ def prepare(e: Tensor, c: Tensor, target: Tensor, weight, extra, sample_weight, 
     return plan, rows, None if sample_weight is None else sample_weight.reshape(-1)
 
 
-def engine_call(e: Tensor, c: Tensor, bias, target: Tensor, weight, extra, sample_weight, denominator, loss_obj, call):
+def engine_call(e: Tensor, c: Tensor, bias, target, weight, extra, sample_weight, denominator, loss_obj, call):
     """The engine half of a call: ``(loss, stats)``, the loss in float64 (``[N]`` for
     ``reduction='none'``), ``stats`` the ``[N]`` values of :attr:`LinearCall.report`."""
     plan, rows, row_weight = prepare(e, c, target, weight, extra, sample_weight, loss_obj, call)
@@ -163,7 +163,7 @@ def _meta_call(e: Tensor, c: Tensor, bias, plan: Plan, rows: Rows, row_weight, d
 _OPTION_FIELDS = ("backend", "chunk_size", "accum_dtype", "mode", "filter_eps")
 
 
-def compiled_call(e: Tensor, c: Tensor, bias, target: Tensor, weight, extra, sample_weight, denominator, loss_obj, call):
+def compiled_call(e: Tensor, c: Tensor, bias, target, weight, extra, sample_weight, denominator, loss_obj, call):
     """What :func:`engine_call` returns, through the custom operator (traceable by ``torch.compile``)."""
     if LossRef is None:
         raise RuntimeError(
@@ -308,7 +308,7 @@ if LossRef is not None:
         names = stats.split(",") if stats else []
         report = {s for name in names for s in STAT_SOURCES[name]}
         reported = [
-            (target if s is ARGMAX else value).new_empty((n,) if s in report else (0,), dtype=torch.long if s is ARGMAX else ACC)
+            value.new_empty((n,) if s in report else (0,), dtype=torch.long if s is ARGMAX else ACC)
             for s in _REPORTABLE
         ]
         formed = _gradients_in_forward(reduction, mode, need)

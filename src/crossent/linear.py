@@ -13,8 +13,6 @@ from ._dtensor import dtensor_linear_cross_entropy, is_dtensor
 from ._engine.options import LinearCrossEntropyOptions, accumulation_dtype
 from ._linear_call import STAT_SOURCES as _STAT_SOURCES
 from ._linear_call import LinearCall, compiled_call, engine_call
-from ._linear_call import check_target as _check_target
-from ._linear_call import shifted as _shifted
 from .stats import ARGMAX, LSE, P_DOT_Z
 
 __all__ = ["linear_cross_entropy", "LinearStats", "LinearCrossEntropyOptions"]
