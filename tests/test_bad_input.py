@@ -183,3 +183,18 @@ def test_vocab_parallel_argument_errors(logits, target, kw, err, match):
 def test_shift_with_a_zero_dim_target():
     with pytest.raises(ValueError, match=r"shift=True needs a sequence dimension .* got shape \(\)"):
         xe.linear_cross_entropy(torch.randn(3), torch.randn(5, 3), torch.tensor(1), shift=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_argument_checks_do_not_synchronise_with_the_device():
+    from crossent import _validation as V
+
+    target = torch.tensor([0, 3, -100, 2], device="cuda")
+    weight = torch.tensor([1.0, -2.0, 0.5, 3.0], device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host synchronisation raises
+    try:
+        V.check_index_target(target, 4, -100, target.shape)
+        V.check_class_weight(weight, 4, target.device, torch.float32)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
