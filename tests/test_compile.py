@@ -26,6 +26,15 @@ import crossent as xe
 
 pytestmark = pytest.mark.slow
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tensors here are tiny: intra-op threads only add waiting (on a shared machine, a lot)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 g = torch.Generator().manual_seed(0)
 X = torch.randn(6, 5, generator=g)
 Y = torch.tensor([0, 4, 2, -100, 1, 3])

@@ -42,6 +42,15 @@ LINEAR_MODULE_STRIDE = 10
 MODULE_STRIDE = {torch.float64: 3, torch.float32: 1, torch.float16: 3}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tensors here are tiny: intra-op threads only add waiting (on a shared machine, a lot)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _op(name: str, variant: str = ""):
     return next(o for o in opinfo.op_db if o.name == name and o.variant_test_name == variant)
 
