@@ -16,7 +16,7 @@ def train(loss, x_train, y_train, x_test, y_test, *, epochs: int = 30, seed: int
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    crit = xe.nn.CrossEntropy(loss)
+    crit = xe.nn.CrossEntropyLoss(loss=loss)
     for _ in range(epochs):
         perm = torch.randperm(len(x_train))
         for i in range(0, len(perm), 64):

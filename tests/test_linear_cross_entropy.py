@@ -677,7 +677,7 @@ def test_inside_torch_compile():
 
 def test_module():
     e, c, b, t = make()
-    crit = xe.nn.LinearCrossEntropy("ce", label_smoothing=0.1, reduction="sum", chunk_size=4)
+    crit = xe.nn.LinearCrossEntropy(loss="ce", label_smoothing=0.1, reduction="sum", chunk_size=4)
     close(crit(e, c, t, b), xe.cross_entropy(e @ c.T + b, t, label_smoothing=0.1, reduction="sum"), 1e-12)
     assert "shift=False" in repr(crit)
     crit = xe.nn.LinearCrossEntropy(return_stats=True)

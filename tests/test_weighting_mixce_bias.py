@@ -55,10 +55,15 @@ def test_mixce_eta_one_is_mle_and_errors():
 
 
 class RefBiasLoss:
-    """The official BiasLoss (bias_loss/biasloss.py), weights and loss, with its running global minimum."""
+    """The official BiasLoss (bias_loss/biasloss.py), weights and loss, with its running global minimum.
 
-    def __init__(self, alpha=0.3, beta=0.3, mode="global"):
+    ``version="2022"``: the weights since 2022-09, ``exp(alpha v) - beta`` (the paper's); ``"2021"``:
+    the first commits', ``exp(beta v) - 1 + alpha``.
+    """
+
+    def __init__(self, alpha=0.3, beta=0.3, mode="global", version="2022"):
         self.alpha, self.beta, self.mode, self.global_min = alpha, beta, mode, 100000
+        self.version = version
 
     def __call__(self, features, ce):
         v = torch.var(features.clone().detach().reshape(features.shape[0], -1), dim=1)
@@ -69,15 +74,20 @@ class RefBiasLoss:
             v = (v - self.global_min) / (vmax - vmin)
         else:
             v = (v - vmin) / (vmax - vmin)
-        weights = ((torch.exp(v * self.beta) - 1.0) / 1.0) + self.alpha
+        if self.version == "2022":
+            weights = torch.exp(v * self.alpha) - self.beta
+        else:
+            weights = ((torch.exp(v * self.beta) - 1.0) / 1.0) + self.alpha
         return (weights * ce).mean(), weights
 
 
 @pytest.mark.parametrize("mode", ["global", "local"])
 @pytest.mark.parametrize("alpha,beta", [(0.3, 0.3), (0.5, 1.0)])
-def test_bias_loss_against_official_over_several_steps(mode, alpha, beta):
+@pytest.mark.parametrize("form,version", [(None, "2022"), ("paper", "2022"), ("code", "2021")])
+def test_bias_loss_against_official_over_several_steps(mode, alpha, beta, form, version):
     gen = torch.Generator().manual_seed(1)
-    ours, ref = BiasLossWeights(alpha, beta, normalisation=mode), RefBiasLoss(alpha, beta, mode)
+    kw = {} if form is None else {"form": form}  # the default is the current official form
+    ours, ref = BiasLossWeights(alpha, beta, normalisation=mode, **kw), RefBiasLoss(alpha, beta, mode, version)
     for step in range(4):
         # variances shrink over the steps so the running minimum moves, then a step with larger ones
         scale = [2.0, 1.0, 0.5, 3.0][step]
@@ -93,7 +103,8 @@ def test_bias_loss_against_official_over_several_steps(mode, alpha, beta):
         if mode == "global":
             assert ours.running_min == pytest.approx(float(ref.global_min), rel=1e-12)
     if mode == "global":  # the last batch is normalised by the older, smaller minimum: values exceed 1
-        assert (w > alpha + math.exp(beta) - 1 + 1e-9).any()
+        top = math.exp(alpha) - beta if version == "2022" else alpha + math.exp(beta) - 1
+        assert (w > top + 1e-9).any()
 
 
 def test_bias_loss_function_is_local_normalisation_and_paper_form():
@@ -102,10 +113,13 @@ def test_bias_loss_function_is_local_normalisation_and_paper_form():
     ce = torch.ones(5, dtype=torch.float64)
     _, w_ref = RefBiasLoss(mode="local")(features, ce)
     torch.testing.assert_close(bias_loss_weights(features), w_ref)
+    _, w_2021 = RefBiasLoss(mode="local", version="2021")(features, ce)
+    torch.testing.assert_close(bias_loss_weights(features, form="code"), w_2021)
     v = features.var(1)
     v = (v - v.min()) / (v.max() - v.min())
-    torch.testing.assert_close(bias_loss_weights(features, 0.3, 0.2, form="paper"), torch.exp(0.3 * v) - 0.2)
-    assert bias_loss_weights(features).min().item() == pytest.approx(0.3)
+    torch.testing.assert_close(bias_loss_weights(features, 0.3, 0.2), torch.exp(0.3 * v) - 0.2)
+    assert bias_loss_weights(features).min().item() == pytest.approx(0.7)  # exp(0) - beta
+    assert bias_loss_weights(features, form="code").min().item() == pytest.approx(0.3)
 
 
 def test_bias_state_and_edge_cases():
@@ -116,14 +130,14 @@ def test_bias_state_and_edge_cases():
     c = BiasLossWeights()
     c.load_state_dict(state)
     assert c.running_min == b.running_min == pytest.approx(features.var(1).min().item())
-    # equal variances: weights alpha (the official code divides by zero)
+    # equal variances: v = 0, weights exp(0) - beta (the official code divides by zero)
     same = torch.ones(3, 4) * torch.tensor([0.0, 1.0, 0.0, 1.0])
-    torch.testing.assert_close(bias_loss_weights(same), torch.full((3,), 0.3))
+    torch.testing.assert_close(bias_loss_weights(same), torch.full((3,), 0.7))
     # the running minimum starts at 1e5: variances (5e5, 2e6) are shifted by 1e5, not by their own minimum
     huge = BiasLossWeights()
     w = huge.weights(torch.ones(2), features=torch.tensor([[0.0, 1000.0], [0.0, 2000.0]]))
     v = (torch.tensor([5e5, 2e6]) - 1e5) / 1.5e6
-    torch.testing.assert_close(w, torch.exp(0.3 * v) - 0.7)
+    torch.testing.assert_close(w, torch.exp(0.3 * v) - 0.3)
     assert huge.running_min == 1e5
 
 

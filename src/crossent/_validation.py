@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -108,36 +109,90 @@ def check_reduction(reduction: str) -> None:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
+def data_check(bad: Tensor, message: str, detail: Callable[[], str] | None = None) -> None:
+    """Raise ``ValueError(detail())`` if the bool tensor ``bad`` has a true entry.
+
+    Reading ``bad`` synchronises with the device, so the check runs here only for CPU tensors outside
+    ``torch.compile``. On an accelerator, and while compiling, it becomes an asynchronous device
+    assert that fails with ``message`` when the kernel runs; 'meta' tensors hold no data and are
+    not checked.
+    """
+    if bad.device.type == "meta":
+        return
+    if torch.compiler.is_compiling() or bad.device.type != "cpu":
+        torch._assert_async(torch.logical_not(bad.any()), message)
+        return
+    if bad.any():
+        raise ValueError(detail() if detail is not None else message)
+
+
 def check_class_weight(weight: Tensor | None, num_classes: int, device, dtype) -> Tensor | None:
-    """PyTorch's ``weight``: ``[C]`` floating point and finite; returned detached in ``dtype``."""
+    """PyTorch's ``weight``: ``[C]``, floating point, finite, of any sign; returned detached in ``dtype``."""
     if weight is None:
         return None
     if not isinstance(weight, Tensor):
-        raise TypeError(f"weight must be a tensor, got {type(weight).__name__}")
+        looks_like_a_loss = isinstance(weight, str) or hasattr(weight, "row_loss")
+        hint = "; the loss is a keyword argument: pass the loss by keyword (loss=...)" if looks_like_a_loss else ""
+        raise TypeError(f"weight must be a tensor of class weights, got {type(weight).__name__}{hint}")
     if weight.dim() != 1 or weight.shape[0] != num_classes:
         raise ValueError(f"weight must be a 1-D tensor of {num_classes} class weights, got shape {tuple(weight.shape)}")
     if not weight.is_floating_point():
         raise TypeError(f"weight must be floating point, got {weight.dtype}")
-    if (weight < 0).any():
-        bad = int((weight < 0).nonzero()[0, 0])
-        raise ValueError(f"weight must be non-negative; weight[{bad}] = {weight[bad].item()}")
-    if not torch.isfinite(weight).all():
-        raise ValueError("weight must be finite")
+    bad = ~torch.isfinite(weight.detach())
+
+    def detail() -> str:
+        i = _first(bad)
+        return f"weight must be finite; weight[{i}] = {weight[i].item()}"
+
+    data_check(bad, "weight must be finite", detail)
     return weight.detach().to(device=device, dtype=dtype)
 
 
+def index_target(target: Tensor, expected: str = "integer class indices or float probabilities") -> Tensor:
+    """A class-index target as int64: any integer dtype (unsigned ones converted without wrapping
+    around, so ``ignore_index=-100`` never matches a ``uint8`` class); bool and complex are refused."""
+    if target.dtype == torch.bool or target.is_complex() or target.is_floating_point():
+        raise TypeError(f"target must hold {expected}, got {target.dtype}")
+    return target if target.dtype == torch.int64 else target.long()
+
+
 def check_index_target(target: Tensor, num_classes: int, ignore_index: int, shape_for_errors) -> None:
-    """Raise ``ValueError`` naming the first target outside ``[0, C)`` that is not ``ignore_index``."""
+    """Raise ``ValueError`` naming the first target outside ``[0, C)`` that is not ``ignore_index``
+    (an asynchronous device assert off the CPU: :func:`data_check`)."""
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
-    if bad.any():
-        flat = int(bad.reshape(-1).nonzero()[0, 0])
+    rule = f"target values must be in [0, {num_classes}) or equal ignore_index ({ignore_index})"
+
+    def detail() -> str:
+        flat = _first(bad.reshape(-1))
         pos = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), tuple(shape_for_errors)))
         value = int(target.reshape(-1)[flat])
         where = pos[0] if len(pos) == 1 else pos
-        raise ValueError(
+        return (
             f"target value {value} at position {where} is outside the valid class range [0, {num_classes}) "
             f"and is not ignore_index ({ignore_index})"
         )
+
+    data_check(bad, rule, detail)
+
+
+def _first(bad: Tensor) -> int:
+    return int(bad.reshape(-1).nonzero()[0, 0])
+
+
+def check_ignore_index(ignore_index) -> int:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__} {ignore_index!r}")
+    return int(ignore_index)
+
+
+def check_softcap(softcap) -> float | None:
+    """``softcap`` as a finite positive float, or ``None`` for no capping (``None`` or ``math.inf``:
+    ``cap tanh(z / cap)`` tends to ``z`` as the cap grows)."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, numbers.Real) and not isinstance(softcap, bool) and float(softcap) == math.inf:
+        return None
+    return positive("softcap", softcap)
 
 
 def flatten_extra(extra: dict | None, row_shape) -> dict:

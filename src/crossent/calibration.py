@@ -48,6 +48,10 @@ class TemperatureScaling:
             )
         if labels.is_floating_point():
             raise TypeError("labels must be integer class indices")
+        finite = torch.isfinite(logits.detach())
+        if not finite.all():
+            row, col = (int(i) for i in (~finite).nonzero()[0])
+            raise ValueError(f"logits must be finite to fit a temperature; logits[{row}, {col}] = {logits[row, col].item()}")
         z = logits.detach().double()
         log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
         opt = torch.optim.LBFGS([log_t], lr=1.0, max_iter=self.max_iter, line_search_fn="strong_wolfe")

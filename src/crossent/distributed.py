@@ -37,8 +37,10 @@ from ._engine.reduction import reduce
 from ._engine.shards import Claim, agree
 from ._engine.vocab_parallel import ENGINE, VocabParallelRowLoss
 from ._engine.vocab_parallel_linear import sharded_loss
+from ._linear_call import check_target as _check_target
+from ._linear_call import shifted as _shifted
 from ._rows import as_float, index_rows
-from .linear import _check_target, _check_tensors, _compute_inputs, _finish, _shifted, resolve_options
+from .linear import _check_tensors, _compute_inputs, _finish, resolve_options
 from .losses._build import build_loss
 from .stats import ARGMAX, LSE
 from .transforms import Softcap
@@ -69,6 +71,7 @@ def _weight_length(weight) -> int | None:
 
 
 def _transforms(softcap):
+    softcap = V.check_softcap(softcap)  # math.inf: no capping
     return (Softcap(softcap),) if softcap is not None else ()
 
 
@@ -130,6 +133,9 @@ def vocab_parallel_cross_entropy(
             raise ValueError("logits must have shape [..., V_r] (a class dimension last), got a 0-dim tensor")
         if target.is_floating_point():
             raise ValueError(f"{who} takes class-index targets (class probabilities are not supported)")
+        V.index_target(target, "integer class indices")  # refuses bool and complex
+        V.check_ignore_index(ignore_index)
+        V.check_softcap(softcap)
         if logits.shape[:-1] != target.shape:
             raise ValueError(f"target must have shape {tuple(logits.shape[:-1])} for logits {tuple(logits.shape)}, got {tuple(target.shape)}")
         start = _index("vocab_start", vocab_start)
@@ -139,6 +145,7 @@ def vocab_parallel_cross_entropy(
 
     loss_obj, layout = agree(who, group, _device(logits), check)
     # Everything below depends on values the ranks agreed on: it raises on every rank alike, or on none.
+    target = V.index_target(target, "integer class indices")
     num_classes = layout.vocab_size
     class_weight = V.check_class_weight(weight, num_classes, logits.device, as_float(logits[:0]).dtype)
     V.check_index_target(target, num_classes, ignore_index, target.shape if target.dim() else (1,))
@@ -221,6 +228,7 @@ def vocab_parallel_linear_cross_entropy(
     who = "vocab_parallel_linear_cross_entropy"
 
     def check():
+        nonlocal target
         opts = resolve_options(options, backend=backend, chunk_size=chunk_size, accum_dtype=accum_dtype)
         if opts.backend == "triton" or opts.filter_eps is not None:
             raise ValueError(
@@ -228,7 +236,10 @@ def vocab_parallel_linear_cross_entropy(
                 f"available on it (got backend={opts.backend!r}, filter_eps={opts.filter_eps!r})"
             )
         V.check_reduction(reduction)
-        _check_tensors(e, c_shard, target, bias_shard, allow_no_classes=True)
+        _check_tensors(e, c_shard, target, bias_shard, allow_no_classes=True, shift=shift)
+        target = V.index_target(target, "integer class indices")  # uint8 read as the classes it holds
+        V.check_ignore_index(ignore_index)
+        V.check_softcap(softcap)
         start = _index("vocab_start", vocab_start)
         size = _index("vocab_size", vocab_size, optional=True, minimum=1)
         loss_obj = build_loss(loss, label_smoothing=label_smoothing, z_loss=z_loss)

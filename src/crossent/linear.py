@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -9,19 +10,12 @@ from torch import Tensor
 
 from . import _validation as V
 from ._dtensor import dtensor_linear_cross_entropy, is_dtensor
-from ._engine.backend import linear_engine
 from ._engine.options import LinearCrossEntropyOptions, accumulation_dtype
-from ._engine.plan import Plan
-from ._rows import index_rows
-from .losses._build import build_loss
+from ._linear_call import STAT_SOURCES as _STAT_SOURCES
+from ._linear_call import LinearCall, compiled_call, engine_call
 from .stats import ARGMAX, LSE, P_DOT_Z
-from .transforms import Softcap
 
 __all__ = ["linear_cross_entropy", "LinearStats", "LinearCrossEntropyOptions"]
-
-
-#: What each name of ``return_stats`` makes the engine compute (the entropy is ``lse - p_dot_z``).
-_STAT_SOURCES = {"lse": (LSE,), "argmax": (ARGMAX,), "entropy": (LSE, P_DOT_Z)}
 
 
 class LinearStats(NamedTuple):
@@ -99,6 +93,10 @@ def _check_tensors(e, c, target, bias, allow_no_classes: bool = False, shift: bo
             f"target must hold integer class indices, got {target.dtype}; for class-probability targets "
             "materialise the logits and use crossent.cross_entropy"
         )
+    if shift and (target.dim() == 0 or target.shape[-1] == 0):
+        raise ValueError(
+            f"shift=True needs a sequence dimension (target [..., T] with T >= 1), got shape {tuple(target.shape)}"
+        )
     if tuple(target.shape) != tuple(e.shape[:-1]):
         if shift and e.dim() >= 2 and tuple(target.shape[:-1]) == tuple(e.shape[:-2]):
             raise ValueError(
@@ -146,37 +144,11 @@ def _check_normalizer(normalizer, reduction: str, device) -> Tensor | None:
         if normalizer.requires_grad:
             raise ValueError("normalizer is a constant (a count of rows); it must not require grad")
         value = normalizer.reshape(()).to(device=device, dtype=torch.float64)
-        if normalizer.device.type == "cpu" and not value.item() > 0:
-            raise ValueError(f"normalizer must be > 0, got {value.item():g}")
+        V.data_check(~(value > 0), "normalizer must be > 0", lambda: f"normalizer must be > 0, got {value.item():g}")
         return value
     return torch.tensor(V.positive("normalizer", normalizer), dtype=torch.float64, device=device)
 
 
-def _shifted(target: Tensor, ignore_index: int, extra: dict | None):
-    """Targets (and extras) of the causal shift laid over all positions: row t predicts t + 1.
-
-    The last position of each sequence gets ``ignore_index``, so ``e`` is used as it is (a view, never
-    copied) and those rows cost nothing (ignored rows are skipped). Extras move with the targets and
-    are 0 at the last position.
-    """
-    if target.dim() == 0 or target.shape[-1] == 0:
-        raise ValueError("shift=True needs a sequence dimension (target [..., T] with T >= 1)")
-    shifted = torch.full_like(target, ignore_index)
-    shifted[..., :-1] = target[..., 1:]
-    if extra:
-        moved = {}
-        for k, v in extra.items():
-            if not isinstance(v, Tensor):
-                raise TypeError(f"extra[{k!r}] must be a tensor, got {type(v).__name__}")
-            w = torch.zeros_like(v)
-            d = target.dim() - 1
-            w.narrow(d, 0, v.shape[d] - 1).copy_(v.narrow(d, 1, v.shape[d] - 1))
-            moved[k] = w
-        extra = moved
-    return shifted, extra
-
-
-@torch._disable_dynamo
 def linear_cross_entropy(
     e: Tensor,
     c: Tensor,
@@ -185,7 +157,7 @@ def linear_cross_entropy(
     bias: Tensor | None = None,
     loss="ce",
     weight: Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int | None = -100,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
@@ -215,12 +187,14 @@ def linear_cross_entropy(
         bias: optional ``[V]`` classifier bias.
         loss: a registered name or a :class:`crossent.losses.Loss`; whole-row losses work too.
         weight: ``[V]`` class weights (PyTorch's ``weight``).
-        ignore_index: target value that contributes nothing; such rows are skipped.
+        ignore_index: target value that contributes nothing; such rows are skipped (``None``: -100,
+            as in ``torch.nn.functional.linear_cross_entropy``).
         reduction: ``"mean"`` (weighted mean over counted rows), ``"sum"`` or ``"none"`` (loss per row,
             shape of ``target``, or of ``target[..., 1:]`` with ``shift``).
         label_smoothing: smoothing of ``loss="ce"``.
         z_loss: adds ``z_loss * lse**2`` per row.
-        softcap: logits pass through ``softcap * tanh(z / softcap)`` first.
+        softcap: logits pass through ``softcap * tanh(z / softcap)`` first (``None`` or ``math.inf``:
+            no capping).
         shift: causal-LM shift along the sequence dim (``target``'s last): position ``t`` predicts
             ``target[..., t + 1]``; the last position of ``e`` and the first of ``target`` are dropped
             without copying ``e``. ``target`` is the *unshifted* labels, over the same positions as
@@ -257,7 +231,9 @@ def linear_cross_entropy(
         only rounded at the end, as ``loss.float()`` of a float32 evaluation would be; gradients come
         back in the inputs' dtypes.
 
-    Under ``torch.compile`` the call is a graph break: it runs eagerly between compiled graphs.
+    Under ``torch.compile`` (``fullgraph=True`` too) the engine runs as one custom operator of the
+    graph, with the same values and gradients as eager mode. Its loss must be a registered name, or an
+    object built outside the compiled code (any module attribute), and must keep no state.
 
     Example:
         >>> import torch, crossent as xe
@@ -284,43 +260,27 @@ def linear_cross_entropy(
     options = resolve_options(options, backend=backend, chunk_size=chunk_size, accum_dtype=accum_dtype)
     V.check_reduction(reduction)
     _check_tensors(e, c, target, bias, shift=shift)
-    loss_obj = build_loss(loss, label_smoothing=label_smoothing, z_loss=z_loss)
-    stat_names = _stat_names(return_stats)
+    call = LinearCall(
+        loss=loss,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=V.check_softcap(softcap),
+        reduction=reduction,
+        ignore_index=-100 if ignore_index is None else V.check_ignore_index(ignore_index),
+        shift=bool(shift),
+        stats=_stat_names(return_stats),
+        options=options,
+    )
+    loss_obj = call.build_loss()
+    target = V.index_target(target, "integer class indices")  # uint8 read as the classes it holds
     sample_weight = _check_sample_weight(sample_weight, target, e.device)
     denominator = _check_normalizer(normalizer, reduction, e.device)
     e, c, bias, out_dtype = _compute_inputs(e, c, bias)
 
-    num_classes, dim = c.shape
     rows_shape = tuple(target.shape)
-    _check_target(target, num_classes, ignore_index, shift)
-    if shift:
-        if sample_weight is not None:
-            extra = {**(extra or {}), _SAMPLE_WEIGHT: sample_weight}
-        target, extra = _shifted(target, ignore_index, extra)
-        if sample_weight is not None:
-            sample_weight = extra.pop(_SAMPLE_WEIGHT)
-    options.accumulator(e.dtype)  # checks accum_dtype against the input dtype
-    compute = accumulation_dtype(e.dtype)
-    class_weight = V.check_class_weight(weight, num_classes, e.device, compute)
-    rows = index_rows(target.reshape(-1), num_classes, ignore_index, class_weight, V.flatten_extra(extra, rows_shape))
-    plan = Plan(loss_obj, rows, (Softcap(softcap),) if softcap is not None else ())
-
-    report = tuple(dict.fromkeys(s for name in stat_names for s in _STAT_SOURCES[name]))
-    engine = linear_engine(options, e, plan)
-    with torch.autocast(e.device.type, enabled=False):
-        value, stats = engine(
-            e.reshape(-1, dim),
-            c,
-            bias,
-            plan,
-            rows,
-            reduction=reduction,
-            options=options,
-            report=report,
-            row_weight=None if sample_weight is None else sample_weight.reshape(-1),
-            denominator=denominator,
-        )
-
+    flat = e.reshape(math.prod(rows_shape), c.shape[1])
+    run = compiled_call if torch.compiler.is_compiling() else engine_call
+    value, stats = run(flat, c, bias, target, weight, extra, sample_weight, denominator, loss_obj, call)
     return _finish(value, stats, rows_shape, shift, reduction, out_dtype, return_stats)
 
 
@@ -329,7 +289,7 @@ def _compute_inputs(e: Tensor, c: Tensor, bias: Tensor | None):
     (float32 for float32 and half-precision inputs, float64 for float64)."""
     out_dtype = accumulation_dtype(e.dtype)
     device_type = e.device.type
-    if torch.is_autocast_enabled(device_type):
+    if device_type != "meta" and torch.is_autocast_enabled(device_type):
         # Match ``autocast(e @ c.T)`` followed by a float32 loss, as the naive path computes it.
         dtype = torch.get_autocast_dtype(device_type)
         e, c = e.to(dtype), c.to(dtype)
@@ -341,13 +301,6 @@ def _compute_inputs(e: Tensor, c: Tensor, bias: Tensor | None):
             + (f", {bias.dtype}" if bias is not None else "")
         )
     return e, c, bias, out_dtype
-
-
-def _check_target(target: Tensor, num_classes: int, ignore_index: int, shift: bool) -> None:
-    if shift:
-        V.check_index_target(target[..., 1:], num_classes, ignore_index, target[..., 1:].shape)
-    else:
-        V.check_index_target(target, num_classes, ignore_index, target.shape if target.dim() else (1,))
 
 
 def _finish(value: Tensor, stats: dict, rows_shape, shift: bool, reduction: str, out_dtype, return_stats):
@@ -385,6 +338,3 @@ def _dtensor_call(args: dict):
     loss = (loss.double() / denominator).to(loss.dtype)
     return loss if stats is None else (loss, stats)
 
-
-#: The key under which ``sample_weight`` rides along the causal shift with the extras.
-_SAMPLE_WEIGHT = "__sample_weight__"

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn import _reduction as _Reduction
 
 from . import _validation as V
 from .functional import cross_entropy
 from .linear import linear_cross_entropy, resolve_options
 from .losses._build import build_loss
 
-__all__ = ["CrossEntropy", "LinearCrossEntropy"]
+__all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss", "CrossEntropy", "LinearCrossEntropy"]
 
 
 def _register_loss(module: nn.Module, loss) -> None:
@@ -29,75 +30,114 @@ def _register_loss(module: nn.Module, loss) -> None:
         module.loss_state = nn.ModuleList(parts)
 
 
-class CrossEntropy(nn.Module):
-    """Module form of :func:`crossent.cross_entropy` (same arguments, fixed at construction).
+def _refuse_loss_as_weight(weight) -> None:
+    if weight is not None and not isinstance(weight, Tensor):
+        raise TypeError(
+            f"weight must be a tensor of class weights or None, got {type(weight).__name__} {weight!r}; the first "
+            "positional argument is PyTorch's weight: pass the loss by keyword (loss=...)"
+        )
+
+
+class CrossEntropyLoss(nn.Module):
+    """Module form of :func:`crossent.cross_entropy`, with the signature of ``torch.nn.CrossEntropyLoss``.
+
+    The positional arguments are PyTorch's, in its order (``weight`` first); crossent's options
+    (``loss``, ``z_loss``, ``softcap``) are keyword-only. ``CrossEntropy`` is the same class.
 
     Example:
         >>> import torch, crossent as xe
-        >>> crit = xe.nn.CrossEntropy(label_smoothing=0.1)
+        >>> crit = xe.nn.CrossEntropyLoss(label_smoothing=0.1)
         >>> crit(torch.tensor([[2.0, 0.5, -1.0]]), torch.tensor([0]))
         tensor(0.3913)
+        >>> xe.nn.CrossEntropyLoss(torch.tensor([1.0, 2.0, 0.5]), loss="focal")
+        CrossEntropyLoss(loss=Focal(gamma=2.0, alpha=None), reduction='mean', ignore_index=-100)
     """
 
     def __init__(
         self,
-        loss="ce",
-        *,
         weight: Tensor | None = None,
+        size_average: bool | None = None,
         ignore_index: int = -100,
+        reduce: bool | None = None,
         reduction: str = "mean",
         label_smoothing: float = 0.0,
+        *,
+        loss="ce",
         z_loss: float = 0.0,
         softcap: float | None = None,
     ):
         super().__init__()
+        _refuse_loss_as_weight(weight)
+        if size_average is not None or reduce is not None:
+            reduction = _Reduction.legacy_get_string(size_average, reduce)
         V.check_reduction(reduction)
         _register_loss(self, build_loss(loss, label_smoothing=label_smoothing, z_loss=z_loss))
         self.register_buffer("weight", weight)
-        self.ignore_index = ignore_index
+        self.ignore_index = V.check_ignore_index(ignore_index)
         self.reduction = reduction
-        self.softcap = softcap
+        self.softcap = V.check_softcap(softcap)
 
     def forward(self, input: Tensor, target: Tensor, extra: dict[str, Tensor] | None = None) -> Tensor:
         """``extra`` carries per-row tensors for losses that read them (e.g. ``sample_ids``)."""
         return cross_entropy(
             input,
             target,
-            extra=extra,
-            loss=self.loss,
-            weight=self.weight,
+            self.weight,
             ignore_index=self.ignore_index,
             reduction=self.reduction,
+            loss=self.loss,
             softcap=self.softcap,
+            extra=extra,
         )
 
     def extra_repr(self) -> str:
         return f"loss={self.loss!r}, reduction={self.reduction!r}, ignore_index={self.ignore_index}"
 
 
-class LinearCrossEntropy(nn.Module):
-    """Module form of :func:`crossent.linear_cross_entropy`: ``crit(e, c, target, bias=None)``.
+class LinearCrossEntropyLoss(nn.Module):
+    """Module form of :func:`crossent.linear_cross_entropy`, with the signature of
+    ``torch.nn.LinearCrossEntropyLoss``; ``LinearCrossEntropy`` is the same class.
 
-    The classifier is passed at call time (``crit(h, model.lm_head.weight, labels)``), so tied or
-    sharded weights need no special handling.
+    Two ways to hold the classifier:
+
+    * ``LinearCrossEntropyLoss(in_features, num_classes, bias=False, device=None, dtype=None, ...)``
+      owns it, as PyTorch's module does (``self.linear``, an ``nn.Linear``): ``crit(input, target)``.
+    * ``LinearCrossEntropyLoss(...)`` without sizes takes it at call time:
+      ``crit(h, model.lm_head.weight, labels, bias=None)``, so tied or sharded weights need no
+      special handling.
+
+    PyTorch's keyword arguments keep their meaning (``reduction``, ``weight``, ``ignore_index``:
+    ``None`` is -100, ``label_smoothing``); ``options`` is a :class:`crossent.LinearCrossEntropyOptions`.
+    crossent's own options are keyword arguments too. PyTorch's K-dimensional ``out_features`` is not
+    supported (the classifier is ``[V, D]``).
 
     Example:
         >>> import torch, crossent as xe
-        >>> crit = xe.nn.LinearCrossEntropy(z_loss=1e-2)
+        >>> crit = xe.nn.LinearCrossEntropyLoss(z_loss=1e-2)
         >>> e = torch.tensor([[1.0, 0.0], [0.5, -1.0]])
         >>> c = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 1.0]])
         >>> crit(e, c, torch.tensor([0, 2]))
         tensor(1.3701)
+        >>> owned = xe.nn.LinearCrossEntropyLoss(2, 3, bias=True)
+        >>> owned.linear
+        Linear(in_features=2, out_features=3, bias=True)
     """
 
     def __init__(
         self,
-        loss="ce",
+        in_features: int | None = None,
+        num_classes: int | None = None,
         *,
-        weight: Tensor | None = None,
-        ignore_index: int = -100,
+        out_features: tuple[int, ...] = (),
+        bias: bool = False,
+        device=None,
+        dtype=None,
         reduction: str = "mean",
+        weight: Tensor | None = None,
+        ignore_index: int | None = None,
         label_smoothing: float = 0.0,
+        options=None,
+        loss="ce",
         z_loss: float = 0.0,
         softcap: float | None = None,
         shift: bool = False,
@@ -105,23 +145,61 @@ class LinearCrossEntropy(nn.Module):
         chunk_size: int | None = None,
         return_stats: bool = False,
         accum_dtype: torch.dtype | None = None,
-        options=None,
     ):
         super().__init__()
+        if isinstance(in_features, str) or hasattr(in_features, "row_loss"):
+            raise TypeError(
+                f"in_features must be an int or None, got {in_features!r}; the positional arguments are PyTorch's "
+                "(in_features, num_classes): pass the loss by keyword (loss=...)"
+            )
+        if (in_features is None) != (num_classes is None):
+            raise TypeError("give both in_features and num_classes (the module owns its classifier) or neither")
+        if tuple(out_features) != ():
+            raise ValueError(
+                f"out_features={tuple(out_features)}: crossent's classifier is a [V, D] matrix (PyTorch's "
+                "K-dimensional loss is not supported)"
+            )
+        _refuse_loss_as_weight(weight)
         V.check_reduction(reduction)
         self.options = resolve_options(options, backend=backend, chunk_size=chunk_size, accum_dtype=accum_dtype)
         _register_loss(self, build_loss(loss, label_smoothing=label_smoothing, z_loss=z_loss))
+        if in_features is not None:
+            in_features = V.count("in_features", in_features, 0)
+            num_classes = V.count("num_classes", num_classes, 1)
+            if weight is not None and tuple(weight.shape) != (num_classes,):
+                raise ValueError(f"weight must have shape ({num_classes},) (num_classes), got {tuple(weight.shape)}")
+            self.linear = nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
+        else:
+            if bias:
+                raise ValueError("bias=True needs in_features and num_classes; otherwise pass the bias at call time")
+            self.linear = None
         self.register_buffer("weight", weight)
-        self.ignore_index = ignore_index
+        self.ignore_index = -100 if ignore_index is None else V.check_ignore_index(ignore_index)
         self.reduction = reduction
-        self.softcap = softcap
+        self.softcap = V.check_softcap(softcap)
         self.shift = shift
         self.return_stats = return_stats
 
-    def forward(self, e: Tensor, c: Tensor, target: Tensor, bias: Tensor | None = None, extra: dict[str, Tensor] | None = None):
-        """``extra`` carries per-row tensors for losses that read them (e.g. ``sample_ids``)."""
+    def forward(self, input: Tensor, *args, bias: Tensor | None = None, extra: dict[str, Tensor] | None = None):
+        """``crit(input, target)`` with an owned classifier, else ``crit(e, c, target, bias=None)``.
+
+        ``extra`` carries per-row tensors for losses that read them (e.g. ``sample_ids``).
+        """
+        if self.linear is not None:
+            if len(args) != 1 or bias is not None:
+                raise TypeError("this module owns its classifier (self.linear): call it as crit(input, target)")
+            (target,) = args
+            c, bias = self.linear.weight, self.linear.bias
+        else:
+            if len(args) not in (2, 3) or (len(args) == 3 and bias is not None):
+                raise TypeError(
+                    "this module takes the classifier at call time: crit(e, c, target, bias=None) "
+                    "(or build it with in_features and num_classes to own one)"
+                )
+            c, target = args[:2]
+            bias = args[2] if len(args) == 3 else bias
         return linear_cross_entropy(
-            e,
+            input,
             c,
             target,
             bias=bias,
@@ -138,3 +216,8 @@ class LinearCrossEntropy(nn.Module):
 
     def extra_repr(self) -> str:
         return f"loss={self.loss!r}, reduction={self.reduction!r}, shift={self.shift}, backend={self.options.backend!r}"
+
+
+#: The names under which these modules first shipped.
+CrossEntropy = CrossEntropyLoss
+LinearCrossEntropy = LinearCrossEntropyLoss

@@ -95,8 +95,8 @@ def hl_gauss(y: Tensor, v_min: float, v_max: float, num_bins: int, sigma_ratio: 
         tensor([[0.0881, 0.4119, 0.4119, 0.0881]])
     """
     v_min, v_max, num_bins = _check_range(v_min, v_max, num_bins)
-    if isinstance(sigma_ratio, bool) or not isinstance(sigma_ratio, numbers.Real) or not sigma_ratio > 0:
-        raise ValueError(f"sigma_ratio must be > 0, got {sigma_ratio!r}")
+    if isinstance(sigma_ratio, bool) or not isinstance(sigma_ratio, numbers.Real) or not 0 < sigma_ratio < math.inf:
+        raise ValueError(f"sigma_ratio must be > 0 and finite, got {sigma_ratio!r}")
     y = _as_float(y).clamp(v_min, v_max)
     edges = _edges(v_min, v_max, num_bins, y.dtype, y.device)
     sigma = float(sigma_ratio) * (v_max - v_min) / num_bins

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from dataclasses import dataclass
 
+from . import _validation as V
 from ._rows import Rows, onehot_mask
 
 
@@ -114,9 +115,8 @@ class Softcap(Transform):
     """``cap * tanh(z / cap)`` (Gemma 2 style logit soft-capping)."""
 
     def __init__(self, cap: float):
-        if not cap > 0:
-            raise ValueError(f"softcap must be > 0, got {cap}")
-        self.cap = float(cap)
+        # Finite: the entry points read softcap=math.inf as "no capping" and build no transform.
+        self.cap = V.positive("softcap", cap)
 
     @property
     def key(self):

@@ -17,10 +17,12 @@ reads it in :meth:`Loss.observe` (once per row and forward, possibly block by bl
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, ClassVar
 
 from torch import Tensor, nn
 
+from .._loss_ref import attach
 from .._rows import Rows
 from ..stats import Statistic, formula_values, with_requirements
 from ..transforms import Transform
@@ -60,6 +62,16 @@ def registered() -> dict[str, type]:
     return dict(_REGISTRY)
 
 
+def _attaching(init):
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        attach(self)
+
+    __init__.attaches_ref = True
+    return __init__
+
+
 class Loss:
     """Base class of every crossent loss.
 
@@ -79,6 +91,23 @@ class Loss:
     #: statistic relative to the row's maximum, which keeps it exact for logits of any size; any other
     #: reads the statistics' plain values (``crossent.stats.formula_values``).
     shift_invariant: ClassVar[bool] = False
+
+    # Every loss built outside torch.compile carries a reference that a compiled custom op can take
+    # (crossent._loss_ref): the base __init__ attaches it, and so does every subclass's __init__.
+    def __init__(self):
+        attach(self)
+
+    def __copy__(self):
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        attach(new)  # a reference of its own (deepcopy and pickle copy the reference with the object)
+        return new
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None and not getattr(init, "attaches_ref", False):
+            cls.__init__ = _attaching(init)
 
     # -- what the engine needs ------------------------------------------------------------------
     def statistics(self, rows: Rows) -> tuple[Statistic, ...]:

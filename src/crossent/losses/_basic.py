@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import _validation as V
 from .._rows import Rows
 from ..stats import LSE, TARGET, SoftDot
 from ._base import Loss, register
@@ -126,7 +127,7 @@ class ZLoss(Loss):
     accepts_probs = True
 
     def __init__(self, scale: float = 1e-4):
-        self.scale = float(scale)
+        self.scale = V.non_negative("scale", scale, who="z_loss")
 
     def statistics(self, rows):
         return (LSE,)

@@ -145,7 +145,8 @@ class TGCE(Loss):
 
     Rows with :math:`p_y \le k` get a constant loss and no gradient (the paper's pruning of likely
     mislabelled samples, applied per batch; the paper re-scores the whole training set periodically
-    instead, which needs state outside the loss). ``k=0`` is :class:`GCE`.
+    instead, which needs state outside the loss). ``k=0`` is :class:`GCE`. The official code subtracts
+    :math:`L_q(k)` from every row (pruned rows give 0): a constant offset, with equal gradients.
 
     Statistics: ``lse``, ``target``. Streams on every engine.
 
@@ -243,6 +244,7 @@ class NCE(Loss):
         return (LSE, TARGET, SUM)
 
     def row_loss(self, s, rows):
+        V.at_least_classes("nce", rows.num_classes)  # one class: 0 / 0
         lse = s[LSE]
         return (lse - s[TARGET]) / (rows.num_classes * lse - s[SUM])
 
@@ -283,6 +285,7 @@ class NGCE(Loss):
         return (LSE, TARGET, self._power)
 
     def row_loss(self, s, rows):
+        V.at_least_classes("ngce", rows.num_classes)  # one class: 0 / 0
         numerator = -torch.expm1(self.q * log_prob_target(s, rows))
         return numerator / (rows.num_classes - s[self._power])
 

@@ -11,6 +11,13 @@ from .. import _validation as V
 from ._base import Loss, register
 
 
+def _alpha(alpha) -> float:
+    """The positive-term weight: in [0, 1], or negative to switch the weighting off (torchvision's rule)."""
+    alpha = V.real(None, "alpha", alpha)
+    if alpha > 1:
+        raise ValueError(f"alpha must be in [0, 1] (or negative for no weighting), got {alpha:g}")
+    return alpha
+
 
 def sigmoid_focal_loss(
     inputs: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0, reduction: str = "none"
@@ -56,7 +63,7 @@ def sigmoid_focal_loss(
     if targets.shape != inputs.shape:
         raise ValueError(f"targets must have the shape of inputs {tuple(inputs.shape)}, got {tuple(targets.shape)}")
     V.check_reduction(reduction)
-    alpha = V.real(None, "alpha", alpha)
+    alpha = _alpha(alpha)
     gamma = V.non_negative("gamma", gamma)
     if not targets.is_floating_point():
         targets = targets.to(inputs.dtype)
@@ -124,7 +131,7 @@ class SigmoidFocal(Loss):
 
     def __init__(self, gamma: float = 2.0, alpha: float = 0.25):
         self.gamma = V.non_negative("gamma", gamma)
-        self.alpha = V.real(None, "alpha", alpha)
+        self.alpha = _alpha(alpha)
 
     def dense_row_loss(self, z: Tensor, rows: Rows) -> Tensor:
         if rows.has_indices:

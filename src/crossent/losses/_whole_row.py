@@ -209,7 +209,8 @@ class AdaptiveLDRKL(StatefulLoss):
             cross-validation from {0.1, 1, 10}).
         margin: :math:`c`, the margin added to non-target scores. Default ``0.1``.
         alpha: :math:`\alpha > 1`, strength of the KL prior on :math:`\lambda`. Default ``2.0``.
-        num_samples: size of the training set (ids must be below it), or ``None`` to grow as needed.
+        num_samples: size of the training set (ids must be below it), or ``None`` to grow as needed
+            (growing reads the ids on the host; under ``torch.compile`` give ``num_samples``).
 
     Example:
         >>> import torch, crossent as xe
@@ -278,20 +279,34 @@ class AdaptiveLDRKL(StatefulLoss):
         if ids.dim() != 1:
             raise ValueError(f"sample_ids must hold one id per target, got trailing shape {tuple(ids.shape[1:])}")
         ids = ids.to(device=rows.valid.device, dtype=torch.long)
-        counted = ids[rows.valid]
-        if counted.numel():
-            low, high = int(counted.min()), int(counted.max())
-            if low < 0:
-                raise ValueError(f"sample_ids must be non-negative, got {low}")
-            if self.num_samples is not None and high >= self.num_samples:
-                raise ValueError(f"sample id {high} is out of range for num_samples={self.num_samples}")
-            if counted.unique().numel() != counted.numel():
-                raise ValueError("sample_ids of the counted rows of one call must be distinct")
+        valid = rows.valid
+        negative = valid & (ids < 0)
+        V.data_check(negative, "aldr_kl: sample_ids must be non-negative",
+                     lambda: f"sample_ids must be non-negative, got {int(ids[negative].min())}")  # fmt: skip
+        if self.num_samples is not None:
+            beyond = valid & (ids >= self.num_samples)
+            V.data_check(
+                beyond,
+                f"aldr_kl: sample ids must be below num_samples={self.num_samples}",
+                lambda: f"sample id {int(ids[beyond].max())} is out of range for num_samples={self.num_samples}",
+            )
+        # Distinct ids among the counted rows: sorted, ignored rows hold distinct negative stand-ins.
+        standing = torch.where(valid, ids, -1 - torch.arange(ids.shape[0], device=ids.device)).sort().values
+        duplicate = standing[1:] == standing[:-1]
+        V.data_check(duplicate, "aldr_kl: sample_ids of the counted rows of one call must be distinct")
+        if self.num_samples is None:
+            if torch.compiler.is_compiling():
+                raise ValueError(
+                    "aldr_kl under torch.compile needs num_samples: its table of temperatures cannot grow inside "
+                    "a compiled graph"
+                )
+            counted = ids[valid]
+            high = int(counted.max()) if counted.numel() else -1
             if high >= self.lambdas.shape[0]:
                 grown = torch.full((high + 1,), self.lam0, dtype=torch.float64, device=self.lambdas.device)
                 grown[: self.lambdas.shape[0]] = self.lambdas
                 self.lambdas = grown
-        return torch.where(rows.valid, ids, torch.zeros_like(ids))
+        return torch.where(valid, ids, torch.zeros_like(ids))
 
     def observe(self, z: Tensor, rows: Rows) -> dict[str, Tensor]:
         """Each counted row's new temperature, from the stored one (the table is written in :meth:`commit`)."""
@@ -315,9 +330,13 @@ class AdaptiveLDRKL(StatefulLoss):
 
     def commit(self, rows: Rows) -> None:
         """``lambdas[id] = lambda`` for every counted row of the forward (training mode only)."""
-        if self.training and rows.valid.any():
-            ids = rows.extra[self._key + ".ids"]
-            self.lambdas[ids[rows.valid]] = rows.extra[self._key][rows.valid].to(torch.float64)
+        if not self.training or not self.lambdas.numel():
+            return
+        # Branch-free (no host sync, traceable): ignored rows write to a scratch slot past the table.
+        ids, lam = rows.extra[self._key + ".ids"], rows.extra[self._key].to(torch.float64)
+        table = torch.cat([self.lambdas, self.lambdas.new_zeros(1)])
+        table[torch.where(rows.valid, ids, self.lambdas.shape[0])] = lam
+        self.lambdas.copy_(table[:-1])
 
     @staticmethod
     def _scores(z: Tensor) -> Tensor:

@@ -10,7 +10,9 @@ from torch import Tensor
 from ._base import Strategy, check_losses
 
 NORMALISATIONS = ("global", "local")
-FORMS = ("code", "paper")
+#: ``"paper"``: ``exp(alpha v) - beta`` (the paper, and the official code since 2022-09); ``"code"``:
+#: ``exp(beta v) - 1 + alpha`` (the official code's 2021 commits).
+FORMS = ("paper", "code")
 
 
 def _variances(features, who: str) -> Tensor:
@@ -35,9 +37,9 @@ def _scale(v: Tensor, low: Tensor, vmin: Tensor, vmax: Tensor) -> Tensor:
 
 
 def _weights(v: Tensor, alpha: float, beta: float, form: str) -> Tensor:
-    if form == "code":
-        return torch.exp(v * beta) - 1.0 + alpha
-    return torch.exp(v * alpha) - beta
+    if form == "paper":
+        return torch.exp(v * alpha) - beta
+    return torch.exp(v * beta) - 1.0 + alpha
 
 
 def _check(alpha, beta, form, who):
@@ -46,15 +48,16 @@ def _check(alpha, beta, form, who):
     return float(alpha), float(beta)
 
 
-def bias_loss_weights(features: Tensor, alpha: float = 0.3, beta: float = 0.3, *, form: str = "code") -> Tensor:
+def bias_loss_weights(features: Tensor, alpha: float = 0.3, beta: float = 0.3, *, form: str = "paper") -> Tensor:
     r"""Per-example bias-loss weights from a batch of feature maps, with batch ('local') normalisation.
 
     ``v_i`` is the (unbiased) variance of the flattened, detached feature map of example ``i`` (the
     output of the last convolutional block, before pooling), min-max normalised over the batch:
     ``v_i <- (v_i - min v) / (max v - min v)`` (0 when all variances are equal, where the official
-    code divides by zero). The weight is the official code's ``exp(beta * v) - 1 + alpha``
-    (``form="code"``, default); the paper writes ``exp(alpha * v) - beta`` (``form="paper"``). With
-    ``alpha = beta = 0.3`` the code's weights lie in ``[0.3, 0.65]``, the paper's in ``[0.7, 1.05]``.
+    code divides by zero). The weight is the paper's ``exp(alpha * v) - beta`` (``form="paper"``,
+    default), which the official code computes since 2022-09; its 2021 commits computed
+    ``exp(beta * v) - 1 + alpha`` (``form="code"``). With ``alpha = beta = 0.3`` the paper's weights
+    lie in ``[0.7, 1.05]``, the 2021 code's in ``[0.3, 0.65]``.
     The bias loss is ``mean_i(w_i * CE_i)``. For the official default 'global' normalisation (a
     running minimum) use :class:`BiasLossWeights`.
 
@@ -63,7 +66,7 @@ def bias_loss_weights(features: Tensor, alpha: float = 0.3, beta: float = 0.3, *
         >>> from crossent.weighting import bias_loss_weights
         >>> features = torch.tensor([[0.0, 1.0, 2.0], [0.0, 2.0, 4.0], [1.0, 1.0, 1.0]])
         >>> bias_loss_weights(features)
-        tensor([0.3779, 0.6499, 0.3000])
+        tensor([0.7779, 1.0499, 0.7000])
     """
     alpha, beta = _check(alpha, beta, form, "bias_loss_weights")
     v = _variances(features, "bias_loss_weights")
@@ -87,7 +90,8 @@ class BiasLossWeights(Strategy):
     Args:
         alpha, beta: Default ``0.3`` and ``0.3``.
         normalisation: ``"global"`` (default) or ``"local"``.
-        form: ``"code"`` (default, ``exp(beta v) - 1 + alpha``) or ``"paper"`` (``exp(alpha v) - beta``).
+        form: ``"paper"`` (default, ``exp(alpha v) - beta``, as the official code since 2022-09) or
+            ``"code"`` (``exp(beta v) - 1 + alpha``, the official code's 2021 commits).
         initial_min: starting running minimum. Default ``1e5``.
 
     Inputs: ``losses`` ``[N]`` per-example cross-entropies, ``features=`` ``[N, ...]`` feature maps.
@@ -99,7 +103,7 @@ class BiasLossWeights(Strategy):
         >>> features = torch.tensor([[0.0, 1.0, 2.0], [0.0, 2.0, 4.0], [1.0, 1.0, 1.0]])
         >>> losses = torch.tensor([1.0, 2.0, 3.0])
         >>> bias(losses, features=features)
-        tensor(0.8592)
+        tensor(1.6592)
         >>> bias.running_min
         0.0
 
@@ -113,7 +117,7 @@ class BiasLossWeights(Strategy):
         beta: float = 0.3,
         normalisation: str = "global",
         *,
-        form: str = "code",
+        form: str = "paper",
         initial_min: float = 1e5,
     ):
         if normalisation not in NORMALISATIONS:

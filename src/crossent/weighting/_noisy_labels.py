@@ -54,8 +54,9 @@ def estimate_transition_matrix(
     ``percentile=None`` it is ``argmax_x p_i(x)``.
 
     ``noisy_labels`` restricts the candidates for class ``i`` to the examples labelled ``i``, as the
-    RENT code does (which then takes the ``int(0.03 n_i)``-th largest ``p_i``, one rank above this
-    rule); without them every example is a candidate, as in the original estimator. Deviation: the
+    RENT code does (which then takes the ``int(0.03 n_i)``-th largest ``p_i``: two ranks above this
+    rule's anchor for most ``n_i``, one for the others); without them every example is a candidate,
+    as in the original estimator. RENT stores the estimate transposed (``T[noisy, clean]``). Deviation: the
     original code zeroes the filtered entries of the probability matrix in place, so a later row
     can read a zeroed column; this function does not modify ``probs``.
 
@@ -186,7 +187,9 @@ class RENT(_Sampling):
     :meth:`weights` peeks at the draw that ``__call__`` will make without consuming it.
 
     Args:
-        T: ``[C, C]`` row-stochastic transition matrix (true or estimated).
+        T: ``[C, C]`` row-stochastic transition matrix (true or estimated), ``T[clean, noisy]``. The
+            RENT code keeps the transpose, ``T[noisy, clean]`` (its columns sum to 1): pass ``T.T``
+            of a matrix taken from it.
         resample_ratio: ``N`` in the paper's code (``--N``). Default ``1.0``.
         generator: optional ``torch.Generator`` (state saved by :meth:`state_dict`).
 

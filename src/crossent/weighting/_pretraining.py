@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -182,10 +185,21 @@ class LossReweighting(Strategy):
         return {"num_steps": self.num_steps}
 
     def load_state_dict(self, state: dict) -> None:
-        self.num_steps = int(state["num_steps"])
+        self.num_steps = _step_count(state, "num_steps", "LossReweighting", minimum=0)
 
     def _repr_args(self):
         return {"strategy": self.strategy, "r": self.r, "d": self.d, "warmup_steps": self.warmup_steps}
+
+
+def _step_count(state: dict, key: str, who: str, *, minimum: int) -> int:
+    """``state[key]`` as a step count (an int, or an integer-valued number or tensor) of at least ``minimum``."""
+    value = state[key]
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not number or value != int(value) or value < minimum:
+        raise ValueError(f"{who}: {key} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
 
 
 class DoReMi(Strategy):
@@ -310,13 +324,18 @@ class DoReMi(Strategy):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("domain_weights", "average_weights", "scores"):
-            if tuple(state[key].shape) != (self.num_domains,):
-                raise ValueError(f"DoReMi.load_state_dict: {key} must have {self.num_domains} entries")
-        self._alpha = state["domain_weights"].detach().to(torch.float64).cpu().clone()
-        self._average = state["average_weights"].detach().to(torch.float64).cpu().clone()
-        self._scores = state["scores"].detach().to(torch.float64).cpu().clone()
-        self._counter = int(state["counter"])
+        who, k = "DoReMi.load_state_dict", self.num_domains
+        alpha = check_vector(state["domain_weights"], "domain_weights", who, length=k, positive=True)
+        average = check_vector(state["average_weights"], "average_weights", who, length=k, positive=True)
+        scores = state["scores"]
+        if not isinstance(scores, Tensor) or tuple(scores.shape) != (k,):
+            raise ValueError(f"{who}: scores must be a tensor of {k} entries")
+        scores = scores.detach().to(torch.float64)
+        if not torch.isfinite(scores).all():
+            raise ValueError(f"{who}: scores must be finite")
+        counter = _step_count(state, "counter", who, minimum=1)
+        self._alpha, self._average, self._scores = alpha.cpu().clone(), average.cpu().clone(), scores.cpu().clone()
+        self._counter = counter
 
     # -- the update -------------------------------------------------------------------------------
     def _inputs(self, losses, domain_ids, mask, reference_losses=None):

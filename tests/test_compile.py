@@ -1,0 +1,184 @@
+"""``torch.compile(fullgraph=True)`` on both entry points: no graph break, eager's values and gradients.
+
+* ``cross_entropy`` is traced through its formula (ordinary autograd ops): CE, label smoothing, z-loss,
+  focal and a whole-row loss (``nfl``) on the ``aot_eager`` and ``inductor`` CPU backends, in one
+  compiled function each (one compilation); every registered loss and option on the ``eager``
+  backend (Dynamo's full-graph capture, the part that breaks graphs), with a stateful loss whose state
+  moves once per call, as in eager mode.
+* ``linear_cross_entropy`` runs its row-chunked engine as one custom operator: the same five losses,
+  ``reduction="none"``, ``return_stats``, ``shift`` and the recompute mode, on both backends; values
+  and gradients equal eager mode's exactly (the same engine runs).
+* Checks that read the target become device asserts: an out-of-range target fails when the graph runs.
+
+Tolerances: values and gradients of ``cross_entropy`` 1e-6 relative (float32; the compiled formula
+may order its sums differently), ``linear_cross_entropy`` exact. Shapes are tiny: the cost is the
+compilation.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import crossent as xe
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tensors here are tiny: intra-op threads only add waiting (on a shared machine, a lot)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+g = torch.Generator().manual_seed(0)
+X = torch.randn(6, 5, generator=g)
+Y = torch.tensor([0, 4, 2, -100, 1, 3])
+E, C, B = torch.randn(6, 4, generator=g), torch.randn(7, 4, generator=g), torch.randn(7, generator=g)
+T7 = torch.tensor([0, 6, 2, -100, 5, 3])
+FOCAL = xe.losses.get("focal", gamma=2.0)
+REQUIRED = {
+    "ce": {},
+    "label_smoothing": {"label_smoothing": 0.1},
+    "z_loss": {"z_loss": 1e-2},
+    "focal": {"loss": FOCAL},
+    "whole_row": {"loss": "nfl"},
+}
+
+
+def close(a, b, rtol=1e-6):
+    torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * max(1.0, b.abs().max().item()))
+
+
+def grads_of(outs, inputs):
+    """Each output's gradients with respect to ``inputs`` (one backward per output)."""
+    return [torch.autograd.grad(o.sum(), inputs, retain_graph=True) for o in outs]
+
+
+def compare(fn, inputs, backend, rtol):
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=backend, fullgraph=True)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    eager_leaves = [t.clone().requires_grad_() for t in inputs]
+    outs, ref = compiled(*leaves), fn(*eager_leaves)
+    for name, o, r, go, gr in zip(REQUIRED, outs, ref, grads_of(outs, leaves), grads_of(ref, eager_leaves)):
+        if rtol:
+            close(o, r, rtol)
+        else:
+            assert torch.equal(o, r), name
+        for a, b in zip(go, gr):
+            if rtol:
+                close(a, b, rtol)
+            else:
+                assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_cross_entropy_fullgraph(backend):
+    def losses(x):
+        return [xe.cross_entropy(x, Y, **kw) for kw in REQUIRED.values()]
+
+    compare(losses, [X], backend, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_linear_cross_entropy_fullgraph(backend):
+    def losses(e, c, b):
+        return [xe.linear_cross_entropy(e, c, T7, bias=b, chunk_size=4, **kw) for kw in REQUIRED.values()]
+
+    compare(losses, [E, C, B], backend, rtol=0)
+
+
+def test_linear_cross_entropy_options_under_compile():
+    recompute = xe.LinearCrossEntropyOptions(mode="recompute", chunk_size=2)
+    w = torch.rand(7, generator=g) - 0.3
+    seq = torch.tensor([[0, 6, 2], [-100, 5, 3]])
+    calls = [
+        lambda e, c: xe.linear_cross_entropy(e, c, T7, reduction="none", weight=w),
+        lambda e, c: xe.linear_cross_entropy(e, c, T7, reduction="sum", options=recompute, softcap=3.0)[None],
+        lambda e, c: xe.linear_cross_entropy(e.reshape(2, 3, 4), c, seq, shift=True, reduction="none").reshape(-1),
+    ]
+
+    def outputs(e, c):
+        out = [call(e, c) for call in calls]
+        loss, stats = xe.linear_cross_entropy(e, c, T7, return_stats=True, label_smoothing=0.1)
+        return out + [loss[None], stats.lse, stats.argmax.double()]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(outputs, backend="aot_eager", fullgraph=True)
+    leaves = [t.clone().requires_grad_() for t in (E, C)]
+    eager = [t.clone().requires_grad_() for t in (E, C)]
+    got, ref = compiled(*leaves), outputs(*eager)
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)
+    for ga, gb in zip(grads_of(got[:4], leaves), grads_of(ref[:4], eager)):
+        for a, b in zip(ga, gb):
+            assert torch.equal(a, b)
+
+
+def test_every_loss_and_option_traces_in_one_graph():
+    """Dynamo's full-graph capture of every registered loss and of each option (the ``eager`` backend
+    runs the captured graph as it is; the other backends compile that same graph)."""
+    C = 5
+    T = torch.tensor([[0.8, 0.1, 0.1, 0.0, 0.0], [0.1, 0.8, 0.1, 0.0, 0.0], [0.0, 0.1, 0.8, 0.1, 0.0],
+                      [0.0, 0.0, 0.1, 0.8, 0.1], [0.1, 0.0, 0.0, 0.1, 0.8]])  # fmt: skip
+    special = {"forward_correction": {"T": T}, "backward_correction": {"T": T}, "aldr_kl": {"num_samples": 6}}
+    objects = {name: xe.losses.get(name, **special.get(name, {})) for name in xe.losses.available()}
+    ids = torch.arange(6)
+    q = torch.softmax(torch.randn(6, C, generator=g), -1)
+    w = torch.rand(C, generator=g) - 0.3
+    x4, y4 = torch.randn(2, C, 3, generator=g), torch.randint(0, C, (2, 3), generator=g)
+
+    def everything(x, x4, objects):
+        out = [xe.cross_entropy(x, Y, loss=loss, extra={"sample_ids": ids}) for loss in objects.values()]
+        out += [
+            xe.cross_entropy(x, Y, w, reduction="none", label_smoothing=0.2, z_loss=1e-3, softcap=4.0),
+            xe.cross_entropy(x, Y.clamp(min=0), ignore_index=2, reduction="sum")[None],
+            xe.cross_entropy(x, q, w, label_smoothing=0.1)[None],
+            xe.cross_entropy(x, q, loss="sigmoid_focal")[None],
+            xe.cross_entropy(x4, y4, w, reduction="none").reshape(-1),
+        ]
+        return [o.reshape(-1) for o in out]
+
+    eager_objects = copy.deepcopy(objects)
+    torch._dynamo.reset()
+    compiled = torch.compile(everything, backend="eager", fullgraph=True)
+    a, a4, b, b4 = (t.clone().requires_grad_() for t in (X, x4, X, x4))
+    got, ref = compiled(a, a4, objects), everything(b, b4, eager_objects)
+    for o, r in zip(got, ref):
+        close(o, r)
+    total, ref_total = sum(o.sum() for o in got), sum(r.sum() for r in ref)
+    for u, v in zip(torch.autograd.grad(total, (a, a4)), torch.autograd.grad(ref_total, (b, b4))):
+        close(u, v, 1e-5)
+    # The stateful loss moved once, as in eager mode.
+    close(objects["aldr_kl"].lambdas, eager_objects["aldr_kl"].lambdas)
+    assert not torch.equal(objects["aldr_kl"].lambdas, torch.full((6,), 1.0, dtype=torch.float64))
+
+
+def test_target_checks_are_device_asserts_under_compile():
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, y: xe.cross_entropy(x, y), backend="aot_eager", fullgraph=True)
+    compiled(X, Y)
+    with pytest.raises(RuntimeError, match=r"target values must be in \[0, 5\)"):
+        compiled(X, torch.tensor([0, 4, 2, 9, 1, 3]))
+
+
+def test_linear_cross_entropy_under_compile_names_what_it_cannot_take():
+    torch._dynamo.reset()
+    inside = torch.compile(
+        lambda e, c: xe.linear_cross_entropy(e, c, T7, loss=xe.losses.get("focal")), backend="eager", fullgraph=True
+    )
+    with pytest.raises(Exception, match="built inside the compiled code"):
+        inside(E, C)
+    aldr = xe.losses.get("aldr_kl", num_samples=6)
+    stateful = torch.compile(
+        lambda e, c: xe.linear_cross_entropy(e, c, T7, loss=aldr, extra={"sample_ids": torch.arange(6)}),
+        backend="eager",
+        fullgraph=True,
+    )
+    with pytest.raises(Exception, match="keeps state"):
+        stateful(E, C)
