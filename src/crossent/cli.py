@@ -112,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch CPU threads (default: 1 for compare; torch's own for bench)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of any error (default: off)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    parser.commands = sub.choices  # name -> the command's parser, for its own error messages
     p = sub.add_parser("losses", help="list the registered losses with their hyperparameters and defaults",
                        description="Every registered loss: hyperparameters with defaults, formula, paper, streaming.")
     p.add_argument("--format", default="markdown", choices=catalog.FORMATS, help="output format (default: markdown)")
@@ -134,7 +135,10 @@ def _split_bench(argv: list[str]):
 
 def _run(argv: list[str]) -> int:
     head, bench_args = _split_bench(argv)
-    args = build_parser().parse_args(head)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(head)
+    if unknown:  # reported by the command's parser, whose options the user was writing
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     args.bench_args = bench_args
     if args.command == "losses":
         return cmd_losses(args)
