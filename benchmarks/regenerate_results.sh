@@ -38,7 +38,7 @@ commands() {
 
 figures() {
   python benchmarks/noise_definitions.py > "$OUT/noise-definitions.md"
-  python benchmarks/results_figures.py --results "$OUT" --img docs/img
+  python benchmarks/results_figures.py --results "$OUT" --img docs/img > "$OUT/tables.md"
 }
 
 mkdir -p "$OUT"

@@ -1,0 +1,175 @@
+"""The figures and tables of docs/results.md, from the results folders of benchmarks/regenerate_results.sh.
+
+    python benchmarks/results_figures.py --results results/docs --img docs/img
+
+Writes the PNGs into --img and prints every table of the page (Markdown) on stdout. A folder that is
+missing is skipped with a note on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+from crossent.experiments import plots, report  # noqa: E402
+
+# MNIST-1D reference figures: the README's (best of the evaluations) and the notebook's last evaluation
+MNIST1D_PUBLISHED = {"logistic": (32, 31.5), "MLP": (68, 65.1), "CNN": (94, 92.3)}
+
+
+def load(folder: Path) -> dict | None:
+    path = folder / "results.json"
+    if not path.exists():
+        print(f"skipped: {path} not found", file=sys.stderr)
+        return None
+    return json.loads(path.read_text())
+
+
+def fmt(pair, scale=100, dec=2) -> str:
+    mean, std = pair
+    return f"{mean * scale:.{dec}f} ± {std * scale:.{dec}f}"
+
+
+def n_seeds(res: dict) -> int:
+    return len({r["seed"] for r in res["runs"]})
+
+
+def relabel(res: dict, label: str) -> list[dict]:
+    return [{**r, "method": label} for r in res["runs"]]
+
+
+# -- Letter ----------------------------------------------------------------------------------------
+def letter(results: Path, img: Path) -> None:
+    settings = [("clean labels", "letter-clean"), ("ldr-uniform 0.6", "letter-uniform"),
+                ("ldr-class-dependent 0.3", "letter-class-dependent")]
+    loaded = [(label, load(results / name)) for label, name in settings]
+    loaded = [(label, res) for label, res in loaded if res]
+    if not loaded:
+        return
+    groups = [(f"{label}\n({n_seeds(res)} seeds)", report.aggregate(res["runs"])) for label, res in loaded]
+    plots.accuracy_by_setting(
+        groups, img / "letter_accuracy.png",
+        title="Letter under the LDR-KL reference setup (FFNN 16-16-16 tanh, SGD, 100 epochs), 2,000 clean test rows\n"
+              "mean test accuracy over seeds; error bars: ±1 std",
+    )
+    print("\n### Letter, reference network: test accuracy %\n")
+    methods = list(dict.fromkeys(r["method"] for _, res in loaded for r in res["runs"]))
+    print("| loss | " + " | ".join(f"{label} ({n_seeds(res)} seeds)" for label, res in loaded) + " |")
+    print("|---|" + "---:|" * len(loaded))
+    for m in methods:
+        cells = []
+        for _, res in loaded:
+            row = next((r for r in report.aggregate(res["runs"]) if r["method"] == m), None)
+            cells.append(fmt(row["acc"]) if row else "")
+        print(f"| `{m}` | " + " | ".join(cells) + " |")
+    for label, res in loaded:
+        print(f"\nECE % / NLL, {label}: " + "; ".join(
+            f"{r['method']} {fmt(r['ece'], dec=1)} / {r['nll'][0]:.2f}" for r in report.aggregate(res["runs"])))
+        noise = [r["actual_noise"] for r in res["runs"]]
+        print(f"labels changed: {100 * min(noise):.2f}-{100 * max(noise):.2f} %")
+
+
+def letter_width(results: Path, img: Path) -> None:
+    pairs = [("ldr-uniform 0.6", "letter-uniform", "letter-wide-uniform"),
+             ("ldr-class-dependent 0.3", "letter-class-dependent", "letter-wide-class-dependent")]
+    groups, lines = [], []
+    for label, ref_name, wide_name in pairs:
+        ref, wide = load(results / ref_name), load(results / wide_name)
+        if not (ref and wide):
+            continue
+        keep = {r["method"] for r in wide["runs"]}
+        ref_rows = [r for r in report.aggregate(ref["runs"]) if r["method"] in keep]
+        wide_rows = report.aggregate(wide["runs"])
+        groups += [(f"{label}\n16-16-16 ({n_seeds(ref)} seeds)", ref_rows),
+                   (f"{label}\n100-100 ({n_seeds(wide)} seeds)", wide_rows)]
+        for rr, wr in zip(ref_rows, wide_rows):
+            lines.append(f"| {label} | `{rr['method']}` | {fmt(rr['acc'])} | {fmt(wr['acc'])} |")
+    if not groups:
+        return
+    plots.accuracy_by_setting(
+        groups, img / "letter_width.png",
+        title="Letter, LDR-KL setup: the reference network (16-16-16) against the wider 100-100 variant\n"
+              "mean test accuracy over seeds; error bars: ±1 std",
+    )
+    print("\n### Letter, network width: test accuracy %\n")
+    print("| noise | loss | 16-16-16 (reference) | 100-100 (ldr-wide) |\n|---|---|---:|---:|")
+    print("\n".join(lines))
+
+
+def forward_correction(results: Path) -> None:
+    res = load(results / "letter-forward-correction")
+    if not res:
+        return
+    print("\n### Letter, forward correction (ldr-class-dependent 0.3)\n")
+    for row in report.aggregate(res["runs"]):
+        errors = [r["info"].get("T_error") for r in res["runs"] if r["method"] == row["method"]]
+        err = f", T error (mean L1 per row) {sum(errors) / len(errors):.2f}" if None not in errors else ""
+        print(f"- `{row['method']}`: {fmt(row['acc'])} ({row['n']} seeds){err}")
+
+
+# -- MNIST-1D ---------------------------------------------------------------------------------------
+def mnist1d(results: Path, img: Path) -> None:
+    rows = []
+    for label, name in (("logistic", "mnist1d-linear"), ("MLP", "mnist1d-mlp"), ("CNN", "mnist1d-cnn"),
+                        ("MLP without the residual connection", "mnist1d-mlp-plain"),
+                        ("MLP 256-256 (residual)", "mnist1d-mlp256")):
+        res = load(results / name)
+        if res:
+            rows.append((label, res))
+    if not rows:
+        return
+    print("\n### MNIST-1D: test accuracy %\n")
+    print("| model | published best (README) | published final (notebook) | seed 42 best (step) | seed 42 final "
+          "| best, mean ± std | final, mean ± std | seeds |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for label, res in rows:
+        agg = report.aggregate(res["runs"])[0]
+        first = min(res["runs"], key=lambda r: r["seed"])
+        best, final = MNIST1D_PUBLISHED.get(label, ("", ""))
+        print(f"| {label} | {best} | {final} | {100 * first['best_acc']:.1f} ({first['best_step']}) | "
+              f"{100 * first['acc']:.1f} | {fmt(agg['best_acc'])} | {fmt(agg['acc'])} | {agg['n']} |")
+    mlps = [(label, res) for label, res in rows if label.startswith("MLP")]
+    runs = [r for label, res in mlps for r in relabel(res, label)]
+    plots.training_curves(
+        runs, img / "mnist1d_mlp.png",
+        title=f"MNIST-1D, reference protocol (Adam 1e-2, batch 100, 6000 steps), {n_seeds(mlps[0][1])} seeds (42-46)",
+        references={"README's MLP figure (68)": 68.0, "notebook's final MLP figure (65.1)": 65.1},
+    )
+
+
+# -- Fashion-MNIST ------------------------------------------------------------------------------------
+def fashion(results: Path, img: Path) -> None:
+    res = load(results / "fashion-calibration")
+    if res:
+        title = (f"Fashion-MNIST, clean labels, MLP 784-256-128-100-10, 40 epochs: reliability on the 10,000 test "
+                 f"images, {n_seeds(res)} seeds pooled; 15 equal-width bins, empty bins left blank")
+        plots.reliability(plots.reliability_panels(res["runs"]), img / "fashion_calibration_reliability.png",
+                          title=title)
+        print("\n### Fashion-MNIST calibration\n")
+        print(report.markdown_table(report.aggregate(res["runs"])))
+    res = load(results / "fashion-lt")
+    if res:
+        print("\n### Fashion-MNIST-LT\n")
+        print(report.markdown_table(report.aggregate(res["runs"])))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", default="results/docs", help="folder of the result folders (default: results/docs)")
+    parser.add_argument("--img", default="docs/img", help="where the PNGs go (default: docs/img)")
+    args = parser.parse_args(argv)
+    results, img = Path(args.results), Path(args.img)
+    img.mkdir(parents=True, exist_ok=True)
+    letter(results, img)
+    letter_width(results, img)
+    forward_correction(results)
+    mnist1d(results, img)
+    fashion(results, img)
+
+
+if __name__ == "__main__":
+    main()
