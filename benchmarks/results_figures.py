@@ -22,11 +22,17 @@ MNIST1D_PUBLISHED = {"logistic": (32, 31.5), "MLP": (68, 65.1), "CNN": (94, 92.3
 
 
 def load(folder: Path) -> dict | None:
-    path = folder / "results.json"
-    if not path.exists():
-        print(f"skipped: {path} not found", file=sys.stderr)
+    """The results of ``folder``: its results.json, or those of its seed-K subfolders merged (finished runs only)."""
+    paths = [folder / "results.json"] if (folder / "results.json").exists() else sorted(folder.glob("seed-*/results.json"))
+    if not paths:
+        print(f"skipped: no results in {folder}", file=sys.stderr)
         return None
-    return json.loads(path.read_text())
+    parts = [json.loads(p.read_text()) for p in paths]
+    merged = {**parts[0], "runs": [r for part in parts for r in part["runs"]]}
+    unfinished = [str(p.parent) for p, part in zip(paths, parts) if part.get("complete") is False]
+    if unfinished:
+        print(f"note: unfinished runs in {', '.join(unfinished)}", file=sys.stderr)
+    return merged
 
 
 def fmt(pair, scale=100, dec=2) -> str:

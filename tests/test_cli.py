@@ -176,3 +176,24 @@ def test_protocol_presets_and_overrides(tmp_path):
     cfg = compare_config(tmp_path, "--protocol", "mnist1d", "--epochs", "3")
     assert cfg.train.steps is None and cfg.train.epochs == 3
     assert compare_config(tmp_path, "--protocol", "apl", "--dataset", "fashion-mnist").model == "cnn"
+
+
+def test_an_interrupted_grid_keeps_its_finished_runs(capsys, tmp_path, monkeypatch):
+    from crossent.experiments import compare
+
+    real = compare._one_run
+    calls = []
+
+    def second_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(compare, "_one_run", second_fails)
+    rc, _, err = run_cli(capsys, "compare", "--losses", "ce,sce", "--epochs", "1", "--hidden", "8", "--no-plots",
+                         "--quiet", "--out", str(tmp_path))
+    assert rc == 130 and "interrupted" in err
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["complete"] is False and [r["method"] for r in saved["runs"]] == ["ce"]
+    assert "Incomplete: the 1 runs finished so far." in (tmp_path / "summary.md").read_text()

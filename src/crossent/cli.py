@@ -77,13 +77,17 @@ def cmd_compare(args, argv) -> int:
     command = "crossent " + " ".join(shlex.quote(a) for a in argv)
     if not args.quiet:
         print(f"{command}\n-> {out}", file=sys.stderr)
+    def save_so_far(partial):  # an interrupted grid keeps the runs it finished
+        report.write({**partial, "complete": False}, out, command)
+
     try:
-        results = compare.run(cfg, make_progress=lambda total: Progress(total, "training", bar=not args.quiet))
+        results = compare.run(cfg, make_progress=lambda total: Progress(total, "training", bar=not args.quiet),
+                              on_record=save_so_far)
     except MissingDataError as e:
         raise UsageError(f"crossent compare: error: --dataset: {e}") from None
     except options.OptionError as e:  # a check that needed the loaded data (still before any training)
         raise UsageError(f"crossent compare: error: {e}") from None
-    paths = report.write(results, out, command)
+    paths = report.write({**results, "complete": True}, out, command)
     rows = report.aggregate(results["runs"])
     files = list(paths.values())
     if not args.no_plots:

@@ -117,23 +117,24 @@ def _as_option(option: str, fn, *args, **kwargs):
         raise OptionError(option, str(e)) from None
 
 
-def run(cfg: CompareConfig, make_progress=None) -> dict:
+def run(cfg: CompareConfig, make_progress=None, on_record=None) -> dict:
     """Run the grid; returns ``{"config", "dataset", "runs": [...]}`` (one record per training run).
 
-    ``make_progress(total_steps)`` may return a :class:`~crossent.experiments.progress.Progress`.
+    ``make_progress(total_steps)`` may return a :class:`~crossent.experiments.progress.Progress`;
+    ``on_record(results_so_far)`` is called after every training run (to save what is done so far).
     """
     check(cfg)
     data, x_all, y_all = prepare_data(cfg)
     check(cfg, data, y_all)
     progress = make_progress(total_steps(cfg, len(y_all))) if make_progress is not None else None
     try:
-        return _grid(cfg, data, x_all, y_all, progress)
+        return _grid(cfg, data, x_all, y_all, progress, on_record)
     finally:
         if progress is not None:
             progress.close()
 
 
-def _grid(cfg, data, x_all, y_all, progress) -> dict:
+def _grid(cfg, data, x_all, y_all, progress, on_record=None) -> dict:
     rates = cfg.noise_rates if cfg.noise != "none" else (0.0,)
     runs = []
     for rate in rates:
@@ -161,6 +162,8 @@ def _grid(cfg, data, x_all, y_all, progress) -> dict:
             for method in cfg.methods:
                 runs.append(_one_run(cfg, data, method, ctx, x, y, x_all[va], noisy_all[va], rate, seed,
                                      y_all[tr], progress))
+                if on_record is not None:
+                    on_record({"config": cfg.to_dict(), "dataset": repr(data), "n_train": len(y_all), "runs": runs})
     return {"config": cfg.to_dict(), "dataset": repr(data), "n_train": len(y_all), "runs": runs}
 
 
