@@ -28,7 +28,13 @@ def load(folder: Path) -> dict | None:
         print(f"skipped: no results in {folder}", file=sys.stderr)
         return None
     parts = [json.loads(p.read_text()) for p in paths]
-    merged = {**parts[0], "runs": [r for part in parts for r in part["runs"]]}
+    runs, seen = [], set()
+    for r in (r for part in parts for r in part["runs"]):
+        key = (r["method"], r["rate"], r["seed"])
+        if key not in seen:  # a (loss, rate, seed) that two folders hold counts once
+            seen.add(key)
+            runs.append(r)
+    merged = {**parts[0], "runs": runs}
     unfinished = [str(p.parent) for p, part in zip(paths, parts) if part.get("complete") is False]
     if unfinished:
         print(f"note: unfinished runs in {', '.join(unfinished)}", file=sys.stderr)
@@ -73,8 +79,12 @@ def letter(results: Path, img: Path) -> None:
             cells.append(fmt(row["acc"]) if row else "")
         print(f"| `{m}` | " + " | ".join(cells) + " |")
     for label, res in loaded:
-        print(f"\nECE % / NLL, {label}: " + "; ".join(
-            f"{r['method']} {fmt(r['ece'], dec=1)} / {r['nll'][0]:.2f}" for r in report.aggregate(res["runs"])))
+        print(f"\n{label}, ECE % / NLL / mean confidence % against accuracy % (pooled over seeds):")
+        for r in report.aggregate(res["runs"]):
+            bins = plots.pooled_bins([x["reliability"] for x in res["runs"] if x["method"] == r["method"]])
+            conf = sum(n * c for n, c in zip(bins["count"], bins["confidence"]) if n) / sum(bins["count"])
+            print(f"- {r['method']}: ECE {fmt(r['ece'], dec=1)}, NLL {r['nll'][0]:.2f}, confidence {100 * conf:.1f} "
+                  f"against accuracy {100 * r['acc'][0]:.1f}")
         noise = [r["actual_noise"] for r in res["runs"]]
         print(f"labels changed: {100 * min(noise):.2f}-{100 * max(noise):.2f} %")
 
