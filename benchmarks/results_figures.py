@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from crossent.experiments import plots, report  # noqa: E402
+from crossent.experiments import noise, plots, protocols, report  # noqa: E402
 
 # MNIST-1D reference figures: the README's (best of the evaluations) and the notebook's last evaluation
 MNIST1D_PUBLISHED = {"logistic": (32, 31.5), "MLP": (68, 65.1), "CNN": (94, 92.3)}
@@ -50,6 +50,11 @@ def n_seeds(res: dict) -> int:
     return len({r["seed"] for r in res["runs"]})
 
 
+def seeds_label(res: dict) -> str:
+    n = n_seeds(res)
+    return f"{n} seed{'s' * (n != 1)}"
+
+
 def relabel(res: dict, label: str) -> list[dict]:
     return [{**r, "method": label} for r in res["runs"]]
 
@@ -62,7 +67,7 @@ def letter(results: Path, img: Path) -> None:
     loaded = [(label, res) for label, res in loaded if res]
     if not loaded:
         return
-    groups = [(f"{label}\n({n_seeds(res)} seeds)", report.aggregate(res["runs"])) for label, res in loaded]
+    groups = [(f"{label}\n({seeds_label(res)})", report.aggregate(res["runs"])) for label, res in loaded]
     plots.accuracy_by_setting(
         groups, img / "letter_accuracy.png",
         title="Letter under the LDR-KL reference setup (FFNN 16-16-16 tanh, SGD, 100 epochs), 2,000 clean test rows\n"
@@ -70,7 +75,7 @@ def letter(results: Path, img: Path) -> None:
     )
     print("\n### Letter, reference network: test accuracy %\n")
     methods = list(dict.fromkeys(r["method"] for _, res in loaded for r in res["runs"]))
-    print("| loss | " + " | ".join(f"{label} ({n_seeds(res)} seeds)" for label, res in loaded) + " |")
+    print("| loss | " + " | ".join(f"{label} ({seeds_label(res)})" for label, res in loaded) + " |")
     print("|---|" + "---:|" * len(loaded))
     for m in methods:
         cells = []
@@ -100,8 +105,8 @@ def letter_width(results: Path, img: Path) -> None:
         keep = {r["method"] for r in wide["runs"]}
         ref_rows = [r for r in report.aggregate(ref["runs"]) if r["method"] in keep]
         wide_rows = report.aggregate(wide["runs"])
-        groups += [(f"{label}\n16-16-16 ({n_seeds(ref)} seeds)", ref_rows),
-                   (f"{label}\n100-100 ({n_seeds(wide)} seeds)", wide_rows)]
+        groups += [(f"{label}\n16-16-16 ({seeds_label(ref)})", ref_rows),
+                   (f"{label}\n100-100 ({seeds_label(wide)})", wide_rows)]
         for rr, wr in zip(ref_rows, wide_rows):
             lines.append(f"| {label} | `{rr['method']}` | {fmt(rr['acc'])} | {fmt(wr['acc'])} |")
     if not groups:
@@ -152,7 +157,8 @@ def mnist1d(results: Path, img: Path) -> None:
     runs = [r for label, res in mlps for r in relabel(res, label)]
     plots.training_curves(
         runs, img / "mnist1d_mlp.png",
-        title=f"MNIST-1D, reference protocol (Adam 1e-2, batch 100, 6000 steps), {n_seeds(mlps[0][1])} seeds (42-46)",
+        title=f"MNIST-1D, reference protocol (Adam 1e-2, batch 100, 6000 steps), "
+              f"{plots.seeds_text(r['seed'] for r in runs)}",
         references={"README's MLP figure (68)": 68.0, "notebook's final MLP figure (65.1)": 65.1},
     )
 
@@ -162,7 +168,7 @@ def fashion(results: Path, img: Path) -> None:
     res = load(results / "fashion-calibration")
     if res:
         title = (f"Fashion-MNIST, clean labels, MLP 784-256-128-100-10, 40 epochs: reliability on the 10,000 test "
-                 f"images, {n_seeds(res)} seeds pooled; 15 equal-width bins, empty bins left blank")
+                 f"images, {seeds_label(res)} pooled; 15 equal-width bins, empty bins left blank")
         plots.reliability(plots.reliability_panels(res["runs"]), img / "fashion_calibration_reliability.png",
                           title=title)
         print("\n### Fashion-MNIST calibration\n")
@@ -173,6 +179,19 @@ def fashion(results: Path, img: Path) -> None:
         print(report.markdown_table(report.aggregate(res["runs"])))
 
 
+# -- the presets and noise definitions, as the code states them -------------------------------------------
+def definitions() -> None:
+    print("\n### Protocols\n")
+    print("| preset | setup | source | what still differs |\n|---|---|---|---|")
+    for p in protocols.PROTOCOLS.values():
+        differs = "; ".join(p.deviations) or "-"
+        print(f"| `{p.name}` | {p.summary} | {p.source} | {differs} |")
+    print("\n### Noise definitions\n")
+    print("| `--noise` | definition | source |\n|---|---|---|")
+    for m in noise.MODELS.values():
+        print(f"| `{m.name}` | {m.summary} | {m.source} |")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", default="results/docs", help="folder of the result folders (default: results/docs)")
@@ -180,6 +199,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     results, img = Path(args.results), Path(args.img)
     img.mkdir(parents=True, exist_ok=True)
+    definitions()
     letter(results, img)
     letter_width(results, img)
     forward_correction(results)

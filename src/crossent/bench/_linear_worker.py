@@ -146,8 +146,10 @@ def measure(spec: dict) -> dict:
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     threads = torch.get_num_threads()
     result = {"times": times, "median": sorted(times)[len(times) // 2], "loss": loss, "threads": threads}
-    # Share of its threads' time this process got on CPUs: well below 1 means another process competed.
-    result["cpu_share"] = cpu / max(wall * threads, 1e-9)
+    if not cuda:
+        # Share of its threads' time this process got on CPUs: well below 1 means another process
+        # competed. (On CUDA the host mostly waits for the device, so the figure would mean nothing.)
+        result["cpu_share"] = cpu / max(wall * threads, 1e-9)
     result["grad_bytes"] = grad_bytes
     if reset_ok:
         result["rss_growth"] = max(0, (_rss_kib("VmHWM") - rss0) * 1024)
