@@ -49,6 +49,7 @@ COMPARE_MISTAKES = [
     (["--calibrate", "--val-fraction", "1.5"], "--val-fraction", "must be in (0, 1)"),
     (["--schedule", "step"], "--schedule", "needs --milestones"),
     (["--milestones", "5"], "--milestones", "applies to --schedule step only"),
+    (["--schedule", "step", "--milestones", "5,30", "--epochs", "20"], "--milestones", "epoch 30 is not before"),
     (["--min-lr", "0.1"], "--min-lr", "applies to --schedule cosine only"),
     (["--protocol", "mnist1d", "--epochs", "3", "--steps", "5"], "--epochs", "cannot be used together with --steps"),
     (["--protocol", "nope"], "--protocol", "unknown protocol 'nope'"),
@@ -125,6 +126,8 @@ def test_debug_raises_instead_of_printing(tmp_path):
 
     with pytest.raises(cli.UsageError, match="--batch-size"):
         cli.main(["--debug", "compare", "--batch-size", "0", "--out", str(tmp_path / "o")])
+    with pytest.raises(cli.UsageError, match="--batch-size"):  # also after the command's own options
+        cli.main(["compare", "--batch-size", "0", "--out", str(tmp_path / "o"), "--debug"])
     with pytest.raises(OptionError):  # the same check, called directly, keeps its own type
         from crossent.experiments import options
 

@@ -128,10 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _split_bench(argv: list[str]):
-    """``crossent [--threads N] [--debug] bench ARGS...``: ARGS belong to the bench module's own parser."""
+    """``crossent [--threads N] bench ARGS...``: ARGS belong to the bench module's own parser."""
     i = 0
     while i < len(argv) and argv[i].startswith("--") and argv[i] != "bench":
-        i += 1 if ("=" in argv[i] or argv[i] == "--debug") else 2
+        i += 1 if "=" in argv[i] else 2
     if i < len(argv) and argv[i] == "bench":
         return argv[: i + 1], argv[i + 1 :]
     return argv, []
@@ -160,7 +160,9 @@ def _quiet_broken_pipe() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv[: argv.index("bench") if "bench" in argv else len(argv)]
+    # --debug is accepted anywhere on the line (``crossent compare ... --debug`` too)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     try:
         code = _run(argv)
         sys.stdout.flush()

@@ -184,6 +184,8 @@ def _check_train_flags(args, train: dict) -> TrainConfig:
         _need(cfg.optimizer == "sgd", "--nesterov", f"applies to --optimizer sgd only; {cfg.optimizer} would ignore it")
     if args.milestones is not None:
         _need(cfg.schedule == "step", "--milestones", "applies to --schedule step only")
+        late = [m for m in cfg.milestones if m >= cfg.epochs]
+        _need(not late, "--milestones", f"epoch {late[0] if late else 0} is not before the last of {cfg.epochs} epochs")
     if cfg.schedule == "step":
         _need(bool(cfg.milestones), "--schedule", "step needs --milestones (epochs at which the rate drops)")
         _need(cfg.steps is None, "--schedule", "step counts epochs; it cannot be combined with --steps")
