@@ -4,11 +4,12 @@ SPEC is a JSON object (method, n, d, v, dtype, device, warmup, repeats, threads,
 line: the median and every timing of forward + backward, the step's peak memory, and the loss (a
 cross-check between methods).
 
-Memory, the figure that is compared: the peak bytes of the tensors one step holds at once beyond its
-inputs (``peak_live_bytes``; the gradients, which every method must produce, are counted in it and also
-reported apart as ``grad_bytes``). On CPU it comes from one extra, untimed step under the exact
-accounting of :class:`crossent.bench.memory.LiveBytes`; on CUDA from the allocator's statistics over the
-timed steps (``torch.cuda.max_memory_allocated`` less what was allocated before them).
+Memory, the figure that is compared: the most bytes one step held at once beyond its inputs
+(``peak_live_bytes``; the gradients, which every method must produce, are counted in it and also
+reported apart as ``grad_bytes``). On CPU it comes from one extra, untimed step whose allocations and
+frees PyTorch's allocator reports to the profiler (:func:`crossent.bench.memory.allocator_peak`: exact,
+fused operators and compiled code included); on CUDA from the allocator's statistics over the timed
+steps (``torch.cuda.max_memory_allocated`` less what was allocated before them).
 
 RSS, a secondary figure: the growth of the peak resident set over the timed steps (after the warm-up
 steps, which also compile what ``torch.compile`` compiles, and a reset of the kernel's mark through
@@ -158,7 +159,7 @@ def measure(spec: dict) -> dict:
         result["memory_source"] = "cuda allocator"
     elif isinstance(live, int):
         result["peak_live_bytes"] = live
-        result["memory_source"] = "live tensors"
+        result["memory_source"] = "cpu allocator"
     else:
         result["memory_error"] = live
     return result
@@ -166,18 +167,12 @@ def measure(spec: dict) -> dict:
 
 def _live_peak(step, method: str) -> int | str:
     """Peak bytes of the tensors one step holds at once (an int), or why it could not be measured."""
-    from crossent.bench.memory import LiveBytes
+    from crossent.bench.memory import allocator_peak
 
-    if "compile" in method:
-        # Under a dispatch mode the compiled graph does not run as compiled, so its tensors are not the
-        # ones the accounting would see; RSS is the only figure for these methods on CPU.
-        return "compiled code is not visible to the live-tensor accounting (see RSS)"
     try:
-        with LiveBytes() as rec:
-            out = step()
-            del out  # the floor's products stand in for gradients: counted while they live
-        return rec.peak
-    except Exception as exc:  # e.g. a compiled function that does not run under a dispatch mode
+        # the step's return value (the floor's gradient-sized products) is dropped as the step ends
+        return allocator_peak(step)
+    except Exception as exc:  # a profiler that cannot record memory here
         return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
 
 

@@ -1,10 +1,11 @@
 """Speed and memory of fused linear cross-entropy: crossent against the naive path and its peers.
 
 Every configuration runs in a fresh process and reports the median of repeated forward + backward
-timings and the most memory its tensors held at once beyond the inputs and gradients: exact
-accounting of live tensor bytes on CPU (:mod:`crossent.bench.memory`), the allocator's statistics on
-CUDA. The growth of the peak RSS is a secondary column; it is never negative, but the allocator's
-reuse of freed memory makes it an underestimate. Methods:
+timings and the most memory the step held at once beyond the inputs and gradients: on CPU the exact
+replay of the allocation events that PyTorch's allocator reports to its profiler
+(:func:`crossent.bench.memory.allocator_peak`; fused operators and compiled code included), on CUDA
+the allocator's statistics. The growth of the peak RSS is a secondary column; it is never negative,
+but the allocator's reuse of freed memory can hide a step's memory from it. Methods:
 
 * ``floor``: the three matrix products alone (``z = e @ c.T``, ``z @ c``, ``z.T @ e``); ``floor_t``: the
   same with the weight gradient's product transposed, ``e.T @ z`` with both operands row-major (the
@@ -287,9 +288,9 @@ def _table(rows: list[dict]) -> str:
 
 
 MEMORY_NOTE = (
-    "peak MiB: the most memory the step's tensors held at once beyond the inputs and the gradients "
-    "(exact accounting of live tensors on CPU, allocator statistics on CUDA); RSS MiB: growth of the "
-    "process's peak resident set over the timed steps (secondary: the allocator reuses freed memory)."
+    "peak MiB: the most memory the step held at once beyond the inputs and the gradients (exact: the "
+    "CPU allocator's events, or the CUDA allocator's statistics); RSS MiB: growth of the process's peak "
+    "resident set over the timed steps (secondary: the allocator reuses freed memory)."
 )
 
 
@@ -336,15 +337,15 @@ def _plot(groups: dict, path: Path) -> bool:
         names = [r["method"] for r in ok]
         colors = [GROUP_COLORS[_group(n)] for n in names]
         bars = ax_t.barh(names, [r["median"] for r in ok], color=colors)
-        ax_t.bar_label(bars, labels=[f"{r['median']:.2f}" for r in ok], fontsize=7, padding=2)
+        ax_t.bar_label(bars, labels=[f"{r['median']:.3g}" for r in ok], fontsize=7, padding=2)
         ax_t.set_xlabel("forward + backward, median seconds")
         ax_t.set_title(f"time, {title}", fontsize=9)
         ax_t.invert_yaxis()
         mem = [r.get("peak_bytes") for r in ok]
         bars = ax_m.barh(names, [0 if m is None else m / 2**20 for m in mem], color=colors)
-        ax_m.bar_label(bars, labels=["not measured" if m is None else f"{m / 2**20:.0f}" for m in mem], fontsize=7,
+        ax_m.bar_label(bars, labels=["not measured" if m is None else f"{m / 2**20:.3g}" for m in mem], fontsize=7,
                        padding=2)
-        ax_m.set_xlabel("peak MiB held by tensors beyond inputs and gradients")
+        ax_m.set_xlabel("peak MiB allocated beyond inputs and gradients")
         ax_m.set_title(f"memory, {title}", fontsize=9)
         ax_m.invert_yaxis()
         for ax in (ax_t, ax_m):
@@ -383,7 +384,7 @@ def run(args: argparse.Namespace) -> dict:
     }
     groups: dict[str, list[dict]] = {}
     for n, d, v, dtype in shapes:
-        title = f"N={n} D={d} V={v} {dtype} ({args.device}, {threads} threads)"
+        title = f"N={n} D={d} V={v} {dtype} ({args.device}, {threads} thread{'s' * (threads != 1)})"
         print(f"\n{title}", flush=True)
         shape_methods = [m for m in methods if dtype in ("bfloat16", "float16") or m not in HALF_ONLY]
         runs: dict[str, list[dict]] = {m: [] for m in shape_methods}
