@@ -154,7 +154,8 @@ def mnist1d(results: Path, img: Path) -> None:
         print(f"| {label} | {best} | {final} | {100 * first['best_acc']:.1f} ({first['best_step']}) | "
               f"{100 * first['acc']:.1f} | {fmt(agg['best_acc'])} | {fmt(agg['acc'])} | {agg['n']} |")
     mlps = [(label, res) for label, res in rows if label.startswith("MLP")]
-    runs = [r for label, res in mlps for r in relabel(res, label)]
+    names = {"MLP": "MLP 100-100, residual (the reference's)"}
+    runs = [r for label, res in mlps for r in relabel(res, names.get(label, label))]
     plots.training_curves(
         runs, img / "mnist1d_mlp.png",
         title=f"MNIST-1D, reference protocol (Adam 1e-2, batch 100, 6000 steps), "

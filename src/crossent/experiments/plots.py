@@ -11,6 +11,7 @@ matplotlib is imported lazily with the non-interactive Agg backend.
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 GAP_FILL = (0.84, 0.15, 0.16, 0.3)  # translucent red: the gap shows over an accuracy bar too
@@ -203,7 +204,7 @@ def training_curves(runs: list[dict], path: Path, *, title: str = "", references
     ``references`` maps a label to an accuracy in % drawn as a dotted horizontal line (published figures).
     """
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(8.5, 4.4))
     keys = list(dict.fromkeys((r["method"], r["rate"]) for r in runs if r.get("history")))
     for i, (method, rate) in enumerate(keys):
         histories = [r["history"] for r in runs if r["method"] == method and r["rate"] == rate and r.get("history")]
@@ -215,10 +216,12 @@ def training_curves(runs: list[dict], path: Path, *, title: str = "", references
         if len(histories) > 1:
             ax.fill_between(steps, [m - s for m, s in stats], [m + s for m, s in stats], color=st["color"], alpha=0.15)
     for j, (label, value) in enumerate((references or {}).items()):
-        ax.axhline(value, color="0.3", linestyle=(0, (1, 1 + j)), linewidth=1.0, label=label)
+        ax.axhline(value, color=("0.1", "0.55")[j % 2], linestyle=("--", ":")[j % 2], linewidth=1.1, label=label)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("test accuracy %")
-    ax.set_title(f"{title}\nmean over seeds; band: ±1 std", fontsize=9)
+    seeds = len({r["seed"] for r in runs})
+    band = "mean over seeds; band: ±1 std" if seeds > 1 else "one seed"
+    ax.set_title("\n".join(textwrap.wrap(title, 90) + [band]), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.tight_layout()
