@@ -311,3 +311,10 @@ def test_per_sample_losses_get_the_training_set_size():
     prepared = Method.parse("aldr_kl").prepare(Context(torch.tensor([5, 5]), 2, num_train=10))
     assert prepared.loss.num_samples == 10
     assert Method.parse("aldr_kl:num_samples=20").prepare(Context(torch.tensor([5, 5]), 2, num_train=10)).loss.num_samples == 20
+
+
+def test_clean_rows_are_called_clean():
+    runs = [{"method": "ce", "rate": r, "noise": "ldr-uniform", "acc": 0.9, "bacc": 0.9, "nll": 0.3, "ece": 0.05}
+            for r in (0.0, 0.4)]
+    table = report.markdown_table(report.aggregate(runs))
+    assert "| `ce` | clean | 90.00 |" in table and "| `ce` | ldr-uniform 0.4 | 90.00 |" in table

@@ -205,7 +205,7 @@ def _one_run(cfg, data, method, ctx, x, y, x_val, y_val, rate, seed, y_clean, pr
         extra = f" best {record['best_acc']:.4f}@{record['best_step']}" if history else ""
         ts_txt = f" ece_ts {record['ece_ts'] * 100:.2f}% T {record['temperature']:.2f}" if "ece_ts" in record else ""
         progress.log(
-            f"{method.label:<24} rate {rate:<4g} seed {seed}: acc {record['acc']:.4f} bacc {record['bacc']:.4f} "
+            f"{method.label:<24} {'clean' if rate == 0 else f'rate {rate:g}':<9} seed {seed}: acc {record['acc']:.4f} bacc {record['bacc']:.4f} "
             f"nll {record['nll']:.3f} ece {record['ece'] * 100:.2f}%{ts_txt}{extra} ({record['seconds']:.0f}s)"
         )
     return record

@@ -54,7 +54,7 @@ def markdown_table(rows: list[dict]) -> str:
     for r in rows:
         cells = [f"`{r['method']}`"]
         if show_rate:
-            cells.append(f"{r['noise']} {r['rate']:g}")
+            cells.append("clean" if r["rate"] == 0 else f"{r['noise']} {r['rate']:g}")
         for key, _, scale, dec in keys:
             if key not in r:
                 cells.append("")
