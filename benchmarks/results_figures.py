@@ -46,6 +46,15 @@ def fmt(pair, scale=100, dec=2) -> str:
     return f"{mean * scale:.{dec}f} ± {std * scale:.{dec}f}"
 
 
+def cell(row: dict | None, key: str = "acc", of: int | None = None) -> str:
+    """``mean ± std``, with the seed count when it differs from ``of`` (one seed: the value alone)."""
+    if row is None or key not in row:
+        return ""
+    if row["n"] == 1:
+        return f"{100 * row[key][0]:.2f}" + (" (1 seed)" if of != 1 else "")
+    return fmt(row[key]) + (f" ({row['n']} seeds)" if of is not None and row["n"] != of else "")
+
+
 def n_seeds(res: dict) -> int:
     return len({r["seed"] for r in res["runs"]})
 
@@ -53,6 +62,12 @@ def n_seeds(res: dict) -> int:
 def seeds_label(res: dict) -> str:
     n = n_seeds(res)
     return f"{n} seed{'s' * (n != 1)}"
+
+
+def seeds_range(rows: list[dict]) -> str:
+    """``5 seeds``, or ``1-5 seeds`` when the losses of one setting have different counts."""
+    low, high = min(r["n"] for r in rows), max(r["n"] for r in rows)
+    return f"{high} seed{'s' * (high != 1)}" if low == high else f"{low}-{high} seeds"
 
 
 def relabel(res: dict, label: str) -> list[dict]:
@@ -67,7 +82,8 @@ def letter(results: Path, img: Path) -> None:
     loaded = [(label, res) for label, res in loaded if res]
     if not loaded:
         return
-    groups = [(f"{label}\n({seeds_label(res)})", report.aggregate(res["runs"])) for label, res in loaded]
+    aggregated = [(label, report.aggregate(res["runs"])) for label, res in loaded]
+    groups = [(f"{label}\n({seeds_range(rows)})", rows) for label, rows in aggregated]
     plots.accuracy_by_setting(
         groups, img / "letter_accuracy.png",
         title="Letter under the LDR-KL reference setup (FFNN 16-16-16 tanh, SGD, 100 epochs), 2,000 clean test rows\n"
@@ -81,7 +97,7 @@ def letter(results: Path, img: Path) -> None:
         cells = []
         for _, res in loaded:
             row = next((r for r in report.aggregate(res["runs"]) if r["method"] == m), None)
-            cells.append(fmt(row["acc"]) if row else "")
+            cells.append(cell(row, of=n_seeds(res)))
         print(f"| `{m}` | " + " | ".join(cells) + " |")
     for label, res in loaded:
         print(f"\n{label}, ECE % / NLL / mean confidence % against accuracy % (pooled over seeds):")
@@ -105,10 +121,11 @@ def letter_width(results: Path, img: Path) -> None:
         keep = {r["method"] for r in wide["runs"]}
         ref_rows = [r for r in report.aggregate(ref["runs"]) if r["method"] in keep]
         wide_rows = report.aggregate(wide["runs"])
-        groups += [(f"{label}\n16-16-16 ({seeds_label(ref)})", ref_rows),
-                   (f"{label}\n100-100 ({seeds_label(wide)})", wide_rows)]
-        for rr, wr in zip(ref_rows, wide_rows):
-            lines.append(f"| {label} | `{rr['method']}` | {fmt(rr['acc'])} | {fmt(wr['acc'])} |")
+        groups += [(f"{label}\n16-16-16 ({seeds_range(ref_rows)})", ref_rows),
+                   (f"{label}\n100-100 ({seeds_range(wide_rows)})", wide_rows)]
+        for wr in wide_rows:
+            rr = next(r for r in ref_rows if r["method"] == wr["method"])
+            lines.append(f"| {label} | `{wr['method']}` | {cell(rr, of=rr['n'])} ({rr['n']}) | {cell(wr, of=wr['n'])} ({wr['n']}) |")
     if not groups:
         return
     plots.accuracy_by_setting(
@@ -117,7 +134,7 @@ def letter_width(results: Path, img: Path) -> None:
               "mean test accuracy over seeds; error bars: ±1 std",
     )
     print("\n### Letter, network width: test accuracy %\n")
-    print("| noise | loss | 16-16-16 (reference) | 100-100 (ldr-wide) |\n|---|---|---:|---:|")
+    print("| noise | loss | 16-16-16, the reference (seeds) | 100-100, ldr-wide (seeds) |\n|---|---|---:|---:|")
     print("\n".join(lines))
 
 
@@ -129,7 +146,7 @@ def forward_correction(results: Path) -> None:
     for row in report.aggregate(res["runs"]):
         errors = [r["info"].get("T_error") for r in res["runs"] if r["method"] == row["method"]]
         err = f", T error (mean L1 per row) {sum(errors) / len(errors):.2f}" if None not in errors else ""
-        print(f"- `{row['method']}`: {fmt(row['acc'])} ({row['n']} seeds){err}")
+        print(f"- `{row['method']}`: {cell(row)}{err}")
 
 
 # -- MNIST-1D ---------------------------------------------------------------------------------------
