@@ -66,7 +66,7 @@ HALF_ONLY = ("crossent_ce_accum_input",)
 QUICK_METHODS = ("floor", "naive", "torch_lce_512", "crossent_ce", "crossent_focal", "crossent_z_loss")
 FLOORS = ("floor", "floor_t")
 PEERS = ("naive", "naive_compile", "torch_lce", "torch_lce_auto", "torch_lce_512", "cce_compile")
-# A vocabulary of today's language models (32768 entries); N and D small enough for well under a minute.
+# A language model's vocabulary (32768 entries, Mistral 7B's); N and D small enough for under a minute.
 QUICK_SHAPES = ((1024, 256, 32768, "float32"),)
 FULL_SHAPES = ((4096, 1024, 32768, "float32"), (4096, 1024, 131072, "float32"), (4096, 1024, 131072, "bfloat16"))
 
