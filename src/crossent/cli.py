@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("crossent: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # noqa: BLE001 - one line for the user; --debug shows the rest
+    except Exception as e:  # one line for the user; --debug shows the rest
         if debug:
             raise
         print(f"crossent: error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)

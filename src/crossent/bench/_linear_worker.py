@@ -172,7 +172,7 @@ def _live_peak(step, method: str) -> int | str:
     try:
         # the step's return value (the floor's gradient-sized products) is dropped as the step ends
         return allocator_peak(step)
-    except Exception as exc:  # a profiler that cannot record memory here
+    except Exception as exc:  # noqa: BLE001 - a profiler that cannot record memory here
         return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
 
 

@@ -149,7 +149,7 @@ def _protocol_settings(args, proto: protocols.Protocol, dataset: str) -> dict:
     if args.milestones is not None:
         train["milestones"] = _numbers(args.milestones, int, "--milestones")
     else:
-        train["milestones"] = tuple(int(round(f * epochs)) for f in fracs)
+        train["milestones"] = tuple(round(f * epochs) for f in fracs)
     return settings | {"train": train}
 
 

@@ -37,14 +37,14 @@ _LDR_TRAIN = {"optimizer": "sgd", "lr": 1e-2, "momentum": 0.9, "weight_decay": 5
 # The reference's data files: Letter split into 18,000 training and 2,000 test rows; features in [-1, 1].
 _LDR_DATA = {"*": {"scaling": "minmax"}, "letter": {"split": "random:2000"}}
 _LDR_DEVIATIONS = (
-    "one training run per seed on the whole training set, where the reference runs 5-fold cross-validation "
-    "(training on 4/5, validating on 1/5) and reports the mean over folds",
-    "hyperparameters of each loss fixed on the command line, where the reference picks them from a small grid "
-    "by cross-validation (GCE q in {0.05, 0.7, 0.95}, SCE balance in {0.05, 0.5, 0.95}, NCE+RCE alpha in "
-    "{0.1, 5, 9.9} with beta = 10 - alpha, LDR-KL lambda in {0.1, 1, 10})",
+    ("one training run per seed on the whole training set, where the reference runs 5-fold cross-validation "
+     "(training on 4/5, validating on 1/5) and reports the mean over folds"),
+    ("hyperparameters of each loss fixed on the command line, where the reference picks them from a small grid "
+     "by cross-validation (GCE q in {0.05, 0.7, 0.95}, SCE balance in {0.05, 0.5, 0.95}, NCE+RCE alpha in "
+     "{0.1, 5, 9.9} with beta = 10 - alpha, LDR-KL lambda in {0.1, 1, 10})"),
     "learning rate 0.01, the reference code's default; the reference README's Letter commands pass 1e-3",
-    "Xavier initialisation as the uniform variant with zero biases (the reference's variant and bias "
-    "initialisation are not stated)",
+    ("Xavier initialisation as the uniform variant with zero biases (the reference's variant and bias "
+     "initialisation are not stated)"),
     "the random 2,000-row Letter test set is drawn here with a fixed seed; it is not the reference's own file",
     "seeds 0, 1, ... (the reference fixes 123); all random draws come from PyTorch generators",
 )
@@ -65,8 +65,8 @@ PROTOCOLS: dict[str, Protocol] = {
                    "sampler": "cyclic"},
             model={"model": "mlp", "hidden": (100, 100), "activation": "relu", "residual": True},
             seed=42,
-            deviations=("data generated offline with mnist1d.data.make_dataset(get_dataset_args()), which equals "
-                        "the published dataset (max abs difference 9e-16)",),
+            deviations=(("data generated offline with mnist1d.data.make_dataset(get_dataset_args()), which "
+                         "equals the published dataset (max abs difference 9e-16)"),),
         ),
         Protocol(
             "ldr",
