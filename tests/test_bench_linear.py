@@ -40,12 +40,17 @@ def test_unknown_method():
 
 
 def test_ratios_combine_and_markdown():
+    grads = 50
     runs = {
-        "floor": [{"times": [1.0, 1.2], "median": 1.2, "peak_rss_growth": 100}],
-        "floor_t": [{"times": [0.9, 1.0], "median": 1.0, "peak_rss_growth": 100}],  # the faster floor is the reference
-        "naive": [{"times": [3.0], "median": 3.0, "peak_rss_growth": 1000}, {"times": [2.0], "median": 2.0, "peak_rss_growth": 900}],
-        "torch_lce_512": [{"times": [1.5, 1.7], "median": 1.7, "peak_rss_growth": 400}],
-        "crossent_ce": [{"times": [1.1, 1.3], "median": 1.3, "peak_rss_growth": 100}],
+        "floor": [{"times": [1.0, 1.2], "median": 1.2, "peak_live_bytes": 150, "grad_bytes": grads}],
+        "floor_t": [{"times": [0.9, 1.0], "median": 1.0, "peak_live_bytes": 150, "grad_bytes": grads}],  # the faster floor
+        "naive": [{"times": [3.0], "median": 3.0, "peak_live_bytes": 1050, "grad_bytes": grads, "rss_growth": 2**20},
+                  {"times": [2.0], "median": 2.0, "peak_live_bytes": 950, "grad_bytes": grads}],
+        "naive_compile": [{"times": [2.5], "median": 2.5, "rss_growth": 0, "grad_bytes": grads,
+                           "memory_error": "RuntimeError: no memory events"}],
+        "torch_lce_512": [{"times": [1.5, 1.7], "median": 1.7, "peak_live_bytes": 450, "grad_bytes": grads}],
+        "crossent_ce": [{"times": [1.1, 1.3], "median": 1.3, "peak_live_bytes": 150, "grad_bytes": grads}],
+        "crossent_z_loss": [{"times": [1.4, 1.6], "median": 1.6, "peak_live_bytes": 150, "grad_bytes": grads}],
         "cce_compile": [{"error": "ModuleNotFoundError: No module named 'cut_cross_entropy'"}],
     }
     rows = [bench._combine(m, r) for m, r in runs.items()]
@@ -59,11 +64,71 @@ def test_ratios_combine_and_markdown():
     assert by["crossent_ce"]["x_floor"] == pytest.approx(1.3 / 1.0) and by["floor"]["x_floor"] == pytest.approx(1.2)
     assert by["crossent_ce"]["mem_x_naive"] == pytest.approx(0.1)
     assert by["crossent_ce"]["mem_x_best_peer"] == pytest.approx(0.25)
+    assert by["crossent_z_loss"]["x_ce"] == pytest.approx(1.6 / 1.3) and "x_ce" not in by["naive"]
+    # a method whose memory was not measured gets no memory figure and no ratio, never 0 or a negative one
+    assert "peak_bytes" not in by["naive_compile"] and "mem_x_naive" not in by["naive_compile"]
+    assert all(r.get(k, 0) >= 0 for r in rows for k in ("peak_bytes", "mem_x_naive", "mem_x_best_peer"))
     assert "error" in by["cce_compile"]
     text = bench.markdown({"results": rows})
-    assert "| crossent_ce | 1.30 | 1.30 | 0.76 |" in text and "skipped" in text
+    assert "| crossent_ce | 1.300 | 1.30 | 0.76 | 1.00 |" in text and "skipped" in text
+    assert "| naive_compile | 2.500 | 2.50 | 1.47 | - | - | - | - | 0 |" in text
     assert bench.busy_fraction(0.05) is None or 0.0 <= bench.busy_fraction(0.05) <= 1.0
-    assert "Fastest peer: `torch_lce_512`" in text
+    assert "Fastest peer: `torch_lce_512`" in text and "the CPU allocator's events" in text
+    assert "memory not measured, naive_compile" in bench._table(rows)
+
+
+def test_no_ratio_against_a_zero_reference():
+    rows = [{"method": "naive", "median": 1.0, "peak_bytes": 0}, {"method": "crossent_ce", "median": 1.0, "peak_bytes": 5}]
+    bench._ratios(rows)
+    assert "mem_x_naive" not in rows[1]
+
+
+def test_worker_measures_exact_memory():
+    n, d, v = 64, 16, 96
+    res = {m: worker.measure(spec(m)) for m in ("naive", "crossent_ce", "floor", "torch_lce_512")}
+    grads = (n * d + v * d) * 4
+    for r in res.values():
+        assert r["grad_bytes"] == grads and r["memory_source"] == "cpu allocator" and r["rss_growth"] >= 0
+    # the naive path holds at least the logits and their gradient beyond the parameter gradients
+    assert res["naive"]["peak_live_bytes"] >= grads + 2 * n * v * 4
+    assert grads <= res["crossent_ce"]["peak_live_bytes"] < res["naive"]["peak_live_bytes"]
+    assert res["floor"]["peak_live_bytes"] >= n * v * 4 + grads  # z and the two gradient-sized products
+    # PyTorch's fused operator computes a chunk of logits inside its kernel: counted too
+    assert res["torch_lce_512"]["peak_live_bytes"] >= grads + n * v * 4
+
+
+def test_allocator_accounting_agrees_with_the_dispatch_recorder():
+    # Two independent exact accountings of a computation made of ATen operators only
+    import torch
+
+    import crossent as xe
+    from crossent.bench.memory import LiveBytes, allocator_peak
+
+    g = torch.Generator().manual_seed(0)
+    e = torch.randn(48, 8, generator=g).requires_grad_()
+    c = torch.randn(300, 8, generator=g).requires_grad_()
+    t = torch.randint(0, 300, (48,), generator=g)
+
+    def step():
+        e.grad = c.grad = None
+        xe.linear_cross_entropy(e, c, t, chunk_size=16).backward()
+
+    step()
+    with LiveBytes() as rec:
+        step()
+    e.grad = c.grad = None
+    assert rec.opaque == set()
+    assert abs(allocator_peak(step) - rec.peak) <= 64  # a few wrapped Python scalars at most
+
+
+def test_check_args():
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    bench.check_args(parser.parse_args([]))
+    for argv, phrase in ((["--repeats", "0"], "--repeats"), (["--warmup", "-1"], "--warmup"),
+                         (["--shape", "1", "2", "0", "float32"], "V must be"), (["--timeout", "0"], "--timeout")):
+        with pytest.raises(ValueError, match=phrase):
+            bench.check_args(parser.parse_args(argv))
 
 
 @pytest.mark.slow
@@ -77,7 +142,8 @@ def test_run_end_to_end(tmp_path):
     assert all("median" in r for r in result["results"]), result["results"]
     saved = json.loads((tmp_path / "linear.json").read_text())
     assert saved["meta"]["threads"] == 1 and len(saved["meta"]["loadavg_start"]) == 3
-    assert (tmp_path / "linear.md").exists()
+    assert (tmp_path / "linear.md").exists() and (tmp_path / "linear.png").stat().st_size > 0
+    assert all(r["peak_bytes"] >= 0 and r["rss_growth"] >= 0 for r in result["results"])
 
 
 def test_loss_against_ce_benchmark_runs():

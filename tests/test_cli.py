@@ -11,6 +11,7 @@ import types
 import pytest
 
 from crossent import cli
+from crossent.experiments import catalog, options
 from crossent.losses import Loss
 
 
@@ -24,12 +25,16 @@ def test_losses_lists_the_registry(capsys):
     rc, out, _ = run_cli(capsys, "losses")
     assert rc == 0
     lines = out.strip().splitlines()
-    assert lines[0] == "| name | formula | paper | streams |"
+    assert lines[0] == "| name | hyperparameters (defaults) | formula | paper | streams |"
     ce = next(line for line in lines if line.startswith("| `ce` |"))
-    assert "Cross-entropy" in ce and "Szegedy" in ce and ce.endswith("| yes |")
+    assert "| label_smoothing=0.0 |" in ce and "Cross-entropy" in ce and "Szegedy" in ce and ce.endswith("| yes |")
+    fc = next(line for line in lines if line.startswith("| `forward_correction` |"))
+    assert "T (required), clip=True" in fc
     rc, out, _ = run_cli(capsys, "losses", "--format", "json")
     rows = {r["name"]: r for r in json.loads(out)}
     assert rows["z_loss"]["streams"] == "yes" and "PaLM" in rows["z_loss"]["paper"]
+    assert rows["gce"]["hyperparameters"] == [{"name": "q", "default": 0.7}]
+    assert {"name": "T", "required": True} in rows["forward_correction"]["hyperparameters"]
 
 
 def test_formula_and_paper_attributes_win_over_the_docstring():
@@ -48,9 +53,9 @@ def test_formula_and_paper_attributes_win_over_the_docstring():
         formula = "lse - z_y"
         paper = "Me, 2024"
 
-    assert cli.loss_formula(Documented) == "First line." and cli.loss_paper(Documented) == "Someone, 2020."
-    assert cli.loss_formula(Explicit) == "lse - z_y" and cli.loss_paper(Explicit) == "Me, 2024"
-    assert cli.loss_streams(Documented) == "no"
+    assert catalog.loss_formula(Documented) == "First line." and catalog.loss_paper(Documented) == "Someone, 2020."
+    assert catalog.loss_formula(Explicit) == "lse - z_y" and catalog.loss_paper(Explicit) == "Me, 2024"
+    assert catalog.loss_streams(Documented) == "no"
 
 
 def test_bench_without_the_module_fails_clearly(capsys, monkeypatch):
@@ -76,7 +81,7 @@ def test_bench_delegates_to_the_module(capsys, monkeypatch):
 def test_compare_noisy_grid_writes_every_file(capsys, tmp_path):
     out = tmp_path / "res"
     rc, stdout, _ = run_cli(
-        capsys, "compare", "--losses", "ce,ce:label_smoothing=0.1", "--noise", "symmetric", "--noise-rate", "0.2,0.5",
+        capsys, "compare", "--losses", "ce,ce:label_smoothing=0.1", "--noise", "ldr-uniform", "--noise-rate", "0.2,0.5",
         "--seeds", "2", "--epochs", "2", "--hidden", "16", "--train-size", "300", "--calibrate", "--out", str(out),
         "--quiet",
     )
@@ -96,7 +101,7 @@ def test_compare_noisy_grid_writes_every_file(capsys, tmp_path):
     assert all("ece_ts" in r and r["temperature"] > 0 for r in res["runs"])
     rows = list(csv.DictReader((out / "runs.csv").open()))
     assert len(rows) == 8 and float(rows[0]["acc"]) > 0.3
-    assert "| `ce:label_smoothing=0.1` | symmetric 0.5 |" in stdout
+    assert "| `ce:label_smoothing=0.1` | ldr-uniform 0.5 |" in stdout
     assert "ECE % (TS)" in (out / "summary.md").read_text()
 
 
@@ -142,23 +147,53 @@ def test_python_dash_m_entry_point():
     assert proc.returncode == 0 and "ce" in proc.stdout.split()
 
 
-def test_default_losses_are_all_known():
-    from crossent.experiments.methods import parse_list
+def compare_config(tmp_path, *argv):
+    args = cli.build_parser().parse_args(["compare", *argv, "--out", str(tmp_path / "out"), "--no-plots"])
+    return options.config_from_args(args)[0]
 
-    args = cli.build_parser().parse_args(["compare"])
-    for method in parse_list(args.losses):
+
+def test_default_losses_are_all_known(tmp_path):
+    cfg = compare_config(tmp_path)
+    for method in cfg.methods:
         method.check()
-    cfg = cli.compare_config(args)
     assert cfg.dataset == "digits" and cfg.noise == "none" and cfg.seeds == (0,)
 
 
-def test_protocol_presets_and_overrides():
-    args = cli.build_parser().parse_args(["compare", "--protocol", "ldr", "--epochs", "12"])
-    cfg = cli.compare_config(args)
+def test_protocol_presets_and_overrides(tmp_path):
+    cfg = compare_config(tmp_path, "--protocol", "ldr", "--epochs", "12")
     assert cfg.train.optimizer == "sgd" and cfg.train.weight_decay == 5e-3 and cfg.activation == "tanh"
-    assert cfg.train.milestones == (6, 9) and cfg.train.epochs == 12
-    args = cli.build_parser().parse_args(["compare", "--protocol", "mnist1d", "--seeds", "2"])
-    cfg = cli.compare_config(args)
+    assert cfg.train.milestones == (6, 9) and cfg.train.epochs == 12 and cfg.train.sampler == "ordered"
+    assert cfg.hidden == (16, 16, 16) and cfg.init == "xavier"
+    # split and scaling apply to tabular data: the reference's Letter layout
+    cfg = compare_config(tmp_path, "--protocol", "ldr", "--dataset", "letter")
+    assert cfg.split == "random:2000" and cfg.scaling == "minmax" and cfg.train.milestones == (50, 75)
+    assert compare_config(tmp_path, "--protocol", "ldr-wide").hidden == (100, 100)
+    cfg = compare_config(tmp_path, "--protocol", "mnist1d", "--seeds", "2")
     assert cfg.seeds == (42, 43) and cfg.train.steps == 6000 and cfg.train.sampler == "cyclic" and cfg.residual
-    args = cli.build_parser().parse_args(["compare", "--protocol", "mnist1d", "--no-residual"])
-    assert not cli.compare_config(args).residual
+    assert cfg.split == "default" and cfg.scaling is None
+    assert not compare_config(tmp_path, "--protocol", "mnist1d", "--no-residual").residual
+    # an explicit length in epochs replaces the preset's steps
+    cfg = compare_config(tmp_path, "--protocol", "mnist1d", "--epochs", "3")
+    assert cfg.train.steps is None and cfg.train.epochs == 3
+    assert compare_config(tmp_path, "--protocol", "apl", "--dataset", "fashion-mnist").model == "cnn"
+
+
+def test_an_interrupted_grid_keeps_its_finished_runs(capsys, tmp_path, monkeypatch):
+    from crossent.experiments import compare
+
+    real = compare._one_run
+    calls = []
+
+    def second_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(compare, "_one_run", second_fails)
+    rc, _, err = run_cli(capsys, "compare", "--losses", "ce,sce", "--epochs", "1", "--hidden", "8", "--no-plots",
+                         "--quiet", "--out", str(tmp_path))
+    assert rc == 130 and "interrupted" in err
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["complete"] is False and [r["method"] for r in saved["runs"]] == ["ce"]
+    assert "Incomplete: the 1 runs finished so far." in (tmp_path / "summary.md").read_text()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from crossent.calibration import TemperatureScaling
-from crossent.experiments import corruption, datasets, metrics, report
+from crossent.experiments import datasets, metrics, report, subsets
 from crossent.experiments.methods import Context, Method, class_balanced_weight, parse_list
 from crossent.experiments.models import MNIST1DConv, build_model
 from crossent.experiments.train import Prepared, TrainConfig, predict, train
@@ -73,63 +73,22 @@ def test_nll_hand_case():
     assert metrics.nll(z, torch.tensor([0, 2])) == pytest.approx(-(math.log(0.5) + math.log(0.1)) / 2, abs=1e-12)
 
 
-# -- corruption --------------------------------------------------------------------------------------
-def test_symmetric_noise_rate_and_uniform_replacement():
-    n, c, rate = 200_000, 10, 0.4
-    y = torch.randint(0, c, (n,), generator=torch.Generator().manual_seed(1))
-    noisy = corruption.symmetric_noise(y, c, rate, seed=3)
-    changed = (noisy != y).double().mean().item()
-    # a label is redrawn with probability rate, from all C classes, so it changes w.p. rate (C-1)/C
-    assert changed == pytest.approx(rate * (c - 1) / c, abs=4 * math.sqrt(0.36 * 0.64 / n))
-    t_hat = torch.zeros(c, c, dtype=torch.float64).index_put_((y, noisy), torch.ones(n, dtype=torch.float64), accumulate=True)
-    t_hat /= t_hat.sum(1, keepdim=True)
-    assert torch.allclose(t_hat, corruption.transition_matrix("symmetric", c, rate), atol=0.01)
-    assert torch.equal(noisy, corruption.symmetric_noise(y, c, rate, seed=3))
-    assert torch.equal(corruption.symmetric_noise(y, c, 0.0), y)
-
-
-def test_pair_noise_letter_pairs_exactly_as_published():
-    names = [chr(ord("A") + i) for i in range(26)]
-    pairs = [(names.index(a), names.index(b)) for a, b in datasets.LETTER_PAIRS]
-    perm = corruption.pair_permutation(26, pairs)
-    mapped = {names[i]: names[int(perm[i])] for i in range(26)}
-    for a, b in ("BD", "CG", "EF", "HN", "IL", "KX", "MW", "OQ", "PR", "UV"):
-        assert mapped[a] == b and mapped[b] == a
-    for lone in "AJSTYZ":
-        assert mapped[lone] == lone
-    y = torch.arange(26).repeat(4000)
-    noisy = corruption.pair_noise(y, 26, 0.3, pairs=pairs, seed=0)
-    moved = noisy != y
-    assert torch.equal(noisy[moved], perm[y[moved]])
-    paired = perm[y] != y
-    assert moved[paired].double().mean().item() == pytest.approx(0.3, abs=0.01)
-    assert not moved[~paired].any()
-
-
-def test_pair_noise_default_adjacent_pairs_and_vowel():
-    assert corruption.pair_permutation(11).tolist() == [1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 10]
-    assert corruption.pair_noise(torch.arange(4), 4, 1.0).tolist() == [1, 0, 3, 2]
-    with pytest.raises(ValueError, match="disjoint"):
-        corruption.pair_permutation(4, [(0, 1), (1, 2)])
-    with pytest.raises(ValueError, match="noise rate"):
-        corruption.pair_noise(torch.arange(4), 4, 1.5)
-
-
+# -- subsets -----------------------------------------------------------------------------------------
 def test_long_tail_profile():
-    counts = corruption.long_tail_counts(10, 6000, 100)
+    counts = subsets.long_tail_counts(10, 6000, 100)
     assert counts == [int(6000 * 100 ** (-i / 9) + 1e-9) for i in range(10)]
     assert counts[0] == 6000 and counts[-1] == 60
     y = torch.arange(5).repeat_interleave(torch.tensor([120, 100, 130, 100, 110]))
-    keep = corruption.long_tail_indices(y, 5, 10.0, seed=0)
+    keep = subsets.long_tail_indices(y, 5, 10.0, seed=0)
     got = torch.bincount(y[keep], minlength=5).tolist()
     assert got == [int(100 * 10 ** (-i / 4) + 1e-9) for i in range(5)] == [100, 56, 31, 17, 10]
     with pytest.raises(ValueError, match="imbalance"):
-        corruption.long_tail_counts(3, 10, 0.5)
+        subsets.long_tail_counts(3, 10, 0.5)
 
 
 def test_stratified_subsample_keeps_shares():
     y = torch.arange(4).repeat_interleave(torch.tensor([400, 300, 200, 100]))
-    keep = corruption.stratified_subsample(y, 100, seed=0)
+    keep = subsets.stratified_subsample(y, 100, seed=0)
     assert torch.bincount(y[keep]).tolist() == [40, 30, 20, 10]
 
 
@@ -295,12 +254,12 @@ def test_letter_when_installed():
 
 # -- report ---------------------------------------------------------------------------------------------
 def test_aggregate_mean_and_sample_std():
-    runs = [{"method": "ce", "rate": 0.4, "noise": "symmetric", "acc": a, "bacc": a, "nll": 1.0, "ece": 0.1}
+    runs = [{"method": "ce", "rate": 0.4, "noise": "ldr-uniform", "acc": a, "bacc": a, "nll": 1.0, "ece": 0.1}
             for a in (0.5, 0.7, 0.9)]
     (row,) = report.aggregate(runs)
     assert row["acc"][0] == pytest.approx(0.7) and row["acc"][1] == pytest.approx(0.2)
     table = report.markdown_table([row])
-    assert "| `ce` | symmetric 0.4 | 70.00 ± 20.00 |" in table
+    assert "| `ce` | ldr-uniform 0.4 | 70.00 ± 20.00 |" in table
 
 
 # -- strategies that need other parts of the library ------------------------------------------------------
@@ -314,7 +273,7 @@ def test_forward_correction_estimated_and_oracle(tmp_path):
     from crossent.experiments.compare import CompareConfig, run
 
     cfg = CompareConfig(
-        methods=parse_list("forward_correction,forward_correction:T=oracle"), hidden=(16,), noise="symmetric",
+        methods=parse_list("forward_correction,forward_correction:T=oracle"), hidden=(16,), noise="ldr-uniform",
         noise_rates=(0.3,), train_size=400, train=TrainConfig(epochs=2),
     )
     res = run(cfg)
@@ -352,3 +311,10 @@ def test_per_sample_losses_get_the_training_set_size():
     prepared = Method.parse("aldr_kl").prepare(Context(torch.tensor([5, 5]), 2, num_train=10))
     assert prepared.loss.num_samples == 10
     assert Method.parse("aldr_kl:num_samples=20").prepare(Context(torch.tensor([5, 5]), 2, num_train=10)).loss.num_samples == 20
+
+
+def test_clean_rows_are_called_clean():
+    runs = [{"method": "ce", "rate": r, "noise": "ldr-uniform", "acc": 0.9, "bacc": 0.9, "nll": 0.3, "ece": 0.05}
+            for r in (0.0, 0.4)]
+    table = report.markdown_table(report.aggregate(runs))
+    assert "| `ce` | clean | 90.00 |" in table and "| `ce` | ldr-uniform 0.4 | 90.00 |" in table

@@ -1,13 +1,20 @@
 """One benchmark configuration, in a fresh process: ``python -m crossent.bench._linear_worker SPEC``.
 
 SPEC is a JSON object (method, n, d, v, dtype, device, warmup, repeats, threads, seed). Prints one JSON
-line: the median and every timing of forward + backward, the peak memory growth beyond inputs and
-gradients, and the loss (a cross-check between methods).
+line: the median and every timing of forward + backward, the step's peak memory, and the loss (a
+cross-check between methods).
 
-Memory on CPU: after the warm-up runs (which also compile what ``torch.compile`` compiles), the
-gradients are dropped, the kernel's peak-RSS mark is reset (``/proc/self/clear_refs``), and the peak
-over the timed runs minus the RSS before them minus the gradients' bytes is reported. On CUDA the same
-is read from ``torch.cuda.max_memory_allocated``.
+Memory, the figure that is compared: the most bytes one step held at once beyond its inputs
+(``peak_live_bytes``; the gradients, which every method must produce, are counted in it and also
+reported apart as ``grad_bytes``). On CPU it comes from one extra, untimed step whose allocations and
+frees PyTorch's allocator reports to the profiler (:func:`crossent.bench.memory.allocator_peak`: exact,
+fused operators and compiled code included); on CUDA from the allocator's statistics over the timed
+steps (``torch.cuda.max_memory_allocated`` less what was allocated before them).
+
+RSS, a secondary figure: the growth of the peak resident set over the timed steps (after the warm-up
+steps, which also compile what ``torch.compile`` compiles, and a reset of the kernel's mark through
+``/proc/self/clear_refs``). It is never below zero, but the allocator's reuse of memory the warm-up freed
+makes it an underestimate, and at small shapes it says little.
 """
 
 from __future__ import annotations
@@ -119,6 +126,9 @@ def measure(spec: dict) -> dict:
     out = None
     gc.collect()
     grad_bytes = e.numel() * e.element_size() + c.numel() * c.element_size()
+    live = None if cuda else _live_peak(step, spec["method"])
+    e.grad = c.grad = None
+    gc.collect()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -137,13 +147,33 @@ def measure(spec: dict) -> dict:
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     threads = torch.get_num_threads()
     result = {"times": times, "median": sorted(times)[len(times) // 2], "loss": loss, "threads": threads}
-    # Share of its threads' time this process got on CPUs: well below 1 means another process competed.
-    result["cpu_share"] = cpu / max(wall * threads, 1e-9)
+    if not cuda:
+        # Share of its threads' time this process got on CPUs: well below 1 means another process
+        # competed. (On CUDA the host mostly waits for the device, so the figure would mean nothing.)
+        result["cpu_share"] = cpu / max(wall * threads, 1e-9)
+    result["grad_bytes"] = grad_bytes
     if reset_ok:
-        result["peak_rss_growth"] = (_rss_kib("VmHWM") - rss0) * 1024 - grad_bytes
+        result["rss_growth"] = max(0, (_rss_kib("VmHWM") - rss0) * 1024)
     if cuda:
-        result["peak_cuda_growth"] = torch.cuda.max_memory_allocated() - base - grad_bytes
+        result["peak_live_bytes"] = max(0, torch.cuda.max_memory_allocated() - base)
+        result["memory_source"] = "cuda allocator"
+    elif isinstance(live, int):
+        result["peak_live_bytes"] = live
+        result["memory_source"] = "cpu allocator"
+    else:
+        result["memory_error"] = live
     return result
+
+
+def _live_peak(step, method: str) -> int | str:
+    """Peak bytes of the tensors one step holds at once (an int), or why it could not be measured."""
+    from crossent.bench.memory import allocator_peak
+
+    try:
+        # the step's return value (the floor's gradient-sized products) is dropped as the step ends
+        return allocator_peak(step)
+    except Exception as exc:  # noqa: BLE001 - a profiler that cannot record memory here
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
 
 
 if __name__ == "__main__":

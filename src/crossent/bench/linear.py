@@ -1,7 +1,11 @@
 """Speed and memory of fused linear cross-entropy: crossent against the naive path and its peers.
 
 Every configuration runs in a fresh process and reports the median of repeated forward + backward
-timings and its peak memory beyond inputs and gradients (RSS on CPU, allocated memory on CUDA):
+timings and the most memory the step held at once beyond the inputs and gradients: on CPU the exact
+replay of the allocation events that PyTorch's allocator reports to its profiler
+(:func:`crossent.bench.memory.allocator_peak`; fused operators and compiled code included), on CUDA
+the allocator's statistics. The growth of the peak RSS is a secondary column; it is never negative,
+but the allocator's reuse of freed memory can hide a step's memory from it. Methods:
 
 * ``floor``: the three matrix products alone (``z = e @ c.T``, ``z @ c``, ``z.T @ e``); ``floor_t``: the
   same with the weight gradient's product transposed, ``e.T @ z`` with both operands row-major (the
@@ -14,11 +18,15 @@ timings and its peak memory beyond inputs and gradients (RSS on CPU, allocated m
   ``crossent_smooth`` (label smoothing 0.1): :func:`crossent.linear_cross_entropy`;
   ``crossent_ce_accum_input`` (bfloat16/float16 only): CE with ``accum_dtype`` = the input dtype.
 
-Ratios: time to the floor and to the fastest peer (any non-crossent method but the floors); memory to
-the naive path and to that fastest peer. ``cpu share`` is the smallest share of its threads' time a
-configuration got on the CPUs: well below 1, another process competed and its timing is suspect
-(``--quiet-wait`` makes each configuration wait for idle CPUs first, on shared machines). Quick defaults take about a minute; ``--full`` runs the
-recorded shapes (N=4096, D=1024, V in {32768, 131072}, float32, plus bfloat16 at V=131072).
+Ratios: time to the floor, to the fastest peer (any non-crossent method but the floors) and, for
+crossent's losses, to crossent's CE; memory to the naive path and to that fastest peer. A ratio whose
+reference is missing or zero is left out, never printed as 0 or infinity. ``cpu share`` is the smallest
+share of its threads' time a configuration got on the CPUs: well below 1, another process competed and
+its timing is suspect (``--quiet-wait`` makes each configuration wait for idle CPUs first).
+
+The default (the ``make demo`` run) is one shape with a realistic vocabulary, QUICK_SHAPES, in well
+under a minute; ``--full`` runs the recorded shapes (N=4096, D=1024, V in {32768, 131072}, float32,
+plus bfloat16 at V=131072), tens of minutes.
 """
 
 from __future__ import annotations
@@ -54,10 +62,12 @@ METHODS = (
 )
 #: Methods that differ from another one only for bfloat16/float16 inputs (skipped for the others).
 HALF_ONLY = ("crossent_ce_accum_input",)
-QUICK_METHODS = ("floor", "floor_t", "naive", "torch_lce_512", "crossent_ce", "crossent_focal", "crossent_z_loss")
+# floor_t differs from floor only for half precision, which the quick shape does not use
+QUICK_METHODS = ("floor", "naive", "torch_lce_512", "crossent_ce", "crossent_focal", "crossent_z_loss")
 FLOORS = ("floor", "floor_t")
 PEERS = ("naive", "naive_compile", "torch_lce", "torch_lce_auto", "torch_lce_512", "cce_compile")
-QUICK_SHAPES = ((2048, 512, 8192, "float32"),)
+# A language model's vocabulary (32768 entries, Mistral 7B's); N and D small enough for under a minute.
+QUICK_SHAPES = ((1024, 256, 32768, "float32"),)
 FULL_SHAPES = ((4096, 1024, 32768, "float32"), (4096, 1024, 131072, "float32"), (4096, 1024, 131072, "bfloat16"))
 
 
@@ -84,25 +94,66 @@ def loss_kwargs() -> dict[str, dict]:
     return {"ce": {}, "focal": {"loss": focal_like()}, "z_loss": {"z_loss": 1e-4}, "smooth": {"label_smoothing": 0.1}}
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """ValueError naming the first option that cannot run (before any configuration starts)."""
+    for shape in args.shape or ():
+        n, d, v, dtype = shape
+        for name, value in zip("NDV", (n, d, v)):
+            if not (value.isdigit() and int(value) > 0):
+                raise ValueError(f"--shape: {name} must be an integer >= 1, got {value!r}")
+        if dtype not in DTYPES:
+            raise ValueError(f"--shape: DTYPE must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    checks = (
+        ("--repeats", args.repeats, 1), ("--warmup", args.warmup, 0), ("--rounds", args.rounds, 1),
+        ("--chunk-size", args.chunk_size, 1), ("--threads", args.threads, 1),
+    )
+    for flag, value, low in checks:
+        if value is not None and value < low:
+            raise ValueError(f"{flag}: must be >= {low}, got {value}")
+    if not args.timeout > 0:
+        raise ValueError(f"--timeout: must be > 0, got {args.timeout:g}")
+    if args.quiet_wait < 0:
+        raise ValueError(f"--quiet-wait: must be >= 0, got {args.quiet_wait:g}")
+    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
+        raise ValueError(f"--device: must be cpu or cuda, got {args.device!r}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device: CUDA is not available on this machine")
+    out = Path(args.out)
+    for parent in [out, *out.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"--out: {parent} exists and is not a folder")
+            break
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the benchmark (shared by ``benchmarks/bench_linear.py`` and ``crossent bench``)."""
+    quick = ", ".join(f"N={n} D={d} V={v} {t}" for n, d, v, t in QUICK_SHAPES)
     parser.add_argument("--full", action="store_true", help="the recorded shapes and every method (tens of minutes)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, help="methods to run (default: quick set, or all with --full)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, metavar="METHOD",
+                        help=f"methods to run, of {', '.join(METHODS)} (default: {' '.join(QUICK_METHODS)}; "
+                        "every method with --full)")  # fmt: skip
     parser.add_argument("--shape", nargs=4, action="append", metavar=("N", "D", "V", "DTYPE"),
-                        help="a shape to run instead of the defaults (repeatable), e.g. --shape 4096 1024 32768 float32")  # fmt: skip
-    parser.add_argument("--repeats", type=int, default=3, help="timed forward+backward runs per configuration")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs first (compilation happens here)")
+                        help=f"a shape to run instead of the defaults (repeatable), e.g. --shape 4096 1024 32768 "
+                        f"float32 (default: {quick})")  # fmt: skip
+    parser.add_argument("--repeats", type=int, default=3, help="timed forward+backward runs per configuration (default: 3)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs first; compilation happens here (default: 1)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run every method this many times, round-robin, each in a fresh process; the median "
-                        "is over all rounds' timings (robust to load that changes during the run)")  # fmt: skip
+                        "is over all rounds' timings, robust to load that changes during the run (default: 1)")  # fmt: skip
     parser.add_argument("--chunk-size", type=int, default=None, help="crossent chunk_size (default: its own)")
-    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu or cuda (default: cpu)")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads per run (default: torch's)")
-    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds before one configuration is abandoned")
+    parser.add_argument("--timeout", type=float, default=1800.0,
+                        help="seconds before one configuration is abandoned (default: 1800)")
     parser.add_argument("--quiet-wait", type=float, default=0.0, metavar="SECONDS",
                         help="before each configuration, wait up to this long for other processes to leave the "
-                        "CPUs idle (shared machines); 0: do not wait")  # fmt: skip
-    parser.add_argument("--out", default="results/bench_linear", help="folder for linear.json, linear.md, linear.png")
+                        "CPUs idle (shared machines); 0: do not wait (default: 0)")  # fmt: skip
+    parser.add_argument("--out", default="results/bench_linear",
+                        help="folder for linear.json, linear.md, linear.png (default: results/bench_linear)")
 
 
 def busy_fraction(interval: float = 1.0) -> float | None:
@@ -163,10 +214,24 @@ def _combine(method: str, runs: list[dict]) -> dict:
     shares = [r["cpu_share"] for r in ok if "cpu_share" in r]
     if shares:
         out["cpu_share"] = min(shares)
-    for key in ("peak_rss_growth", "peak_cuda_growth"):
+    for key in ("peak_live_bytes", "rss_growth"):
+        values = [r[key] for r in ok if key in r]
+        if values:
+            out[key] = max(values)
+    for key in ("grad_bytes", "memory_source", "memory_error"):
         if key in ok[0]:
-            out[key] = max(r[key] for r in ok)
+            out[key] = ok[0][key]
+    if "peak_live_bytes" in out:
+        # the gradients are alive at the end of every step, so the peak is never below them
+        out["peak_bytes"] = max(0, out["peak_live_bytes"] - out.get("grad_bytes", 0))
     return out
+
+
+def _ratio(value: float | None, ref: float | None) -> float | None:
+    """``value / ref`` when both are known and ``ref`` is positive; otherwise no ratio at all."""
+    if value is None or ref is None or not ref > 0:
+        return None
+    return value / ref
 
 
 def _ratios(rows: list[dict]) -> None:
@@ -175,40 +240,58 @@ def _ratios(rows: list[dict]) -> None:
     floor = min(floors, key=lambda r: r["median"]) if floors else None
     peers = [r for m, r in ok.items() if m in PEERS]
     best = min(peers, key=lambda r: r["median"]) if peers else None
-    naive = ok.get("naive")
+    naive, ce = ok.get("naive"), ok.get("crossent_ce")
     for r in ok.values():
-        if floor:
-            r["x_floor"] = r["median"] / floor["median"]
+        ratios = {
+            "x_floor": _ratio(r["median"], floor and floor["median"]),
+            "x_best_peer": _ratio(r["median"], best and best["median"]),
+            "x_ce": _ratio(r["median"], ce and ce["median"]) if r["method"].startswith("crossent") else None,
+            "mem_x_naive": _ratio(r.get("peak_bytes"), naive and naive.get("peak_bytes")),
+            "mem_x_best_peer": _ratio(r.get("peak_bytes"), best and best.get("peak_bytes")),
+        }
+        r.update({k: v for k, v in ratios.items() if v is not None})
         if best:
             r["best_peer"] = best["method"]
-            r["x_best_peer"] = r["median"] / best["median"]
-        mem = r.get("peak_cuda_growth", r.get("peak_rss_growth"))
-        if mem is not None:
-            r["peak_bytes"] = mem
-            for key, ref in (("mem_x_naive", naive), ("mem_x_best_peer", best)):
-                ref_mem = ref and ref.get("peak_cuda_growth", ref.get("peak_rss_growth"))
-                if ref_mem:
-                    r[key] = mem / ref_mem
+
+
+#: (key, column title, format, scale) of the printed and Markdown tables
+COLUMNS = (
+    ("median", "median s", ".3f", 1),
+    ("x_floor", "x floor", ".2f", 1),
+    ("x_best_peer", "x peer", ".2f", 1),
+    ("x_ce", "x ce", ".2f", 1),
+    ("peak_bytes", "peak MiB", ".0f", 2**-20),
+    ("mem_x_naive", "mem/naive", ".3f", 1),
+    ("mem_x_best_peer", "mem/peer", ".3f", 1),
+    ("rss_growth", "RSS MiB", ".0f", 2**-20),
+    ("cpu_share", "cpu", ".2f", 1),
+)
+
+
+def _cell(r: dict, key: str, spec: str, scale: float) -> str:
+    return format(r[key] * scale, spec) if key in r else "-"
 
 
 def _table(rows: list[dict]) -> str:
-    head = f"{'method':<17}{'median s':>10}{'x floor':>9}{'x peer':>8}{'peak MiB':>10}{'mem/naive':>10}{'mem/peer':>9}{'cpu':>6}  loss"
+    widths = [max(len(title) + 1, 9) for _, title, _, _ in COLUMNS]
+    head = f"{'method':<24}" + "".join(f"{t:>{w}}" for (_, t, _, _), w in zip(COLUMNS, widths)) + "  loss"
     out = [head, "-" * len(head)]
-
-    def f(r, k, spec):
-        return format(r[k], spec) if k in r else "-"
-
     for r in rows:
         if "error" in r:
-            out.append(f"{r['method']:<17}  skipped: {r['error']}")
+            out.append(f"{r['method']:<24}  skipped: {r['error']}")
             continue
-        mib = r["peak_bytes"] / 2**20 if "peak_bytes" in r else None
-        out.append(
-            f"{r['method']:<17}{r['median']:>10.3f}{f(r, 'x_floor', '.2f'):>9}{f(r, 'x_best_peer', '.2f'):>8}"
-            f"{(format(mib, '.0f') if mib is not None else '-'):>10}{f(r, 'mem_x_naive', '.3f'):>10}"
-            f"{f(r, 'mem_x_best_peer', '.3f'):>9}{f(r, 'cpu_share', '.2f'):>6}  {'-' if r.get('loss') is None else format(r['loss'], '.6f')}"
-        )
-    return "\n".join(out)
+        cells = "".join(f"{_cell(r, k, f, s):>{w}}" for (k, _, f, s), w in zip(COLUMNS, widths))
+        loss = "-" if r.get("loss") is None else format(r["loss"], ".6f")
+        out.append(f"{r['method']:<24}{cells}  {loss}")
+    notes = sorted({f"{r['method']}: {r['memory_error']}" for r in rows if "memory_error" in r})
+    return "\n".join(out + [f"  memory not measured, {n}" for n in notes])
+
+
+MEMORY_NOTE = (
+    "peak MiB: the most memory the step held at once beyond the inputs and the gradients (exact: the "
+    "CPU allocator's events, or the CUDA allocator's statistics); RSS MiB: growth of the process's peak "
+    "resident set over the timed steps (secondary: the allocator reuses freed memory)."
+)
 
 
 def markdown(result: dict) -> str:
@@ -217,26 +300,26 @@ def markdown(result: dict) -> str:
     groups: dict = {}
     for r in result["results"]:
         groups.setdefault((r["n"], r["d"], r["v"], r["dtype"]), []).append(r)
+    titles = [t for _, t, _, _ in COLUMNS]
     for (n, d, v, dtype), rows in groups.items():
-        out += [f"N={n}, D={d}, V={v}, {dtype}", "",
-                "| method | median s | x floor | x fastest peer | peak MiB | memory / naive | memory / fastest peer | cpu share |",
-                "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        out += [f"N={n}, D={d}, V={v}, {dtype}", "", "| method | " + " | ".join(titles) + " |",
+                "|---|" + "---:|" * len(titles)]
         for r in rows:
             if "error" in r:
-                out.append(f"| {r['method']} | skipped: {r['error']} | | | | | | |")
+                out.append(f"| {r['method']} | skipped: {r['error']} |" + " |" * (len(titles) - 1))
                 continue
-
-            def f(k, spec):
-                return format(r[k], spec) if k in r else "-"
-
-            mib = format(r["peak_bytes"] / 2**20, ".0f") if "peak_bytes" in r else "-"
-            out.append(
-                f"| {r['method']} | {r['median']:.2f} | {f('x_floor', '.2f')} | {f('x_best_peer', '.2f')} | {mib} "
-                f"| {f('mem_x_naive', '.3f')} | {f('mem_x_best_peer', '.3f')} | {f('cpu_share', '.2f')} |"
-            )
+            cells = [_cell(r, k, f, s) for k, _, f, s in COLUMNS]
+            out.append(f"| {r['method']} | " + " | ".join(cells) + " |")
         best = next((r["best_peer"] for r in rows if "best_peer" in r), None)
-        out += ["", f"Fastest peer: `{best}`." if best else "", ""]
+        out += ["", f"Fastest peer: `{best}`. {MEMORY_NOTE}" if best else MEMORY_NOTE, ""]
     return "\n".join(out)
+
+
+GROUP_COLORS = {"crossent": "tab:green", "peer": "tab:blue", "floor": "tab:gray"}
+
+
+def _group(method: str) -> str:
+    return "crossent" if method.startswith("crossent") else "floor" if method in FLOORS else "peer"
 
 
 def _plot(groups: dict, path: Path) -> bool:
@@ -245,21 +328,32 @@ def _plot(groups: dict, path: Path) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
     except ImportError:
         return False
-    fig, axes = plt.subplots(len(groups), 2, figsize=(12, 3.2 * len(groups)), squeeze=False)
+    fig, axes = plt.subplots(len(groups), 2, figsize=(12, 0.5 + 3.2 * len(groups)), squeeze=False)
     for (title, rows), (ax_t, ax_m) in zip(groups.items(), axes):
         ok = [r for r in rows if "median" in r]
         names = [r["method"] for r in ok]
-        colors = ["tab:green" if n.startswith("crossent") else "tab:gray" if n in FLOORS else "tab:blue" for n in names]
-        ax_t.barh(names, [r["median"] for r in ok], color=colors)
-        ax_t.set_xlabel("forward + backward, median s")
-        ax_t.set_title(title, fontsize=9)
+        colors = [GROUP_COLORS[_group(n)] for n in names]
+        bars = ax_t.barh(names, [r["median"] for r in ok], color=colors)
+        ax_t.bar_label(bars, labels=[f"{r['median']:.3g}" for r in ok], fontsize=7, padding=2)
+        ax_t.set_xlabel("forward + backward, median seconds")
+        ax_t.set_title(f"time, {title}", fontsize=9)
         ax_t.invert_yaxis()
-        ax_m.barh(names, [max(r.get("peak_bytes", 0), 0) / 2**20 for r in ok], color=colors)
-        ax_m.set_xlabel("peak memory beyond inputs and gradients, MiB")
+        mem = [r.get("peak_bytes") for r in ok]
+        bars = ax_m.barh(names, [0 if m is None else m / 2**20 for m in mem], color=colors)
+        ax_m.bar_label(bars, labels=["not measured" if m is None else f"{m / 2**20:.3g}" for m in mem], fontsize=7,
+                       padding=2)
+        ax_m.set_xlabel("peak MiB allocated beyond inputs and gradients")
+        ax_m.set_title(f"memory, {title}", fontsize=9)
         ax_m.invert_yaxis()
-    fig.tight_layout()
+        for ax in (ax_t, ax_m):
+            ax.margins(x=0.15)
+    legend = [Patch(color=GROUP_COLORS[g], label=label) for g, label in
+              (("crossent", "crossent"), ("peer", "other implementations"), ("floor", "matrix products alone"))]
+    fig.legend(handles=legend, loc="upper center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (0.5 + 3.2 * len(groups))))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
@@ -290,7 +384,7 @@ def run(args: argparse.Namespace) -> dict:
     }
     groups: dict[str, list[dict]] = {}
     for n, d, v, dtype in shapes:
-        title = f"N={n} D={d} V={v} {dtype} ({args.device}, {threads} threads)"
+        title = f"N={n} D={d} V={v} {dtype} ({args.device}, {threads} thread{'s' * (threads != 1)})"
         print(f"\n{title}", flush=True)
         shape_methods = [m for m in methods if dtype in ("bfloat16", "float16") or m not in HALF_ONLY]
         runs: dict[str, list[dict]] = {m: [] for m in shape_methods}
@@ -332,7 +426,12 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    try:
+        check_args(args)
+    except ValueError as e:
+        parser.error(str(e))
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@
 For each (noise rate, seed) the training labels are corrupted once and shared by every method, so
 that methods are compared on identical data. Test labels are never corrupted. With ``calibrate``, a
 stratified ``val_fraction`` of the (corrupted) training set is held out to fit a temperature.
+
+:func:`run` checks the whole grid (every method, the noise definition on these labels) before the first
+training step, so that a mistake in the last method does not surface after the others have trained.
 """
 
 from __future__ import annotations
@@ -12,9 +15,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from . import corruption, datasets, metrics
+from . import datasets, layout, metrics, noise, subsets
 from .methods import Context, Method
 from .models import build_model
+from .options import OptionError
 from .train import TrainConfig, predict, train
 
 
@@ -26,7 +30,10 @@ class CompareConfig:
     hidden: tuple[int, ...] = (100, 100)
     activation: str = "relu"
     residual: bool = False
-    noise: str = "none"  # none | symmetric | pair
+    init: str = "default"  # default | xavier (see models.INITS)
+    split: str = "default"  # default | random:N (see layout)
+    scaling: str | None = None  # None: the dataset's own; standard | minmax
+    noise: str = "none"  # none, or a name of noise.MODELS
     noise_rates: tuple[float, ...] = (0.0,)
     imbalance: float | None = None
     train_size: int | None = None
@@ -55,48 +62,79 @@ def _val_split(y: torch.Tensor, fraction: float, seed: int):
 
 
 def prepare_data(cfg: CompareConfig):
-    """Load the dataset and apply the imbalance and subsampling (both seed-independent)."""
-    data = datasets.load(cfg.dataset)
+    """Load the dataset, lay it out as the protocol asks, and apply the imbalance and subsampling (all
+    seed-independent)."""
+    data = layout.apply(datasets.load(cfg.dataset), cfg.split, cfg.scaling)
     x, y = data.x_train, data.y_train
     if cfg.imbalance:
-        keep = corruption.long_tail_indices(y, data.num_classes, cfg.imbalance, seed=0)
+        keep = subsets.long_tail_indices(y, data.num_classes, cfg.imbalance, seed=0)
         x, y = x[keep], y[keep]
     if cfg.train_size:
-        keep = corruption.stratified_subsample(y, cfg.train_size, seed=0)
+        keep = subsets.stratified_subsample(y, cfg.train_size, seed=0)
         x, y = x[keep], y[keep]
     return data, x, y
 
 
 def corrupt(cfg: CompareConfig, data, y: torch.Tensor, rate: float, seed: int):
-    """Noisy training labels and the true transition matrix (``None`` without noise)."""
-    if cfg.noise == "none" or rate == 0:
+    """Noisy training labels and the true transition matrix (``None`` without noise; the identity at rate 0)."""
+    if cfg.noise == "none":
         return y.clone(), None
-    if cfg.noise == "symmetric":
-        noisy = corruption.symmetric_noise(y, data.num_classes, rate, seed=seed)
-    elif cfg.noise == "pair":
-        noisy = corruption.pair_noise(y, data.num_classes, rate, pairs=data.pairs, seed=seed)
-    else:
-        raise ValueError(f"unknown noise {cfg.noise!r}; use none, symmetric or pair")
-    return noisy, corruption.transition_matrix(cfg.noise, data.num_classes, rate, data.pairs)
+    if rate == 0:
+        return y.clone(), torch.eye(data.num_classes, dtype=torch.float64)
+    model = noise.get(cfg.noise)
+    noisy = model.corrupt(y, data.num_classes, rate, seed=seed, pairs=data.pairs)
+    return noisy, model.transition(y, data.num_classes, rate, pairs=data.pairs)
 
 
-def run(cfg: CompareConfig, make_progress=None) -> dict:
+def check(cfg: CompareConfig, data=None, y_train: torch.Tensor | None = None) -> None:
+    """:class:`~.options.OptionError` for the first setting of ``cfg`` that cannot run; given the loaded
+    data, also the checks that need it (the noise definition on these labels, the model on these inputs)."""
+    for m in cfg.methods:
+        _as_option("--losses", m.check)
+        if m.needs_noise and cfg.noise == "none":
+            raise OptionError("--losses", f"{m.label} needs label noise (--noise) to know the true transition matrix")
+    _as_option("--train", cfg.train.check)
+    if cfg.noise != "none":
+        model = _as_option("--noise", noise.get, cfg.noise)
+        for rate in cfg.noise_rates:
+            _as_option("--noise-rate", noise.check_rate, rate)
+            if data is not None and rate:
+                _as_option("--noise", model.check, y_train, data.num_classes, rate, data.pairs)
+    if data is not None:
+        _as_option("--model", build_model, cfg.model, data.input_shape, data.num_classes, hidden=cfg.hidden,
+                   activation=cfg.activation, residual=cfg.residual, init=cfg.init)
+
+
+def _as_option(option: str, fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except ValueError as e:
+        if isinstance(e, OptionError):
+            raise
+        if option == "--train":  # TrainConfig names the setting first: "batch-size must be >= 1"
+            option, _, rest = ("--" + str(e)).partition(" ")
+            raise OptionError(option, rest) from None
+        raise OptionError(option, str(e)) from None
+
+
+def run(cfg: CompareConfig, make_progress=None, on_record=None) -> dict:
     """Run the grid; returns ``{"config", "dataset", "runs": [...]}`` (one record per training run).
 
-    ``make_progress(total_steps)`` may return a :class:`~crossent.experiments.progress.Progress`.
+    ``make_progress(total_steps)`` may return a :class:`~crossent.experiments.progress.Progress`;
+    ``on_record(results_so_far)`` is called after every training run (to save what is done so far).
     """
-    for m in cfg.methods:
-        m.check()
+    check(cfg)
     data, x_all, y_all = prepare_data(cfg)
+    check(cfg, data, y_all)
     progress = make_progress(total_steps(cfg, len(y_all))) if make_progress is not None else None
     try:
-        return _grid(cfg, data, x_all, y_all, progress)
+        return _grid(cfg, data, x_all, y_all, progress, on_record)
     finally:
         if progress is not None:
             progress.close()
 
 
-def _grid(cfg, data, x_all, y_all, progress) -> dict:
+def _grid(cfg, data, x_all, y_all, progress, on_record=None) -> dict:
     rates = cfg.noise_rates if cfg.noise != "none" else (0.0,)
     runs = []
     for rate in rates:
@@ -115,7 +153,7 @@ def _grid(cfg, data, x_all, y_all, progress) -> dict:
                 if "probs" not in fitted:
                     torch.manual_seed(seed)
                     model = build_model(cfg.model, data.input_shape, data.num_classes, hidden=cfg.hidden,
-                                        activation=cfg.activation, residual=cfg.residual)
+                                        activation=cfg.activation, residual=cfg.residual, init=cfg.init)
                     train(model, x, y, Method("ce", "ce").prepare(ctx), cfg.train, seed=seed)
                     fitted["probs"] = torch.softmax(predict(model, x).double(), -1)
                 return fitted["probs"]
@@ -124,6 +162,8 @@ def _grid(cfg, data, x_all, y_all, progress) -> dict:
             for method in cfg.methods:
                 runs.append(_one_run(cfg, data, method, ctx, x, y, x_all[va], noisy_all[va], rate, seed,
                                      y_all[tr], progress))
+                if on_record is not None:
+                    on_record({"config": cfg.to_dict(), "dataset": repr(data), "n_train": len(y_all), "runs": runs})
     return {"config": cfg.to_dict(), "dataset": repr(data), "n_train": len(y_all), "runs": runs}
 
 
@@ -132,7 +172,7 @@ def _one_run(cfg, data, method, ctx, x, y, x_val, y_val, rate, seed, y_clean, pr
     prepared = method.prepare(ctx)
     torch.manual_seed(seed)
     model = build_model(cfg.model, data.input_shape, data.num_classes, hidden=cfg.hidden, activation=cfg.activation,
-                        residual=cfg.residual)
+                        residual=cfg.residual, init=cfg.init)
     history = train(
         model, x, y, prepared, cfg.train, seed=seed, eval_data=(data.x_test, data.y_test),
         on_step=progress.advance if progress is not None else None,
@@ -165,7 +205,7 @@ def _one_run(cfg, data, method, ctx, x, y, x_val, y_val, rate, seed, y_clean, pr
         extra = f" best {record['best_acc']:.4f}@{record['best_step']}" if history else ""
         ts_txt = f" ece_ts {record['ece_ts'] * 100:.2f}% T {record['temperature']:.2f}" if "ece_ts" in record else ""
         progress.log(
-            f"{method.label:<24} rate {rate:<4g} seed {seed}: acc {record['acc']:.4f} bacc {record['bacc']:.4f} "
+            f"{method.label:<24} {'clean' if rate == 0 else f'rate {rate:g}':<9} seed {seed}: acc {record['acc']:.4f} bacc {record['bacc']:.4f} "
             f"nll {record['nll']:.3f} ece {record['ece'] * 100:.2f}%{ts_txt}{extra} ({record['seconds']:.0f}s)"
         )
     return record

@@ -52,8 +52,11 @@ class Dataset:
     num_classes: int
     kind: str = "tabular"
     class_names: list[str] = field(default_factory=list)
-    #: class index pairs swapped by pair noise; ``None`` means adjacent pairs (0<->1, 2<->3, ...).
+    #: class pairs of the published class-dependent noise (Letter, Vowel); ``None`` where none is published.
     pairs: list[tuple[int, int]] | None = None
+    #: how the loader scaled the features: ``"standard"`` (train mean 0, std 1), ``"unit"`` (pixels in
+    #: [0, 1]), ``"minmax"`` (train range to [-1, 1]) or ``"none"``.
+    scaling: str = "standard"
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -70,12 +73,17 @@ def available() -> list[str]:
     return sorted(_LOADERS)
 
 
-def load(name: str, **kwargs) -> Dataset:
-    """Load a dataset by name (see the module docstring)."""
+def canonical_name(name: str) -> str:
+    """The registered spelling of ``name`` (``Fashion_MNIST`` -> ``fashion-mnist``); ValueError if unknown."""
     key = name.lower().replace("_", "-")
     if key not in _LOADERS:
         raise ValueError(f"unknown dataset {name!r}; available: {', '.join(available())}")
-    return _LOADERS[key](**kwargs)
+    return key
+
+
+def load(name: str, **kwargs) -> Dataset:
+    """Load a dataset by name (see the module docstring)."""
+    return _LOADERS[canonical_name(name)](**kwargs)
 
 
 def _stratified_split(y, test_fraction: float, seed: int):
@@ -116,7 +124,7 @@ def load_digits() -> Dataset:
     x = torch.tensor(d.data, dtype=torch.float32) / 16.0
     y = torch.tensor(d.target, dtype=torch.int64)
     tr, te = _stratified_split(y, 0.3, seed=0)
-    return Dataset("digits", x[tr], y[tr], x[te], y[te], 10, "tabular", [str(i) for i in range(10)])
+    return Dataset("digits", x[tr], y[tr], x[te], y[te], 10, "tabular", [str(i) for i in range(10)], scaling="unit")
 
 
 # -- MNIST-1D --------------------------------------------------------------------------------------
@@ -134,7 +142,7 @@ def load_mnist1d() -> Dataset:
     as_y = lambda a: torch.tensor(a, dtype=torch.int64)  # noqa: E731
     return Dataset(
         "mnist1d", as_x(d["x"]), as_y(d["y"]), as_x(d["x_test"]), as_y(d["y_test"]), 10, "signal",
-        [str(i) for i in range(10)],
+        [str(i) for i in range(10)], scaling="none",
     )
 
 
@@ -174,7 +182,7 @@ def load_fashion_mnist() -> Dataset:
     x_te = _read_idx(d / "t10k-images-idx3-ubyte.gz").float().div_(255.0).unsqueeze(1)
     y_tr = _read_idx(d / "train-labels-idx1-ubyte.gz").long()
     y_te = _read_idx(d / "t10k-labels-idx1-ubyte.gz").long()
-    return Dataset("fashion-mnist", x_tr, y_tr, x_te, y_te, 10, "image", list(FASHION_CLASSES))
+    return Dataset("fashion-mnist", x_tr, y_tr, x_te, y_te, 10, "image", list(FASHION_CLASSES), scaling="unit")
 
 
 # -- UCI data shipped in R's mlbench ---------------------------------------------------------------
@@ -242,6 +250,10 @@ def load_satellite() -> Dataset:
     """UCI Statlog Landsat Satellite (6435 x 36, 6 classes)."""
     return _mlbench_split("Satellite", "classes", "satellite")
 
+
+#: the kind of each dataset, known without loading it (for checking options before any work)
+KINDS = {"digits": "tabular", "mnist1d": "signal", "fashion-mnist": "image", "letter": "tabular", "vowel": "tabular",
+         "shuttle": "tabular", "satellite": "tabular"}
 
 _LOADERS = {
     "digits": load_digits,

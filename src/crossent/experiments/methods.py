@@ -19,6 +19,7 @@ Unlisted keys of a strategy are passed to its base loss (``cb:loss=focal:gamma=1
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -66,15 +67,38 @@ class Method:
         return cls(spec, name.strip(), hparams)
 
     def check(self) -> None:
-        """Fail early (before any training) on an unknown name or bad hyperparameters."""
-        if self.name in STRATEGIES:
-            if self.name == "forward_correction" and "forward_correction" not in L.available():
+        """ValueError, naming this spec, on an unknown name or a bad hyperparameter (before any training)."""
+        try:
+            self._check()
+        except (TypeError, ValueError) as e:
+            message = str(e)
+            raise ValueError(message if message.startswith(self.label) else f"{self.label}: {message}") from None
+
+    @property
+    def needs_noise(self) -> bool:
+        """Whether the method reads the true noise matrix (``forward_correction:T=oracle``)."""
+        return self.name == "forward_correction" and self.hparams.get("T") == "oracle"
+
+    def _check(self) -> None:
+        hp = dict(self.hparams)
+        if self.name == "cb":
+            _number(hp.pop("beta", 0.9999), "beta", low=0.0, high=1.0, high_open=True)
+            base = hp.pop("loss", "ce")
+            if base in STRATEGIES or base not in L.available():
+                raise ValueError(f"loss={base!r} is not a registered loss; see crossent losses")
+            _build(base, hp)
+        elif self.name in ("la", "la_posthoc"):
+            _number(hp.pop("tau", 1.0), "tau")
+            _build("ce", hp)
+        elif self.name == "forward_correction":
+            if "forward_correction" not in L.available():
                 raise ValueError("forward_correction is not registered in this version of crossent.losses")
-            if self.name == "cb":
-                hp = {k: v for k, v in self.hparams.items() if k not in ("beta", "loss")}
-                L.get(self.hparams.get("loss", "ce"), **hp)
-            return
-        L.get(self.name, **self.hparams)
+            if hp.pop("T", None) not in (None, "oracle"):
+                raise ValueError("T must be 'oracle' or left out (estimated from a CE model)")
+            _number(hp.pop("percentile", 97), "percentile", low=0.0, high=100.0, low_open=True)
+            _build("forward_correction", {"T": torch.eye(2), **hp})
+        else:
+            _build(self.name, hp)
 
     def prepare(self, ctx: Context) -> Prepared:
         hp = dict(self.hparams)
@@ -102,11 +126,44 @@ class Method:
             return _forward_correction(hp, ctx)
         # per-sample state (ALDR-KL's adaptive lambda) is sized to the training set
         if "num_samples" not in hp and ctx.num_train is not None:
-            import inspect
-
             if "num_samples" in inspect.signature(L.registered()[self.name]).parameters:
                 hp["num_samples"] = ctx.num_train
         return Prepared(L.get(self.name, **hp))
+
+
+def _number(value, key: str, low: float | None = None, high: float | None = None, low_open=False, high_open=False):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{key} must be a number, got {value!r}")
+    below = low is not None and (value <= low if low_open else value < low)
+    above = high is not None and (value >= high if high_open else value > high)
+    if below or above:
+        lo = "(" if low_open else "["
+        hi = ")" if high_open else "]"
+        raise ValueError(f"{key} must be in {lo}{low:g}, {high:g}{hi}, got {value:g}")
+    return value
+
+
+def _build(name: str, hparams: dict):
+    """``L.get(name, **hparams)`` with unknown names and keywords reported in one line."""
+    if name not in L.available():
+        raise ValueError(f"unknown loss {name!r}; see crossent losses (or the strategies {', '.join(STRATEGIES)})")
+    accepted = set(inspect.signature(L.registered()[name]).parameters)
+    unknown = sorted(set(hparams) - accepted)
+    if unknown:
+        takes = ", ".join(sorted(accepted - {"T"})) or "no hyperparameters"
+        raise ValueError(f"unknown hyperparameter {unknown[0]!r} of {name} (it takes: {takes})")
+    for key, value in hparams.items():
+        if key in ("clip", "normalize") or value is None or isinstance(value, (bool, int, float)):
+            continue
+        if _annotation_is_numeric(L.registered()[name], key):
+            raise ValueError(f"{key} must be a number, got {value!r}")
+    return L.get(name, **hparams)
+
+
+def _annotation_is_numeric(cls, key: str) -> bool:
+    annotation = inspect.signature(cls).parameters[key].annotation
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    return text.split("|")[0].strip() in ("float", "int")
 
 
 @dataclass

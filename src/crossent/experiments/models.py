@@ -7,6 +7,8 @@ import math
 from torch import nn
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
+#: ``default``: PyTorch's own Linear initialisation; ``xavier``: Glorot & Bengio's uniform weights, zero biases.
+INITS = ("default", "xavier")
 
 
 def _flat_size(shape) -> int:
@@ -17,13 +19,17 @@ class MLP(nn.Module):
     """``Linear -> act`` for each width in ``hidden``, then a linear head (logistic regression if empty).
 
     With ``residual=True`` a hidden layer whose width equals the previous one adds its input back,
-    ``h <- h + act(W h)``, as the MNIST-1D reference MLP does for its second layer.
+    ``h <- h + act(W h)``, as the MNIST-1D reference MLP does for its second layer. ``init="xavier"``
+    draws every weight from Glorot & Bengio's uniform distribution and zeroes the biases.
     """
 
-    def __init__(self, in_features: int, hidden, num_classes: int, activation: str = "relu", residual: bool = False):
+    def __init__(self, in_features: int, hidden, num_classes: int, activation: str = "relu", residual: bool = False,
+                 init: str = "default"):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; use one of {sorted(ACTIVATIONS)}")
+        if init not in INITS:
+            raise ValueError(f"unknown init {init!r}; use one of {INITS}")
         self.act = ACTIVATIONS[activation]()
         self.hidden = nn.ModuleList()
         self.skip: list[bool] = []
@@ -33,6 +39,10 @@ class MLP(nn.Module):
             self.skip.append(residual and width == int(h))
             width = int(h)
         self.head = nn.Linear(width, num_classes)
+        if init == "xavier":
+            for layer in [*self.hidden, self.head]:
+                nn.init.xavier_uniform_(layer.weight)
+                nn.init.zeros_(layer.bias)
 
     def forward(self, x):
         h = x.flatten(1)
@@ -41,8 +51,9 @@ class MLP(nn.Module):
         return self.head(h)
 
 
-def mlp(in_features: int, hidden, num_classes: int, activation: str = "relu", residual: bool = False) -> MLP:
-    return MLP(in_features, hidden, num_classes, activation, residual)
+def mlp(in_features: int, hidden, num_classes: int, activation: str = "relu", residual: bool = False,
+        init: str = "default") -> MLP:
+    return MLP(in_features, hidden, num_classes, activation, residual, init)
 
 
 class MNIST1DConv(nn.Module):
@@ -92,13 +103,14 @@ MODELS = ("linear", "mlp", "cnn")
 
 
 def build_model(
-    name: str, input_shape, num_classes: int, *, hidden=(100, 100), activation: str = "relu", residual: bool = False
+    name: str, input_shape, num_classes: int, *, hidden=(100, 100), activation: str = "relu", residual: bool = False,
+    init: str = "default",
 ) -> nn.Module:
     """``linear``, ``mlp`` (widths ``hidden``) or ``cnn`` (1-D for signals, 2-D for 28x28 images)."""
     if name == "linear":
-        return mlp(_flat_size(input_shape), (), num_classes)
+        return mlp(_flat_size(input_shape), (), num_classes, init=init)
     if name == "mlp":
-        return mlp(_flat_size(input_shape), hidden, num_classes, activation, residual)
+        return mlp(_flat_size(input_shape), hidden, num_classes, activation, residual, init)
     if name == "cnn":
         if len(input_shape) == 1:
             return MNIST1DConv(input_shape[0], num_classes)

@@ -54,7 +54,7 @@ def markdown_table(rows: list[dict]) -> str:
     for r in rows:
         cells = [f"`{r['method']}`"]
         if show_rate:
-            cells.append(f"{r['noise']} {r['rate']:g}")
+            cells.append("clean" if r["rate"] == 0 else f"{r['noise']} {r['rate']:g}")
         for key, _, scale, dec in keys:
             if key not in r:
                 cells.append("")
@@ -67,21 +67,35 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def write(results: dict, out: Path, command: str | None = None) -> dict[str, Path]:
-    """Write ``summary.md``, ``runs.csv`` and ``results.json`` into ``out``; returns their paths."""
+    """Write ``summary.md``, ``runs.csv`` and ``results.json`` into ``out``; returns their paths.
+
+    ``results["complete"] = False`` marks the files of a grid still running (or interrupted); each file
+    is replaced whole, so that an interruption never leaves a half-written one.
+    """
     out.mkdir(parents=True, exist_ok=True)
     rows = aggregate(results["runs"])
     table = markdown_table(rows)
     paths = {"markdown": out / "summary.md", "csv": out / "runs.csv", "json": out / "results.json"}
     header = f"Dataset: {results['dataset']}\n\n" + (f"Command: `{command}`\n\n" if command else "")
-    paths["markdown"].write_text(header + table + "\n")
-    with paths["csv"].open("w", newline="") as f:
+    if results.get("complete") is False:
+        header += f"Incomplete: the {len(results['runs'])} runs finished so far.\n\n"
+    _replace(paths["markdown"], header + table + "\n")
+    tmp = paths["csv"].with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=PER_RUN, extrasaction="ignore")
         w.writeheader()
         for r in results["runs"]:
             w.writerow({k: r.get(k, "") for k in PER_RUN})
+    tmp.replace(paths["csv"])
     summary = [
         {k: (v if not isinstance(v, tuple) else {"mean": v[0], "std": v[1]}) for k, v in row.items()} for row in rows
     ]
     payload = {**results, "summary": summary, "command": command}
-    paths["json"].write_text(json.dumps(payload, indent=1, default=str))
+    _replace(paths["json"], json.dumps(payload, indent=1, default=str))
     return paths
+
+
+def _replace(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

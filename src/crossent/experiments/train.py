@@ -1,8 +1,14 @@
 """One training run: a model, a prepared method (loss, class weights, post-hoc adjustment), a config.
 
-Batches are drawn either by reshuffling every epoch (``sampler="shuffle"``) or, as in the MNIST-1D
-reference code, by walking the training set in order (``sampler="cyclic"``: batch ``k`` is rows
-``[k*B, (k+1)*B) mod N``). The loss is :func:`crossent.cross_entropy` with the method's loss object.
+Batches are drawn in one of three ways:
+
+- ``sampler="shuffle"``: a fresh random order every epoch;
+- ``sampler="ordered"``: every epoch walks the rows in their stored order, the last batch short (the
+  LDR-KL reference code's unshuffled data loader);
+- ``sampler="cyclic"``: the MNIST-1D reference code's walk, batch ``k`` is rows ``[k*B, (k+1)*B) mod N``
+  across epoch boundaries.
+
+The loss is :func:`crossent.cross_entropy` with the method's loss object.
 """
 
 from __future__ import annotations
@@ -15,6 +21,11 @@ from torch import Tensor, nn
 
 from .. import functional
 from .metrics import accuracy
+
+
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("none", "step", "cosine")
+SAMPLERS = ("shuffle", "ordered", "cyclic")
 
 
 @dataclass
@@ -33,8 +44,31 @@ class TrainConfig:
     milestones: tuple[int, ...] = ()
     min_lr: float = 0.0
     clip: float | None = None
-    sampler: str = "shuffle"  # shuffle | cyclic
+    sampler: str = "shuffle"  # shuffle | ordered | cyclic
     eval_every: int = 0  # steps between test evaluations recorded in the history; 0: end only
+
+    def check(self) -> None:
+        """ValueError naming the first setting that cannot train (before any work starts)."""
+        for bad, message in self._problems():
+            if bad:
+                raise ValueError(message())
+
+    def _problems(self):
+        # (is it wrong, the message) with lazy messages: a field may be None where it is fine
+        yield self.optimizer not in OPTIMIZERS, lambda: f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"
+        yield not self.lr > 0, lambda: f"lr must be > 0, got {self.lr:g}"
+        yield not 0 <= self.momentum < 1, lambda: f"momentum must be in [0, 1), got {self.momentum:g}"
+        yield self.nesterov and not self.momentum > 0, lambda: "nesterov needs momentum > 0"
+        yield not self.weight_decay >= 0, lambda: f"weight-decay must be >= 0, got {self.weight_decay:g}"
+        yield self.batch_size < 1, lambda: f"batch-size must be >= 1, got {self.batch_size}"
+        yield self.epochs < 1, lambda: f"epochs must be >= 1, got {self.epochs}"
+        yield self.steps is not None and self.steps < 1, lambda: f"steps must be >= 1, got {self.steps}"
+        yield self.schedule not in SCHEDULES, lambda: f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"
+        yield any(m < 0 for m in self.milestones), lambda: f"milestones must be epochs >= 0, got {self.milestones}"
+        yield not self.min_lr >= 0, lambda: f"min-lr must be >= 0, got {self.min_lr:g}"
+        yield self.clip is not None and not self.clip > 0, lambda: f"clip must be > 0, got {self.clip:g}"
+        yield self.sampler not in SAMPLERS, lambda: f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}"
+        yield self.eval_every < 0, lambda: f"eval-every must be >= 0, got {self.eval_every}"
 
     def total_steps(self, n_train: int) -> int:
         if self.steps is not None:
@@ -119,7 +153,7 @@ def train(
             idx = order[start : start + cfg.batch_size]
         else:
             if k == 0:
-                order = torch.randperm(n, generator=g)
+                order = torch.randperm(n, generator=g) if cfg.sampler == "shuffle" else order
                 for group in opt.param_groups:
                     group["lr"] = _lr_at(cfg, epoch)
             idx = order[k * cfg.batch_size : (k + 1) * cfg.batch_size]
