@@ -99,12 +99,14 @@ def chunked_loss(
     reduction: str,
     options: LinearCrossEntropyOptions = LinearCrossEntropyOptions(),
     report: tuple = (),
+    wrap=None,
 ):
     """The loss of ``e @ c.T + bias`` (``e`` is ``[N, D]``) in float64, and reported statistics.
 
     Returns ``(loss, stats)``: ``loss`` is ``[N]`` for ``reduction='none'``, else a scalar; ``stats``
     maps each statistic of ``report`` (e.g. ``LSE``, ``ARGMAX``) to its ``[N]`` values. The chunk size,
-    the ``grad_c`` accumulator's dtype and the mode come from ``options``.
+    the ``grad_c`` accumulator's dtype and the mode come from ``options``; ``wrap`` (optional,
+    ``kernel -> kernel``) wraps the plan's chunk kernel (:class:`Job`).
     """
     if options.mode == "eager" and reduction == "none":
         raise ValueError("the eager-gradient mode needs reduction='mean' or 'sum'")
@@ -113,7 +115,7 @@ def chunked_loss(
     accum_dtype = options.accumulator(e.dtype)
     summed = accum_dtype if needs_grad and c.requires_grad else None
     chunk_size = options.chunk_rows(c.shape[0], c.shape[1], e.dtype, summed)
-    job = Job(plan, rows, chunk_size, accum_dtype, report)
+    job = Job(plan, rows, chunk_size, accum_dtype, report, wrap)
     if not needs_grad:
         with torch.no_grad():
             sweep = Sweep(job, e, c, bias).run()

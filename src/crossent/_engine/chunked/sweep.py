@@ -27,14 +27,18 @@ from .selection import RowSelection, expand_scale
 class Job:
     """The untracked half of one call: plan, kernel, row selection, accumulator dtype, reported statistics.
 
+    ``wrap``: optional ``kernel -> kernel`` applied to the plan's kernel (it sees every chunk first).
+
     Attributes:
         stat_values: ``{stat: [N] values}`` of the reported statistics, set by the first sweep.
     """
 
-    def __init__(self, plan: Plan, rows: Rows, chunk_size: int, accum_dtype: torch.dtype, report=()):
+    def __init__(self, plan: Plan, rows: Rows, chunk_size: int, accum_dtype: torch.dtype, report=(), wrap=None):
         self.report = tuple(report)
         self.plan = plan.with_statistics(self.report, rows)
         self.kernel = make_kernel(self.plan, self.report)
+        if wrap is not None:  # e.g. a kernel that forms a second operand's chunk first (distillation)
+            self.kernel = wrap(self.kernel)
         # Ignored rows contribute nothing; they are visited only when their statistics are reported.
         self.selection = RowSelection(rows, chunk_size, keep_all=bool(self.report))
         self.accum_dtype = accum_dtype
