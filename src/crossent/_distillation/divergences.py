@@ -7,10 +7,10 @@ only the student gets a gradient.
 
 Which ones stream (a formula over mergeable statistics, :mod:`.statistics`):
 
-* ``kl``, ``ttm``, ``wttm``: :math:`\mathrm{KL}(q \| p) = (E_q[v] - \mathrm{lse}(v)) - (E_q[u] - \mathrm{lse}(u))`
+* ``kl``, ``ttm``, ``wttm``: :math:`\mathrm{KL}(q \| p) = E_q[v - u] - \mathrm{lse}(v) + \mathrm{lse}(u)`
   with :math:`u = z/T`, :math:`v = \gamma t / T`, :math:`q = \mathrm{softmax}(v)`; WTTM's weight
   :math:`\sum_j p_{t,j}^\gamma = \exp(\mathrm{lse}(v) - \gamma\, \mathrm{lse}(t/T))`.
-* ``reverse_kl``: :math:`(E_p[u] - \mathrm{lse}(u)) - (E_p[v] - \mathrm{lse}(v))`.
+* ``reverse_kl``: :math:`E_p[u - v] - \mathrm{lse}(u) + \mathrm{lse}(v)`.
 
 Which need whole rows (dense and row-chunked engines, autograd through the row):
 
@@ -61,7 +61,7 @@ class KL(_Divergence):
     r"""Forward KL from the teacher: :math:`\mathrm{KL}(p_t \| p) = \sum_j p_{t,j} \log (p_{t,j} / p_j)`.
 
     Hinton, Vinyals, Dean, *Distilling the Knowledge in a Neural Network*, 2015 (without the
-    :math:`T^2` factor). Streams over ``lse(z/T)``, ``lse(t/T)``, ``E_q[z/T]``, ``E_q[t/T]``.
+    :math:`T^2` factor). Streams over ``lse(z/T)``, ``lse(t/T)`` and ``E_q[(t - z)/T]``.
     """
 
     #: the power applied to the teacher's probabilities (TTM's gamma; 1 for KD).
@@ -73,19 +73,18 @@ class KL(_Divergence):
         return dict(
             lse_u=log_sum_exp("student", a),
             lse_v=log_sum_exp("teacher", k),
-            eq_u=Expectation("teacher", "student", a, k),
-            eq_v=Expectation("teacher", "teacher", a, k),
+            gap=Expectation("teacher", (-1.0, 1.0), a, k),  # E_q[v - u]
             lse_t=log_sum_exp("teacher", self._a),
         )
 
     def statistics(self, rows):
         s = self._stats()
-        out = [s["lse_u"], s["lse_v"], s["eq_u"], s["eq_v"]]
+        out = [s["lse_u"], s["lse_v"], s["gap"]]
         return tuple(out + [s["lse_t"]] if self.weighted else out)
 
     def row_loss(self, s, rows):
         st = self._stats()
-        kl = (s[st["eq_v"]] - s[st["lse_v"]]) - (s[st["eq_u"]] - s[st["lse_u"]])
+        kl = s[st["gap"]] - s[st["lse_v"]] + s[st["lse_u"]]
         if not self.weighted:
             return kl
         return torch.exp(s[st["lse_v"]] - self.gamma * s[st["lse_t"]]) * kl
@@ -117,7 +116,7 @@ class WTTM(TTM):
 class ReverseKL(_Divergence):
     r"""Reverse KL: :math:`\mathrm{KL}(p \| p_t) = \sum_j p_j \log (p_j / p_{t,j})` (mode-seeking).
 
-    Streams over ``lse(z/T)``, ``lse(t/T)``, ``E_p[z/T]``, ``E_p[t/T]``. See e.g. Gu et al.,
+    Streams over ``lse(z/T)``, ``lse(t/T)`` and ``E_p[(z - t)/T]``. See e.g. Gu et al.,
     *MiniLLM: Knowledge Distillation of Large Language Models*, ICLR 2024.
     """
 
@@ -126,8 +125,7 @@ class ReverseKL(_Divergence):
         return dict(
             lse_u=log_sum_exp("student", a),
             lse_v=log_sum_exp("teacher", a),
-            ep_u=Expectation("student", "student", a, a),
-            ep_v=Expectation("student", "teacher", a, a),
+            gap=Expectation("student", (1.0, -1.0), a, a),  # E_p[u - v]
         )
 
     def statistics(self, rows):
@@ -135,7 +133,7 @@ class ReverseKL(_Divergence):
 
     def row_loss(self, s, rows):
         st = self._stats()
-        return (s[st["ep_u"]] - s[st["lse_u"]]) - (s[st["ep_v"]] - s[st["lse_v"]])
+        return s[st["gap"]] - s[st["lse_u"]] + s[st["lse_v"]]
 
 
 class JSD(_Divergence):

@@ -9,17 +9,18 @@ them chunk by chunk), so they are sliced with the rows and read column block by 
 Two statistics cover forward KL, reverse KL, TTM and WTTM:
 
 * :class:`ScaledLogSumExp`: ``lse(u)`` or ``lse(v)``; merge by ``logaddexp``.
-* :class:`Expectation`: ``E_p[u]``, ``E_p[v]``, ``E_q[u]`` or ``E_q[v]``; state ``(lse of the
+* :class:`Expectation`: ``E_p[f]`` or ``E_q[f]`` of ``f = cs u + ct v``; state ``(lse of the
   weighting side over the block, the block's expectation under its own softmax)``, merged by
-  rescaling both sides onto the merged normaliser (as ``ProbDotLogit``).
+  rescaling both sides onto the merged normaliser (as ``ProbDotLogit``). One exponential per
+  element.
 
 Both merge over column blocks, so a divergence written over them streams on any engine that feeds
 the teacher's columns beside the student's. Only the student gets a gradient: a statistic of the
 teacher alone is not differentiable, and ``d/dz_j`` of the others is
 
 * ``lse(u)``: ``a p_j``;
-* ``E_q[u]``: ``a q_j``;
-* ``E_p[f]``: ``a p_j (f_j - E_p[f]) + a p_j [f = u]``.
+* ``E_q[f]``: ``cs a q_j``;
+* ``E_p[f]``: ``a p_j (f_j - E_p[f] + cs)``.
 """
 
 from __future__ import annotations
@@ -96,38 +97,59 @@ def log_sum_exp(side: str, scale: float) -> Statistic:
 
 
 class Expectation(_Scaled):
-    """``E_w[f] = sum_j softmax(w)_j f_j`` with ``w`` and ``f`` each the scaled student or teacher logits.
+    """``E_w[f] = sum_j softmax(w)_j f_j`` with ``w`` one scaled side and ``f = cs * (a z) + ct * (k t)``.
 
     Args:
         under: ``"student"`` (``w = a z``) or ``"teacher"`` (``w = k t``).
-        of: ``"student"`` (``f = a z``) or ``"teacher"`` (``f = k t``).
+        of: ``(cs, ct)``, the weights of the scaled student and teacher logits in ``f``.
         student_scale: ``a``. teacher_scale: ``k``.
+
+    ``KL(q || p) = E_q[v - u] - lse(v) + lse(u)`` reads ``Expectation("teacher", (-1, 1))``.
     """
 
-    def __init__(self, under: str, of: str, student_scale: float = 1.0, teacher_scale: float = 1.0):
-        self.under, self.of = _check_side("under", under), _check_side("of", of)
+    def __init__(self, under: str, of: tuple, student_scale: float = 1.0, teacher_scale: float = 1.0):
+        self.under = _check_side("under", under)
+        self.cs, self.ct = (float(w) for w in of)
         # A side that does not take part keeps scale 1, so equal statistics share one key.
-        sides = (under, of)
-        super().__init__(student_scale if "student" in sides else 1.0, teacher_scale if "teacher" in sides else 1.0)
-        scale = self.a if under == "student" else self.k
-        self.requires = (log_sum_exp(under, scale),)
+        uses_student = under == "student" or self.cs != 0.0
+        uses_teacher = under == "teacher" or self.ct != 0.0
+        super().__init__(student_scale if uses_student else 1.0, teacher_scale if uses_teacher else 1.0)
+        self.requires = (log_sum_exp(under, self.a if under == "student" else self.k),)
 
     @property
     def key(self):
-        return ("Expectation", self.under, self.of, self.a, self.k)
+        return ("Expectation", self.under, self.cs, self.ct, self.a, self.k)
 
     @property
     def differentiable(self):  # type: ignore[override]
-        return "student" in (self.under, self.of)
+        return self.under == "student" or self.cs != 0.0
+
+    def _f(self, w: Tensor, z: Tensor, rows, cols: slice) -> Tensor:
+        """``f`` over ``cols`` as a new tensor (``w``: the weighting side, reused when ``f`` is it)."""
+        x = {self.under: w}
+        for side, weight in (("student", self.cs), ("teacher", self.ct)):
+            if weight and side not in x:
+                x[side] = self.side(side, z, rows, cols)
+        if self.cs and self.ct:
+            if self.ct == 1.0:
+                return torch.add(x["teacher"], x["student"], alpha=self.cs)
+            return torch.add(x["student"] * self.cs, x["teacher"], alpha=self.ct)
+        if self.cs or self.ct:
+            side, weight = ("student", self.cs) if self.cs else ("teacher", self.ct)
+            return x[side] * weight
+        return torch.zeros_like(w)
 
     def partial(self, z, rows, cols):
         w = self.side(self.under, z, rows, cols)
-        f = w if self.of == self.under else self.side(self.of, z, rows, cols)
-        lse = row_logsumexp(w)
-        weights = softmax_from_lse(w, lse)
-        # A row-by-row dot product: no [N, width] product is formed.
-        dot = torch.bmm(weights[:, None, :], f[:, :, None]).reshape(-1)
-        return (lse, dot.to(ACC))
+        if w.shape[-1] == 0:
+            empty = torch.full(w.shape[:-1], float("-inf"), dtype=ACC, device=w.device)
+            return (empty, torch.zeros_like(empty))
+        peak = w.amax(-1, keepdim=True)
+        weights = (w - peak).exp_()
+        total = weights.sum(-1)
+        # A row-by-row dot product: no second [N, width] product is formed.
+        dot = torch.bmm(weights[:, None, :], self._f(w, z, rows, cols)[:, :, None]).reshape(-1)
+        return (peak.squeeze(-1).to(ACC) + total.to(ACC).log(), dot.to(ACC) / total.to(ACC))
 
     def merge(self, x, y):
         lse = torch.logaddexp(x[0], y[0])
@@ -140,16 +162,13 @@ class Expectation(_Scaled):
 
     def add_grad(self, grad, z, coef, values, rows, cols):
         dtype = z.dtype
-        if self.under == "teacher":  # of == "student": a q_j
-            v = self.side("teacher", z, rows, cols)
-            term = softmax_from_lse(v, values[self.requires[0]]).mul_((coef * self.a).to(dtype)[:, None])
-            return term if grad is None else grad.add_(term)
-        u = self.side("student", z, rows, cols)
-        f = u if self.of == "student" else self.side("teacher", z, rows, cols)
-        # a p_j (f_j - E_p[f] + [f = u]): the constant folds into one per-row shift.
-        shift = values[self] - (1.0 if self.of == "student" else 0.0)
-        term = f - shift.to(dtype)[:, None]
-        term.mul_(softmax_from_lse(u, values[self.requires[0]])).mul_((coef * self.a).to(dtype)[:, None])
+        w = self.side(self.under, z, rows, cols)
+        soft = softmax_from_lse(w, values[self.requires[0]])
+        if self.under == "teacher":  # cs a q_j
+            term = soft.mul_((coef * self.cs * self.a).to(dtype)[:, None])
+        else:  # a p_j (f_j - E_p[f] + cs)
+            term = self._f(w, z, rows, cols).sub_((values[self] - self.cs).to(dtype)[:, None])
+            term.mul_(soft).mul_((coef * self.a).to(dtype)[:, None])
         return term if grad is None else grad.add_(term)
 
 
