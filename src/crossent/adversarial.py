@@ -9,7 +9,6 @@ from torch import Tensor
 
 from . import _validation as V
 
-_REDUCTIONS = ("none", "mean", "sum")
 
 
 def _comp_sum(log_p_y: Tensor, tau: float) -> Tensor:
@@ -169,8 +168,7 @@ def smooth_adversarial_comp_sum(
     step_size = V.non_negative("step_size", step_size)
     steps = V.count("steps", steps, minimum=0)
     init_std = V.non_negative("init_std", init_std)
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    V.check_reduction(reduction)
     if not isinstance(x, Tensor) or not isinstance(y, Tensor):
         raise TypeError("x and y must be tensors")
     if y.dim() != 1 or y.shape[0] != x.shape[0] or y.is_floating_point():

@@ -10,7 +10,6 @@ from .._rows import Rows
 from .. import _validation as V
 from ._base import Loss, register
 
-_REDUCTIONS = ("none", "mean", "sum")
 
 
 def sigmoid_focal_loss(
@@ -56,8 +55,7 @@ def sigmoid_focal_loss(
         raise TypeError(f"inputs must hold floating-point logits, got {inputs.dtype}")
     if targets.shape != inputs.shape:
         raise ValueError(f"targets must have the shape of inputs {tuple(inputs.shape)}, got {tuple(targets.shape)}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    V.check_reduction(reduction)
     alpha = V.real(None, "alpha", alpha)
     gamma = V.non_negative("gamma", gamma)
     if not targets.is_floating_point():

@@ -1,0 +1,71 @@
+"""Before/after in one run: the fused linear benchmark on two source trees, interleaved.
+
+    python benchmarks/compare_trees.py --trees ../before ../after --shape 4096 1024 32768 float32 \
+        --methods floor crossent_ce crossent_focal --rounds 3
+
+Each tree's own ``crossent.bench._linear_worker`` runs each configuration in a fresh process with that
+tree's ``src/`` first on ``PYTHONPATH``. Rounds alternate which tree goes first and rotate the methods,
+so load that changes during the run falls on both trees alike. Prints, per method, the median of
+every timing of every round for each tree, their ratio (after / before), and the peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+
+def run_worker(tree: Path, spec: dict, timeout: float) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(tree / "src"))
+    cmd = [sys.executable, "-m", "crossent.bench._linear_worker", json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=tree)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+    return json.loads(lines[-1])
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trees", nargs=2, required=True, metavar=("BEFORE", "AFTER"), help="two source trees")
+    parser.add_argument("--shape", nargs=4, required=True, metavar=("N", "D", "V", "DTYPE"))
+    parser.add_argument("--methods", nargs="+", required=True)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per configuration")
+    parser.add_argument("--timeout", type=float, default=1800.0)
+    args = parser.parse_args(argv)
+
+    trees = [Path(t).resolve() for t in args.trees]
+    n, d, v, dtype = args.shape
+    base = dict(n=int(n), d=int(d), v=int(v), dtype=dtype, device="cpu", warmup=1, repeats=args.repeats, seed=0)
+    times = {(t, m): [] for t in range(2) for m in args.methods}
+    peaks = {(t, m): [] for t in range(2) for m in args.methods}
+    for r in range(args.rounds):
+        order = [0, 1] if r % 2 == 0 else [1, 0]
+        methods = args.methods[r % len(args.methods) :] + args.methods[: r % len(args.methods)]
+        for m in methods:
+            for t in order:
+                res = run_worker(trees[t], dict(base, method=m), args.timeout)
+                if "error" in res:
+                    print(f"{trees[t].name} {m}: {res['error']}", file=sys.stderr)
+                    continue
+                times[t, m] += res.get("times", [res["median"]])
+                peaks[t, m].append(res.get("peak_rss_growth", res.get("peak_cuda_growth", float("nan"))) / 2**20)
+    print(f"\nN={n} D={d} V={v} {dtype}, {args.rounds} rounds x {args.repeats} timings; "
+          f"before = {trees[0].name}, after = {trees[1].name}\n")  # fmt: skip
+    print("| method | before median s | after median s | after / before | before peak MiB | after peak MiB |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for m in args.methods:
+        if not times[0, m] or not times[1, m]:
+            continue
+        a, b = statistics.median(times[0, m]), statistics.median(times[1, m])
+        print(f"| {m} | {a:.3f} | {b:.3f} | {b / a:.3f} | {max(peaks[0, m]):.0f} | {max(peaks[1, m]):.0f} |")
+
+
+if __name__ == "__main__":
+    main()
