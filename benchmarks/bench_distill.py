@@ -1,17 +1,19 @@
 """Knowledge distillation at a large vocabulary: ``crossent.linear_distillation`` against the dense forms.
 
 Each (method, divergence) runs in a fresh process: inputs are made and everything is imported first
-(``torch._dynamo`` included), one warm-up step runs, the gradients are dropped, the peak-RSS mark is
-reset (``echo 5 > /proc/self/clear_refs``) and the timed forward + backward steps follow. "peak MiB"
-is the growth of VmHWM over the RSS before the timed steps, less the student's gradients (every method
-returns the same ones). Methods:
+(``torch._dynamo`` included), the peak-RSS mark is reset (``echo 5 > /proc/self/clear_refs``) and one
+forward + backward step runs: "peak MiB" is the growth of VmHWM over the RSS before it, less the
+student's gradients (every method returns the same ones). The timed steps follow ("median s", over
+every process). The peak varies from process to process (glibc keeps some freed row-block temporaries
+of the dense forms in its heap, more in some runs than in others): the table gives its range.
+Methods:
 
 * ``fused``: ``xe.linear_distillation(e_s, c_s, e_t, c_t)``, no ``[N, V]`` matrix;
 * ``dense``: ``xe.distillation(e_s @ c_s.T, e_t @ c_t.T)`` on materialised logits (teacher under no_grad);
 * ``naive``: the same logits and the divergence written with ``log_softmax`` and plain autograd.
 
-    python benchmarks/bench_distill.py                                  # N=1024, D=512, D_t=768, V=131072
-    python benchmarks/bench_distill.py --shape 2048 1024 1024 131072 --divergences kl jsd --repeats 2
+    python benchmarks/bench_distill.py                                  # N=1024, D=256, D_t=384, V=131072
+    python benchmarks/bench_distill.py --shape 2048 1024 1024 131072 --divergences kl jsd akl --processes 1
 """
 
 from __future__ import annotations
@@ -79,33 +81,35 @@ def worker(spec: dict) -> dict:
                 zt = (e_t @ c_t.T).float()
             loss = xe.distillation(zs, zt, divergence=divergence) if method == "dense" else _naive(zs, zt, divergence)
         loss.backward()
-        return float(loss)
+        return float(loss.detach())
 
-    step()  # warm-up
-    e_s.grad = c_s.grad = None
+    # Memory: the first step after the reset mark (a warm-up step first would leave the process's RSS
+    # at a level that varies from run to run). Time: the steps after it.
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     rss0 = _status_kib("VmRSS")
-    times, loss = [], None
+    loss = step()
+    grads = (e_s.numel() + c_s.numel()) * 4
+    peak = (_status_kib("VmHWM") - rss0) * 1024 - grads
+    times = []
     for _ in range(spec["repeats"]):
         t0 = time.perf_counter()
         loss = step()
         times.append(time.perf_counter() - t0)
-    grads = (e_s.numel() + c_s.numel()) * 4
-    peak = (_status_kib("VmHWM") - rss0) * 1024 - grads
     return {"times": times, "median": statistics.median(times), "peak_mib": peak / 2**20, "loss": loss,
-            "threads": torch.get_num_threads()}  # fmt: skip
+            "threads": torch.get_num_threads(), "rss0_mib": rss0 / 1024}  # fmt: skip
 
 
 def main(argv=None) -> list:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", type=int, nargs=4, default=[1024, 512, 768, 131072], metavar=("N", "D", "D_T", "V"))
+    parser.add_argument("--shape", type=int, nargs=4, default=[1024, 256, 384, 131072], metavar=("N", "D", "D_T", "V"))
     parser.add_argument("--divergences", nargs="+", default=["kl", "jsd"])
     parser.add_argument("--methods", nargs="+", default=["fused", "dense", "naive"])
     parser.add_argument("--teacher-dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--chunk-size", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="timed steps per process")
+    parser.add_argument("--processes", type=int, default=3, help="fresh processes per configuration")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -114,23 +118,31 @@ def main(argv=None) -> list:
         return []
     rows = []
     n, d, dt, v = args.shape
-    print(f"N={n} D={d} D_t={dt} V={v}, student float32, teacher {args.teacher_dtype}, {args.repeats} timed steps")
-    print(f"| divergence | method | median s | peak MiB | loss |")
-    print(f"|---|---|---:|---:|---:|")
+    print(f"N={n} D={d} D_t={dt} V={v}, student float32, teacher {args.teacher_dtype}; "
+          f"{args.processes} processes x {args.repeats} timed steps")  # fmt: skip
+    print("| divergence | method | median s | peak MiB (min - max) | loss |")
+    print("|---|---|---:|---:|---:|")
     for divergence in args.divergences:
         for method in args.methods:
             if method == "naive" and divergence not in ("kl", "jsd"):
                 continue
             spec = dict(shape=args.shape, method=method, divergence=divergence, repeats=args.repeats,
                         teacher_dtype=args.teacher_dtype, chunk_size=args.chunk_size, threads=args.threads)  # fmt: skip
-            out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
-                                 text=True, env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"})  # fmt: skip
-            if out.returncode != 0:
-                print(f"| {divergence} | {method} | failed: {out.stderr.strip().splitlines()[-1]} | | |", flush=True)
+            runs = []
+            for _ in range(args.processes):
+                out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
+                                     text=True, env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"})  # fmt: skip
+                if out.returncode != 0:
+                    print(f"| {divergence} | {method} | failed: {out.stderr.strip().splitlines()[-1]} | | |", flush=True)
+                    break
+                runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            if not runs:
                 continue
-            res = json.loads(out.stdout.strip().splitlines()[-1])
-            rows.append({**spec, **res})
-            print(f"| {divergence} | {method} | {res['median']:.2f} | {res['peak_mib']:.0f} | {res['loss']:.6f} |", flush=True)
+            times = [t for r in runs for t in r["times"]]
+            peaks = [r["peak_mib"] for r in runs]
+            rows.append({**spec, "runs": runs})
+            print(f"| {divergence} | {method} | {statistics.median(times):.2f} | {min(peaks):.0f} - {max(peaks):.0f} "
+                  f"| {runs[0]['loss']:.6f} |", flush=True)  # fmt: skip
     return rows
 
 
