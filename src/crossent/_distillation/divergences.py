@@ -25,6 +25,7 @@ import math
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .. import _validation as V
 from ..losses._base import Loss
@@ -39,9 +40,33 @@ def _teacher_rows(z: Tensor, rows) -> Tensor:
     return teacher_block(rows, slice(0, z.shape[-1]), z)
 
 
-def _kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """``KL(P || Q)`` per row from whole rows of log-probabilities (autograd)."""
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
+def _dot(x: Tensor, y: Tensor) -> Tensor:
+    """``sum_j x_ij y_ij`` per row, without an ``[N, C]`` product."""
+    return torch.bmm(x[:, None, :], y[:, :, None]).reshape(-1)
+
+
+class _WholeRows(torch.autograd.Function):
+    """A whole-row divergence with its closed-form student gradient.
+
+    ``divergence.rows(log_p, log_pt, grad)`` returns the per-row values, or, with ``grad`` (the
+    upstream gradient of each row), ``dL/du`` for ``u = z / T``. Only ``z`` and ``t`` are saved (the
+    caller holds them anyway); backward recomputes the log-probabilities, so a chunk never holds more
+    than a few ``[r, C]`` temporaries (autograd through the formula would keep about ten).
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, t: Tensor, divergence):
+        ctx.save_for_backward(z, t)
+        ctx.divergence = divergence
+        return divergence.rows(*divergence.log_probs(z, t))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_rows: Tensor):
+        z, t = ctx.saved_tensors
+        d = ctx.divergence
+        grad = d.rows(*d.log_probs(z, t), grad=grad_rows)
+        return grad.mul_(d._a), None, None
 
 
 class _Divergence(Loss):
@@ -55,6 +80,21 @@ class _Divergence(Loss):
     @property
     def _a(self) -> float:
         return 1.0 / self.temperature
+
+
+
+class _WholeRowDivergence(_Divergence):
+    """A divergence over whole rows: ``rows(log_p, log_pt, grad=None)`` gives values or ``dL/du``."""
+
+    def log_probs(self, z: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``log softmax(z / T)`` and ``log softmax(t / T)``."""
+        return torch.log_softmax(z * self._a, -1), torch.log_softmax(t * self._a, -1)
+
+    def rows(self, log_p: Tensor, log_pt: Tensor, grad: Tensor | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def dense_row_loss(self, z, rows):
+        return _WholeRows.apply(z, _teacher_rows(z, rows), self)
 
 
 class KL(_Divergence):
@@ -136,7 +176,7 @@ class ReverseKL(_Divergence):
         return s[st["gap"]] - s[st["lse_u"]] + s[st["lse_v"]]
 
 
-class JSD(_Divergence):
+class JSD(_WholeRowDivergence):
     r"""Generalised Jensen-Shannon divergence with the teacher's share :math:`\beta`.
 
     .. math::
@@ -168,13 +208,23 @@ class JSD(_Divergence):
     def dense_row_loss(self, z, rows):
         if self._edge is not None:
             return self._edge.dense_row_loss(z, rows)
-        log_p = torch.log_softmax(z * self._a, -1)
-        log_pt = torch.log_softmax(_teacher_rows(z, rows) * self._a, -1)
-        log_m = torch.logaddexp(log_pt + math.log(self.beta), log_p + math.log1p(-self.beta))
-        return self.beta * _kl_rows(log_pt, log_m) + (1 - self.beta) * _kl_rows(log_p, log_m)
+        return super().dense_row_loss(z, rows)
+
+    def rows(self, log_p: Tensor, log_pt: Tensor, grad: Tensor | None = None) -> Tensor:
+        beta = self.beta
+        log_m = torch.logaddexp(log_pt + math.log(beta), log_p + math.log1p(-beta))
+        p = log_p.exp()
+        if grad is None:
+            pt = log_pt.exp()
+            teacher = _dot(pt, log_pt) - _dot(pt, log_m)
+            return beta * teacher + (1 - beta) * (_dot(p, log_p) - _dot(p, log_m))
+        # dL/dp_j = (1 - beta)(log p_j - log m_j) =: g_j; through the softmax: p_j (g_j - sum_i p_i g_i).
+        g = torch.sub(log_p, log_m, out=log_m)
+        g.sub_(_dot(p, g)[:, None]).mul_(p)
+        return g.mul_(((1 - beta) * grad).to(g.dtype)[:, None])
 
 
-class AKL(_Divergence):
+class AKL(_WholeRowDivergence):
     r"""Adaptive KL: forward and reverse KL weighted by where the student's error lies.
 
     Sort the teacher's probabilities in decreasing order; the *head* is the prefix whose cumulative
@@ -196,18 +246,28 @@ class AKL(_Divergence):
 
     streamable = False
 
-    def dense_row_loss(self, z, rows):
-        log_p = torch.log_softmax(z * self._a, -1)
-        log_pt = torch.log_softmax(_teacher_rows(z, rows) * self._a, -1)
-        with torch.no_grad():
-            pt, order = log_pt.exp().sort(-1, descending=True)
-            error = (pt - log_p.exp().gather(-1, order)).abs_()
-            head = pt.cumsum(-1) <= self.mu
-            head[..., 0] = True
-            g_head = torch.where(head, error, 0.0).sum(-1)
-            total = error.sum(-1)
-            w_head = torch.where(total > 0, g_head / total, torch.full_like(total, 0.5))
-        return w_head * _kl_rows(log_pt, log_p) + (1 - w_head) * _kl_rows(log_p, log_pt)
+    def head_weight(self, p: Tensor, pt: Tensor) -> Tensor:
+        """``g_H / (g_H + g_T)`` per row (0.5 where the student equals the teacher)."""
+        pt_sorted, order = pt.sort(-1, descending=True)
+        head = pt_sorted.cumsum(-1) <= self.mu
+        head[..., 0] = True
+        error = pt_sorted.sub_(p.gather(-1, order)).abs_()
+        del order
+        g_head = torch.where(head, error, 0.0).sum(-1)
+        total = error.sum(-1)
+        return torch.where(total > 0, g_head / total, torch.full_like(total, 0.5))
+
+    def rows(self, log_p: Tensor, log_pt: Tensor, grad: Tensor | None = None) -> Tensor:
+        p, pt = log_p.exp(), log_pt.exp()
+        w = self.head_weight(p, pt)
+        diff = torch.sub(log_p, log_pt, out=log_pt)  # log p - log p_t
+        reverse = _dot(p, diff)  # KL(p || p_t)
+        if grad is None:
+            return w * -_dot(pt, diff) + (1 - w) * reverse
+        # w (p - p_t) + (1 - w) p (log p - log p_t - KL(p || p_t))
+        out = diff.sub_(reverse[:, None]).mul_(p).mul_((1 - w)[:, None])
+        out.add_(p.sub_(pt).mul_(w[:, None]))
+        return out.mul_(grad.to(out.dtype)[:, None])
 
 
 def make_divergence(name: str, *, temperature: float, beta: float, gamma: float, mu: float) -> Loss:
