@@ -12,7 +12,7 @@ Which ones stream (a formula over mergeable statistics, :mod:`.statistics`):
   :math:`\sum_j p_{t,j}^\gamma = \exp(\mathrm{lse}(v) - \gamma\, \mathrm{lse}(t/T))`.
 * ``reverse_kl``: :math:`E_p[u - v] - \mathrm{lse}(u) + \mathrm{lse}(v)`.
 
-Which need whole rows (dense and row-chunked engines, autograd through the row):
+Which need whole rows (dense and row-chunked engines; a closed-form gradient, :class:`_WholeRows`):
 
 * ``jsd`` for :math:`0 < \beta < 1`: the mixture :math:`\log(\beta p_t + (1-\beta) p)` needs both
   normalisers before any column is summed (at :math:`\beta \in \{0, 1\}` it is KL / reverse KL and streams);

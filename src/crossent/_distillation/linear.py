@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 from torch import Tensor
 
 from .. import _validation as V
 from .._engine.chunked import chunked_loss
+from .._engine.chunked.pair import PairKernel
 from .._engine.chunked.paired import PairedLogits
 from .._engine.options import LinearCrossEntropyOptions, default_chunk_size, MIN_CHUNK
 from .._engine.plan import Plan
@@ -83,7 +82,8 @@ def linear_distillation(
     for the same rows beside it, and folds the student's logit gradient into ``grad_e`` / ``grad_c`` at
     once for a differentiated ``mean`` / ``sum``. The teacher gets no gradient (a frozen model; it may
     be bfloat16 while the student is float32) and may have its own hidden size. Every divergence runs,
-    the whole-row ones (``jsd`` with :math:`0 < \beta < 1`, ``akl``) with autograd on each chunk.
+    the whole-row ones (``jsd`` with :math:`0 < \beta < 1`, ``akl``) chunk by chunk with their closed-form
+    gradients.
 
     Args:
         e_student: student hidden states ``[..., D]``; float32, float64, bfloat16 or float16.
@@ -126,10 +126,15 @@ def linear_distillation(
     )
     if options.chunk_size is None:
         options = options.replace(chunk_size=pair_chunk_size(num_classes, dim, e_student.dtype))
-    wrap = partial(PairedLogits, w=c_teacher, bias=None, hidden_key=TEACHER_HIDDEN, logits_key=TEACHER)
+    plan = Plan(loss, rows)
+    fused = PairKernel(plan, TEACHER) if PairKernel.supports(plan) else None
+
+    def wrap(kernel):
+        return PairedLogits(fused or kernel, c_teacher, None, hidden_key=TEACHER_HIDDEN, logits_key=TEACHER)
+
     with torch.autocast(e_student.device.type, enabled=False):
         value, _ = chunked_loss(
-            e_student.reshape(-1, dim), c_student, None, Plan(loss, rows), rows,
+            e_student.reshape(-1, dim), c_student, None, plan, rows,
             reduction=reduction, options=options, wrap=wrap,
         )  # fmt: skip
     if reduction == "none":

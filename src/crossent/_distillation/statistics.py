@@ -15,7 +15,9 @@ Two statistics cover forward KL, reverse KL, TTM and WTTM:
   element.
 
 Both merge over column blocks, so a divergence written over them streams on any engine that feeds
-the teacher's columns beside the student's. Only the student gets a gradient: a statistic of the
+the teacher's columns beside the student's. Both declare a
+:class:`~crossent._engine.chunked.pair.PairForm`, from which the row-chunked engine's fused pair
+kernel computes them (and their gradient) in a few passes per chunk. Only the student gets a gradient: a statistic of the
 teacher alone is not differentiable, and ``d/dz_j`` of the others is
 
 * ``lse(u)``: ``a p_j``;
@@ -28,6 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._engine.chunked.pair import PairForm
 from ..stats import ACC, LSE, Statistic, row_logsumexp, softmax_from_lse
 
 #: ``rows.extra`` key of the teacher's logits (``[N, C]``, any floating dtype, no gradient).
@@ -77,6 +80,9 @@ class ScaledLogSumExp(_Scaled):
     def differentiable(self):  # type: ignore[override]
         return self.on == "student"
 
+    def pair_form(self) -> PairForm:
+        return PairForm(self.on, self.a)
+
     def partial(self, z, rows, cols):
         return (row_logsumexp(self.side(self.on, z, rows, cols)),)
 
@@ -123,6 +129,9 @@ class Expectation(_Scaled):
     @property
     def differentiable(self):  # type: ignore[override]
         return self.under == "student" or self.cs != 0.0
+
+    def pair_form(self) -> PairForm:
+        return PairForm(self.under, self.a if self.under == "student" else self.k, (self.cs * self.a, self.ct * self.k))
 
     def _f(self, w: Tensor, z: Tensor, rows, cols: slice) -> Tensor:
         """``f`` over ``cols`` as a new tensor (``w``: the weighting side, reused when ``f`` is it)."""
