@@ -17,13 +17,13 @@ from .statistics import TEACHER
 #: ``rows.extra`` key of the teacher's hidden rows, which the engine turns into ``TEACHER`` logits.
 TEACHER_HIDDEN = "teacher_hidden"
 
-#: A chunk of the pair holds the student's logits, the teacher's and a few temporaries of the
-#: generic kernels: it takes this fraction of the single-head default chunk.
-PAIR_CHUNK_FRACTION = 4
+#: A chunk of the pair holds the student's logits, the teacher's and the kernel's softmaxes (about
+#: four chunk-sized buffers with the fused pair kernel): half the rows of the single-head default.
+PAIR_CHUNK_FRACTION = 2
 
 
 def pair_chunk_size(num_classes: int, hidden: int, dtype: torch.dtype) -> int:
-    """Rows per chunk of :func:`linear_distillation`: a quarter of ``linear_cross_entropy``'s default."""
+    """Rows per chunk of :func:`linear_distillation`: half of ``linear_cross_entropy``'s default."""
     rows = default_chunk_size(num_classes, hidden, dtype) // PAIR_CHUNK_FRACTION
     return max(MIN_CHUNK, rows - rows % MIN_CHUNK)
 
@@ -92,8 +92,8 @@ def linear_distillation(
         c_teacher: teacher classifier ``[V, D_t]``, same dtype as ``e_teacher``.
         target, divergence, temperature, beta, gamma, mu, ce_weight, ignore_index, reduction, shift:
             as in :func:`crossent.distillation` (rows whose target is ``ignore_index`` are skipped).
-        chunk_size: rows per chunk; default a quarter of :func:`crossent.default_chunk_size` (two
-            logit blocks and the generic kernels' temporaries share the budget).
+        chunk_size: rows per chunk; default half of :func:`crossent.default_chunk_size` (two logit
+            blocks and the kernel's softmaxes share the budget: 176 rows at V = 131072, D = 1024).
         backend: ``"auto"`` or ``"torch"`` (the row-chunked engine).
 
     Returns:
