@@ -27,6 +27,7 @@ PUBLIC_MODULES = [
     "crossent",
     "crossent.functional",
     "crossent.linear",
+    "crossent.contrastive",
     "crossent.nn",
     "crossent.losses",
     "crossent.stats",

@@ -5,8 +5,9 @@ from a logit tensor (:func:`cross_entropy`) or without ever materialising it
 (:func:`linear_cross_entropy`).
 """
 
-from . import losses, nn, stats, targets, transforms, weighting
+from . import contrastive, losses, nn, stats, targets, transforms, weighting
 from ._engine.options import LinearCrossEntropyOptions, default_chunk_size
+from ._distillation import distillation, linear_distillation
 from .functional import cross_entropy
 from .linear import LinearStats, linear_cross_entropy
 
@@ -15,9 +16,12 @@ __version__ = "0.1.0"
 __all__ = [
     "cross_entropy",
     "linear_cross_entropy",
+    "distillation",
+    "linear_distillation",
     "LinearStats",
     "LinearCrossEntropyOptions",
     "default_chunk_size",
+    "contrastive",
     "losses",
     "nn",
     "stats",

@@ -12,11 +12,16 @@ from torch import Tensor, nn
 from torch.nn import _reduction as _Reduction
 
 from . import _validation as V
+from ._distillation import distillation, linear_distillation
+from .contrastive import info_nce, pair_circle_loss
 from .functional import cross_entropy
 from .linear import linear_cross_entropy, resolve_options
 from .losses._build import build_loss
 
-__all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss", "CrossEntropy", "LinearCrossEntropy"]
+__all__ = [
+    "CrossEntropyLoss", "LinearCrossEntropyLoss", "DistillationLoss", "LinearDistillationLoss", "InfoNCELoss",
+    "PairCircleLoss", "CrossEntropy", "LinearCrossEntropy",
+]  # fmt: skip
 
 
 def _register_loss(module: nn.Module, loss) -> None:
@@ -216,6 +221,71 @@ class LinearCrossEntropyLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"loss={self.loss!r}, reduction={self.reduction!r}, shift={self.shift}, backend={self.options.backend!r}"
+
+
+class _Options(nn.Module):
+    """A module whose forward calls one function with the keyword arguments fixed at construction."""
+
+    def __init__(self, **options):
+        super().__init__()
+        self.options = options
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class DistillationLoss(_Options):
+    """Module form of :func:`crossent.distillation`: ``crit(student_logits, teacher_logits, target=None)``.
+
+    Example:
+        >>> import torch, crossent as xe
+        >>> crit = xe.nn.DistillationLoss(divergence="reverse_kl", temperature=2.0)
+        >>> crit(torch.tensor([[2.0, 0.5, -1.0]]), torch.tensor([[1.5, 1.0, -2.0]]))
+        tensor(0.0348)
+    """
+
+    def __init__(self, divergence: str = "kl", **options):
+        V.check_reduction(options.get("reduction", "mean"))
+        super().__init__(divergence=divergence, **options)
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None = None) -> Tensor:
+        return distillation(student_logits, teacher_logits, target, **self.options)
+
+
+class LinearDistillationLoss(_Options):
+    """Module form of :func:`crossent.linear_distillation`: ``crit(e_student, c_student, e_teacher, c_teacher, target=None)``.
+
+    The classifiers are passed at call time (``crit(h, student.lm_head.weight, h_t, teacher.lm_head.weight)``).
+    """
+
+    def __init__(self, divergence: str = "kl", **options):
+        V.check_reduction(options.get("reduction", "mean"))
+        super().__init__(divergence=divergence, **options)
+
+    def forward(self, e_student, c_student, e_teacher, c_teacher, target: Tensor | None = None) -> Tensor:
+        return linear_distillation(e_student, c_student, e_teacher, c_teacher, target, **self.options)
+
+
+class InfoNCELoss(_Options):
+    """Module form of :func:`crossent.contrastive.info_nce`: ``crit(query, key, positive=None, exclude=None)``."""
+
+    def __init__(self, temperature: float = 0.07, **options):
+        V.check_reduction(options.get("reduction", "mean"))
+        super().__init__(temperature=temperature, **options)
+
+    def forward(self, query: Tensor, key: Tensor, positive: Tensor | None = None, exclude: Tensor | None = None) -> Tensor:
+        return info_nce(query, key, positive, exclude=exclude, **self.options)
+
+
+class PairCircleLoss(_Options):
+    """Module form of :func:`crossent.contrastive.pair_circle_loss`: ``crit(embeddings, labels)``."""
+
+    def __init__(self, m: float = 0.4, gamma: float = 80.0, **options):
+        V.check_reduction(options.get("reduction", "mean"))
+        super().__init__(m=m, gamma=gamma, **options)
+
+    def forward(self, embeddings: Tensor, labels: Tensor, ref_embeddings=None, ref_labels=None) -> Tensor:
+        return pair_circle_loss(embeddings, labels, ref_embeddings=ref_embeddings, ref_labels=ref_labels, **self.options)
 
 
 #: The names under which these modules first shipped.

@@ -227,6 +227,38 @@ class CircleMargin(Transform):
         return Circle(self.m, self.gamma)
 
 
+class ExcludeColumns(Transform):
+    r"""Per-row excluded classes: :math:`z_{ij} \mapsto -\infty` for every ``j`` in ``rows.extra[name][i]``.
+
+    ``rows.extra[name]`` is ``[N, K]`` int64, one row's excluded class indices padded with negative
+    values. An excluded logit drops out of the softmax (probability 0) and gets no gradient: the
+    false negatives of contrastive losses, excluded by index without a ``[N, C]`` mask. A row's
+    target must not be excluded. Declares no structure (the generic path of every engine).
+    """
+
+    def __init__(self, name: str = "exclude"):
+        self.name = name
+
+    @property
+    def key(self):
+        return ("ExcludeColumns", self.name)
+
+    def _positions(self, z: Tensor, rows: Rows, cols: slice) -> tuple[Tensor, Tensor]:
+        index = rows.extra.get(self.name)
+        if index is None:
+            raise ValueError(f"ExcludeColumns needs the excluded classes in extra[{self.name!r}]")
+        local = index - cols.start
+        keep = (index >= 0) & (local >= 0) & (local < z.shape[-1])
+        i, k = keep.nonzero(as_tuple=True)
+        return i, local[i, k]
+
+    def forward(self, z, rows, cols):
+        return z.index_put(self._positions(z, rows, cols), z.new_full((), float("-inf")))
+
+    def backward_(self, grad, z, rows, cols):
+        return grad.index_put_(self._positions(z, rows, cols), grad.new_zeros(()))
+
+
 def affine_chain(transforms) -> Affine | None:
     """The composition of ``transforms`` when every one declares :class:`Affine`, else ``None``."""
     out = Affine()
@@ -258,5 +290,6 @@ def backward_all(transforms, grad: Tensor, z: Tensor, rows: Rows, cols: slice) -
 
 __all__ = [
     "Transform", "Affine", "Tanh", "Circle", "Softcap", "Temperature", "ClassBias", "CircleMargin",
+    "ExcludeColumns",
     "affine_chain", "apply_all", "backward_all",
 ]  # fmt: skip

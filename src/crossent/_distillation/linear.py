@@ -1,0 +1,146 @@
+"""``crossent.linear_distillation``: distillation between two linear heads without either logit matrix."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _validation as V
+from .._engine.chunked import chunked_loss
+from .._engine.chunked.kernels import make_kernel
+from .._engine.chunked.pair import PairKernel
+from .._engine.chunked.paired import PairedLogits
+from .._engine.options import LinearCrossEntropyOptions, default_chunk_size, MIN_CHUNK
+from .._engine.plan import Plan
+from .arguments import build_loss, check_target, distillation_rows, per_row
+from .statistics import TEACHER
+
+#: ``rows.extra`` key of the teacher's hidden rows, which the engine turns into ``TEACHER`` logits.
+TEACHER_HIDDEN = "teacher_hidden"
+
+#: A chunk of the pair holds the student's logits, the teacher's and the kernel's softmaxes (about
+#: four chunk-sized buffers with the fused pair kernel): half the rows of the single-head default.
+PAIR_CHUNK_FRACTION = 2
+
+
+def pair_chunk_size(num_classes: int, hidden: int, dtype: torch.dtype) -> int:
+    """Rows per chunk of :func:`linear_distillation`: half of ``linear_cross_entropy``'s default."""
+    rows = default_chunk_size(num_classes, hidden, dtype) // PAIR_CHUNK_FRACTION
+    return max(MIN_CHUNK, rows - rows % MIN_CHUNK)
+
+
+def _check_heads(e_s, c_s, e_t, c_t) -> None:
+    named = (("e_student", e_s), ("c_student", c_s), ("e_teacher", e_t), ("c_teacher", c_t))
+    for name, t in named:
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {t.dtype}")
+        if t.device != e_s.device:
+            raise ValueError(f"{name} is on {t.device} but e_student is on {e_s.device}")
+    for side, e, c in (("student", e_s, c_s), ("teacher", e_t, c_t)):
+        if e.dim() < 1:
+            raise ValueError(f"e_{side} must have shape [..., D]")
+        if c.dim() != 2 or c.shape[0] == 0:
+            raise ValueError(f"c_{side} must be a [V, D] matrix with V >= 1, got shape {tuple(c.shape)}")
+        if c.shape[1] != e.shape[-1]:
+            raise ValueError(f"e_{side} has {e.shape[-1]} features but c_{side} has {c.shape[1]}")
+        if c.dtype != e.dtype:
+            raise TypeError(f"e_{side} and c_{side} must share one dtype, got {e.dtype} and {c.dtype}")
+    if c_t.shape[0] != c_s.shape[0]:
+        raise ValueError(f"the teacher has {c_t.shape[0]} classes but the student has {c_s.shape[0]}")
+    if tuple(e_t.shape[:-1]) != tuple(e_s.shape[:-1]):
+        raise ValueError(
+            f"e_teacher must have the student's rows {tuple(e_s.shape[:-1])}, got {tuple(e_t.shape[:-1])}"
+        )
+
+
+@torch._disable_dynamo
+def linear_distillation(
+    e_student: Tensor,
+    c_student: Tensor,
+    e_teacher: Tensor,
+    c_teacher: Tensor,
+    target: Tensor | None = None,
+    *,
+    divergence: str = "kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    gamma: float = 1.0,
+    mu: float = 0.5,
+    ce_weight: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    shift: bool = False,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    r"""Knowledge distillation between two linear heads, without either ``[N, V]`` logit matrix.
+
+    Equals :func:`crossent.distillation` on ``e_student @ c_student.T`` and ``e_teacher @ c_teacher.T``
+    (same arguments, values and student gradients) while holding one chunk of rows of each: the
+    row-chunked engine of :func:`crossent.linear_cross_entropy` forms the student's chunk, the teacher's
+    for the same rows beside it, and folds the student's logit gradient into ``grad_e`` / ``grad_c`` at
+    once for a differentiated ``mean`` / ``sum``. The teacher gets no gradient (a frozen model; it may
+    be bfloat16 while the student is float32) and may have its own hidden size. Every divergence runs,
+    the whole-row ones (``jsd`` with :math:`0 < \beta < 1`, ``akl``) chunk by chunk with their closed-form
+    gradients.
+
+    Args:
+        e_student: student hidden states ``[..., D]``; float32, float64, bfloat16 or float16.
+        c_student: student classifier ``[V, D]``, same dtype.
+        e_teacher: teacher hidden states ``[..., D_t]`` (the student's rows).
+        c_teacher: teacher classifier ``[V, D_t]``, same dtype as ``e_teacher``.
+        target, divergence, temperature, beta, gamma, mu, ce_weight, ignore_index, reduction, shift:
+            as in :func:`crossent.distillation` (rows whose target is ``ignore_index`` are skipped).
+        chunk_size: rows per chunk; default half of :func:`crossent.default_chunk_size` (two logit
+            blocks and the kernel's softmaxes share the budget: 176 rows at V = 131072, D = 1024).
+        backend: ``"auto"`` or ``"torch"`` (the row-chunked engine).
+
+    Returns:
+        The loss in ``e_student``'s dtype.
+
+    Example:
+        >>> import torch, crossent as xe
+        >>> g = torch.Generator().manual_seed(0)
+        >>> e_s, c_s = torch.randn(4, 3, generator=g), torch.randn(10, 3, generator=g)
+        >>> e_t, c_t = torch.randn(4, 5, generator=g), torch.randn(10, 5, generator=g)
+        >>> xe.linear_distillation(e_s, c_s, e_t, c_t, divergence="reverse_kl")
+        tensor(1.0018)
+        >>> xe.distillation(e_s @ c_s.T, e_t @ c_t.T, divergence="reverse_kl")
+        tensor(1.0018)
+    """
+    V.check_reduction(reduction)
+    options = LinearCrossEntropyOptions(backend=backend, chunk_size=chunk_size)
+    if options.backend not in ("auto", "torch"):
+        raise ValueError(f"linear_distillation runs on the row-chunked engine: backend must be 'auto' or 'torch', got {backend!r}")
+    _check_heads(e_student, c_student, e_teacher, c_teacher)
+    rows_shape, (num_classes, dim) = tuple(e_student.shape[:-1]), c_student.shape
+    check_target(target, rows_shape, e_student.device)
+    loss = build_loss(
+        divergence, temperature=temperature, beta=beta, gamma=gamma, mu=mu, ce_weight=ce_weight,
+        has_target=target is not None,
+    )  # fmt: skip
+    hidden_t = e_teacher.detach().reshape(-1, e_teacher.shape[-1])
+    rows = distillation_rows(
+        target, rows_shape, num_classes, ignore_index, shift, e_student.device, {TEACHER_HIDDEN: hidden_t}
+    )
+    if options.chunk_size is None:
+        options = options.replace(chunk_size=pair_chunk_size(num_classes, dim, e_student.dtype))
+    plan = Plan(loss, rows)
+
+    def kernel(plan, report):
+        inner = PairKernel(plan, TEACHER) if PairKernel.supports(plan) else make_kernel(plan, report)
+        return PairedLogits(inner, c_teacher, None, hidden_key=TEACHER_HIDDEN, logits_key=TEACHER)
+
+    with torch.autocast(e_student.device.type, enabled=False):
+        value, _ = chunked_loss(
+            e_student.reshape(-1, dim), c_student, None, plan, rows,
+            reduction=reduction, options=options, kernel=kernel,
+        )  # fmt: skip
+    if reduction == "none":
+        value = per_row(value, rows_shape, shift)
+    return value.to(e_student.dtype)
+
+
+__all__ = ["linear_distillation", "pair_chunk_size"]

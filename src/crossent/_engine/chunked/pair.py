@@ -1,0 +1,157 @@
+"""The fused kernel of plans over two logit rows (the student's ``z`` and a teacher's ``t``, same classes).
+
+A statistic of such a plan declares a :class:`PairForm`: a log-sum-exp of one side at a scale, or an
+expectation under one side's softmax of a linear combination of both sides' logits. Those two shapes
+cover forward and reverse KL and transformed teacher matching (``crossent._distillation``), and fix
+both the value and the derivative with respect to ``z``, so :class:`PairKernel` computes every softmax
+a plan needs once per chunk, the expectations as row-by-row dot products, and the gradient as a few
+per-row scaled sums of those softmaxes, in place in their buffers:
+
+* ``lse(s x)`` of the student (``x = z``): ``d/dz_j = s P_j``; of the teacher: no derivative;
+* ``E_P[f]``, ``f = ws z + wt t``, ``P = softmax(s x)``: under the teacher ``ws Q_j``; under the
+  student ``s P_j (f_j - E) + ws P_j``.
+
+The library's ``LOG_SUM_EXP`` and ``TARGET`` forms (cross-entropy mixed in) join as the student's
+``lse`` at scale 1 and a one-hot term. Any other plan takes the generic kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..._rows import Rows
+from ...stats import ACC, Form, anchored
+from ..plan import Plan
+from ..softmax import softmax_rows
+from .kernels import ChunkGrad, ChunkResult
+
+SIDES = ("student", "teacher")
+
+
+@dataclass(frozen=True)
+class PairForm:
+    """What a statistic of a pair of logit rows is: ``lse(scale * x_side)`` (``of=None``) or ``E_P[f]``.
+
+    ``P = softmax(scale * x_side)`` and ``f = of[0] * z + of[1] * t`` (raw logits of both sides).
+    """
+
+    side: str
+    scale: float
+    of: tuple[float, float] | None = None
+
+
+def _dot(x: Tensor, y: Tensor) -> Tensor:
+    """``sum_j x_ij y_ij`` per row in float64, without an ``[r, C]`` product."""
+    return torch.bmm(x[:, None, :], y[:, :, None]).reshape(-1).to(ACC)
+
+
+class PairKernel:
+    """The kernel of a plan whose statistics are all :class:`PairForm` s, ``LOG_SUM_EXP`` or ``TARGET``.
+
+    ``teacher_key``: the ``rows.extra`` entry with the second side's logits of the chunk's rows.
+    """
+
+    def __init__(self, plan: Plan, teacher_key: str):
+        self.plan, self.teacher_key = plan, teacher_key
+        by_form = plan.structure.by_form
+        self.target = by_form.get(Form.TARGET)
+        lse = by_form.get(Form.LOG_SUM_EXP)
+        self.forms = {s: PairForm("student", 1.0) if s == lse else s.pair_form() for s in plan.stats if s != self.target}
+        # Softmaxes kept for the gradient or the expectations; teacher scales read for their lse only need none.
+        self.kept = {(f.side, f.scale) for f in self.forms.values() if f.of is not None or f.side == "student"}
+
+    @staticmethod
+    def supports(plan: Plan) -> bool:
+        st = plan.structure
+        if not plan.streamable or plan.stateful or plan.transforms or st.columns:
+            return False
+        if any(f not in (Form.LOG_SUM_EXP, Form.TARGET) for f in st.by_form):
+            return False
+        declared = set(st.by_form.values())
+        return all(s in declared or getattr(s, "pair_form", lambda: None)() is not None for s in plan.stats)
+
+    @staticmethod
+    def _softmax(x: Tensor, scale: float, keep: bool):
+        """``(softmax(scale x) or None, lse(scale x))``: a pass for the maximum, one for the softmax.
+
+        ``lse`` is the anchored float64 pair ``(max, log-sum)``."""
+        xs = x * scale if scale != 1.0 else x
+        peak, where = xs.max(1)
+        if not keep:
+            return None, anchored(peak, (xs - peak[:, None]).exp_().sum(1).to(ACC).log())
+        p = softmax_rows(xs, None if xs is x else xs)
+        # p at the row's maximum lies in [1/C, 1]: its log is well conditioned.
+        return p, anchored(peak, -p.gather(1, where[:, None]).squeeze(1).to(ACC).log())
+
+    def __call__(self, z: Tensor, rows: Rows, row_scale: Tensor | None, source=None) -> ChunkResult:
+        sides = {"student": z, "teacher": rows.extra[self.teacher_key].to(z.dtype)}
+        soft: dict = {}
+        for f in self.forms.values():
+            key = (f.side, f.scale)
+            if key not in soft:
+                soft[key] = self._softmax(sides[f.side], f.scale, key in self.kept)
+        values = {}
+        for s, f in self.forms.items():
+            p, lse = soft[(f.side, f.scale)]
+            if f.of is None:  # the library's LSE keeps the anchored pair, the pair statistics a number
+                values[s] = lse if s.form(rows) is Form.LOG_SUM_EXP else lse.sum(-1)
+            else:
+                values[s] = sum(w * _dot(p, sides[side]) for side, w in zip(SIDES, f.of) if w)
+        if self.target is not None:
+            values[self.target] = z.gather(1, rows.target[:, None]).squeeze(1).to(ACC)
+        loss = self.plan.row_losses(values, rows)
+        if row_scale is None:
+            return ChunkResult(loss, values)
+        coefs = self.plan.coefficients(values, rows, row_scale)
+        onehot = coefs.get(self.target) if self.target is not None else None
+        grad = self._grad(coefs, values, soft, sides)
+        return ChunkResult(loss, values, ChunkGrad(grad, target_coef=None if onehot is None else onehot.to(z.dtype)))
+
+    def _grad(self, coefs: dict, values: dict, soft: dict, sides: dict) -> Tensor:
+        """``dL/dz`` as per-row scaled sums of the kept softmaxes, written into their buffers."""
+        z, t = sides["student"], sides["teacher"]
+        # Per softmax P: P * (a + b z + c t), with [r] float64 factors (None: absent).
+        terms: dict = {}
+
+        def add(key, i, value):
+            abc = terms.setdefault(key, [None, None, None])
+            abc[i] = value if abc[i] is None else abc[i] + value
+
+        for s, f in self.forms.items():
+            c = coefs.get(s)
+            key = (f.side, f.scale)
+            if c is None:
+                continue
+            if f.side == "teacher":  # ws Q (the teacher's lse has no derivative)
+                if f.of is not None and f.of[0]:
+                    add(key, 0, c * f.of[0])
+            elif f.of is None:  # s P
+                add(key, 0, c * f.scale)
+            else:  # s P (ws z + wt t - E) + ws P
+                ws, wt = f.of
+                k = c * f.scale
+                add(key, 0, c * ws - k * values[s])
+                if ws:
+                    add(key, 1, k * ws)
+                if wt:
+                    add(key, 2, k * wt)
+        grad = None
+        for key, (a, b, c) in terms.items():
+            p = soft[key][0]
+            if b is None and c is None:
+                term = p.mul_(a.to(z.dtype)[:, None])
+            else:
+                term = z * b.to(z.dtype)[:, None] if b is not None else torch.zeros_like(z)
+                if c is not None:
+                    term.addcmul_(t, c.to(z.dtype)[:, None].expand_as(t))
+                if a is not None:
+                    term.add_(a.to(z.dtype)[:, None])
+                term.mul_(p)
+            grad = term if grad is None else grad.add_(term)
+        return grad if grad is not None else torch.zeros_like(z)
+
+
+__all__ = ["PairForm", "PairKernel"]
