@@ -173,6 +173,8 @@ def mnist1d(results: Path, img: Path) -> None:
     mlps = [(label, res) for label, res in rows if label.startswith("MLP")]
     names = {"MLP": "MLP 100-100, residual (the reference's)"}
     runs = [r for label, res in mlps for r in relabel(res, names.get(label, label))]
+    if not runs:
+        return
     plots.training_curves(
         runs, img / "mnist1d_mlp.png",
         title=f"MNIST-1D, reference protocol (Adam 1e-2, batch 100, 6000 steps), "

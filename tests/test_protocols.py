@@ -130,5 +130,6 @@ def test_pooled_reliability_bins_weight_by_count():
 def test_labels_for_readers():
     assert plots.rate_label(0) == "clean" and plots.rate_label(0.4) == "0.4"
     assert plots.seeds_text([42, 43, 44]) == "3 seeds (42-44)" and plots.seeds_text([0]) == "1 seed (0)"
+    assert plots.seeds_text([]) == "no seeds" and plots.seeds_text([0, 2]) == "2 seeds (0, 2)"
     styles = [tuple(plots.style(i).values()) for i in range(10)]
     assert len(set(styles)) == 10 and len({s[1:] for s in styles}) > 4  # markers and dashes differ too

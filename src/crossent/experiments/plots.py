@@ -42,6 +42,8 @@ def rate_label(rate: float) -> str:
 
 def seeds_text(seeds) -> str:
     seeds = sorted(set(seeds))
+    if not seeds:
+        return "no seeds"
     if len(seeds) == 1:
         return f"1 seed ({seeds[0]})"
     span = f"{seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) else ", ".join(map(str, seeds))
