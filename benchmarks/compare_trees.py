@@ -30,6 +30,19 @@ def run_worker(tree: Path, spec: dict, timeout: float) -> dict:
     return json.loads(lines[-1])
 
 
+def rss_beyond_gradients(res: dict) -> float:
+    """Peak-RSS growth of the step less the gradients' bytes, from either version of the worker's result.
+
+    Older workers report it as ``peak_rss_growth``; newer ones report ``rss_growth`` (gradients
+    included) and ``grad_bytes`` beside the exact ``peak_live_bytes``.
+    """
+    if "peak_rss_growth" in res:
+        return res["peak_rss_growth"]
+    if "rss_growth" in res and "grad_bytes" in res:
+        return max(0, res["rss_growth"] - res["grad_bytes"])
+    return res.get("peak_cuda_growth", float("nan"))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trees", nargs=2, required=True, metavar=("BEFORE", "AFTER"), help="two source trees")
@@ -55,9 +68,11 @@ def main(argv=None) -> None:
                     print(f"{trees[t].name} {m}: {res['error']}", file=sys.stderr)
                     continue
                 times[t, m] += res.get("times", [res["median"]])
-                peaks[t, m].append(res.get("peak_rss_growth", res.get("peak_cuda_growth", float("nan"))) / 2**20)
+                peaks[t, m].append(rss_beyond_gradients(res) / 2**20)
     print(f"\nN={n} D={d} V={v} {dtype}, {args.rounds} rounds x {args.repeats} timings; "
           f"before = {trees[0].name}, after = {trees[1].name}\n")  # fmt: skip
+    print("Peak MiB: growth of the peak RSS over the step beyond the gradients, which workers of every")
+    print("version report (newer ones also report exact live bytes; BENCHMARKS.md has those).\n")
     print("| method | before median s | after median s | after / before | before peak MiB | after peak MiB |")
     print("|---|---:|---:|---:|---:|---:|")
     for m in args.methods:
