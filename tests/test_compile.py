@@ -24,16 +24,9 @@ import torch
 
 import crossent as xe
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors here are tiny: intra-op threads only add waiting (on a shared machine, a lot)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 g = torch.Generator().manual_seed(0)
 X = torch.randn(6, 5, generator=g)

@@ -15,13 +15,7 @@ from crossent.contrastive import info_nce, listwise_cross_entropy, pair_circle_l
 from test_linear_cross_entropy import LargestTensor
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second thread only adds synchronisation (slow when the cores are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest.py)
 
 
 def embeddings(n=12, m=12, d=6, seed=0, dtype=torch.float32):

@@ -21,13 +21,7 @@ from crossent._rows import index_rows
 from crossent._distillation.arguments import build_loss
 from test_linear_cross_entropy import LargestTensor
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: a second thread only adds synchronisation (slow when the cores are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest.py)
 
 
 # -- the reference ---------------------------------------------------------------------------------------

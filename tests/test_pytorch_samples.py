@@ -42,13 +42,7 @@ LINEAR_MODULE_STRIDE = 10
 MODULE_STRIDE = {torch.float64: 3, torch.float32: 1, torch.float16: 3}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors here are tiny: intra-op threads only add waiting (on a shared machine, a lot)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest.py)
 
 
 def _op(name: str, variant: str = ""):
