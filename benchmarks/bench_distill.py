@@ -37,14 +37,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return -1
-
-
 def _naive(zs, zt, divergence: str, beta: float = 0.5):
     import torch
     import torch.nn.functional as F
@@ -99,12 +91,13 @@ def memory_worker(spec: dict) -> dict:
         torch.set_num_threads(spec["threads"])
     inputs = _inputs(spec["shape"], spec["teacher_dtype"])
     gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    rss0 = _status_kib("VmRSS")
+    from crossent.bench.rss import reset_peak, status_kib
+
+    reset_peak()
+    rss0 = status_kib("VmRSS")
     loss = _step(spec["method"], spec["divergence"], inputs, spec.get("chunk_size"))
     grads = (inputs[0].numel() + inputs[1].numel()) * 4
-    return {"peak_mib": ((_status_kib("VmHWM") - rss0) * 1024 - grads) / 2**20, "loss": loss}
+    return {"peak_mib": ((status_kib("VmHWM") - rss0) * 1024 - grads) / 2**20, "loss": loss}
 
 
 def timing(configs, args) -> dict:

@@ -30,19 +30,12 @@ import time
 METHODS = ("stock", "crossent", "crossent_focal", "liger")
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
 def worker(spec: dict) -> dict:
     import torch
     import transformers
 
     import crossent.integrations.transformers as xt
+    from crossent.bench.rss import reset_peak, status_kib
 
     torch.set_num_threads(spec["threads"]) if spec["threads"] else None
     device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
@@ -82,15 +75,14 @@ def worker(spec: dict) -> dict:
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
-        before = _status_kib("VmRSS") * 1024
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+        before = status_kib("VmRSS") * 1024
+        reset_peak()
     times = []
     for _ in range(spec["repeats"]):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _status_kib("VmHWM") * 1024
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else status_kib("VmHWM") * 1024
     result.update(
         peak_mib=peak / 2**20, growth_mib=(peak - before) / 2**20, median_s=statistics.median(times), times=times
     )

@@ -21,14 +21,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return -1
-
-
 def worker(spec: dict) -> dict:
     import torch
     import torch._dynamo  # noqa: F401 - imported before the measurement
@@ -51,11 +43,12 @@ def worker(spec: dict) -> dict:
         loss.backward()
         return float(loss.detach())
 
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    rss0 = _status_kib("VmRSS")
+    from crossent.bench.rss import reset_peak, status_kib
+
+    reset_peak()
+    rss0 = status_kib("VmRSS")
     loss = step()
-    peak = (_status_kib("VmHWM") - rss0) * 1024 - (q.numel() + k.numel()) * 4
+    peak = (status_kib("VmHWM") - rss0) * 1024 - (q.numel() + k.numel()) * 4
     times = []
     for _ in range(spec["repeats"]):
         t0 = time.perf_counter()

@@ -40,19 +40,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 METHODS = ("crossent", "megatron", "loss_parallel")
 
 
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return -1
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
 def _megatron(group):
     """Megatron-LM's vocab-parallel cross-entropy on the materialised logit shard (its recipe, our code)."""
     import torch
@@ -108,6 +95,7 @@ def _worker(rank: int, args, init_file: str, out_dir: str) -> None:
     from torch.distributed.tensor import init_device_mesh
     from torch.distributed.tensor.parallel import ColwiseParallel, loss_parallel, parallelize_module
 
+    from crossent.bench.rss import reset_peak, status_kib
     from crossent.distributed import vocab_parallel_linear_cross_entropy
 
     world = args.world
@@ -152,12 +140,12 @@ def _worker(rank: int, args, init_file: str, out_dir: str) -> None:
             head.weight.grad = None
             gc.collect()
             dist.barrier()
-            _reset_peak()
-            rss0 = _rss_kib("VmRSS")
+            reset_peak()
+            rss0 = status_kib("VmRSS")
             t0 = time.perf_counter()
             value = step(method, e_leaf)
             elapsed = time.perf_counter() - t0
-            peak = (_rss_kib("VmHWM") - rss0) * 1024 - grad_bytes
+            peak = (status_kib("VmHWM") - rss0) * 1024 - grad_bytes
             if rnd:
                 results[method]["times"].append(elapsed)
                 results[method]["peaks"].append(peak / 2**20)

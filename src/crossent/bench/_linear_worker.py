@@ -24,22 +24,8 @@ import json
 import sys
 import time
 
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return -1
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+from .rss import reset_peak as _reset_peak
+from .rss import status_kib as _rss_kib
 
 
 def _method(name: str, spec: dict):
