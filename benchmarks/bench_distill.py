@@ -85,7 +85,7 @@ def _step(method: str, divergence: str, inputs, chunk_size=None):
 
 def memory_worker(spec: dict) -> dict:
     import torch
-    import torch._dynamo  # noqa: F401 - imported before the measurement (crossent imports it lazily)
+    import torch._dynamo
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -102,7 +102,7 @@ def memory_worker(spec: dict) -> dict:
 
 def timing(configs, args) -> dict:
     import torch
-    import torch._dynamo  # noqa: F401
+    import torch._dynamo
 
     if args.threads:
         torch.set_num_threads(args.threads)

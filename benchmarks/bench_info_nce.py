@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def worker(spec: dict) -> dict:
     import torch
-    import torch._dynamo  # noqa: F401 - imported before the measurement
+    import torch._dynamo
     import torch.nn.functional as F
 
     import crossent as xe

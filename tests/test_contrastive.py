@@ -9,11 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from test_linear_cross_entropy import LargestTensor
 
 import crossent as xe
 from crossent.contrastive import info_nce, listwise_cross_entropy, pair_circle_loss
-from test_linear_cross_entropy import LargestTensor
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest.py)
 

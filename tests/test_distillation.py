@@ -12,14 +12,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_linear_cross_entropy import LargestTensor
 
 import crossent as xe
+from crossent._distillation.arguments import build_loss
 from crossent._distillation.divergences import DIVERGENCES
 from crossent._distillation.statistics import TEACHER
 from crossent._engine.plan import Plan
 from crossent._rows import index_rows
-from crossent._distillation.arguments import build_loss
-from test_linear_cross_entropy import LargestTensor
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest.py)
 

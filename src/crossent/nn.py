@@ -19,8 +19,14 @@ from .linear import linear_cross_entropy, resolve_options
 from .losses._build import build_loss
 
 __all__ = [
-    "CrossEntropyLoss", "LinearCrossEntropyLoss", "DistillationLoss", "LinearDistillationLoss", "InfoNCELoss",
-    "PairCircleLoss", "CrossEntropy", "LinearCrossEntropy",
+    "CrossEntropy",
+    "CrossEntropyLoss",
+    "DistillationLoss",
+    "InfoNCELoss",
+    "LinearCrossEntropy",
+    "LinearCrossEntropyLoss",
+    "LinearDistillationLoss",
+    "PairCircleLoss",
 ]  # fmt: skip
 
 

@@ -9,4 +9,4 @@ from .dense import distillation
 from .divergences import DIVERGENCES
 from .linear import linear_distillation
 
-__all__ = ["distillation", "linear_distillation", "DIVERGENCES"]
+__all__ = ["DIVERGENCES", "distillation", "linear_distillation"]

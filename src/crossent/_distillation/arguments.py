@@ -6,8 +6,8 @@ import torch
 from torch import Tensor
 
 from .. import _validation as V
-from .._rows import Rows, index_rows
 from .._linear_call import shifted
+from .._rows import Rows, index_rows
 from ..losses import CrossEntropy, Loss
 from .divergences import make_divergence
 

@@ -287,4 +287,4 @@ def make_divergence(name: str, *, temperature: float, beta: float, gamma: float,
     raise ValueError(f"unknown divergence {name!r}; valid divergences: {', '.join(repr(d) for d in DIVERGENCES)}")
 
 
-__all__ = ["DIVERGENCES", "KL", "TTM", "WTTM", "ReverseKL", "JSD", "AKL", "make_divergence", "TEACHER"]
+__all__ = ["AKL", "DIVERGENCES", "JSD", "KL", "TEACHER", "TTM", "WTTM", "ReverseKL", "make_divergence"]

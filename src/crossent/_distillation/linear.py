@@ -10,7 +10,7 @@ from .._engine.chunked import chunked_loss
 from .._engine.chunked.kernels import make_kernel
 from .._engine.chunked.pair import PairKernel
 from .._engine.chunked.paired import PairedLogits
-from .._engine.options import LinearCrossEntropyOptions, default_chunk_size, MIN_CHUNK
+from .._engine.options import MIN_CHUNK, LinearCrossEntropyOptions, default_chunk_size
 from .._engine.plan import Plan
 from .arguments import build_loss, check_target, distillation_rows, per_row
 from .statistics import TEACHER

@@ -186,4 +186,4 @@ class Expectation(_Scaled):
         return term if grad is None else grad.add_(term)
 
 
-__all__ = ["TEACHER", "ScaledLogSumExp", "Expectation", "log_sum_exp", "teacher_block"]
+__all__ = ["TEACHER", "Expectation", "ScaledLogSumExp", "log_sum_exp", "teacher_block"]
