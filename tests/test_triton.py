@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_linear_cross_entropy import PowerMix  # a loss that reads sum_p_pow
 
 import crossent as xe
 from crossent._engine import backend as backend_mod
 from crossent._engine.options import LinearCrossEntropyOptions
 from crossent._engine.plan import Plan
 from crossent._rows import index_rows
-from crossent.losses import Loss, log_prob_target
-from crossent.stats import LSE, P_DOT_Z, TARGET, SumProbPower
+from crossent.losses import Loss
+from crossent.stats import LSE, P_DOT_Z, TARGET
 from crossent.transforms import ClassBias, Temperature
 
 pytest.importorskip("triton")
@@ -159,17 +160,6 @@ class Entropic(Loss):
 
     def row_loss(self, s, rows):
         return s[LSE] - s[TARGET] - 0.3 * (s[LSE] - s[P_DOT_Z])
-
-
-class PowerMix(Loss):
-    """A GCE-like term plus ``0.5 sum_j p_j^2``: reads ``sum_p_pow``."""
-
-    def statistics(self, rows):
-        return (LSE, TARGET, SumProbPower(2.0))
-
-    def row_loss(self, s, rows):
-        logp = log_prob_target(s, rows)
-        return (1 - torch.exp(0.7 * logp)) / 0.7 + 0.5 * s[SumProbPower(2.0)]
 
 
 def _weight():

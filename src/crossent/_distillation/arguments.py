@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from .. import _validation as V
+from .._linear_call import check_target as check_class_indices
 from .._linear_call import shifted
 from .._rows import Rows, index_rows
 from ..losses import CrossEntropy, Loss
@@ -56,11 +57,9 @@ def distillation_rows(
         n = valid.numel()
         zeros = torch.zeros(n, dtype=torch.long, device=device)
         return Rows(num_classes=num_classes, target=zeros, valid=valid.reshape(n), extra=extra)
+    check_class_indices(target, num_classes, ignore_index, shift)
     if shift:
-        V.check_index_target(target[..., 1:], num_classes, ignore_index, target[..., 1:].shape)
         target, _ = shifted(target, ignore_index, None)
-    else:
-        V.check_index_target(target, num_classes, ignore_index, target.shape if target.dim() else (1,))
     return index_rows(target.reshape(-1), num_classes, ignore_index, None, extra)
 
 

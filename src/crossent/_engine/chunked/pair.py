@@ -58,8 +58,10 @@ class PairKernel:
         self.plan, self.teacher_key = plan, teacher_key
         by_form = plan.structure.by_form
         self.target = by_form.get(Form.TARGET)
-        lse = by_form.get(Form.LOG_SUM_EXP)
-        self.forms = {s: PairForm("student", 1.0) if s == lse else s.pair_form() for s in plan.stats if s != self.target}
+        self.lse = by_form.get(Form.LOG_SUM_EXP)
+        self.forms = {
+            s: PairForm("student", 1.0) if s == self.lse else s.pair_form() for s in plan.stats if s != self.target
+        }
         # Softmaxes kept for the gradient or the expectations; teacher scales read for their lse only need none.
         self.kept = {(f.side, f.scale) for f in self.forms.values() if f.of is not None or f.side == "student"}
 
@@ -97,7 +99,7 @@ class PairKernel:
         for s, f in self.forms.items():
             p, lse = soft[(f.side, f.scale)]
             if f.of is None:  # the library's LSE keeps the anchored pair, the pair statistics a number
-                values[s] = lse if s.form(rows) is Form.LOG_SUM_EXP else lse.sum(-1)
+                values[s] = lse if s == self.lse else lse.sum(-1)
             else:
                 values[s] = sum(w * _dot(p, sides[side]) for side, w in zip(SIDES, f.of) if w)
         if self.target is not None:
