@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from crossent.calibration import TemperatureScaling
-from crossent.experiments import datasets, metrics, report, subsets
-from crossent.experiments.methods import Context, Method, class_balanced_weight, parse_list
-from crossent.experiments.models import MNIST1DConv, build_model
-from crossent.experiments.train import Prepared, TrainConfig, predict, train
+from crossent_harness.experiments import datasets, metrics, report, subsets
+from crossent_harness.experiments.methods import Context, Method, class_balanced_weight, parse_list
+from crossent_harness.experiments.models import MNIST1DConv, build_model
+from crossent_harness.experiments.train import Prepared, TrainConfig, predict, train
 
 
 def logits_of(probs):
@@ -190,7 +190,7 @@ def test_training_learns_digits_quickly():
 def test_cyclic_sampler_and_step_schedule():
     cfg = TrainConfig(steps=7, batch_size=3, sampler="cyclic")
     assert cfg.total_steps(100) == 7
-    from crossent.experiments.train import _lr_at
+    from crossent_harness.experiments.train import _lr_at
 
     sched = TrainConfig(lr=1.0, schedule="step", milestones=(2, 4), epochs=6)
     assert [round(_lr_at(sched, e), 6) for e in range(6)] == [1.0, 1.0, 0.1, 0.1, 0.01, 0.01]
@@ -270,7 +270,7 @@ def test_forward_correction_estimated_and_oracle(tmp_path):
         with pytest.raises(ValueError, match="forward_correction"):
             Method.parse("forward_correction").check()
         return
-    from crossent.experiments.compare import CompareConfig, run
+    from crossent_harness.experiments.compare import CompareConfig, run
 
     cfg = CompareConfig(
         methods=parse_list("forward_correction,forward_correction:T=oracle"), hidden=(16,), noise="ldr-uniform",
@@ -287,7 +287,7 @@ def test_forward_correction_estimated_and_oracle(tmp_path):
 def test_progress_falls_back_to_plain_lines(monkeypatch, capsys):
     import sys
 
-    from crossent.experiments.progress import Progress
+    from crossent_harness.experiments.progress import Progress
 
     monkeypatch.setitem(sys.modules, "rich.progress", None)
     monkeypatch.setitem(sys.modules, "tqdm", None)

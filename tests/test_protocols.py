@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from crossent.experiments import datasets, layout, plots, protocols
-from crossent.experiments.models import build_model
-from crossent.experiments.train import Prepared, TrainConfig, train
+from crossent_harness.experiments import datasets, layout, plots, protocols
+from crossent_harness.experiments.models import build_model
+from crossent_harness.experiments.train import Prepared, TrainConfig, train
 
 
 def toy(n_train=8, n_test=4, kind="tabular") -> datasets.Dataset:

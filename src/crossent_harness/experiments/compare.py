@@ -11,42 +11,14 @@ training step, so that a mistake in the last method does not surface after the o
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
 
 import torch
 
 from . import datasets, layout, metrics, noise, subsets
+from .config import CompareConfig, OptionError
 from .methods import Context, Method
 from .models import build_model
-from .options import OptionError
-from .train import TrainConfig, predict, train
-
-
-@dataclass
-class CompareConfig:
-    dataset: str = "digits"
-    methods: list[Method] = field(default_factory=lambda: [Method("ce", "ce")])
-    model: str = "mlp"
-    hidden: tuple[int, ...] = (100, 100)
-    activation: str = "relu"
-    residual: bool = False
-    init: str = "default"  # default | xavier (see models.INITS)
-    split: str = "default"  # default | random:N (see layout)
-    scaling: str | None = None  # None: the dataset's own; standard | minmax
-    noise: str = "none"  # none, or a name of noise.MODELS
-    noise_rates: tuple[float, ...] = (0.0,)
-    imbalance: float | None = None
-    train_size: int | None = None
-    seeds: tuple[int, ...] = (0,)
-    calibrate: bool = False
-    val_fraction: float = 0.1
-    n_bins: int = 15
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["methods"] = [m.label for m in self.methods]
-        return d
+from .train import predict, train
 
 
 def _val_split(y: torch.Tensor, fraction: float, seed: int):
@@ -87,7 +59,7 @@ def corrupt(cfg: CompareConfig, data, y: torch.Tensor, rate: float, seed: int):
 
 
 def check(cfg: CompareConfig, data=None, y_train: torch.Tensor | None = None) -> None:
-    """:class:`~.options.OptionError` for the first setting of ``cfg`` that cannot run; given the loaded
+    """:class:`~.config.OptionError` for the first setting of ``cfg`` that cannot run; given the loaded
     data, also the checks that need it (the noise definition on these labels, the model on these inputs)."""
     for m in cfg.methods:
         _as_option("--losses", m.check)
@@ -120,7 +92,7 @@ def _as_option(option: str, fn, *args, **kwargs):
 def run(cfg: CompareConfig, make_progress=None, on_record=None) -> dict:
     """Run the grid; returns ``{"config", "dataset", "runs": [...]}`` (one record per training run).
 
-    ``make_progress(total_steps)`` may return a :class:`~crossent.experiments.progress.Progress`;
+    ``make_progress(total_steps)`` may return a :class:`~crossent_harness.experiments.progress.Progress`;
     ``on_record(results_so_far)`` is called after every training run (to save what is done so far).
     """
     check(cfg)
@@ -193,7 +165,7 @@ def _one_run(cfg, data, method, ctx, x, y, x_val, y_val, rate, seed, y_clean, pr
         best = max(history, key=lambda h: h["test_acc"])
         record.update(best_acc=best["test_acc"], best_step=best["step"], history=history)
     if cfg.calibrate and len(y_val):
-        from ..calibration import TemperatureScaling
+        from crossent.calibration import TemperatureScaling
 
         ts = TemperatureScaling().fit(adjust(predict(model, x_val)), y_val)
         scaled = ts(logits)

@@ -12,19 +12,12 @@ import argparse
 from pathlib import Path
 
 from . import datasets, layout, noise, protocols
+from .config import CompareConfig, OptionError
 from .models import ACTIVATIONS, INITS, MODELS
 from .train import OPTIMIZERS, SAMPLERS, SCHEDULES, TrainConfig
 
 DEFAULT_LOSSES = "ce,ce:label_smoothing=0.1,focal,gce,sce"
 DEFAULT_NOISE_RATE = "0.4"
-
-
-class OptionError(ValueError):
-    """A bad command-line option: ``option`` names it, the message says what is wrong."""
-
-    def __init__(self, option: str, message: str):
-        super().__init__(f"{option}: {message}")
-        self.option = option
 
 
 # -- parsing helpers --------------------------------------------------------------------------------
@@ -245,7 +238,6 @@ def _check_out(out: Path) -> None:
 
 def config_from_args(args):
     """Check every option and return ``(CompareConfig, out_folder)``; OptionError on the first mistake."""
-    from .compare import CompareConfig
     from .methods import parse_list
 
     try:
