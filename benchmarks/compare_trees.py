@@ -4,9 +4,10 @@
         --methods floor crossent_ce crossent_focal --rounds 3
 
 Each tree's own benchmark worker (``crossent_harness.bench._linear_worker``) runs each configuration in a
-fresh process with that tree's ``src/`` first on ``PYTHONPATH``. Rounds alternate which tree goes first and rotate the methods,
-so load that changes during the run falls on both trees alike. Prints, per method, the median of
-every timing of every round for each tree, their ratio (after / before), and the peak memory.
+fresh process with that tree's ``src/`` first on ``PYTHONPATH``. Rounds alternate which tree goes first
+and rotate the methods, so load that changes during the run falls on both trees alike. Prints, per
+method, the median of every timing of every round for each tree, their ratio (after / before), and the
+peak memory.
 """
 
 from __future__ import annotations
