@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from _datasets import write_vowel
 from crossent.losses import Loss
 from crossent_harness import cli
 from crossent_harness.experiments import catalog, options
@@ -135,12 +136,27 @@ def test_mnist1d_protocol_records_best_and_final_steps(capsys, tmp_path):
 def test_compare_reports_bad_input_clearly(capsys, tmp_path, monkeypatch):
     rc, _, err = run_cli(capsys, "compare", "--losses", "ce,nope", "--out", str(tmp_path), "--quiet")
     assert rc == 2 and "unknown loss 'nope'" in err
-    from crossent_harness.experiments import datasets
+    # a dataset that is not installed: named after the options' checks, before any training
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    monkeypatch.setenv("CROSSENT_FASHION_MNIST", str(empty))
+    monkeypatch.setenv("CROSSENT_MLBENCH_DIR", str(empty))
+    for dataset, how in (("fashion-mnist", "apt-get install -y dataset-fashion-mnist"), ("vowel", "r-cran-mlbench")):
+        out = tmp_path / dataset
+        rc, stdout, err = run_cli(capsys, "compare", "--dataset", dataset, "--out", str(out), "--quiet")
+        assert rc == 2 and err.startswith("crossent compare: error: --dataset: ") and how in err, err
+        assert stdout == "" and not any(out.iterdir())
 
-    monkeypatch.setenv("CROSSENT_FASHION_MNIST", str(tmp_path))
-    monkeypatch.setattr(datasets, "FASHION_DIRS", ())
-    rc, _, err = run_cli(capsys, "compare", "--dataset", "fashion-mnist", "--out", str(tmp_path), "--quiet")
-    assert rc == 2 and "apt-get install -y dataset-fashion-mnist" in err
+
+def test_compare_on_mlbench_files(capsys, tmp_path, monkeypatch):
+    write_vowel(tmp_path)
+    monkeypatch.setenv("CROSSENT_MLBENCH_DIR", str(tmp_path))
+    rc, _, _ = run_cli(capsys, "compare", "--dataset", "vowel", "--losses", "ce", "--noise", "ldr-class-dependent",
+                       "--noise-rate", "0.3", "--epochs", "1", "--hidden", "8", "--no-plots", "--quiet",
+                       "--out", str(tmp_path / "out"))
+    assert rc == 0
+    (run,) = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
+    assert run["method"] == "ce" and run["rate"] == 0.3 and 0 <= run["acc"] <= 1
 
 
 def test_python_dash_m_entry_point():

@@ -40,6 +40,7 @@ COMPARE_MISTAKES = [
     (["--noise", "symmetric"], "--noise", "ambiguous: use apl-symmetric"),
     (["--noise", "gaussian"], "--noise", "unknown noise 'gaussian'"),
     (["--noise", "apl-asymmetric", "--dataset", "vowel"], "--noise", "10-class"),
+    (["--dataset", "letter", "--noise", "apl-asymmetric"], "--noise", "not 26 classes"),
     (["--noise", "apl-symmetric", "--imbalance", "100"], "--noise", "use ldr-uniform on imbalanced data"),
     (["--momentum", "0.5"], "--momentum", "adam would ignore it"),
     (["--model", "cnn", "--hidden", "8"], "--hidden", "applies to --model mlp only"),
@@ -63,6 +64,15 @@ COMPARE_MISTAKES = [
     (["--hidden", "8,x"], "--hidden", "comma-separated ints"),
     (["--bogus"], "--bogus", "unrecognized arguments"),
 ]
+
+
+@pytest.fixture(autouse=True)
+def no_optional_data(tmp_path, monkeypatch):
+    """Every case runs as on a machine without the optional datasets: no mistake above needs them."""
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    monkeypatch.setenv("CROSSENT_FASHION_MNIST", str(empty))
+    monkeypatch.setenv("CROSSENT_MLBENCH_DIR", str(empty))
 
 
 def run_main(capsys, *argv):

@@ -81,7 +81,7 @@ def test_letter_under_the_ldr_layout_when_installed():
     try:
         d = layout.apply(datasets.load("letter"), "random:2000", "minmax")
     except datasets.MissingDataError:
-        pytest.skip("mlbench data not installed")
+        pytest.skip("mlbench's Letter is not installed here (make data installs it)")
     assert d.x_train.shape == (18000, 16) and d.x_test.shape == (2000, 16)
     assert d.x_train.min() == -1 and d.x_train.max() == 1
 

@@ -3,7 +3,13 @@
 Everything a user can get wrong is checked here, before any data is loaded or any model trained: each
 mistake is one :class:`OptionError` naming the option. Options that would have no effect (a noise
 rate without noise, a momentum for Adam, widths for a CNN) are errors too, so that a run never
-silently differs from what its command line says.
+silently differs from what its command line says. What a dataset is (its kind, inputs and number of
+classes) comes from :data:`.datasets.PROFILES`, so that no check here reads data.
+
+Two mistakes need the data, and are reported after the options' checks, when the dataset is loaded but
+before any training: a dataset that is not installed (``--dataset``, with how to install it), and a noise
+definition that these training labels cannot take (``--noise apl-symmetric`` flips as many labels in
+every class, which a long tail or a small ``--train-size`` may not have).
 """
 
 from __future__ import annotations
@@ -190,7 +196,7 @@ def _check_train_flags(args, train: dict) -> TrainConfig:
 
 
 def _check_data_flags(args, dataset: str, settings: dict):
-    kind = datasets.KINDS.get(dataset)
+    kind = datasets.profile(dataset).kind
     try:
         layout.parse_split(settings.get("split", "default"))
     except ValueError as e:
@@ -282,5 +288,6 @@ def config_from_args(args):
         seeds=tuple(range(seed0, seed0 + args.seeds)), calibrate=args.calibrate,
         val_fraction=args.val_fraction if args.val_fraction is not None else 0.1, train=train,
     )
+    cfg.check()  # what the flags alone cannot tell: the noise on this many classes, the model on these inputs
     _check_out(out)  # last: only a command that passed every other check creates its folder
     return cfg, out
