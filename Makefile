@@ -6,12 +6,15 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install -q -c constraints.txt
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo bench data clean
+.PHONY: install test demo bench data clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) -e ".[dev]"
 	touch $(STAMP)
+
+# the install alone (also the first step of every target below)
+install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
@@ -20,10 +23,12 @@ demo: $(STAMP)
 	$(VENV)/bin/crossent bench
 	$(VENV)/bin/crossent compare --out results/demo-compare
 
-# Optional offline datasets of `crossent compare` (Fashion-MNIST, UCI Letter/Vowel/Shuttle); needs root for apt.
+# Optional offline datasets of `crossent compare` (Fashion-MNIST, UCI Letter/Vowel/Shuttle/Satellite); needs
+# root for apt. mlbench is unpacked into crossent's cache folder, where the harness looks for it.
 data: $(STAMP)
 	apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist
-	cd /tmp && apt-get download r-cran-mlbench && dpkg-deb -x r-cran-mlbench_*.deb $(HOME)/.cache/crossent/mlbench
+	cd /tmp && apt-get download r-cran-mlbench && \
+	  dpkg-deb -x r-cran-mlbench_*.deb "$${XDG_CACHE_HOME:-$(HOME)/.cache}/crossent/mlbench"
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_dense.py

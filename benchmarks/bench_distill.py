@@ -91,7 +91,7 @@ def memory_worker(spec: dict) -> dict:
         torch.set_num_threads(spec["threads"])
     inputs = _inputs(spec["shape"], spec["teacher_dtype"])
     gc.collect()
-    from crossent.bench.rss import reset_peak, status_kib
+    from crossent_harness.bench.rss import reset_peak, status_kib
 
     reset_peak()
     rss0 = status_kib("VmRSS")

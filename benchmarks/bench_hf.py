@@ -35,7 +35,7 @@ def worker(spec: dict) -> dict:
     import transformers
 
     import crossent.integrations.transformers as xt
-    from crossent.bench.rss import reset_peak, status_kib
+    from crossent_harness.bench.rss import reset_peak, status_kib
 
     torch.set_num_threads(spec["threads"]) if spec["threads"] else None
     device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])

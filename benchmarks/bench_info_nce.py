@@ -43,7 +43,7 @@ def worker(spec: dict) -> dict:
         loss.backward()
         return float(loss.detach())
 
-    from crossent.bench.rss import reset_peak, status_kib
+    from crossent_harness.bench.rss import reset_peak, status_kib
 
     reset_peak()
     rss0 = status_kib("VmRSS")

@@ -3,7 +3,7 @@
     python benchmarks/bench_linear.py            # quick (about a minute)
     python benchmarks/bench_linear.py --full     # the shapes recorded in BENCHMARKS.md
 
-See ``crossent.bench.linear`` for what is measured and how.
+See ``crossent_harness.bench.linear`` for what is measured and how.
 """
 
 import sys
@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from crossent.bench.linear import main  # noqa: E402
+from crossent_harness.bench.linear import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

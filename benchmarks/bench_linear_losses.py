@@ -21,7 +21,7 @@ import time
 import torch
 
 import crossent as xe
-from crossent.bench.linear import loss_kwargs
+from crossent_harness.bench.linear import loss_kwargs
 
 LOSSES = {"label_smoothing" if name == "smooth" else name: kw for name, kw in loss_kwargs().items()}
 

@@ -95,7 +95,7 @@ def _worker(rank: int, args, init_file: str, out_dir: str) -> None:
     from torch.distributed.tensor import init_device_mesh
     from torch.distributed.tensor.parallel import ColwiseParallel, loss_parallel, parallelize_module
 
-    from crossent.bench.rss import reset_peak, status_kib
+    from crossent_harness.bench.rss import reset_peak, status_kib
     from crossent.distributed import vocab_parallel_linear_cross_entropy
 
     world = args.world

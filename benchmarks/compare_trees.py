@@ -3,10 +3,11 @@
     python benchmarks/compare_trees.py --trees ../before ../after --shape 4096 1024 32768 float32 \
         --methods floor crossent_ce crossent_focal --rounds 3
 
-Each tree's own ``crossent.bench._linear_worker`` runs each configuration in a fresh process with that
-tree's ``src/`` first on ``PYTHONPATH``. Rounds alternate which tree goes first and rotate the methods,
-so load that changes during the run falls on both trees alike. Prints, per method, the median of
-every timing of every round for each tree, their ratio (after / before), and the peak memory.
+Each tree's own benchmark worker (``crossent_harness.bench._linear_worker``) runs each configuration in a
+fresh process with that tree's ``src/`` first on ``PYTHONPATH``. Rounds alternate which tree goes first
+and rotate the methods, so load that changes during the run falls on both trees alike. Prints, per
+method, the median of every timing of every round for each tree, their ratio (after / before), and the
+peak memory.
 """
 
 from __future__ import annotations
@@ -20,9 +21,16 @@ import sys
 from pathlib import Path
 
 
+def worker_module(tree: Path) -> str:
+    """The tree's benchmark worker: in the harness package, or inside the library in trees from before it."""
+    if (tree / "src/crossent_harness/bench/_linear_worker.py").exists():
+        return "crossent_harness.bench._linear_worker"
+    return "crossent.bench._linear_worker"
+
+
 def run_worker(tree: Path, spec: dict, timeout: float) -> dict:
     env = dict(os.environ, PYTHONPATH=str(tree / "src"))
-    cmd = [sys.executable, "-m", "crossent.bench._linear_worker", json.dumps(spec)]
+    cmd = [sys.executable, "-m", worker_module(tree), json.dumps(spec)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=tree)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if not lines:

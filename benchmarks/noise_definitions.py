@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 import torch  # noqa: E402
 
-from crossent.experiments import datasets, layout, noise, protocols  # noqa: E402
+from crossent_harness.experiments import datasets, layout, noise, protocols  # noqa: E402
 
 SETTINGS = (("digits", "default", None, (0.4,)), ("letter", "random:2000", "minmax", (0.3, 0.6)))
 

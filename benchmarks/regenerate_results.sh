@@ -10,7 +10,7 @@
 # docs/img, the tables of the page in results/docs/tables.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CROSSENT=${CROSSENT:-"python -m crossent"}
+CROSSENT=${CROSSENT:-"python -m crossent_harness"}
 OUT=${OUT:-results/docs}
 JOBS=${JOBS:-2}
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from crossent.experiments import noise, plots, protocols, report  # noqa: E402
+from crossent_harness.experiments import noise, plots, protocols, report  # noqa: E402
 
 # MNIST-1D reference figures: the README's (best of the evaluations) and the notebook's last evaluation
 MNIST1D_PUBLISHED = {"logistic": (32, 31.5), "MLP": (68, 65.1), "CNN": (94, 92.3)}

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from crossent.bench import _linear_worker as worker
-from crossent.bench import linear as bench
+from crossent_harness.bench import _linear_worker as worker
+from crossent_harness.bench import linear as bench
 
 
 def spec(method, **kw):
@@ -102,7 +102,7 @@ def test_allocator_accounting_agrees_with_the_dispatch_recorder():
     import torch
 
     import crossent as xe
-    from crossent.bench.memory import LiveBytes, allocator_peak
+    from crossent_harness.bench.memory import LiveBytes, allocator_peak
 
     g = torch.Generator().manual_seed(0)
     e = torch.randn(48, 8, generator=g).requires_grad_()

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
-from crossent import cli
-from crossent.experiments import catalog, options
+from _datasets import write_vowel
 from crossent.losses import Loss
+from crossent_harness import cli
+from crossent_harness.experiments import catalog, options
 
 
 def run_cli(capsys, *argv):
@@ -59,21 +62,21 @@ def test_formula_and_paper_attributes_win_over_the_docstring():
 
 
 def test_bench_without_the_module_fails_clearly(capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "crossent.bench.linear", None)
-    monkeypatch.setitem(sys.modules, "crossent.bench", None)
+    monkeypatch.setitem(sys.modules, "crossent_harness.bench.linear", None)
+    monkeypatch.setitem(sys.modules, "crossent_harness.bench", None)
     rc, _, err = run_cli(capsys, "bench")
-    assert rc == 2 and "crossent.bench.linear" in err
+    assert rc == 2 and "crossent_harness.bench.linear" in err
 
 
 def test_bench_delegates_to_the_module(capsys, monkeypatch):
     calls = {}
-    fake = types.ModuleType("crossent.bench.linear")
+    fake = types.ModuleType("crossent_harness.bench.linear")
     fake.add_arguments = lambda p: p.add_argument("--full", action="store_true")
     fake.run = lambda args: calls.setdefault("args", args) and {}
-    package = types.ModuleType("crossent.bench")
+    package = types.ModuleType("crossent_harness.bench")
     package.linear = fake
-    monkeypatch.setitem(sys.modules, "crossent.bench", package)
-    monkeypatch.setitem(sys.modules, "crossent.bench.linear", fake)
+    monkeypatch.setitem(sys.modules, "crossent_harness.bench", package)
+    monkeypatch.setitem(sys.modules, "crossent_harness.bench.linear", fake)
     rc, _, _ = run_cli(capsys, "bench", "--full")
     assert rc == 0 and calls["args"].full is True
 
@@ -133,18 +136,37 @@ def test_mnist1d_protocol_records_best_and_final_steps(capsys, tmp_path):
 def test_compare_reports_bad_input_clearly(capsys, tmp_path, monkeypatch):
     rc, _, err = run_cli(capsys, "compare", "--losses", "ce,nope", "--out", str(tmp_path), "--quiet")
     assert rc == 2 and "unknown loss 'nope'" in err
-    from crossent.experiments import datasets
+    # a dataset that is not installed: named after the options' checks, before any training
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    monkeypatch.setenv("CROSSENT_FASHION_MNIST", str(empty))
+    monkeypatch.setenv("CROSSENT_MLBENCH_DIR", str(empty))
+    for dataset, how in (("fashion-mnist", "apt-get install -y dataset-fashion-mnist"), ("vowel", "r-cran-mlbench")):
+        out = tmp_path / dataset
+        rc, stdout, err = run_cli(capsys, "compare", "--dataset", dataset, "--out", str(out), "--quiet")
+        assert rc == 2 and err.startswith("crossent compare: error: --dataset: ") and how in err, err
+        assert stdout == "" and not any(out.iterdir())
 
-    monkeypatch.setenv("CROSSENT_FASHION_MNIST", str(tmp_path))
-    monkeypatch.setattr(datasets, "FASHION_DIRS", ())
-    rc, _, err = run_cli(capsys, "compare", "--dataset", "fashion-mnist", "--out", str(tmp_path), "--quiet")
-    assert rc == 2 and "apt-get install -y dataset-fashion-mnist" in err
+
+def test_compare_on_mlbench_files(capsys, tmp_path, monkeypatch):
+    write_vowel(tmp_path)
+    monkeypatch.setenv("CROSSENT_MLBENCH_DIR", str(tmp_path))
+    rc, _, _ = run_cli(capsys, "compare", "--dataset", "vowel", "--losses", "ce", "--noise", "ldr-class-dependent",
+                       "--noise-rate", "0.3", "--epochs", "1", "--hidden", "8", "--no-plots", "--quiet",
+                       "--out", str(tmp_path / "out"))
+    assert rc == 0
+    (run,) = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
+    assert run["method"] == "ce" and run["rate"] == 0.3 and 0 <= run["acc"] <= 1
 
 
 def test_python_dash_m_entry_point():
-    proc = subprocess.run([sys.executable, "-m", "crossent", "losses", "--format", "names"], capture_output=True,
-                          text=True, env={**__import__("os").environ, "PYTHONPATH": cli.__file__.rsplit("/crossent/", 1)[0]})
+    env = {**os.environ, "PYTHONPATH": str(Path(cli.__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "crossent_harness", "losses", "--format", "names"],
+                          capture_output=True, text=True, env=env)
     assert proc.returncode == 0 and "ce" in proc.stdout.split()
+    # the library has no command of its own: it names the one there is instead
+    proc = subprocess.run([sys.executable, "-m", "crossent", "losses"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 2 and proc.stdout == "" and "python -m crossent_harness" in proc.stderr
 
 
 def compare_config(tmp_path, *argv):
@@ -179,7 +201,7 @@ def test_protocol_presets_and_overrides(tmp_path):
 
 
 def test_an_interrupted_grid_keeps_its_finished_runs(capsys, tmp_path, monkeypatch):
-    from crossent.experiments import compare
+    from crossent_harness.experiments import compare
 
     real = compare._one_run
     calls = []

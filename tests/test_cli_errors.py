@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from crossent import cli
+from crossent_harness import cli
 
 SRC = str(Path(cli.__file__).resolve().parents[1])
 ENV = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -40,6 +40,7 @@ COMPARE_MISTAKES = [
     (["--noise", "symmetric"], "--noise", "ambiguous: use apl-symmetric"),
     (["--noise", "gaussian"], "--noise", "unknown noise 'gaussian'"),
     (["--noise", "apl-asymmetric", "--dataset", "vowel"], "--noise", "10-class"),
+    (["--dataset", "letter", "--noise", "apl-asymmetric"], "--noise", "not 26 classes"),
     (["--noise", "apl-symmetric", "--imbalance", "100"], "--noise", "use ldr-uniform on imbalanced data"),
     (["--momentum", "0.5"], "--momentum", "adam would ignore it"),
     (["--model", "cnn", "--hidden", "8"], "--hidden", "applies to --model mlp only"),
@@ -63,6 +64,15 @@ COMPARE_MISTAKES = [
     (["--hidden", "8,x"], "--hidden", "comma-separated ints"),
     (["--bogus"], "--bogus", "unrecognized arguments"),
 ]
+
+
+@pytest.fixture(autouse=True)
+def no_optional_data(tmp_path, monkeypatch):
+    """Every case runs as on a machine without the optional datasets: no mistake above needs them."""
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    monkeypatch.setenv("CROSSENT_FASHION_MNIST", str(empty))
+    monkeypatch.setenv("CROSSENT_MLBENCH_DIR", str(empty))
 
 
 def run_main(capsys, *argv):
@@ -113,7 +123,7 @@ def test_bench_mistakes(capsys, argv, phrase):
 
 
 def test_real_command_one_line_and_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "crossent", "compare", "--losses", "focal:gama=2", "--out",
+    proc = subprocess.run([sys.executable, "-m", "crossent_harness", "compare", "--losses", "focal:gama=2", "--out",
                            str(tmp_path / "o")], check=False, capture_output=True, text=True, env=ENV)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [
@@ -122,14 +132,14 @@ def test_real_command_one_line_and_no_traceback(tmp_path):
 
 
 def test_debug_raises_instead_of_printing(tmp_path):
-    from crossent.experiments.options import OptionError
+    from crossent_harness.experiments.options import OptionError
 
     with pytest.raises(cli.UsageError, match="--batch-size"):
         cli.main(["--debug", "compare", "--batch-size", "0", "--out", str(tmp_path / "o")])
     with pytest.raises(cli.UsageError, match="--batch-size"):  # also after the command's own options
         cli.main(["compare", "--batch-size", "0", "--out", str(tmp_path / "o"), "--debug"])
     with pytest.raises(OptionError):  # the same check, called directly, keeps its own type
-        from crossent.experiments import options
+        from crossent_harness.experiments import options
 
         options.config_from_args(cli.build_parser().parse_args(["compare", "--batch-size", "0", "--no-plots",
                                                                   "--out", str(tmp_path / "o")]))
@@ -138,7 +148,7 @@ def test_debug_raises_instead_of_printing(tmp_path):
 def test_losses_into_a_pipe_that_closes_early():
     # `crossent losses | head`: here the reader is gone before the first line is written (the child
     # still imports torch), so every write meets a closed pipe; the command must end quietly
-    proc = subprocess.Popen([sys.executable, "-m", "crossent", "losses"], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "crossent_harness", "losses"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=ENV)
     proc.stdout.close()
     err = proc.stderr.read().decode()

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import gzip
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
+from _datasets import write_fashion_mnist, write_vowel
 from crossent.calibration import TemperatureScaling
-from crossent.experiments import datasets, metrics, report, subsets
-from crossent.experiments.methods import Context, Method, class_balanced_weight, parse_list
-from crossent.experiments.models import MNIST1DConv, build_model
-from crossent.experiments.train import Prepared, TrainConfig, predict, train
+from crossent_harness.experiments import datasets, metrics, report, subsets
+from crossent_harness.experiments.methods import Context, Method, class_balanced_weight, parse_list
+from crossent_harness.experiments.models import MNIST1DConv, build_model
+from crossent_harness.experiments.train import Prepared, TrainConfig, predict, train
 
 
 def logits_of(probs):
@@ -190,7 +191,7 @@ def test_training_learns_digits_quickly():
 def test_cyclic_sampler_and_step_schedule():
     cfg = TrainConfig(steps=7, batch_size=3, sampler="cyclic")
     assert cfg.total_steps(100) == 7
-    from crossent.experiments.train import _lr_at
+    from crossent_harness.experiments.train import _lr_at
 
     sched = TrainConfig(lr=1.0, schedule="step", milestones=(2, 4), epochs=6)
     assert [round(_lr_at(sched, e), 6) for e in range(6)] == [1.0, 1.0, 0.1, 0.1, 0.01, 0.01]
@@ -199,24 +200,8 @@ def test_cyclic_sampler_and_step_schedule():
 
 
 # -- datasets -------------------------------------------------------------------------------------------
-def _write_idx(path, array):
-    import numpy as np
-
-    a = np.asarray(array, dtype=np.uint8)
-    header = bytes([0, 0, 8, a.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in a.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + a.tobytes())
-
-
 def test_fashion_mnist_idx_reader(tmp_path, monkeypatch):
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    imgs = rng.integers(0, 256, (6, 28, 28))
-    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", imgs)
-    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", imgs[:2])
-    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", [0, 1, 2, 3, 4, 9])
-    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", [5, 6])
+    imgs = write_fashion_mnist(tmp_path)
     monkeypatch.setenv("CROSSENT_FASHION_MNIST", str(tmp_path))
     d = datasets.load("fashion-mnist")
     assert d.x_train.shape == (6, 1, 28, 28) and d.kind == "image"
@@ -224,13 +209,20 @@ def test_fashion_mnist_idx_reader(tmp_path, monkeypatch):
     assert torch.allclose(d.x_train[3, 0], torch.tensor(imgs[3], dtype=torch.float32) / 255)
 
 
+def test_vowel_from_mlbench_files(tmp_path, monkeypatch):
+    write_vowel(tmp_path)
+    monkeypatch.setenv("CROSSENT_MLBENCH_DIR", str(tmp_path))
+    d = datasets.load("vowel")
+    assert d.x_train.shape == (8 * 11, 9) and d.x_test.shape == (7 * 11, 9) and d.num_classes == 11
+    assert d.pairs == [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)] and d.class_names[0] == "v00"
+    assert torch.allclose(d.x_train.mean(0), torch.zeros(9), atol=1e-5)  # standardised on the training speakers
+
+
 def test_missing_sources_explain_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setenv("CROSSENT_FASHION_MNIST", str(tmp_path))
-    monkeypatch.setattr(datasets, "FASHION_DIRS", ())
     with pytest.raises(datasets.MissingDataError, match="apt-get install -y dataset-fashion-mnist"):
         datasets.load("fashion-mnist")
     monkeypatch.setenv("CROSSENT_MLBENCH_DIR", str(tmp_path))
-    monkeypatch.setattr(datasets, "MLBENCH_DIRS", ())
     for name in ("letter", "vowel", "shuttle"):
         with pytest.raises(datasets.MissingDataError, match="r-cran-mlbench"):
             datasets.load(name)
@@ -243,11 +235,46 @@ def test_missing_sources_explain_how_to_install(tmp_path, monkeypatch):
         datasets.load("cifar10")
 
 
+def test_a_data_variable_is_the_only_place_looked_in(tmp_path, monkeypatch):
+    monkeypatch.delenv("CROSSENT_FASHION_MNIST", raising=False)
+    monkeypatch.delenv("CROSSENT_MLBENCH_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert datasets.cache_dir() == tmp_path / "cache" / "crossent"
+    assert datasets.fashion_mnist_dirs() == [Path("/usr/share/datasets/fashion-mnist")]
+    assert datasets.mlbench_dirs() == [Path("/usr/lib/R/site-library/mlbench/data"),
+                                       tmp_path / "cache/crossent/mlbench/usr/lib/R/site-library/mlbench/data"]
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")  # the XDG rule: a relative path is ignored
+    assert datasets.cache_dir() == Path.home() / ".cache" / "crossent"
+    # a folder named explicitly is searched alone: without the files there, no installed copy stands in
+    monkeypatch.setenv("CROSSENT_FASHION_MNIST", str(tmp_path / "mine"))
+    monkeypatch.setenv("CROSSENT_MLBENCH_DIR", str(tmp_path / "mine"))
+    assert datasets.fashion_mnist_dirs() == datasets.mlbench_dirs() == [tmp_path / "mine"]
+    with pytest.raises(datasets.MissingDataError, match=r"not found in \S*mine \(from CROSSENT_FASHION_MNIST\)"):
+        datasets.load("fashion-mnist")
+    with pytest.raises(datasets.MissingDataError, match=r"Vowel\.rda not found in \S*mine \(from CROSSENT_MLBENCH_DIR"):
+        datasets.load("vowel")
+
+
+@pytest.mark.parametrize("name", datasets.available())
+def test_profiles_describe_the_loaded_datasets(name, tmp_path, monkeypatch):
+    if name == "fashion-mnist":
+        write_fashion_mnist(tmp_path)
+        monkeypatch.setenv("CROSSENT_FASHION_MNIST", str(tmp_path))
+    if name == "vowel":
+        write_vowel(tmp_path)
+        monkeypatch.setenv("CROSSENT_MLBENCH_DIR", str(tmp_path))
+    try:
+        d = datasets.load(name)
+    except datasets.MissingDataError:
+        pytest.skip(f"{name} is not installed here (make data installs it)")
+    assert datasets.profile(name) == (d.kind, d.input_shape, d.num_classes)
+
+
 def test_letter_when_installed():
     try:
         d = datasets.load("letter")
     except datasets.MissingDataError:
-        pytest.skip("mlbench data not installed")
+        pytest.skip("mlbench's Letter is not installed here (make data installs it)")
     assert d.x_train.shape == (16000, 16) and d.x_test.shape == (4000, 16) and d.num_classes == 26
     assert d.class_names[1] == "B" and (1, 3) in d.pairs
 
@@ -270,7 +297,7 @@ def test_forward_correction_estimated_and_oracle(tmp_path):
         with pytest.raises(ValueError, match="forward_correction"):
             Method.parse("forward_correction").check()
         return
-    from crossent.experiments.compare import CompareConfig, run
+    from crossent_harness.experiments.compare import CompareConfig, run
 
     cfg = CompareConfig(
         methods=parse_list("forward_correction,forward_correction:T=oracle"), hidden=(16,), noise="ldr-uniform",
@@ -287,7 +314,7 @@ def test_forward_correction_estimated_and_oracle(tmp_path):
 def test_progress_falls_back_to_plain_lines(monkeypatch, capsys):
     import sys
 
-    from crossent.experiments.progress import Progress
+    from crossent_harness.experiments.progress import Progress
 
     monkeypatch.setitem(sys.modules, "rich.progress", None)
     monkeypatch.setitem(sys.modules, "tqdm", None)

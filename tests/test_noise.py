@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from crossent.experiments import datasets, noise
+from crossent_harness.experiments import datasets, noise
 
 LETTER_PAIRS = [(1, 3), (2, 6), (4, 5), (7, 13), (8, 11), (10, 23), (12, 22), (14, 16), (15, 17), (20, 21)]
 

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from crossent.experiments import datasets, layout, plots, protocols
-from crossent.experiments.models import build_model
-from crossent.experiments.train import Prepared, TrainConfig, train
+from crossent_harness.experiments import datasets, layout, plots, protocols
+from crossent_harness.experiments.models import build_model
+from crossent_harness.experiments.train import Prepared, TrainConfig, train
 
 
 def toy(n_train=8, n_test=4, kind="tabular") -> datasets.Dataset:
@@ -81,7 +81,7 @@ def test_letter_under_the_ldr_layout_when_installed():
     try:
         d = layout.apply(datasets.load("letter"), "random:2000", "minmax")
     except datasets.MissingDataError:
-        pytest.skip("mlbench data not installed")
+        pytest.skip("mlbench's Letter is not installed here (make data installs it)")
     assert d.x_train.shape == (18000, 16) and d.x_test.shape == (2000, 16)
     assert d.x_train.min() == -1 and d.x_train.max() == 1
 

@@ -41,7 +41,7 @@ PUBLIC_MODULES = [
     "crossent.integrations.transformers",
 ]
 #: Public subpackages and modules reachable as attributes; anything else must be underscored.
-ALLOWED_SUBMODULES = {m.rsplit(".", 1)[-1] for m in PUBLIC_MODULES} | {"bench", "cli", "experiments"}
+ALLOWED_SUBMODULES = {m.rsplit(".", 1)[-1] for m in PUBLIC_MODULES}
 
 
 def _import_in_fresh_process(code: str) -> str:

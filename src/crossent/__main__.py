@@ -1,6 +1,7 @@
-"""``python -m crossent`` is the ``crossent`` command."""
+"""``python -m crossent`` names the command; the library itself has none (it never imports the harness)."""
 
-from .cli import main
+import sys
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    print("crossent is a library; its command is `crossent` (or `python -m crossent_harness`)", file=sys.stderr)
+    raise SystemExit(2)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 class Protocol:
     """A published training setup.
 
-    ``train`` holds :class:`~crossent.experiments.train.TrainConfig` fields (``milestones`` as fractions
+    ``train`` holds :class:`~crossent_harness.experiments.train.TrainConfig` fields (``milestones`` as fractions
     of the epochs); ``model`` holds ``model``, ``hidden``, ``activation``, ``residual`` and ``init``;
     ``data`` maps a dataset name (or ``"*"`` for any) to its ``split`` and ``scaling``.
     """

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import losses as L
+from crossent import losses as L
+
 from .train import Prepared
 
 STRATEGIES = ("cb", "la", "la_posthoc", "forward_correction")
@@ -115,7 +116,7 @@ class Method:
                 if wt is not None:
                     loss = wt.LogitAdjustment.from_counts(ctx.counts, tau).loss("ce", **hp)
                 else:
-                    from ..transforms import ClassBias
+                    from crossent.transforms import ClassBias
 
                     loss = L.Transformed(L.get("ce", **hp), ClassBias(bias))
                 return Prepared(loss, info={"tau": tau})
@@ -188,7 +189,7 @@ def log_prior(counts: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
 
 def _weighting():
     try:
-        from .. import weighting
+        from crossent import weighting
     except ImportError:  # the strategies module is optional for the harness
         return None
     return weighting
@@ -223,7 +224,7 @@ def _forward_correction(hp: dict, ctx: Context) -> Prepared:
         T = ctx.true_transition.float()
         info["T"] = "oracle"
     elif t is None:
-        from ..weighting import estimate_transition_matrix
+        from crossent.weighting import estimate_transition_matrix
 
         probs = ctx.fit_ce()
         T = estimate_transition_matrix(probs, ctx.noisy_labels, percentile=percentile).float()

@@ -1,4 +1,4 @@
-"""One benchmark configuration, in a fresh process: ``python -m crossent.bench._linear_worker SPEC``.
+"""One benchmark configuration, in a fresh process: ``python -m crossent_harness.bench._linear_worker SPEC``.
 
 SPEC is a JSON object (method, n, d, v, dtype, device, warmup, repeats, threads, seed). Prints one JSON
 line: the median and every timing of forward + backward, the step's peak memory, and the loss (a
@@ -7,7 +7,7 @@ cross-check between methods).
 Memory, the figure that is compared: the most bytes one step held at once beyond its inputs
 (``peak_live_bytes``; the gradients, which every method must produce, are counted in it and also
 reported apart as ``grad_bytes``). On CPU it comes from one extra, untimed step whose allocations and
-frees PyTorch's allocator reports to the profiler (:func:`crossent.bench.memory.allocator_peak`: exact,
+frees PyTorch's allocator reports to the profiler (:func:`crossent_harness.bench.memory.allocator_peak`: exact,
 fused operators and compiled code included); on CUDA from the allocator's statistics over the timed
 steps (``torch.cuda.max_memory_allocated`` less what was allocated before them).
 
@@ -153,7 +153,7 @@ def measure(spec: dict) -> dict:
 
 def _live_peak(step, method: str) -> int | str:
     """Peak bytes of the tensors one step holds at once (an int), or why it could not be measured."""
-    from crossent.bench.memory import allocator_peak
+    from crossent_harness.bench.memory import allocator_peak
 
     try:
         # the step's return value (the floor's gradient-sized products) is dropped as the step ends

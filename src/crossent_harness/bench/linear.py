@@ -3,7 +3,7 @@
 Every configuration runs in a fresh process and reports the median of repeated forward + backward
 timings and the most memory the step held at once beyond the inputs and gradients: on CPU the exact
 replay of the allocation events that PyTorch's allocator reports to its profiler
-(:func:`crossent.bench.memory.allocator_peak`; fused operators and compiled code included), on CUDA
+(:func:`crossent_harness.bench.memory.allocator_peak`; fused operators and compiled code included), on CUDA
 the allocator's statistics. The growth of the peak RSS is a secondary column; it is never negative,
 but the allocator's reuse of freed memory can hide a step's memory from it. Methods:
 
@@ -42,8 +42,8 @@ from pathlib import Path
 
 import torch
 
-from ..losses._base import Loss
-from ..stats import LSE, TARGET
+from crossent.losses import Loss
+from crossent.stats import LSE, TARGET
 
 METHODS = (
     "floor",
@@ -188,11 +188,12 @@ def _run_one(spec: dict, timeout: float) -> dict:
     import crossent
 
     env = dict(os.environ)
-    src = str(Path(crossent.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    # the worker imports this harness and this crossent, from wherever each of them was loaded
+    roots = dict.fromkeys(str(Path(f).resolve().parents[n]) for f, n in ((__file__, 2), (crossent.__file__, 1)))
+    env["PYTHONPATH"] = os.pathsep.join([*roots, *filter(None, [env.get("PYTHONPATH")])])
     if spec.get("threads"):
         env["OMP_NUM_THREADS"] = str(spec["threads"])
-    cmd = [sys.executable, "-m", "crossent.bench._linear_worker", json.dumps(spec)]
+    cmd = [sys.executable, "-m", "crossent_harness.bench._linear_worker", json.dumps(spec)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:

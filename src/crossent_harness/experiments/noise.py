@@ -187,6 +187,11 @@ class NoiseModel:
         """Raise ValueError now if this definition cannot apply to these labels (before any training)."""
         self.transition(labels, num_classes, check_rate(rate), pairs)
 
+    def check_classes(self, num_classes: int) -> None:
+        """Raise ValueError now if this definition cannot apply to ``num_classes`` classes (before any data is
+        loaded). At rate 0 no definition depends on the class sizes, only on their number."""
+        self.transition(torch.arange(num_classes), num_classes, 0.0)
+
 
 MODELS: dict[str, NoiseModel] = {
     m.name: m

@@ -3,7 +3,13 @@
 Everything a user can get wrong is checked here, before any data is loaded or any model trained: each
 mistake is one :class:`OptionError` naming the option. Options that would have no effect (a noise
 rate without noise, a momentum for Adam, widths for a CNN) are errors too, so that a run never
-silently differs from what its command line says.
+silently differs from what its command line says. What a dataset is (its kind, inputs and number of
+classes) comes from :data:`.datasets.PROFILES`, so that no check here reads data.
+
+Two mistakes need the data, and are reported after the options' checks, when the dataset is loaded but
+before any training: a dataset that is not installed (``--dataset``, with how to install it), and a noise
+definition that these training labels cannot take (``--noise apl-symmetric`` flips as many labels in
+every class, which a long tail or a small ``--train-size`` may not have).
 """
 
 from __future__ import annotations
@@ -12,19 +18,12 @@ import argparse
 from pathlib import Path
 
 from . import datasets, layout, noise, protocols
+from .config import CompareConfig, OptionError
 from .models import ACTIVATIONS, INITS, MODELS
 from .train import OPTIMIZERS, SAMPLERS, SCHEDULES, TrainConfig
 
 DEFAULT_LOSSES = "ce,ce:label_smoothing=0.1,focal,gce,sce"
 DEFAULT_NOISE_RATE = "0.4"
-
-
-class OptionError(ValueError):
-    """A bad command-line option: ``option`` names it, the message says what is wrong."""
-
-    def __init__(self, option: str, message: str):
-        super().__init__(f"{option}: {message}")
-        self.option = option
 
 
 # -- parsing helpers --------------------------------------------------------------------------------
@@ -197,7 +196,7 @@ def _check_train_flags(args, train: dict) -> TrainConfig:
 
 
 def _check_data_flags(args, dataset: str, settings: dict):
-    kind = datasets.KINDS.get(dataset)
+    kind = datasets.profile(dataset).kind
     try:
         layout.parse_split(settings.get("split", "default"))
     except ValueError as e:
@@ -245,7 +244,6 @@ def _check_out(out: Path) -> None:
 
 def config_from_args(args):
     """Check every option and return ``(CompareConfig, out_folder)``; OptionError on the first mistake."""
-    from .compare import CompareConfig
     from .methods import parse_list
 
     try:
@@ -290,5 +288,6 @@ def config_from_args(args):
         seeds=tuple(range(seed0, seed0 + args.seeds)), calibrate=args.calibrate,
         val_fraction=args.val_fraction if args.val_fraction is not None else 0.1, train=train,
     )
+    cfg.check()  # what the flags alone cannot tell: the noise on this many classes, the model on these inputs
     _check_out(out)  # last: only a command that passed every other check creates its folder
     return cfg, out

@@ -88,7 +88,7 @@ def hyperparameter_text(cls) -> str:
 
 def rows() -> list[dict]:
     """One record per registered loss, sorted by name."""
-    from .. import losses
+    from crossent import losses
 
     return [
         {"name": name, "hyperparameters": hyperparameters(cls), "formula": loss_formula(cls), "paper": loss_paper(cls),

@@ -4,49 +4,22 @@ For each (noise rate, seed) the training labels are corrupted once and shared by
 that methods are compared on identical data. Test labels are never corrupted. With ``calibrate``, a
 stratified ``val_fraction`` of the (corrupted) training set is held out to fit a temperature.
 
-:func:`run` checks the whole grid (every method, the noise definition on these labels) before the first
-training step, so that a mistake in the last method does not surface after the others have trained.
+:func:`run` checks the whole grid (every method, the model, the noise definition: first all that needs no
+data, then the noise definition on the loaded labels) before the first training step, so that a mistake
+in the last method does not surface after the others have trained.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
 
 import torch
 
 from . import datasets, layout, metrics, noise, subsets
+from .config import CompareConfig, as_option
 from .methods import Context, Method
 from .models import build_model
-from .options import OptionError
-from .train import TrainConfig, predict, train
-
-
-@dataclass
-class CompareConfig:
-    dataset: str = "digits"
-    methods: list[Method] = field(default_factory=lambda: [Method("ce", "ce")])
-    model: str = "mlp"
-    hidden: tuple[int, ...] = (100, 100)
-    activation: str = "relu"
-    residual: bool = False
-    init: str = "default"  # default | xavier (see models.INITS)
-    split: str = "default"  # default | random:N (see layout)
-    scaling: str | None = None  # None: the dataset's own; standard | minmax
-    noise: str = "none"  # none, or a name of noise.MODELS
-    noise_rates: tuple[float, ...] = (0.0,)
-    imbalance: float | None = None
-    train_size: int | None = None
-    seeds: tuple[int, ...] = (0,)
-    calibrate: bool = False
-    val_fraction: float = 0.1
-    n_bins: int = 15
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["methods"] = [m.label for m in self.methods]
-        return d
+from .train import predict, train
 
 
 def _val_split(y: torch.Tensor, fraction: float, seed: int):
@@ -86,46 +59,27 @@ def corrupt(cfg: CompareConfig, data, y: torch.Tensor, rate: float, seed: int):
     return noisy, model.transition(y, data.num_classes, rate, pairs=data.pairs)
 
 
-def check(cfg: CompareConfig, data=None, y_train: torch.Tensor | None = None) -> None:
-    """:class:`~.options.OptionError` for the first setting of ``cfg`` that cannot run; given the loaded
-    data, also the checks that need it (the noise definition on these labels, the model on these inputs)."""
-    for m in cfg.methods:
-        _as_option("--losses", m.check)
-        if m.needs_noise and cfg.noise == "none":
-            raise OptionError("--losses", f"{m.label} needs label noise (--noise) to know the true transition matrix")
-    _as_option("--train", cfg.train.check)
-    if cfg.noise != "none":
-        model = _as_option("--noise", noise.get, cfg.noise)
-        for rate in cfg.noise_rates:
-            _as_option("--noise-rate", noise.check_rate, rate)
-            if data is not None and rate:
-                _as_option("--noise", model.check, y_train, data.num_classes, rate, data.pairs)
-    if data is not None:
-        _as_option("--model", build_model, cfg.model, data.input_shape, data.num_classes, hidden=cfg.hidden,
-                   activation=cfg.activation, residual=cfg.residual, init=cfg.init)
-
-
-def _as_option(option: str, fn, *args, **kwargs):
-    try:
-        return fn(*args, **kwargs)
-    except ValueError as e:
-        if isinstance(e, OptionError):
-            raise
-        if option == "--train":  # TrainConfig names the setting first: "batch-size must be >= 1"
-            option, _, rest = ("--" + str(e)).partition(" ")
-            raise OptionError(option, rest) from None
-        raise OptionError(option, str(e)) from None
+def check_data(cfg: CompareConfig, data, y_train: torch.Tensor) -> None:
+    """:class:`~.config.OptionError` for the one check that needs the loaded data, after the others
+    (:meth:`CompareConfig.check`): the noise definition on these training labels (``apl-symmetric`` flips
+    as many labels in every class, which a long tail or a small subsample may not have)."""
+    if cfg.noise == "none":
+        return
+    model = noise.get(cfg.noise)
+    for rate in cfg.noise_rates:
+        if rate:
+            as_option("--noise", model.check, y_train, data.num_classes, rate, data.pairs)
 
 
 def run(cfg: CompareConfig, make_progress=None, on_record=None) -> dict:
     """Run the grid; returns ``{"config", "dataset", "runs": [...]}`` (one record per training run).
 
-    ``make_progress(total_steps)`` may return a :class:`~crossent.experiments.progress.Progress`;
+    ``make_progress(total_steps)`` may return a :class:`~crossent_harness.experiments.progress.Progress`;
     ``on_record(results_so_far)`` is called after every training run (to save what is done so far).
     """
-    check(cfg)
+    cfg.check()
     data, x_all, y_all = prepare_data(cfg)
-    check(cfg, data, y_all)
+    check_data(cfg, data, y_all)
     progress = make_progress(total_steps(cfg, len(y_all))) if make_progress is not None else None
     try:
         return _grid(cfg, data, x_all, y_all, progress, on_record)
@@ -193,7 +147,7 @@ def _one_run(cfg, data, method, ctx, x, y, x_val, y_val, rate, seed, y_clean, pr
         best = max(history, key=lambda h: h["test_acc"])
         record.update(best_acc=best["test_acc"], best_step=best["step"], history=history)
     if cfg.calibrate and len(y_val):
-        from ..calibration import TemperatureScaling
+        from crossent.calibration import TemperatureScaling
 
         ts = TemperatureScaling().fit(adjust(predict(model, x_val)), y_val)
         scaled = ts(logits)

@@ -44,9 +44,11 @@ def cmd_bench(args) -> int:
     try:
         from .bench import linear
     except ImportError as e:
-        if "crossent.bench" not in str(e) and "linear" not in str(e):
+        if "crossent_harness.bench" not in str(e) and "linear" not in str(e):
             raise
-        raise UsageError(f"crossent bench needs the crossent.bench.linear module, which this installation lacks ({e})")
+        raise UsageError(
+            f"crossent bench needs the crossent_harness.bench.linear module, which this installation lacks ({e})"
+        )
     parser = Parser(prog="crossent bench", description=linear.__doc__)
     linear.add_arguments(parser)
     bench_args = parser.parse_args(args.bench_args)

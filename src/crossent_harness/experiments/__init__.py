@@ -2,5 +2,5 @@
 reports and plots.
 
 Everything here is plain PyTorch plus optional packages imported where they are used (scikit-learn,
-``mnist1d``, ``rdata``, matplotlib, rich/tqdm), so ``import crossent`` never pays for it.
+``mnist1d``, ``rdata``, matplotlib, rich/tqdm), so importing a module here never pays for them.
 """

@@ -14,6 +14,18 @@ name                    source                                          split
 ``shuttle``             same                                            stratified 75/25, seed 0
 ``satellite``           same                                            stratified 75/25, seed 0
 ======================  ==============================================  ======================
+
+Where the files are looked up, in order (the first folder holding them wins):
+
+* Fashion-MNIST: ``$CROSSENT_FASHION_MNIST`` alone when it is set; else ``/usr/share/datasets/fashion-mnist``.
+* mlbench's ``.rda`` files: ``$CROSSENT_MLBENCH_DIR`` alone when it is set; else
+  ``/usr/lib/R/site-library/mlbench/data``, then the copy that ``make data`` unpacks under
+  :func:`cache_dir` (``$XDG_CACHE_HOME/crossent/mlbench/usr/lib/R/site-library/mlbench/data``).
+
+A variable that is set is the only place looked in, so that a location given explicitly is never
+passed over for another copy, and so that pointing both at an empty folder hides every installed copy
+(as CI does). :data:`PROFILES` says what each dataset is without reading it, so that options are
+checked before any data is.
 """
 
 from __future__ import annotations
@@ -24,13 +36,14 @@ import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-FASHION_DIRS = ("/usr/share/datasets/fashion-mnist",)
+#: where Debian's packages put the files (dataset-fashion-mnist; r-cran-mlbench, relative to its root)
+FASHION_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
 MLBENCH_SUBDIR = "usr/lib/R/site-library/mlbench/data"
-MLBENCH_DIRS = ("/usr/lib/R/site-library/mlbench/data", "~/.cache/crossent/mlbench/" + MLBENCH_SUBDIR)
 
 # Letter pair-swap noise of the LDR-KL paper (B<->D C<->G E<->F H<->N I<->L K<->X M<->W O<->Q P<->R U<->V).
 LETTER_PAIRS = ("BD", "CG", "EF", "HN", "IL", "KX", "MW", "OQ", "PR", "UV")
@@ -160,24 +173,46 @@ def _read_idx(path: Path) -> Tensor:
     return torch.from_numpy(np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims).copy())
 
 
-def _find_dir(env: str, candidates, probe: str) -> Path | None:
-    paths = [os.environ[env]] if os.environ.get(env) else []
-    for p in paths + list(candidates):
-        d = Path(p).expanduser()
-        if (d / probe).exists():
-            return d
-    return None
+def cache_dir() -> Path:
+    """crossent's cache folder: ``$XDG_CACHE_HOME/crossent``, or ``~/.cache/crossent`` without the variable."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(base) if os.path.isabs(base) else Path.home() / ".cache") / "crossent"
+
+
+def fashion_mnist_dirs() -> list[Path]:
+    """The folders searched for Fashion-MNIST's IDX files, in order (see the module docstring)."""
+    return _search_path("CROSSENT_FASHION_MNIST", [Path(FASHION_SYSTEM_DIR)])
+
+
+def mlbench_dirs() -> list[Path]:
+    """The folders searched for mlbench's ``.rda`` files, in order (see the module docstring)."""
+    return _search_path("CROSSENT_MLBENCH_DIR", [Path("/") / MLBENCH_SUBDIR, cache_dir() / "mlbench" / MLBENCH_SUBDIR])
+
+
+def _search_path(variable: str, defaults: list[Path]) -> list[Path]:
+    explicit = os.environ.get(variable)
+    return [Path(explicit).expanduser()] if explicit else defaults
+
+
+def _find_dir(variable: str, folders: list[Path], probe: str, what: str) -> Path:
+    """The first of ``folders`` that holds ``probe``; MissingDataError (where it looked, then ``what``) if none."""
+    for folder in folders:
+        if (folder / probe).exists():
+            return folder
+    where = ", ".join(map(str, folders))
+    if os.environ.get(variable):
+        raise MissingDataError(f"{probe} not found in {where} (from {variable}). {what}")
+    raise MissingDataError(f"{probe} not found in {where}. {what}")
 
 
 def load_fashion_mnist() -> Dataset:
     """Fashion-MNIST from the Debian package ``dataset-fashion-mnist``, pixels scaled to [0, 1]."""
-    d = _find_dir("CROSSENT_FASHION_MNIST", FASHION_DIRS, "train-images-idx3-ubyte.gz")
-    if d is None:
-        raise MissingDataError(
-            "Fashion-MNIST not found. Install it with: apt-get update && apt-get install -y dataset-fashion-mnist "
-            "(files land in /usr/share/datasets/fashion-mnist), or point CROSSENT_FASHION_MNIST at a folder holding the four "
-            "*-ubyte.gz IDX files."
-        )
+    d = _find_dir(
+        "CROSSENT_FASHION_MNIST", fashion_mnist_dirs(), "train-images-idx3-ubyte.gz",
+        "Install Fashion-MNIST with: apt-get update && apt-get install -y dataset-fashion-mnist "
+        f"(files land in {FASHION_SYSTEM_DIR}), or point CROSSENT_FASHION_MNIST at a folder holding the four "
+        "*-ubyte.gz IDX files.",
+    )
     x_tr = _read_idx(d / "train-images-idx3-ubyte.gz").float().div_(255.0).unsqueeze(1)
     x_te = _read_idx(d / "t10k-images-idx3-ubyte.gz").float().div_(255.0).unsqueeze(1)
     y_tr = _read_idx(d / "train-labels-idx1-ubyte.gz").long()
@@ -187,15 +222,14 @@ def load_fashion_mnist() -> Dataset:
 
 # -- UCI data shipped in R's mlbench ---------------------------------------------------------------
 def _mlbench_frame(stem: str):
-    d = _find_dir("CROSSENT_MLBENCH_DIR", MLBENCH_DIRS, f"{stem}.rda")
-    if d is None:
-        raise MissingDataError(
-            f"{stem}.rda (from the R package mlbench) not found. Install it without R:\n"
-            "  apt-get update && apt-get download r-cran-mlbench\n"
-            "  dpkg-deb -x r-cran-mlbench_*.deb ~/.cache/crossent/mlbench\n"
-            "  pip install rdata\n"
-            "(or apt-get install r-cran-mlbench, or set CROSSENT_MLBENCH_DIR to the folder holding the .rda files)."
-        )
+    d = _find_dir(
+        "CROSSENT_MLBENCH_DIR", mlbench_dirs(), f"{stem}.rda",
+        "It comes with the R package mlbench; install it without R:\n"
+        "  apt-get update && apt-get download r-cran-mlbench\n"
+        f"  dpkg-deb -x r-cran-mlbench_*.deb {cache_dir() / 'mlbench'}\n"
+        "  pip install rdata\n"
+        "(or apt-get install r-cran-mlbench, or set CROSSENT_MLBENCH_DIR to the folder holding the .rda files).",
+    )
     rdata = _need("rdata", "rdata")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # rdata warns that these old files declare no encoding
@@ -224,7 +258,7 @@ def load_letter() -> Dataset:
 
 
 def load_vowel() -> Dataset:
-    """UCI Vowel (990 x 10, 11 classes); speakers 0-7 train (528), 8-14 test (462), as in the UCI split."""
+    """UCI Vowel (990 x 9, 11 classes); speakers 0-7 train (528), 8-14 test (462), as in the UCI split."""
     frame = _mlbench_frame("Vowel")
     speaker = torch.tensor(frame["V1"].cat.codes.to_numpy().astype("int64"))
     x, y, names = _frame_xy(frame, "Class", drop=("V1",))
@@ -251,9 +285,29 @@ def load_satellite() -> Dataset:
     return _mlbench_split("Satellite", "classes", "satellite")
 
 
-#: the kind of each dataset, known without loading it (for checking options before any work)
-KINDS = {"digits": "tabular", "mnist1d": "signal", "fashion-mnist": "image", "letter": "tabular", "vowel": "tabular",
-         "shuttle": "tabular", "satellite": "tabular"}
+class Profile(NamedTuple):
+    """What a dataset is, known without reading it: options are checked against it before any data is loaded."""
+
+    kind: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+
+PROFILES = {
+    "digits": Profile("tabular", (64,), 10),
+    "mnist1d": Profile("signal", (40,), 10),
+    "fashion-mnist": Profile("image", (1, 28, 28), 10),
+    "letter": Profile("tabular", (16,), 26),
+    "vowel": Profile("tabular", (9,), 11),
+    "shuttle": Profile("tabular", (9,), 7),
+    "satellite": Profile("tabular", (36,), 6),
+}
+
+
+def profile(name: str) -> Profile:
+    """The :class:`Profile` of ``name`` (any spelling :func:`canonical_name` accepts); ValueError if unknown."""
+    return PROFILES[canonical_name(name)]
+
 
 _LOADERS = {
     "digits": load_digits,

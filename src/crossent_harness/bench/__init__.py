@@ -1,0 +1,1 @@
+"""The benchmarks of ``crossent bench``; each module exposes ``add_arguments`` and ``run``."""
