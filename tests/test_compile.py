@@ -3,8 +3,8 @@
 * ``cross_entropy`` is traced through its formula (ordinary autograd ops): CE, label smoothing, z-loss,
   focal and a whole-row loss (``nfl``) on the ``aot_eager`` and ``inductor`` CPU backends, in one
   compiled function each (one compilation); every registered loss and option on the ``eager``
-  backend (Dynamo's full-graph capture, the part that breaks graphs), with a stateful loss whose state
-  moves once per call, as in eager mode.
+  backend (Dynamo's full-graph capture, the part that breaks graphs), with a stateful loss, alone and
+  inside APL, whose state moves once per call, as in eager mode.
 * ``linear_cross_entropy`` runs its row-chunked engine as one custom operator: the same five losses,
   ``reduction="none"``, ``return_stats``, ``shift`` and the recompute mode, on both backends; values
   and gradients equal eager mode's exactly (the same engine runs).
@@ -121,6 +121,7 @@ def test_every_loss_and_option_traces_in_one_graph():
                       [0.0, 0.0, 0.1, 0.8, 0.1], [0.1, 0.0, 0.0, 0.1, 0.8]])  # fmt: skip
     special = {"forward_correction": {"T": T}, "backward_correction": {"T": T}, "aldr_kl": {"num_samples": 6}}
     objects = {name: xe.losses.get(name, **special.get(name, {})) for name in xe.losses.available()}
+    objects["apl_of_aldr_kl"] = xe.losses.APL(active=xe.losses.AdaptiveLDRKL(num_samples=6), passive="rce")
     ids = torch.arange(6)
     q = torch.softmax(torch.randn(6, C, generator=g), -1)
     w = torch.rand(C, generator=g) - 0.3
@@ -147,9 +148,11 @@ def test_every_loss_and_option_traces_in_one_graph():
     total, ref_total = sum(o.sum() for o in got), sum(r.sum() for r in ref)
     for u, v in zip(torch.autograd.grad(total, (a, a4)), torch.autograd.grad(ref_total, (b, b4))):
         close(u, v, 1e-5)
-    # The stateful loss moved once, as in eager mode.
-    close(objects["aldr_kl"].lambdas, eager_objects["aldr_kl"].lambdas)
-    assert not torch.equal(objects["aldr_kl"].lambdas, torch.full((6,), 1.0, dtype=torch.float64))
+    # The stateful losses, alone and inside a wrapper, moved once, as in eager mode.
+    for name in ("aldr_kl", "apl_of_aldr_kl"):
+        lambdas, eager_lambdas = (o[name].state_modules()[0].lambdas for o in (objects, eager_objects))
+        close(lambdas, eager_lambdas)
+        assert not torch.equal(lambdas, torch.full((6,), 1.0, dtype=torch.float64))
 
 
 def test_target_checks_are_device_asserts_under_compile():
@@ -175,3 +178,12 @@ def test_linear_cross_entropy_under_compile_names_what_it_cannot_take():
     )
     with pytest.raises(Exception, match="keeps state"):
         stateful(E, C)
+    wrapped = xe.losses.APL(active=xe.losses.AdaptiveLDRKL(num_samples=6), passive="rce")
+    torch._dynamo.reset()
+    stateful_inside = torch.compile(
+        lambda e, c: xe.linear_cross_entropy(e, c, T7, loss=wrapped, extra={"sample_ids": torch.arange(6)}),
+        backend="eager",
+        fullgraph=True,
+    )
+    with pytest.raises(Exception, match="keeps state"):
+        stateful_inside(E, C)

@@ -587,7 +587,7 @@ def test_apl_resolves_names_through_the_registry_when_built():
 
     try:
         apl = xe.losses.get("apl", active=name, passive="rce")
-        assert isinstance(apl._sum.terms[0].loss, Registered) and not apl.streamable
+        assert isinstance(apl.parts[0], Registered) and not apl.streamable
     finally:
         losses_base._REGISTRY.pop(name)
     assert name not in xe.losses.available()

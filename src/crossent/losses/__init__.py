@@ -10,6 +10,7 @@ Writing a loss: subclass :class:`Loss`, declare the statistics it reads and its 
 
 from .._rows import Rows
 from ._base import (
+    CompositeLoss,
     Loss,
     ScaledLoss,
     StatefulLoss,
@@ -34,7 +35,7 @@ from ._whole_row import AdaptiveLDRKL, LogitClip, NormalizedFocal
 
 __all__ = [
     # building blocks
-    "Loss", "StatefulLoss", "SumLoss", "ScaledLoss", "Transformed", "Rows", "log_prob_target",
+    "Loss", "StatefulLoss", "CompositeLoss", "SumLoss", "ScaledLoss", "Transformed", "Rows", "log_prob_target",
     # the registry
     "register", "get", "available", "registered", "resolve",
     # losses

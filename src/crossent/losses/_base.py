@@ -13,6 +13,10 @@ A loss with state (per-sample temperatures, running averages) subclasses :class:
 reads it in :meth:`Loss.observe` (once per row and forward, possibly block by block) and updates it in
 :meth:`Loss.commit` (once per forward, with every row's observations); the formula reads what
 ``observe`` returned, never the state directly.
+
+A loss built from other losses (``a + b``, ``k * a``, :class:`Transformed`, APL, LogitClip) subclasses
+:class:`CompositeLoss`, which delegates to its parts everything they decide (where it runs, the
+statistics and transforms, the state) and leaves the subclass only how the parts' losses combine.
 """
 
 from __future__ import annotations
@@ -185,161 +189,165 @@ class Loss:
         return f"{type(self).__name__}({args})"
 
 
-class SumLoss(Loss):
-    """Sum of losses; the union of their statistics is computed once."""
+class CompositeLoss(Loss):
+    """Base class of every loss built from other losses, its *parts*: sums, scalings, transformed losses,
+    :class:`~crossent.losses.APL`, :class:`~crossent.losses.LogitClip`,
+    :class:`~crossent.losses.SoftTargetCrossEntropy`.
+
+    A subclass hands its parts to ``super().__init__(*parts)`` and says how their per-row losses combine
+    (:meth:`combine`); what the parts decide is delegated here, once, for every composite:
+
+    * where it runs: ``streamable``, ``accepts_probs`` and ``shift_invariant`` when every part is,
+      ``stateful`` when any part is;
+    * its forms: the union of the parts' statistics, behind the logit transforms that the parts must
+      share;
+    * state: each stateful part observes the rows and commits once per forward, and
+      :meth:`state_modules` lists every part's state, so the ``crossent.nn`` wrappers register it. A
+      stateful loss may be used once in a composite (twice, it would update twice per forward);
+    * the formula: :meth:`weighted_row_loss` and :meth:`dense_row_loss` combine the parts' own.
+
+    Hyperparameters (:meth:`hparams`, the repr) stay the subclass's public attributes, as given: a
+    part given by registry name shows as that name, while :attr:`parts` holds the loss objects.
+
+    A subclass that changes the logits its parts see (LogitClip clips each row) overrides
+    :meth:`part_logits` and :meth:`transforms`, and sets ``streamable = False``: statistics of the
+    unchanged logits would not be what its parts read.
+    """
+
+    def __init__(self, *parts: Loss):
+        for part in parts:
+            if not isinstance(part, Loss):
+                raise TypeError(
+                    f"the parts of {type(self).__name__} must be crossent losses, got {type(part).__name__}"
+                )
+        self._parts = parts
+        self._shared_transforms()
+        seen: set[int] = set()
+        for m in self.state_modules():
+            if id(m) in seen:
+                raise ValueError(
+                    f"the stateful loss {m!r} is used more than once in one loss, so its state would be updated "
+                    "more than once per forward; build one object per use"
+                )
+            seen.add(id(m))
+
+    @property
+    def parts(self) -> tuple[Loss, ...]:
+        """The losses this one is built from."""
+        return self._parts
+
+    def combine(self, losses: list[Tensor]) -> Tensor:
+        """This loss's per-row losses ``[N]`` from its parts' (in the order of :attr:`parts`); by default their sum."""
+        return losses[0] if len(losses) == 1 else sum(losses)
+
+    def part_logits(self, z: Tensor, rows: Rows) -> Tensor:
+        """The whole transformed logit rows the parts see, from this loss's own ``z`` (the same by default)."""
+        return z
+
+    # -- where it runs --------------------------------------------------------------------------
+    @property
+    def streamable(self):  # type: ignore[override]
+        return all(p.streamable for p in self._parts)
+
+    @property
+    def accepts_probs(self):  # type: ignore[override]
+        return all(p.accepts_probs for p in self._parts)
+
+    @property
+    def stateful(self):  # type: ignore[override]
+        return any(p.stateful for p in self._parts)
+
+    @property
+    def shift_invariant(self):  # type: ignore[override]
+        return all(p.shift_invariant for p in self._parts)
+
+    # -- forms ----------------------------------------------------------------------------------
+    def statistics(self, rows):
+        out: dict[Statistic, None] = {}
+        for p in self._parts:
+            for s in p.statistics(rows):
+                out.setdefault(s, None)
+        return tuple(out)
+
+    def transforms(self):
+        return self._shared_transforms()
+
+    def _shared_transforms(self) -> tuple[Transform, ...]:
+        chains = {tuple(p.transforms()) for p in self._parts}
+        if len(chains) > 1:
+            raise ValueError(
+                f"the parts of {type(self).__name__} must share their logit transforms; got "
+                + " vs ".join(repr(list(t)) for t in chains)
+            )
+        return next(iter(chains), ())
+
+    # -- state ----------------------------------------------------------------------------------
+    def observe(self, z, rows):
+        stateful = [p for p in self._parts if p.stateful]
+        if not stateful:
+            return {}
+        zp = self.part_logits(z, rows)
+        seen: dict = {}
+        for p in stateful:
+            seen.update(p.observe(zp, rows))
+        return seen
+
+    def commit(self, rows):
+        for p in self._parts:
+            if p.stateful:
+                p.commit(rows)
+
+    def state_modules(self):
+        return [m for p in self._parts for m in p.state_modules()]
+
+    # -- the formula ----------------------------------------------------------------------------
+    def weighted_row_loss(self, s, rows):
+        return self.combine([p.weighted_row_loss(s, rows) for p in self._parts])
+
+    def dense_row_loss(self, z, rows):
+        zp = self.part_logits(z, rows)
+        return self.combine([p.dense_row_loss(zp, rows) for p in self._parts])
+
+
+class SumLoss(CompositeLoss):
+    """Sum of losses (``a + b``); the union of their statistics is computed once."""
 
     def __init__(self, terms):
         flat = []
         for t in terms:
             flat.extend(t.terms if isinstance(t, SumLoss) else [t])
-        transforms = {tuple(t.transforms()) for t in flat}
-        if len(transforms) > 1:
-            raise ValueError(
-                "the terms of a summed loss must share their logit transforms; got "
-                + " vs ".join(repr(list(t)) for t in transforms)
-            )
+        super().__init__(*flat)
         self.terms = flat
-
-    @property
-    def streamable(self):  # type: ignore[override]
-        return all(t.streamable for t in self.terms)
-
-    @property
-    def accepts_probs(self):  # type: ignore[override]
-        return all(t.accepts_probs for t in self.terms)
-
-    @property
-    def stateful(self):  # type: ignore[override]
-        return any(t.stateful for t in self.terms)
-
-    @property
-    def shift_invariant(self):  # type: ignore[override]
-        return all(t.shift_invariant for t in self.terms)
-
-    def observe(self, z, rows):
-        seen: dict = {}
-        for t in self.terms:
-            seen.update(t.observe(z, rows))
-        return seen
-
-    def commit(self, rows):
-        for t in self.terms:
-            t.commit(rows)
-
-    def state_modules(self):
-        return [m for t in self.terms for m in t.state_modules()]
-
-    def statistics(self, rows):
-        out: dict[Statistic, None] = {}
-        for t in self.terms:
-            for s in t.statistics(rows):
-                out.setdefault(s, None)
-        return tuple(out)
-
-    def transforms(self):
-        return self.terms[0].transforms()
-
-    def weighted_row_loss(self, s, rows):
-        return sum(t.weighted_row_loss(s, rows) for t in self.terms)
-
-    def dense_row_loss(self, z, rows):
-        return sum(t.dense_row_loss(z, rows) for t in self.terms)
 
     def __repr__(self):
         return " + ".join(repr(t) for t in self.terms)
 
 
-class ScaledLoss(Loss):
+class ScaledLoss(CompositeLoss):
     """``k * loss``."""
 
     def __init__(self, loss: Loss, scale: float):
+        super().__init__(loss)
         self.loss = loss
         self.scale = scale
 
-    @property
-    def streamable(self):  # type: ignore[override]
-        return self.loss.streamable
-
-    @property
-    def accepts_probs(self):  # type: ignore[override]
-        return self.loss.accepts_probs
-
-    @property
-    def stateful(self):  # type: ignore[override]
-        return self.loss.stateful
-
-    @property
-    def shift_invariant(self):  # type: ignore[override]
-        return self.loss.shift_invariant
-
-    def observe(self, z, rows):
-        return self.loss.observe(z, rows)
-
-    def commit(self, rows):
-        self.loss.commit(rows)
-
-    def state_modules(self):
-        return self.loss.state_modules()
-
-    def statistics(self, rows):
-        return self.loss.statistics(rows)
-
-    def transforms(self):
-        return self.loss.transforms()
-
-    def weighted_row_loss(self, s, rows):
-        return self.scale * self.loss.weighted_row_loss(s, rows)
-
-    def dense_row_loss(self, z, rows):
-        return self.scale * self.loss.dense_row_loss(z, rows)
+    def combine(self, losses):
+        return self.scale * losses[0]
 
     def __repr__(self):
         return f"{self.scale!r} * {self.loss!r}"
 
 
-class Transformed(Loss):
+class Transformed(CompositeLoss):
     """``loss`` evaluated on transformed logits: ``Transformed(CE(), Temperature(2.0))``."""
 
     def __init__(self, loss: Loss, *transforms: Transform):
+        super().__init__(loss)
         self.loss = loss
         self.extra_transforms = tuple(transforms)
 
-    @property
-    def streamable(self):  # type: ignore[override]
-        return self.loss.streamable
-
-    @property
-    def accepts_probs(self):  # type: ignore[override]
-        return self.loss.accepts_probs
-
-    @property
-    def stateful(self):  # type: ignore[override]
-        return self.loss.stateful
-
-    @property
-    def shift_invariant(self):  # type: ignore[override]
-        return self.loss.shift_invariant
-
-    def observe(self, z, rows):
-        return self.loss.observe(z, rows)
-
-    def commit(self, rows):
-        self.loss.commit(rows)
-
-    def state_modules(self):
-        return self.loss.state_modules()
-
-    def statistics(self, rows):
-        return self.loss.statistics(rows)
-
     def transforms(self):
         return self.extra_transforms + tuple(self.loss.transforms())
-
-    def weighted_row_loss(self, s, rows):
-        return self.loss.weighted_row_loss(s, rows)
-
-    def dense_row_loss(self, z, rows):
-        return self.loss.dense_row_loss(z, rows)
 
     def __repr__(self):
         return f"Transformed({self.loss!r}, {', '.join(map(repr, self.extra_transforms))})"
@@ -388,4 +396,4 @@ def log_prob_target(s: dict, rows: Rows) -> Tensor:
     return s[TARGET] - s[LSE]
 
 
-__all__ = ["Loss", "StatefulLoss", "SumLoss", "ScaledLoss", "Transformed", "register", "get", "available", "registered", "resolve", "log_prob_target"]
+__all__ = ["Loss", "StatefulLoss", "CompositeLoss", "SumLoss", "ScaledLoss", "Transformed", "register", "get", "available", "registered", "resolve", "log_prob_target"]

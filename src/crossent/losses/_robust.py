@@ -16,7 +16,7 @@ import torch
 
 from ..stats import LSE, SUM, TARGET, SumProbPower
 from .. import _validation as V
-from ._base import Loss, ScaledLoss, SumLoss, get, log_prob_target, register
+from ._base import CompositeLoss, Loss, get, log_prob_target, register
 
 #: comp-sum with tau < 1 grows like ``p_y^(tau - 1)``, which overflows for confidently wrong rows;
 #: below this ``log p_y`` (``p_y = 1e-7``, the reference code's probability floor) the loss continues
@@ -412,7 +412,7 @@ def _part(role: str, loss) -> Loss:
 
 
 @register("apl")
-class APL(Loss):
+class APL(CompositeLoss):
     r"""Active-passive loss: a weighted sum of an active and a passive (normalized / bounded) loss.
 
     .. math::
@@ -423,9 +423,10 @@ class APL(Loss):
     ``mae``, ``nmae``). Parts are given by registry name (built with their default hyperparameters) or as
     loss objects (for other hyperparameters: ``APL(active=xe.losses.NGCE(q=0.5))``). They are resolved
     when the APL is built. The APL streams if and only if both parts do; otherwise it runs on the
-    engines that hold whole rows. Paper settings (from its configs): CIFAR-10 NCE+RCE
-    :math:`\alpha = \beta = 1`; CIFAR-100 NCE+RCE :math:`\alpha = 10, \beta = 0.1`; MNIST
-    :math:`\alpha = 1, \beta = 10`.
+    engines that hold whole rows. A stateful part (``APL(active=xe.losses.AdaptiveLDRKL())``) keeps its
+    state as it would alone (:class:`~crossent.losses.CompositeLoss`). Paper settings (from its
+    configs): CIFAR-10 NCE+RCE :math:`\alpha = \beta = 1`; CIFAR-100 NCE+RCE
+    :math:`\alpha = 10, \beta = 0.1`; MNIST :math:`\alpha = 1, \beta = 10`.
 
     Args:
         active: name or loss object. Default ``"nce"``.
@@ -447,30 +448,8 @@ class APL(Loss):
         self.passive = passive
         self.alpha = V.real("apl", "alpha", alpha, low=0.0)
         self.beta = V.real("apl", "beta", beta, low=0.0)
-        self._sum = SumLoss(
-            [ScaledLoss(_part("active", active), self.alpha), ScaledLoss(_part("passive", passive), self.beta)]
-        )
+        super().__init__(_part("active", active), _part("passive", passive))
 
-    @property
-    def streamable(self):  # type: ignore[override]
-        return self._sum.streamable
-
-    @property
-    def accepts_probs(self):  # type: ignore[override]
-        return self._sum.accepts_probs
-
-    @property
-    def shift_invariant(self):  # type: ignore[override]
-        return self._sum.shift_invariant
-
-    def statistics(self, rows):
-        return self._sum.statistics(rows)
-
-    def transforms(self):
-        return self._sum.transforms()
-
-    def weighted_row_loss(self, s, rows):
-        return self._sum.weighted_row_loss(s, rows)
-
-    def dense_row_loss(self, z, rows):
-        return self._sum.dense_row_loss(z, rows)
+    def combine(self, losses):
+        active, passive = losses
+        return self.alpha * active + self.beta * passive

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from ._base import Loss, register
+from ._base import CompositeLoss, register
 from ._basic import CrossEntropy
 
 
 @register("soft_target_ce")
-class SoftTargetCrossEntropy(Loss):
+class SoftTargetCrossEntropy(CompositeLoss):
     r"""Cross-entropy against a target distribution :math:`q` given per row.
 
     .. math::
@@ -21,7 +21,8 @@ class SoftTargetCrossEntropy(Loss):
     accepted and means the one-hot :math:`q` (ordinary CE).
 
     Statistics: ``lse``, ``soft_dot(q)``. Streams on every engine. A target that requires a gradient
-    (e.g. a teacher trained jointly) gets one.
+    (e.g. a teacher trained jointly) gets one. It is :class:`CrossEntropy` without smoothing under its
+    own name, and delegates to it (:class:`~crossent.losses.CompositeLoss`).
 
     Example:
         >>> import torch, crossent as xe
@@ -35,21 +36,8 @@ class SoftTargetCrossEntropy(Loss):
     Scalable Deep RL*, ICML 2024 (HL-Gauss).
     """
 
-    shift_invariant = True
-
-    accepts_probs = True
+    # Its one part, plain cross-entropy, streams; said here too, so tables read it off the class.
+    streamable = True
 
     def __init__(self):
-        self._ce = CrossEntropy()
-
-    def statistics(self, rows):
-        return self._ce.statistics(rows)
-
-    def weighted_row_loss(self, s, rows):
-        return self._ce.weighted_row_loss(s, rows)
-
-    def row_loss(self, s, rows):
-        return self._ce.row_loss(s, rows)
-
-    def dense_row_loss(self, z, rows):
-        return self._ce.dense_row_loss(z, rows)
+        super().__init__(CrossEntropy())

@@ -18,7 +18,7 @@ from torch import Tensor
 from .._rows import Rows
 from ..transforms import apply_all
 from .. import _validation as V
-from ._base import Loss, StatefulLoss, register, resolve
+from ._base import CompositeLoss, Loss, StatefulLoss, register, resolve
 
 
 def _weighted(loss: Tensor, rows: Rows) -> Tensor:
@@ -84,7 +84,7 @@ def _lp_norm(z: Tensor, p: float) -> Tensor:
 
 
 @register("logit_clip")
-class LogitClip(Loss):
+class LogitClip(CompositeLoss):
     r"""LogitClip of Wei et al.: bound the :math:`L_p` norm of the logit row, then apply a base loss.
 
     .. math::
@@ -95,7 +95,9 @@ class LogitClip(Loss):
     the norm (it is not detached), as in the official code. The base loss is any registered loss (a
     name, or a loss object for non-default hyperparameters); it is evaluated through its
     ``dense_row_loss`` on the clipped row, so streamable and whole-row bases both work, and it accepts
-    class-probability targets when the base does. Class weights are applied by the base.
+    class-probability targets when the base does. Class weights are applied by the base. A stateful
+    base (``LogitClip(base=xe.losses.AdaptiveLDRKL())``) observes the clipped rows and keeps its state
+    as it would alone (:class:`~crossent.losses.CompositeLoss`).
 
     **Difference from the official code.** The official implementation (``--temp t``, default 1.0)
     computes ``norm = ||z||_p + 1e-7`` and replaces ``z`` by ``z / norm / t`` *where* ``norm > t``:
@@ -122,6 +124,7 @@ class LogitClip(Loss):
     """
 
     streamable = False
+    shift_invariant = False  # the clip reads the row's norm, which a constant added to the row changes
 
     def __init__(self, tau: float = 1.0, p: float = 2, base="ce"):
         self.tau = V.positive("tau", tau)
@@ -131,30 +134,18 @@ class LogitClip(Loss):
         self.p = p
         self._p = float(p_value)
         self.base = base
-        self._base = resolve(base)
+        super().__init__(resolve(base))
 
-    @property
-    def accepts_probs(self):  # type: ignore[override]
-        return self._base.accepts_probs
-
-    @property
-    def stateful(self):  # type: ignore[override]
-        return self._base.stateful
-
-    def _clipped_for_base(self, z: Tensor, rows: Rows) -> Tensor:
+    def part_logits(self, z: Tensor, rows: Rows) -> Tensor:
+        """The rows the base loss reads: clipped, then through the base's own transforms."""
         zc = self.clip(z)
-        if self._base.transforms():
-            zc = apply_all(self._base.transforms(), zc, rows, slice(0, zc.shape[-1]))
+        base_transforms = self.parts[0].transforms()
+        if base_transforms:
+            zc = apply_all(base_transforms, zc, rows, slice(0, zc.shape[-1]))
         return zc
 
-    def observe(self, z, rows):
-        return self._base.observe(self._clipped_for_base(z, rows), rows)
-
-    def commit(self, rows):
-        self._base.commit(rows)
-
-    def state_modules(self):
-        return self._base.state_modules()
+    def transforms(self):
+        return ()  # the base's transforms apply after the clip (part_logits)
 
     def clip(self, z: Tensor) -> Tensor:
         """The clipped logits :math:`z \\min(1, \\tau / \\lVert z \\rVert_p)` (rows on the last axis)."""
@@ -163,9 +154,6 @@ class LogitClip(Loss):
         # The untaken branch must not see norm = 0 either, or its zero gradient becomes 0 * inf.
         safe = torch.where(over, norm, torch.ones_like(norm))
         return z * torch.where(over, self.tau / safe, torch.ones_like(norm))
-
-    def dense_row_loss(self, z: Tensor, rows: Rows) -> Tensor:
-        return self._base.dense_row_loss(self._clipped_for_base(z, rows), rows)
 
 
 @register("aldr_kl")
