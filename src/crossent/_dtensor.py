@@ -60,7 +60,7 @@ def _replicated_local(name: str, t, mesh):
 def dtensor_linear_cross_entropy(e, c, target, *, bias=None, weight=None, **options):
     """:func:`crossent.linear_cross_entropy` for DTensor ``c`` (and ``e``, ``target``, ``bias``, ``weight``)."""
     from .distributed import vocab_parallel_linear_cross_entropy
-    from .linear import linear_cross_entropy
+    from ._linear import linear_cross_entropy
 
     if not is_dtensor(c):
         raise TypeError(

@@ -40,7 +40,7 @@ from ._engine.vocab_parallel_linear import sharded_loss
 from ._linear_call import check_target as _check_target
 from ._linear_call import shifted as _shifted
 from ._rows import as_float, index_rows
-from .linear import _check_tensors, _compute_inputs, _finish, resolve_options
+from ._linear import _check_tensors, _compute_inputs, _finish, resolve_options
 from .losses._build import build_loss
 from .stats import ARGMAX, LSE
 from .transforms import Softcap

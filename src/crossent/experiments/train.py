@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .. import functional
+import crossent as xe
+
 from .metrics import accuracy
 
 
@@ -158,7 +159,7 @@ def train(
                     group["lr"] = _lr_at(cfg, epoch)
             idx = order[k * cfg.batch_size : (k + 1) * cfg.batch_size]
         logits = model(x[idx])
-        loss = functional.cross_entropy(
+        loss = xe.cross_entropy(
             logits, y[idx], loss=prepared.loss, weight=prepared.weight, extra={"sample_ids": idx},
             reduction="none" if prepared.reduce is not None else "mean",
         )
