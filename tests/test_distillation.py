@@ -1,6 +1,6 @@
 """Knowledge distillation: ``crossent.distillation`` and the fused ``crossent.linear_distillation``.
 
-The reference below is written from the formulas (LOSSES.md section 15, GKD/Liger's JSD convention)
+The reference below is written from the formulas (docs/distillation.md, GKD/Liger's JSD convention)
 on materialised logits with plain autograd; every divergence and option is checked against it, values
 and student gradients, on both entry points.
 """

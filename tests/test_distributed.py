@@ -353,9 +353,18 @@ def dtensor_head(rank: int, world: int):
         assert isinstance(head.weight.grad, DTensor) and head.weight.grad.placements == (Shard(0),)
         _close(head.weight.grad.full_tensor(), ref.weight.grad, 1e-5)
         _close(head.bias.grad.full_tensor(), ref.bias.grad, 1e-5)
-    # Replicated everywhere: the single-process engine on the local copy.
-    w = distribute_tensor(ref.weight.detach(), mesh, [Replicate()])
-    _close(xe.linear_cross_entropy(e, w, target), xe.linear_cross_entropy(e, ref.weight.detach(), target), 1e-6)
+    # normalizer divides the vocabulary-parallel sum; the entropy is not among its statistics.
+    plain, count = ref.weight.detach(), torch.tensor(7.0)
+    got = xe.linear_cross_entropy(e, head.weight.detach(), target, bias=head.bias.detach(), normalizer=count)
+    _close(got, xe.linear_cross_entropy(e, plain, target, bias=ref.bias.detach(), normalizer=count), 1e-6)
+    _raises(ValueError, "reports lse and argmax, not the entropy",
+            lambda: xe.linear_cross_entropy(e, head.weight, target, return_stats="entropy"))  # fmt: skip
+    # Replicated everywhere: the single-process engine on the local copy, every option included.
+    w = distribute_tensor(plain, mesh, [Replicate()])
+    _close(xe.linear_cross_entropy(e, w, target), xe.linear_cross_entropy(e, plain, target), 1e-6)
+    weights = torch.linspace(0.0, 1.0, target.numel()).reshape(target.shape)
+    _close(xe.linear_cross_entropy(e, w, target, sample_weight=weights),
+           xe.linear_cross_entropy(e, plain, target, sample_weight=weights), 1e-6)  # fmt: skip
     # Layouts it does not handle, named.
     by_columns = distribute_tensor(ref.weight.detach(), mesh, [Shard(1)])
     _raises(ValueError, r"c is a DTensor placed \(Shard\(dim=1\),\).*Shard\(0\)", lambda: xe.linear_cross_entropy(e, by_columns, target))

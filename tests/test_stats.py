@@ -31,7 +31,7 @@ def make_rows(n, c, *, seed=0, weighted=False, dtype=torch.float64):
 
 
 def definition(stat, z, rows):
-    """Each statistic straight from its definition in DESIGN.md, with materialised softmax."""
+    """Each statistic straight from its definition (its form, docs/design.md), with materialised softmax."""
     p = torch.softmax(z, -1)
     y = rows.target
     onehot = torch.nn.functional.one_hot(y, z.shape[-1]).to(z.dtype)

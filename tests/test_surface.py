@@ -25,8 +25,6 @@ import crossent as xe
 ROOT = Path(__file__).resolve().parent.parent
 PUBLIC_MODULES = [
     "crossent",
-    "crossent.functional",
-    "crossent.linear",
     "crossent.contrastive",
     "crossent.nn",
     "crossent.losses",

@@ -1,4 +1,4 @@
-"""ClassBalanced and LogitAdjustment against references written from LOSSES.md (16c, 16d)."""
+"""ClassBalanced (Cui et al. 2019) and LogitAdjustment (Menon et al. 2021) against references from docs/weighting.md."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,5 @@
-"""MixCE token weights (LOSSES.md 13) and bias-loss weights (LOSSES.md 11, official code) against references."""
+"""MixCE token weights (Zhang et al. 2023) and bias-loss weights (Abrahamyan et al. 2021, official code) against
+references written from docs/weighting.md."""
 
 import math
 

@@ -1,4 +1,5 @@
-"""Transition-matrix estimation, RENT and Dirichlet weight sampling against references from LOSSES.md 16e/16f."""
+"""Transition-matrix estimation (Patrini et al. 2017), RENT and Dirichlet weight sampling (Bae et al. 2024)
+against references written from docs/weighting.md."""
 
 import numpy as np
 import pytest

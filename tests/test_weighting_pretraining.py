@@ -1,4 +1,4 @@
-"""LossReweighting (Sow et al. 2025) and DoReMi against references written from LOSSES.md 16a / 16b."""
+"""LossReweighting (Sow et al. 2025) and DoReMi (Xie et al. 2023) against references written from docs/weighting.md."""
 
 import math
 

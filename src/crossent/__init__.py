@@ -6,10 +6,11 @@ from a logit tensor (:func:`cross_entropy`) or without ever materialising it
 """
 
 from . import contrastive, losses, nn, stats, targets, transforms, weighting
-from ._engine.options import LinearCrossEntropyOptions, default_chunk_size
 from ._distillation import distillation, linear_distillation
-from .functional import cross_entropy
-from .linear import LinearStats, linear_cross_entropy
+from ._engine.options import LinearCrossEntropyOptions, default_chunk_size
+from ._functional import cross_entropy
+from ._linear import linear_cross_entropy
+from ._linear_call import LinearStats
 
 __version__ = "0.1.0"
 

@@ -1,21 +1,22 @@
-"""``linear_cross_entropy`` with DTensor arguments: a classifier split over the vocabulary.
+"""``linear_cross_entropy``'s DTensor arguments unwrapped: local tensors, and where ``c``'s rows sit.
 
 ``ColwiseParallel`` makes an ``lm_head``'s weight (and bias) a DTensor sharded ``Shard(0)`` over one
 mesh dimension: each rank holds the rows of a contiguous block of classes, split as ``torch.chunk``
-splits (the last ranks may hold fewer, or none). :func:`crossent.linear_cross_entropy` hands such a
-``c`` here, and it runs the fused vocabulary-parallel engine on the local rows, over that mesh
-dimension's process group; the loss is a plain tensor, the same on every rank, and ``c``'s gradient a
-DTensor laid out like ``c``. ``e`` and ``target`` must be replicated over that dimension (plain
-tensors, or DTensors placed ``Replicate()``). A ``c`` replicated on every mesh dimension runs the
-ordinary single-process engine on its local copy. Other layouts are refused by name.
+splits (the last ranks may hold fewer, or none). :func:`local_arguments` turns such a call's arguments
+into the rank's local tensors and a :class:`VocabularyShard` (the rank's first class, the vocabulary's
+size and that mesh dimension's process group), with which :func:`crossent.linear_cross_entropy` runs
+the fused vocabulary-parallel engine. ``e`` and ``target`` must be replicated over that dimension
+(plain tensors, or DTensors placed ``Replicate()``). A ``c`` replicated on every mesh dimension has no
+shard: its local copy takes the ordinary single-process path. Other layouts are refused by name.
 
 Nothing here imports ``torch.distributed.tensor``: a tensor can only be a DTensor once that module is
-loaded, so :func:`is_dtensor` looks it up in ``sys.modules``.
+loaded, so :func:`is_dtensor` looks it up in ``sys.modules``. Nothing here runs a loss either.
 """
 
 from __future__ import annotations
 
 import sys
+from typing import NamedTuple
 
 _WHO = "linear_cross_entropy"
 
@@ -57,11 +58,28 @@ def _replicated_local(name: str, t, mesh):
     return t.to_local()
 
 
-def dtensor_linear_cross_entropy(e, c, target, *, bias=None, weight=None, **options):
-    """:func:`crossent.linear_cross_entropy` for DTensor ``c`` (and ``e``, ``target``, ``bias``, ``weight``)."""
-    from .distributed import vocab_parallel_linear_cross_entropy
-    from .linear import linear_cross_entropy
+class VocabularyShard(NamedTuple):
+    """Where a rank's rows of a classifier split by vocabulary sit."""
 
+    vocab_start: int  # the first class of the rank's rows
+    vocab_size: int  # the classes of the whole classifier
+    group: object  # the process group of the mesh dimension that splits it
+
+
+class LocalArguments(NamedTuple):
+    """The tensors of a DTensor call as the rank holds them; ``shard`` is ``None`` for a replicated ``c``."""
+
+    e: object
+    c: object
+    target: object
+    bias: object
+    weight: object
+    shard: VocabularyShard | None
+
+
+def local_arguments(e, c, target, bias=None, weight=None) -> LocalArguments:
+    """The local tensors of a :func:`crossent.linear_cross_entropy` call with DTensor ``c`` (or ``e``), checked
+    to be laid out as the vocabulary-parallel engine takes them."""
     if not is_dtensor(c):
         raise TypeError(
             f"{_WHO}: e is {_describe(e)} but c is a plain tensor; pass e.full_tensor() (or e.to_local() "
@@ -75,15 +93,12 @@ def dtensor_linear_cross_entropy(e, c, target, *, bias=None, weight=None, **opti
             raise ValueError(f"{_WHO}: bias is {_describe(bias)}; it must be laid out like c, {_describe(c)}")
         bias = bias.to_local()
     if dim is None:
-        return linear_cross_entropy(e, c.to_local(), target, bias=bias, weight=weight, **options)
+        return LocalArguments(e, c.to_local(), target, bias, weight, None)
     vocab_size = c.shape[0]
-    ranks = mesh.size(dim)
-    per_rank = -(-vocab_size // ranks)  # torch.chunk's split, as Shard(0) lays out the rows
+    per_rank = -(-vocab_size // mesh.size(dim))  # torch.chunk's split, as Shard(0) lays out the rows
     vocab_start = min(mesh.get_local_rank(dim) * per_rank, vocab_size)
-    return vocab_parallel_linear_cross_entropy(
-        e, c.to_local(), target, vocab_start=vocab_start, vocab_size=vocab_size, group=mesh.get_group(dim),
-        bias_shard=bias, weight=weight, **options,
-    )  # fmt: skip
+    shard = VocabularyShard(vocab_start, vocab_size, mesh.get_group(dim))
+    return LocalArguments(e, c.to_local(), target, bias, weight, shard)
 
 
-__all__ = ["dtensor_linear_cross_entropy", "is_dtensor"]
+__all__ = ["LocalArguments", "VocabularyShard", "is_dtensor", "local_arguments"]

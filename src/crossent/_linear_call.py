@@ -1,9 +1,13 @@
-"""The engine half of ``crossent.linear_cross_entropy``, in eager mode and under ``torch.compile``.
+"""The one call path of the fused linear loss, for every entry point that runs it.
 
-:func:`crossent.linear_cross_entropy` checks its arguments and gathers the non-tensor ones in a
-:class:`LinearCall`; :func:`prepare` builds the rows and the plan (the causal shift, the checks that
-read the target, class and sample weights) and :func:`engine_call` runs the engine that the options
-choose (row-chunked or Triton), whose autograd functions give the gradients.
+:func:`crossent.linear_cross_entropy` (plain tensors, or a DTensor classifier once unwrapped) and
+:func:`crossent.distributed.vocab_parallel_linear_cross_entropy` take the same steps:
+:func:`linear_call` checks the arguments and gathers the non-tensor ones in a :class:`LinearCall`;
+:func:`linear_inputs` casts the tensors to the dtype the products run in; :func:`prepare` builds the
+rows and the plan (the causal shift, the checks that read the target, class and sample weights); an
+engine runs; :func:`finish` gives the result its shape, dtype and :class:`LinearStats`. The engine of
+a plain call is the one the options choose (row-chunked or Triton), run by :func:`engine_call`; a
+vocabulary-parallel call runs the fused vocabulary-parallel engine on the same plan.
 
 Under ``torch.compile`` the compiler cannot trace an engine (a Python loop over chunks with in-place
 buffers, or GPU kernels), and needs not: ``crossent::linear_cross_entropy`` is a custom operator that
@@ -23,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -38,7 +43,20 @@ from .losses._build import build_loss
 from .stats import ACC, ARGMAX, LSE, P_DOT_Z
 from .transforms import Softcap
 
-__all__ = ["LinearCall", "prepare", "engine_call", "compiled_call", "check_target", "shifted", "STAT_SOURCES"]
+__all__ = [
+    "LinearCall",
+    "LinearStats",
+    "STAT_SOURCES",
+    "check_target",
+    "compiled_call",
+    "engine_call",
+    "finish",
+    "linear_call",
+    "linear_inputs",
+    "prepare",
+    "resolve_options",
+    "shifted",
+]
 
 #: What each name of ``return_stats`` makes the engine compute (the entropy is ``lse - p_dot_z``).
 STAT_SOURCES = {"lse": (LSE,), "argmax": (ARGMAX,), "entropy": (LSE, P_DOT_Z)}
@@ -51,11 +69,11 @@ _SAMPLE_WEIGHT = "__sample_weight__"
 
 @dataclass(frozen=True)
 class LinearCall:
-    """The arguments of one :func:`crossent.linear_cross_entropy` call that are not tensors, checked.
+    """The arguments of one fused linear call that are not tensors, checked (:func:`linear_call`).
 
-    Everything the engine half of a call needs besides the tensors; :func:`engine_call` (eager) and
-    the custom operator behind ``torch.compile`` (below) both start from it. A new option of
-    ``linear_cross_entropy`` is a field here and an argument of the operator.
+    Everything the engine half of a call needs besides the tensors; :func:`engine_call` (eager), the
+    custom operator behind ``torch.compile`` (below) and the vocabulary-parallel entry point all start
+    from it. A new option of ``linear_cross_entropy`` is a field here and an argument of the operator.
     """
 
     loss: object  # a registered name or a Loss
@@ -75,6 +93,157 @@ class LinearCall:
     def report(self) -> tuple:
         """The statistics the engine reports for :attr:`stats`."""
         return tuple(dict.fromkeys(s for name in self.stats for s in STAT_SOURCES[name]))
+
+
+class LinearStats(NamedTuple):
+    """Per-row by-products of :func:`crossent.linear_cross_entropy` (``return_stats``), shaped like the loss rows.
+
+    ``lse``: log-sum-exp of the (transformed) logits, float32. ``argmax``: the predicted token, the
+    index of the largest logit (int64), so token accuracy is ``(argmax == target)`` over counted rows,
+    without any logits. ``entropy``: ``-sum_j p_j log p_j`` of the softmax, float32. A field that was
+    not asked for is ``None``. :attr:`z_loss` is the z-loss term ``lse ** 2``.
+    """
+
+    lse: Tensor | None
+    argmax: Tensor | None
+    entropy: Tensor | None = None
+
+    @property
+    def z_loss(self) -> Tensor:
+        """``lse ** 2`` per row: the term that ``z_loss=`` weighs (needs ``lse``)."""
+        if self.lse is None:
+            raise ValueError("z_loss is lse ** 2: ask for 'lse' in return_stats")
+        return self.lse.square()
+
+
+def _stat_names(return_stats) -> tuple[str, ...]:
+    """The fields of :class:`LinearStats` that ``return_stats`` asks for."""
+    if return_stats is True:
+        return ("lse", "argmax")
+    if return_stats is False or return_stats is None:
+        return ()
+    names = (return_stats,) if isinstance(return_stats, str) else tuple(return_stats)
+    unknown = [n for n in names if n not in STAT_SOURCES]
+    if unknown or not names:
+        raise ValueError(f"return_stats must be a bool or names among {tuple(STAT_SOURCES)}, got {return_stats!r}")
+    return names
+
+
+def resolve_options(
+    options: LinearCrossEntropyOptions | None, *, backend: str = "auto", chunk_size=None, accum_dtype=None
+) -> LinearCrossEntropyOptions:
+    """``options`` with the keyword shortcuts applied; a shortcut that contradicts ``options`` is an error."""
+    if options is None:
+        return LinearCrossEntropyOptions(backend=backend, chunk_size=chunk_size, accum_dtype=accum_dtype)
+    if not isinstance(options, LinearCrossEntropyOptions):
+        raise TypeError(f"options must be a crossent.LinearCrossEntropyOptions, got {type(options).__name__}")
+    given = {"backend": (backend, "auto"), "chunk_size": (chunk_size, None), "accum_dtype": (accum_dtype, None)}
+    changes = {}
+    for name, (value, default) in given.items():
+        if value != default:
+            if getattr(options, name) not in (default, value):
+                raise ValueError(f"{name}={value!r} contradicts options.{name}={getattr(options, name)!r}; give one")
+            changes[name] = value
+    return options.replace(**changes) if changes else options
+
+
+def _check_tensors(e, c, target, bias, allow_no_classes: bool = False, shift: bool = False) -> None:
+    """The shapes, dtypes and devices of ``e``, ``c``, ``target`` and ``bias`` (``c`` may have no rows
+    where ``allow_no_classes``: a rank's shard of the vocabulary)."""
+    for name, t in (("e", e), ("c", c), ("target", target)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if bias is not None and not isinstance(bias, Tensor):
+        raise TypeError(f"bias must be a tensor or None, got {type(bias).__name__}")
+    if not e.is_floating_point() or not c.is_floating_point():
+        raise TypeError(f"e and c must be floating point, got {e.dtype} and {c.dtype}")
+    if e.dim() < 1:
+        raise ValueError("e must have shape [..., D]")
+    if c.dim() != 2:
+        raise ValueError(f"c must be a [V, D] matrix (an nn.Linear weight), got shape {tuple(c.shape)}")
+    if c.shape[1] != e.shape[-1]:
+        raise ValueError(f"e has {e.shape[-1]} features but c has {c.shape[1]} (shapes {tuple(e.shape)}, {tuple(c.shape)})")
+    if c.shape[0] == 0 and not allow_no_classes:
+        raise ValueError("c must have at least one class (row)")
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(
+            f"target must hold integer class indices, got {target.dtype}; for class-probability targets "
+            "materialise the logits and use crossent.cross_entropy"
+        )
+    if shift and (target.dim() == 0 or target.shape[-1] == 0):
+        raise ValueError(
+            f"shift=True needs a sequence dimension (target [..., T] with T >= 1), got shape {tuple(target.shape)}"
+        )
+    if tuple(target.shape) != tuple(e.shape[:-1]):
+        if shift and e.dim() >= 2 and tuple(target.shape[:-1]) == tuple(e.shape[:-2]):
+            raise ValueError(
+                f"shift=True takes e and target over the same {e.shape[-2]} positions (it drops the last row "
+                f"of e and the first target itself), got target of shape {tuple(target.shape)} for e of shape "
+                f"{tuple(e.shape)}; for targets already shifted (target[..., t] is the token after position t) "
+                "pass shift=False with e cut to the same positions"
+            )
+        raise ValueError(f"target must have shape {tuple(e.shape[:-1])} (e without its last dim), got {tuple(target.shape)}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != c.shape[0]):
+        raise ValueError(f"bias must have shape [{c.shape[0]}], got {tuple(bias.shape)}")
+    for name, t in (("c", c), ("target", target)) + ((("bias", bias),) if bias is not None else ()):
+        if t.device != e.device:
+            raise ValueError(f"{name} is on {t.device} but e is on {e.device}")
+
+
+def linear_call(
+    e: Tensor,
+    c: Tensor,
+    target: Tensor,
+    bias: Tensor | None,
+    *,
+    loss,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    reduction: str,
+    ignore_index: int | None,
+    shift: bool,
+    return_stats,
+    options: LinearCrossEntropyOptions,
+    allow_no_classes: bool = False,
+) -> LinearCall:
+    """The checked :class:`LinearCall` of an entry point's arguments; raises on the first mistake.
+
+    ``options`` has its shortcuts applied (:func:`resolve_options`); ``ignore_index=None`` is -100, as
+    in ``torch.nn.functional.linear_cross_entropy``.
+    """
+    V.check_reduction(reduction)
+    _check_tensors(e, c, target, bias, allow_no_classes=allow_no_classes, shift=shift)
+    return LinearCall(
+        loss=loss,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=V.check_softcap(softcap),
+        reduction=reduction,
+        ignore_index=-100 if ignore_index is None else V.check_ignore_index(ignore_index),
+        shift=bool(shift),
+        stats=_stat_names(return_stats),
+        options=options,
+    )
+
+
+def linear_inputs(e: Tensor, c: Tensor, bias: Tensor | None):
+    """``(e, c, bias, out_dtype)``: the inputs in the dtype the products run in, and the loss's dtype
+    (float32 for float32 and half-precision inputs, float64 for float64)."""
+    out_dtype = accumulation_dtype(e.dtype)
+    device_type = e.device.type
+    if device_type != "meta" and torch.is_autocast_enabled(device_type):
+        # Match ``autocast(e @ c.T)`` followed by a float32 loss, as the naive path computes it.
+        dtype = torch.get_autocast_dtype(device_type)
+        e, c = e.to(dtype), c.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+        out_dtype = torch.float32
+    if c.dtype != e.dtype or (bias is not None and bias.dtype != e.dtype):
+        raise TypeError(
+            f"e, c and bias must share one dtype, got {e.dtype}, {c.dtype}"
+            + (f", {bias.dtype}" if bias is not None else "")
+        )
+    return e, c, bias, out_dtype
 
 
 def check_target(target: Tensor, num_classes: int, ignore_index: int, shift: bool) -> None:
@@ -108,13 +277,16 @@ def shifted(target: Tensor, ignore_index: int, extra: dict | None):
     return moved_target, extra
 
 
-def prepare(e: Tensor, c: Tensor, target: Tensor, weight, extra, sample_weight, loss_obj, call: LinearCall):
+def prepare(
+    e: Tensor, c: Tensor, target: Tensor, weight, extra, sample_weight, loss_obj, call: LinearCall, *, num_classes=None
+):
     """``(plan, rows, row_weight)`` of a call: the causal shift, the checks that read the target, class
     weights; ``row_weight`` is ``sample_weight`` shifted with the targets and flat (or ``None``).
 
-    ``e`` is ``[N, D]``; ``target`` has the rows' shape (``N`` elements, int64).
+    ``e`` is ``[N, D]``; ``target`` has the rows' shape (``N`` elements, int64). ``num_classes``: the
+    whole vocabulary's size where ``c`` holds a rank's shard of it (default: ``c``'s rows).
     """
-    num_classes = c.shape[0]
+    num_classes = c.shape[0] if num_classes is None else num_classes
     rows_shape = tuple(target.shape)
     check_target(target, num_classes, call.ignore_index, call.shift)
     if call.shift:
@@ -155,6 +327,24 @@ def _meta_call(e: Tensor, c: Tensor, bias, plan: Plan, rows: Rows, row_weight, d
     value = reduce(per_row, rows, call.reduction, (e.shape[0],), ACC, denominator)
     stats = {s: e.new_empty(e.shape[0], dtype=torch.long if s is ARGMAX else ACC) for s in call.report}
     return value, stats
+
+
+def finish(value: Tensor, stats: dict, rows_shape, call: LinearCall, out_dtype) -> Tensor | tuple[Tensor, LinearStats]:
+    """An engine's float64 result as the entry points return it: per-row shape, dtype, the asked-for stats."""
+
+    def per_row(t: Tensor) -> Tensor:
+        t = t.reshape(rows_shape)
+        return t[..., :-1] if call.shift else t
+
+    value = (per_row(value) if call.reduction == "none" else value).to(out_dtype)
+    if not call.stats:
+        return value
+    fields = {
+        "lse": lambda: per_row(stats[LSE]).float(),
+        "argmax": lambda: per_row(stats[ARGMAX]),
+        "entropy": lambda: per_row(stats[LSE] - stats[P_DOT_Z]).float(),
+    }
+    return value, LinearStats(**{name: fields[name]() if name in call.stats else None for name in fields})
 
 
 # -- under torch.compile: the custom operator ---------------------------------------------------------

@@ -4,8 +4,9 @@ A custom operator takes tensors and plain values; a loss object (a Python formul
 tensors) reaches one wrapped in a :class:`LossRef`, which PyTorch registers as an opaque *reference*
 type: the compiler passes it through as an input of the graph without looking inside. Such an object
 must exist before the compiled code runs, so every loss gets its reference when it is constructed
-outside a compiled region (:meth:`crossent.losses.Loss.__new__`); ``NO_LOSS`` stands for "the loss is
-given by name". PyTorch releases without opaque types leave ``LossRef`` as ``None``.
+outside a compiled region (:func:`attach`, which ``crossent.losses.Loss.__init__`` and every subclass's
+``__init__`` call); ``NO_LOSS`` stands for "the loss is given by name". PyTorch releases without
+opaque types leave ``LossRef`` as ``None``.
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ._engine.reduction import REDUCTIONS
+#: The values of every ``reduction`` argument, in PyTorch's order.
+REDUCTIONS = ("none", "mean", "sum")
 
 
 def _prefix(who: str | None) -> str:

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _validation as V
-from .functional import cross_entropy
-from .linear import linear_cross_entropy
+from ._functional import cross_entropy
+from ._linear import linear_cross_entropy
 from .losses import CrossEntropy, Transformed
 from .transforms import ExcludeColumns, Temperature
 

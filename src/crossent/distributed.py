@@ -25,22 +25,19 @@ Works with any ``torch.distributed`` backend (gloo on CPU, NCCL on GPU) and unde
 from __future__ import annotations
 
 import operator
-from types import SimpleNamespace
 
 import torch
 from torch import Tensor
 
 from . import _validation as V
-from ._engine.options import LinearCrossEntropyOptions, accumulation_dtype
+from ._engine.options import LinearCrossEntropyOptions
 from ._engine.plan import Plan
 from ._engine.reduction import reduce
 from ._engine.shards import Claim, agree
 from ._engine.vocab_parallel import ENGINE, VocabParallelRowLoss
 from ._engine.vocab_parallel_linear import sharded_loss
-from ._linear_call import check_target as _check_target
-from ._linear_call import shifted as _shifted
+from ._linear_call import finish, linear_call, linear_inputs, prepare, resolve_options
 from ._rows import as_float, index_rows
-from .linear import _check_tensors, _compute_inputs, _finish, resolve_options
 from .losses._build import build_loss
 from .stats import ARGMAX, LSE
 from .transforms import Softcap
@@ -176,7 +173,7 @@ def vocab_parallel_linear_cross_entropy(
     shift: bool = False,
     backend: str = "auto",
     chunk_size: int | None = None,
-    return_stats: bool = False,
+    return_stats: bool | str | tuple[str, ...] = False,
     extra: dict[str, Tensor] | None = None,
     accum_dtype: torch.dtype | None = None,
     options: LinearCrossEntropyOptions | None = None,
@@ -229,42 +226,37 @@ def vocab_parallel_linear_cross_entropy(
 
     def check():
         nonlocal target
-        opts = resolve_options(options, backend=backend, chunk_size=chunk_size, accum_dtype=accum_dtype)
+        call = linear_call(
+            e, c_shard, target, bias_shard, loss=loss, label_smoothing=label_smoothing, z_loss=z_loss,
+            softcap=softcap, reduction=reduction, ignore_index=ignore_index, shift=shift, return_stats=return_stats,
+            options=resolve_options(options, backend=backend, chunk_size=chunk_size, accum_dtype=accum_dtype),
+            allow_no_classes=True,
+        )  # fmt: skip
+        opts = call.options
         if opts.backend == "triton" or opts.filter_eps is not None:
             raise ValueError(
                 f"{who} runs the row-chunked engine on every rank; backend='triton' and filter_eps are not "
                 f"available on it (got backend={opts.backend!r}, filter_eps={opts.filter_eps!r})"
             )
-        V.check_reduction(reduction)
-        _check_tensors(e, c_shard, target, bias_shard, allow_no_classes=True, shift=shift)
+        if "entropy" in call.stats:
+            raise ValueError(f"{who} reports lse and argmax, not the entropy (return_stats={return_stats!r})")
         target = V.index_target(target, "integer class indices")  # uint8 read as the classes it holds
-        V.check_ignore_index(ignore_index)
-        V.check_softcap(softcap)
         start = _index("vocab_start", vocab_start)
         size = _index("vocab_size", vocab_size, optional=True, minimum=1)
-        loss_obj = build_loss(loss, label_smoothing=label_smoothing, z_loss=z_loss)
-        ee, c, bias, out_dtype = _compute_inputs(e, c_shard, bias_shard)
-        opts.accumulator(ee.dtype)  # checks accum_dtype against the input dtype
-        rows_target, rows_extra = _shifted(target, ignore_index, extra) if shift else (target, extra)
-        claim = Claim(start, c.shape[0], size, target, ignore_index, _weight_length(weight), opts.chunk_size)
-        call = SimpleNamespace(
-            options=opts, loss=loss_obj, e=ee, c=c, bias=bias, out_dtype=out_dtype, target=rows_target, extra=rows_extra
-        )
-        return claim, call
+        loss_obj = call.build_loss()
+        inputs = linear_inputs(e, c_shard, bias_shard)
+        opts.accumulator(inputs[0].dtype)  # checks accum_dtype against the input dtype
+        claim = Claim(start, c_shard.shape[0], size, target, call.ignore_index, _weight_length(weight), opts.chunk_size)
+        return claim, (call, loss_obj, inputs)
 
-    call, layout = agree(who, group, _device(e), check)
+    (call, loss_obj, (e_rows, c, bias, out_dtype)), layout = agree(who, group, _device(e), check)
     # Everything below depends on values the ranks agreed on: it raises on every rank alike, or on none.
-    num_classes = layout.vocab_size
-    rows_shape = tuple(target.shape)
-    _check_target(target, num_classes, ignore_index, shift)
-    class_weight = V.check_class_weight(weight, num_classes, e.device, accumulation_dtype(call.e.dtype))
-    extra_rows = V.flatten_extra(call.extra, rows_shape)
-    rows = index_rows(call.target.reshape(-1), num_classes, ignore_index, class_weight, extra_rows)
-    plan = Plan(call.loss, rows, _transforms(softcap))
+    flat = e_rows.reshape(-1, e_rows.shape[-1])
+    plan, rows, _ = prepare(flat, c, target, weight, extra, None, loss_obj, call, num_classes=layout.vocab_size)
     plan.require_blockwise(ENGINE)
-    with torch.autocast(call.e.device.type, enabled=False):
+    with torch.autocast(flat.device.type, enabled=False):
         value, stats = sharded_loss(
-            call.e.reshape(-1, call.e.shape[-1]), call.c, call.bias, plan, rows, layout,
-            reduction=reduction, options=call.options, report=(LSE, ARGMAX) if return_stats else (),
+            flat, c, bias, plan, rows, layout, reduction=reduction, options=call.options,
+            report=(LSE, ARGMAX) if call.stats else (),
         )  # fmt: skip
-    return _finish(value, stats, rows_shape, shift, reduction, call.out_dtype, return_stats)
+    return finish(value, stats, tuple(target.shape), call, out_dtype)

@@ -13,9 +13,10 @@ from torch.nn import _reduction as _Reduction
 
 from . import _validation as V
 from ._distillation import distillation, linear_distillation
+from ._functional import cross_entropy
+from ._linear import linear_cross_entropy
+from ._linear_call import resolve_options
 from .contrastive import info_nce, pair_circle_loss
-from .functional import cross_entropy
-from .linear import linear_cross_entropy, resolve_options
 from .losses._build import build_loss
 
 __all__ = [

@@ -1,6 +1,6 @@
 """Row statistics: reductions over the class axis that can be computed chunk by chunk.
 
-Every statistic states three things (DESIGN.md section 1):
+Every statistic states three things (docs/design.md, "How gradients are formed"):
 
 * ``partial(z, rows, cols)``: its state over the columns ``cols`` of each row (``z`` is ``[N, width]``);
 * ``merge(a, b)``: the state of two adjacent (or any two disjoint) column chunks combined;

@@ -7,9 +7,6 @@ from torch import Tensor
 
 from .._rows import Rows
 
-#: The values of every ``reduction`` argument, in PyTorch's order.
-REDUCTIONS = ("none", "mean", "sum")
-
 
 def mean_denominator(rows: Rows, dtype: torch.dtype) -> Tensor:
     """The ``mean`` divisor: the sum of ``weight[y]`` over counted rows (their number without class

@@ -35,8 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..functional import cross_entropy
-from ..linear import linear_cross_entropy, resolve_options
+from .._functional import cross_entropy
+from .._linear import linear_cross_entropy
+from .._linear_call import resolve_options
 from ..losses import Transformed
 from ..losses._build import build_loss
 from ._families import FAMILIES, LogitMap, UnsupportedModel, check_post_processing, logit_map, probe, register_family

@@ -178,7 +178,7 @@ class LogitAdjustment:
         ``z_loss`` apply to the adjusted logits.
         """
         from ..losses._build import build_loss
-        from ..functional import cross_entropy
+        from .._functional import cross_entropy
 
         base = build_loss(
             kwargs.pop("loss", "ce"),

@@ -1,7 +1,7 @@
 """The row-chunked engine: any loss of ``z = e @ c.T (+ bias)`` without the ``[N, V]`` logit matrix.
 
 Rows are processed in chunks of ``chunk_size``; each chunk holds whole vocabulary rows, so every loss
-works, whole-row ones included. Two modes (DESIGN.md, section 2):
+works, whole-row ones included. Two modes (docs/linear.md, "The two modes"):
 
 * **eager gradient** (a scalar loss that will be differentiated): the upstream gradient of each row is
   known before the loop (``1 / denominator`` for ``mean``, ``1`` for ``sum``), so each chunk's logit

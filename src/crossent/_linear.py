@@ -3,114 +3,16 @@
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from . import _validation as V
-from ._dtensor import dtensor_linear_cross_entropy, is_dtensor
-from ._engine.options import LinearCrossEntropyOptions, accumulation_dtype
-from ._linear_call import STAT_SOURCES as _STAT_SOURCES
-from ._linear_call import LinearCall, compiled_call, engine_call
-from .stats import ARGMAX, LSE, P_DOT_Z
+from ._dtensor import VocabularyShard, is_dtensor, local_arguments
+from ._engine.options import LinearCrossEntropyOptions
+from ._linear_call import compiled_call, engine_call, finish, linear_call, linear_inputs, resolve_options
 
-__all__ = ["linear_cross_entropy", "LinearStats", "LinearCrossEntropyOptions"]
-
-
-class LinearStats(NamedTuple):
-    """Per-row by-products of :func:`linear_cross_entropy` (``return_stats``), shaped like the loss rows.
-
-    ``lse``: log-sum-exp of the (transformed) logits, float32. ``argmax``: the predicted token, the
-    index of the largest logit (int64), so token accuracy is ``(argmax == target)`` over counted rows,
-    without any logits. ``entropy``: ``-sum_j p_j log p_j`` of the softmax, float32. A field that was
-    not asked for is ``None``. :attr:`z_loss` is the z-loss term ``lse ** 2``.
-    """
-
-    lse: Tensor | None
-    argmax: Tensor | None
-    entropy: Tensor | None = None
-
-    @property
-    def z_loss(self) -> Tensor:
-        """``lse ** 2`` per row: the term that ``z_loss=`` weighs (needs ``lse``)."""
-        if self.lse is None:
-            raise ValueError("z_loss is lse ** 2: ask for 'lse' in return_stats")
-        return self.lse.square()
-
-
-def _stat_names(return_stats) -> tuple[str, ...]:
-    """The fields of :class:`LinearStats` that ``return_stats`` asks for."""
-    if return_stats is True:
-        return ("lse", "argmax")
-    if return_stats is False or return_stats is None:
-        return ()
-    names = (return_stats,) if isinstance(return_stats, str) else tuple(return_stats)
-    unknown = [n for n in names if n not in _STAT_SOURCES]
-    if unknown or not names:
-        raise ValueError(
-            f"return_stats must be a bool or names among {tuple(_STAT_SOURCES)}, got {return_stats!r}"
-        )
-    return names
-
-
-def resolve_options(
-    options: LinearCrossEntropyOptions | None, *, backend: str = "auto", chunk_size=None, accum_dtype=None
-) -> LinearCrossEntropyOptions:
-    """``options`` with the keyword shortcuts applied; a shortcut that contradicts ``options`` is an error."""
-    if options is None:
-        return LinearCrossEntropyOptions(backend=backend, chunk_size=chunk_size, accum_dtype=accum_dtype)
-    if not isinstance(options, LinearCrossEntropyOptions):
-        raise TypeError(f"options must be a crossent.LinearCrossEntropyOptions, got {type(options).__name__}")
-    given = {"backend": (backend, "auto"), "chunk_size": (chunk_size, None), "accum_dtype": (accum_dtype, None)}
-    changes = {}
-    for name, (value, default) in given.items():
-        if value != default:
-            if getattr(options, name) not in (default, value):
-                raise ValueError(f"{name}={value!r} contradicts options.{name}={getattr(options, name)!r}; give one")
-            changes[name] = value
-    return options.replace(**changes) if changes else options
-
-
-def _check_tensors(e, c, target, bias, allow_no_classes: bool = False, shift: bool = False) -> None:
-    for name, t in (("e", e), ("c", c), ("target", target)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-    if bias is not None and not isinstance(bias, Tensor):
-        raise TypeError(f"bias must be a tensor or None, got {type(bias).__name__}")
-    if not e.is_floating_point() or not c.is_floating_point():
-        raise TypeError(f"e and c must be floating point, got {e.dtype} and {c.dtype}")
-    if e.dim() < 1:
-        raise ValueError("e must have shape [..., D]")
-    if c.dim() != 2:
-        raise ValueError(f"c must be a [V, D] matrix (an nn.Linear weight), got shape {tuple(c.shape)}")
-    if c.shape[1] != e.shape[-1]:
-        raise ValueError(f"e has {e.shape[-1]} features but c has {c.shape[1]} (shapes {tuple(e.shape)}, {tuple(c.shape)})")
-    if c.shape[0] == 0 and not allow_no_classes:
-        raise ValueError("c must have at least one class (row)")
-    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-        raise TypeError(
-            f"target must hold integer class indices, got {target.dtype}; for class-probability targets "
-            "materialise the logits and use crossent.cross_entropy"
-        )
-    if shift and (target.dim() == 0 or target.shape[-1] == 0):
-        raise ValueError(
-            f"shift=True needs a sequence dimension (target [..., T] with T >= 1), got shape {tuple(target.shape)}"
-        )
-    if tuple(target.shape) != tuple(e.shape[:-1]):
-        if shift and e.dim() >= 2 and tuple(target.shape[:-1]) == tuple(e.shape[:-2]):
-            raise ValueError(
-                f"shift=True takes e and target over the same {e.shape[-2]} positions (it drops the last row "
-                f"of e and the first target itself), got target of shape {tuple(target.shape)} for e of shape "
-                f"{tuple(e.shape)}; for targets already shifted (target[..., t] is the token after position t) "
-                "pass shift=False with e cut to the same positions"
-            )
-        raise ValueError(f"target must have shape {tuple(e.shape[:-1])} (e without its last dim), got {tuple(target.shape)}")
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != c.shape[0]):
-        raise ValueError(f"bias must have shape [{c.shape[0]}], got {tuple(bias.shape)}")
-    for name, t in (("c", c), ("target", target)) + ((("bias", bias),) if bias is not None else ()):
-        if t.device != e.device:
-            raise ValueError(f"{name} is on {t.device} but e is on {e.device}")
+__all__ = ["linear_cross_entropy"]
 
 
 def _check_sample_weight(sample_weight, target: Tensor, device) -> Tensor | None:
@@ -255,86 +157,49 @@ def linear_cross_entropy(
         >>> stats.entropy
         tensor([0.8324, 0.7520, 0.8854])
     """
-    if is_dtensor(c) or is_dtensor(e):  # a vocabulary-sharded head: the vocabulary-parallel engine
-        return _dtensor_call(locals())
-    options = resolve_options(options, backend=backend, chunk_size=chunk_size, accum_dtype=accum_dtype)
-    V.check_reduction(reduction)
-    _check_tensors(e, c, target, bias, shift=shift)
-    call = LinearCall(
-        loss=loss,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        softcap=V.check_softcap(softcap),
-        reduction=reduction,
-        ignore_index=-100 if ignore_index is None else V.check_ignore_index(ignore_index),
-        shift=bool(shift),
-        stats=_stat_names(return_stats),
-        options=options,
-    )
+    if is_dtensor(c) or is_dtensor(e):
+        e, c, target, bias, weight, shard = local_arguments(e, c, target, bias, weight)
+        if shard is not None:  # a head split by vocabulary: the fused vocabulary-parallel engine
+            return _vocabulary_parallel(
+                e, c, target, shard, bias=bias, loss=loss, weight=weight, ignore_index=ignore_index,
+                reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, shift=shift,
+                backend=backend, chunk_size=chunk_size, return_stats=return_stats, extra=extra,
+                sample_weight=sample_weight, normalizer=normalizer, accum_dtype=accum_dtype, options=options,
+            )  # fmt: skip
+    call = linear_call(
+        e, c, target, bias, loss=loss, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+        reduction=reduction, ignore_index=ignore_index, shift=shift, return_stats=return_stats,
+        options=resolve_options(options, backend=backend, chunk_size=chunk_size, accum_dtype=accum_dtype),
+    )  # fmt: skip
     loss_obj = call.build_loss()
     target = V.index_target(target, "integer class indices")  # uint8 read as the classes it holds
     sample_weight = _check_sample_weight(sample_weight, target, e.device)
     denominator = _check_normalizer(normalizer, reduction, e.device)
-    e, c, bias, out_dtype = _compute_inputs(e, c, bias)
+    e, c, bias, out_dtype = linear_inputs(e, c, bias)
 
     rows_shape = tuple(target.shape)
     flat = e.reshape(math.prod(rows_shape), c.shape[1])
     run = compiled_call if torch.compiler.is_compiling() else engine_call
     value, stats = run(flat, c, bias, target, weight, extra, sample_weight, denominator, loss_obj, call)
-    return _finish(value, stats, rows_shape, shift, reduction, out_dtype, return_stats)
+    return finish(value, stats, rows_shape, call, out_dtype)
 
 
-def _compute_inputs(e: Tensor, c: Tensor, bias: Tensor | None):
-    """``(e, c, bias, out_dtype)``: the inputs in the dtype the products run in, and the loss's dtype
-    (float32 for float32 and half-precision inputs, float64 for float64)."""
-    out_dtype = accumulation_dtype(e.dtype)
-    device_type = e.device.type
-    if device_type != "meta" and torch.is_autocast_enabled(device_type):
-        # Match ``autocast(e @ c.T)`` followed by a float32 loss, as the naive path computes it.
-        dtype = torch.get_autocast_dtype(device_type)
-        e, c = e.to(dtype), c.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-        out_dtype = torch.float32
-    if c.dtype != e.dtype or (bias is not None and bias.dtype != e.dtype):
-        raise TypeError(
-            f"e, c and bias must share one dtype, got {e.dtype}, {c.dtype}"
-            + (f", {bias.dtype}" if bias is not None else "")
-        )
-    return e, c, bias, out_dtype
+def _vocabulary_parallel(
+    e: Tensor, c_shard: Tensor, target, shard: VocabularyShard, *, bias, sample_weight, normalizer, reduction, **arguments
+):
+    """The call of a head split by vocabulary (a ``Shard(0)`` DTensor), given its local tensors: the
+    fused vocabulary-parallel entry point, with ``normalizer`` dividing its sum."""
+    from .distributed import vocab_parallel_linear_cross_entropy
 
-
-def _finish(value: Tensor, stats: dict, rows_shape, shift: bool, reduction: str, out_dtype, return_stats):
-    """The engine's float64 result as the entry point returns it: per-row shape, dtype, optional stats."""
-
-    def per_row(t: Tensor) -> Tensor:
-        t = t.reshape(rows_shape)
-        return t[..., :-1] if shift else t
-
-    value = (per_row(value) if reduction == "none" else value).to(out_dtype)
-    stat_names = _stat_names(return_stats)
-    if not stat_names:
-        return value
-    fields = {
-        "lse": lambda: per_row(stats[LSE]).float(),
-        "argmax": lambda: per_row(stats[ARGMAX]),
-        "entropy": lambda: per_row(stats[LSE] - stats[P_DOT_Z]).float(),
-    }
-    return value, LinearStats(**{name: fields[name]() if name in stat_names else None for name in fields})
-
-
-def _dtensor_call(args: dict):
-    """The DTensor path with the trainer options it supports: ``normalizer`` divides its sum."""
-    sample_weight, normalizer = args.pop("sample_weight"), args.pop("normalizer")
     if sample_weight is not None:
         raise ValueError("linear_cross_entropy: sample_weight is not available for a DTensor classifier")
-    if not isinstance(args["return_stats"], bool):
-        raise ValueError("linear_cross_entropy: a DTensor classifier reports return_stats=True (lse, argmax) only")
-    if normalizer is None:
-        return dtensor_linear_cross_entropy(**args)
-    device = args["e"].device
-    denominator = _check_normalizer(normalizer, args["reduction"], device)
-    out = dtensor_linear_cross_entropy(**{**args, "reduction": "sum"})
+    denominator = _check_normalizer(normalizer, reduction, e.device)
+    out = vocab_parallel_linear_cross_entropy(
+        e, c_shard, target, vocab_start=shard.vocab_start, vocab_size=shard.vocab_size, group=shard.group,
+        bias_shard=bias, reduction=reduction if denominator is None else "sum", **arguments,
+    )  # fmt: skip
+    if denominator is None:
+        return out
     loss, stats = out if isinstance(out, tuple) else (out, None)
     loss = (loss.double() / denominator).to(loss.dtype)
     return loss if stats is None else (loss, stats)
-
