@@ -28,7 +28,6 @@ import ast
 import functools
 from pathlib import Path
 
-
 SRC = Path(__file__).resolve().parents[1] / "src"
 LIBRARY = "crossent"
 #: Every module under ``src/`` outside the ``crossent`` package is the harness (``crossent_harness``:
