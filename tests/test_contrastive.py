@@ -129,6 +129,68 @@ def test_contrastive_errors():
         info_nce(k, q)
 
 
+def test_errors_name_the_users_arguments():
+    """Found as: ``info_nce(q[:0], k[:0])`` said "c must have at least one class (row)", and float64
+    candidates gave torch's internal dtype error."""
+    q, k = embeddings(n=4, m=6)
+    with pytest.raises(ValueError, match="key must have at least one row"):
+        info_nce(q[:0], k[:0])
+    with pytest.raises(TypeError, match="query and key must share one dtype, got torch.float32 and torch.float64"):
+        info_nce(q, k.double())
+    docs = torch.randn(4, 3, 6, dtype=torch.float64)
+    for in_batch in (True, False):
+        with pytest.raises(TypeError, match="query and candidates must share one dtype"):
+            listwise_cross_entropy(q, docs, in_batch=in_batch)
+    with pytest.raises(TypeError, match="candidates must be floating point"):
+        listwise_cross_entropy(q, docs.long())
+    with pytest.raises(TypeError, match="embeddings and ref_embeddings must share one dtype"):
+        pair_circle_loss(q, torch.tensor([0, 0, 1, 1]), ref_embeddings=k.double(), ref_labels=torch.arange(6))
+
+
+def test_no_queries_is_the_empty_loss_in_both_listwise_forms():
+    q, _ = embeddings(n=4)
+    docs = torch.randn(4, 3, 6)
+    for in_batch in (True, False):
+        for reduction, shape in (("sum", ()), ("none", (0,))):
+            got = listwise_cross_entropy(q[:0], docs[:0], in_batch=in_batch, reduction=reduction)
+            assert got.shape == shape and got.sum() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_fused_entry_points_return_linear_cross_entropys_dtype(dtype):
+    """One rule (docs/linear.md): a float32 loss for half precision, float64 for float64; listwise's
+    local form (``in_batch=False``, no fused product) follows it too."""
+    q, k = embeddings(n=4, m=8, dtype=dtype)
+    want = torch.float64 if dtype == torch.float64 else torch.float32
+    assert xe.linear_cross_entropy(q, k, torch.arange(4)).dtype == want
+    assert info_nce(q, k).dtype == want
+    assert info_nce(q, k[:4], symmetric=True, reduction="none").dtype == want
+    docs = k.detach().reshape(4, 2, 6)
+    for in_batch in (True, False):
+        got = listwise_cross_entropy(q, docs, in_batch=in_batch)
+        assert got.dtype == want, in_batch
+        expected = listwise_cross_entropy(q.detach().double(), docs.double(), in_batch=in_batch)
+        torch.testing.assert_close(got.double(), expected, rtol=3e-2 if dtype.itemsize == 2 else 1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "module,kw,error,text",
+    [
+        ("InfoNCELoss", dict(temperature=-1.0), ValueError, "temperature must be > 0"),
+        ("InfoNCELoss", dict(symetric=True), TypeError, r"argument 'symetric'; did you mean 'symmetric'"),
+        ("InfoNCELoss", dict(exclude=torch.tensor([[0, 1]])), TypeError, "unexpected keyword argument 'exclude'"),
+        ("InfoNCELoss", dict(chunk_size=0), ValueError, "chunk_size must be a positive int"),
+        ("InfoNCELoss", dict(reduction="avg"), ValueError, "reduction"),
+        ("PairCircleLoss", dict(gamma=-1.0), ValueError, "gamma must be > 0"),
+        ("PairCircleLoss", dict(m="0.4"), TypeError, "m must be a real number"),
+        ("PairCircleLoss", dict(ref_labels=None), TypeError, "unexpected keyword argument 'ref_labels'"),
+    ],
+)
+def test_module_forms_check_every_option_at_construction(module, kw, error, text):
+    with pytest.raises(error, match=text):
+        getattr(xe.nn, module)(**kw)
+
+
 # -- pair-level circle loss ------------------------------------------------------------------------------------
 
 

@@ -28,8 +28,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest.py)
 
 
 def kl_rows(log_p, log_q):
-    """KL(P || Q) per row."""
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
+    """KL(P || Q) per row, a class of P_j = 0 adding 0 (0 log 0 = 0; P_j > 0 = Q_j adds +inf).
+
+    The log-ratio is masked before the product, so autograd's gradient there is 0, not 0 * inf.
+    """
+    p = log_p.exp()
+    return (p * torch.where(p > 0, log_p - log_q, 0.0)).sum(-1)
+
+
+def weighted(w, value):
+    """``w * value`` where a term of weight 0 adds 0, also where it is infinite."""
+    return torch.where(w > 0, w * value, 0.0)
 
 
 def reference_divergence(zs, zt, name, temperature=1.0, beta=0.5, gamma=1.0, mu=0.5):
@@ -47,17 +56,22 @@ def reference_divergence(zs, zt, name, temperature=1.0, beta=0.5, gamma=1.0, mu=
         log_q = (powered / powered.sum(-1, keepdim=True)).log()
         weight = powered.sum(-1) if name == "wttm" else 1.0
         return weight * kl_rows(log_q, log_p)
+    if name == "akl" and mu == 1.0:
+        return kl_rows(log_pt, log_p)  # every token in the head (autograd through a 0 * inf term would be NaN)
     if name == "akl":
-        # wutaiqiang/LLM_KD_AKL: sort the teacher, head = cumulative mass <= mu (top-1 always), errors |p_t - sg(p)|.
+        # wutaiqiang/LLM_KD_AKL: sort the teacher, head = cumulative mass <= mu (top-1 always), errors
+        # |p_t - sg(p)|; the mass measured as a fraction of the row's own total (mu = 1: every token).
         pt, p = log_pt.exp(), log_p.exp().detach()
         sorted_pt, order = pt.sort(-1, descending=True)
         errors = (sorted_pt - p.gather(-1, order)).abs()
-        tail = sorted_pt.cumsum(-1) > mu
+        cumulative = sorted_pt.cumsum(-1)
+        tail = cumulative > mu * cumulative[:, -1:]
         tail[:, 0] = False
         head_error = errors.masked_fill(tail, 0.0).sum(-1)
         tail_error = errors.masked_fill(~tail, 0.0).sum(-1)
         total = head_error + tail_error
-        return head_error / total * kl_rows(log_pt, log_p) + tail_error / total * kl_rows(log_p, log_pt)
+        w = torch.where(total > 0, head_error / total, 0.5)
+        return weighted(w, kl_rows(log_pt, log_p)) + weighted(1 - w, kl_rows(log_p, log_pt))
     raise AssertionError(name)
 
 
@@ -188,7 +202,7 @@ def test_bfloat16_student():
     e_s, c_s, e_t, c_t, target = heads(dtype=torch.bfloat16)
     e_s.requires_grad_()
     got = xe.linear_distillation(e_s, c_s, e_t, c_t, target, divergence="kl", chunk_size=4)
-    assert got.dtype == torch.bfloat16
+    assert got.dtype == torch.float32  # linear_cross_entropy's rule: a float32 loss for half precision
     zs = (e_s.float() @ c_s.float().T).double().detach().requires_grad_()
     expected = reference(zs, (e_t @ c_t.T).double(), target)
     # bfloat16 logits (8 bits of mantissa): the loss to about 1e-2 relative.
@@ -299,3 +313,197 @@ def test_module_forms():
     torch.testing.assert_close(crit(e_s, c_s, e_t, c_t, target), expected)
     dense = xe.nn.DistillationLoss(divergence="jsd", beta=0.4, ce_weight=0.2)
     torch.testing.assert_close(dense(e_s @ c_s.T, e_t @ c_t.T, target), expected, rtol=1e-5, atol=1e-6)
+
+
+# -- masked classes (-inf logits) -----------------------------------------------------------------------------
+
+#: Every divergence, with the hyperparameters at which a whole-row one streams (JSD beta 0 / 1, AKL mu 1).
+CASES = [("kl", {}), ("reverse_kl", {}), ("jsd", {"beta": 0.3}), ("jsd", {"beta": 0.0}), ("jsd", {"beta": 1.0}),
+         ("ttm", {"gamma": 0.4}), ("wttm", {"gamma": 1.6}), ("akl", {"mu": 0.4}), ("akl", {"mu": 0.0}),
+         ("akl", {"mu": 1.0})]  # fmt: skip
+CASE_IDS = [f"{d}-{next(iter(hp.values()), '')}" for d, hp in CASES]
+
+
+def logit_pair(n=6, v=11, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    zs, zt = (torch.randn(n, v, generator=g, dtype=torch.float64) * 2 for _ in range(2))
+    return zs, zt
+
+
+@pytest.mark.parametrize("divergence,hp", CASES, ids=CASE_IDS)
+def test_classes_both_sides_mask_are_dropped(divergence, hp):
+    """A padded vocabulary (the last columns) and per-row masks, -inf in both: as if the classes did not exist."""
+    zs, zt = logit_pair()
+    masked = torch.zeros(zs.shape, dtype=torch.bool)
+    masked[:, -2:] = True
+    masked[0, 3] = masked[4, [0, 5]] = True
+    zs, zt = zs.masked_fill(masked, float("-inf")).requires_grad_(), zt.masked_fill(masked, float("-inf"))
+    got = xe.distillation(zs, zt, divergence=divergence, temperature=1.7, reduction="none", **hp)
+    (grad,) = torch.autograd.grad(got, zs, torch.linspace(0.5, 1.5, 6, dtype=torch.float64))
+    assert torch.isfinite(got).all() and torch.isfinite(grad).all()
+    assert (grad[masked] == 0).all()
+    for i in range(zs.shape[0]):
+        keep = ~masked[i]
+        row = zs.detach()[i, keep][None].requires_grad_()
+        expected = reference_divergence(row, zt[i, keep][None], divergence, 1.7, **hp)
+        (g,) = torch.autograd.grad(expected.sum(), row)
+        torch.testing.assert_close(got[i], expected[0], rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(grad[i, keep], g[0] * (0.5 + i / 5), rtol=1e-10, atol=1e-13)
+
+
+def infinite_where(divergence: str, hp: dict, masked_side: str) -> bool:
+    """Whether the divergence is +inf when only ``masked_side`` masks a class the other side has mass on."""
+    forward = divergence in ("kl", "ttm", "wttm") or (divergence == "jsd" and hp["beta"] == 0.0)
+    reverse = divergence == "reverse_kl" or (divergence == "jsd" and hp["beta"] == 1.0)
+    if divergence == "akl":  # mu = 1 is forward KL; below, the masked class's error weighs both terms
+        forward, reverse = True, hp["mu"] < 1.0
+    return reverse if masked_side == "teacher" else forward
+
+
+@pytest.mark.parametrize("masked_side", ["teacher", "student"])
+@pytest.mark.parametrize("divergence,hp", CASES, ids=CASE_IDS)
+def test_classes_one_side_masks(divergence, hp, masked_side):
+    """``p_t,j = 0 < p_j`` (or the reverse): the terms ``0 log 0`` are 0, ``p log(p / 0)`` is +inf.
+
+    A finite divergence equals the formula (values and gradients); an infinite one is +inf, as
+    ``cross_entropy`` is for a target whose logit is -inf, and the other rows are untouched.
+    """
+    zs, zt = logit_pair(seed=8)
+    masked = torch.zeros(zs.shape, dtype=torch.bool)
+    masked[1, [2, 7]] = masked[3, -1] = True
+    if masked_side == "teacher":
+        zt = zt.masked_fill(masked, float("-inf"))
+    else:
+        zs = zs.masked_fill(masked, float("-inf"))
+    zs = zs.requires_grad_()
+    got = xe.distillation(zs, zt, divergence=divergence, temperature=0.8, reduction="none", **hp)
+    expected = reference_divergence(zs, zt, divergence, 0.8, **hp)
+    rows = masked.any(1)
+    if infinite_where(divergence, hp, masked_side):
+        assert (got[rows] == float("inf")).all(), got
+        assert xe.distillation(zs, zt, divergence=divergence, temperature=0.8, **hp) == float("inf")
+        torch.testing.assert_close(got[~rows], expected[~rows], rtol=1e-12, atol=1e-13)
+        return
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-13)
+    (grad,) = torch.autograd.grad(got.sum(), zs)
+    (ref,) = torch.autograd.grad(expected.sum(), zs)
+    assert torch.isfinite(grad).all()
+    torch.testing.assert_close(grad, ref, rtol=1e-10, atol=1e-13)
+
+
+def test_masked_classes_do_not_change_the_streaming_statistics_merge():
+    """A block of classes that the teacher masks entirely weighs nothing when blocks merge."""
+    g = torch.Generator().manual_seed(9)
+    zs, zt = torch.randn(4, 12, generator=g, dtype=torch.float64), torch.randn(4, 12, generator=g, dtype=torch.float64)
+    zt[:, 8:] = float("-inf")
+    zs[0, 9] = zs[1, 1] = float("-inf")
+    for divergence in ("kl", "ttm", "wttm"):
+        loss = build_loss(divergence, temperature=1.3, beta=0.5, gamma=0.7, mu=0.5, ce_weight=0.0, has_target=False)
+        rows = index_rows(torch.zeros(4, dtype=torch.long), 12, -100, None, {TEACHER: zt})
+        plan = Plan(loss, rows)
+        whole = plan.statistics(zs, rows)
+        blocks = [slice(0, 5), slice(5, 8), slice(8, 12)]
+        merged = plan.merge_states([plan.partial_states(zs[:, b], rows, b) for b in blocks])
+        for s in plan.stats:
+            torch.testing.assert_close(merged[s], whole[s], rtol=1e-12, atol=1e-12)
+        assert torch.isfinite(plan.row_losses(merged, rows)[2:]).all()
+
+
+# -- AKL's head at the endpoints of mu ----------------------------------------------------------------------
+
+
+def test_akl_with_mu_1_is_forward_kl_exactly():
+    """Found as: on about a fifth of float32 rows the sorted teacher's cumulative sum ends above 1, and
+    ``cumsum <= 1`` left the last tokens in the tail, so mu = 1 was not forward KL there."""
+    g = torch.Generator().manual_seed(1)
+    zs, zt = torch.randn(1000, 50, generator=g), torch.randn(1000, 50, generator=g) * 3
+    ends_above_1 = torch.softmax(zt, -1).sort(-1, descending=True).values.cumsum(-1)[:, -1] > 1
+    assert ends_above_1.sum() > 50  # the case that broke
+    akl = xe.distillation(zs, zt, divergence="akl", mu=1.0, reduction="none")
+    assert torch.equal(akl, xe.distillation(zs, zt, divergence="kl", reduction="none"))
+    e_s, c_s, e_t, c_t, _ = heads(seed=2)
+    fused = xe.linear_distillation(e_s, c_s, e_t, c_t, divergence="akl", mu=1.0, reduction="none")
+    torch.testing.assert_close(fused, xe.linear_distillation(e_s, c_s, e_t, c_t, reduction="none"), rtol=0, atol=0)
+
+
+def test_akl_with_mu_0_has_the_top_teacher_token_as_its_whole_head():
+    """As in the authors' code, the top token always belongs to the head: mu = 0 is any mu below the
+    top probability, and equals the formula with ``H = {argmax p_t}``."""
+    zs, zt = logit_pair(n=20, v=30, seed=10)
+    zs.requires_grad_()
+    got = xe.distillation(zs, zt, divergence="akl", mu=0.0, reduction="none")
+    top = torch.softmax(zt, -1).amax(-1)
+    below_top = xe.distillation(zs, zt, divergence="akl", mu=float(top.min()) * 0.99, reduction="none")
+    torch.testing.assert_close(got, below_top, rtol=0, atol=0)
+    log_p, log_pt = F.log_softmax(zs, -1), F.log_softmax(zt, -1)
+    error = (log_pt.exp() - log_p.exp().detach()).abs()
+    head = F.one_hot(zt.argmax(-1), 30).bool()
+    w = error.masked_fill(~head, 0).sum(-1) / error.sum(-1)
+    expected = w * kl_rows(log_pt, log_p) + (1 - w) * kl_rows(log_p, log_pt)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-13)
+    grads = [torch.autograd.grad(x.sum(), zs)[0] for x in (got, expected)]
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-13)
+
+
+# -- dtypes, degenerate shapes, options ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_linear_distillation_returns_linear_cross_entropys_dtype(dtype):
+    """One rule for every fused entry point: a float32 loss for half precision (float64 for float64)."""
+    e_s, c_s, e_t, c_t, target = heads(dtype=dtype)
+    want = xe.linear_cross_entropy(e_s, c_s, target).dtype
+    assert want == (torch.float64 if dtype == torch.float64 else torch.float32)
+    for reduction in ("mean", "none"):
+        got = xe.linear_distillation(e_s, c_s, e_t.float(), c_t.float(), target, divergence="jsd", reduction=reduction)
+        assert got.dtype == want, reduction
+
+
+def test_linear_distillation_without_features():
+    """``D = 0``: the student's logits are all 0 (found as a reshape error naming no argument)."""
+    e_s, c_s, e_t, c_t, target = heads(dtype=torch.float64)
+    got = xe.linear_distillation(e_s[..., :0], c_s[:, :0], e_t, c_t, target, divergence="akl")
+    expected = xe.distillation(torch.zeros(2, 9, 40, dtype=torch.float64), e_t @ c_t.T, target, divergence="akl")
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_every_hyperparameter_is_checked_whatever_the_divergence():
+    """``beta=3`` with the default ``divergence="kl"`` is a mistake, not a no-op."""
+    s, t = logit_pair()
+    for kw, name in ((dict(beta=3.0), "beta"), (dict(mu=-0.5), "mu"), (dict(gamma=0.0), "gamma")):
+        for divergence in DIVERGENCES:
+            with pytest.raises(ValueError, match=name):
+                xe.distillation(s, t, divergence=divergence, **kw)
+
+
+@pytest.mark.parametrize(
+    "module,kw,error,text",
+    [
+        ("DistillationLoss", dict(tempreature=2.0), TypeError, r"argument 'tempreature'; did you mean 'temperature'"),
+        ("DistillationLoss", dict(target=None), TypeError, "unexpected keyword argument 'target'"),
+        ("DistillationLoss", dict(chunk_size=8), TypeError, "unexpected keyword argument 'chunk_size'"),
+        ("DistillationLoss", dict(temperature=-2.0), ValueError, "temperature must be > 0"),
+        ("DistillationLoss", dict(divergence="foo"), ValueError, "unknown divergence 'foo'"),
+        ("DistillationLoss", dict(reduction="batchmean"), ValueError, "reduction"),
+        ("DistillationLoss", dict(ignore_index=0.5), TypeError, "ignore_index must be an int"),
+        ("LinearDistillationLoss", dict(chunk_size=-3), ValueError, "chunk_size must be a positive int"),
+        ("LinearDistillationLoss", dict(beta=3.0), ValueError, r"beta must be in \[0, 1\]"),
+        ("LinearDistillationLoss", dict(backend="triton"), ValueError, "backend must be 'auto' or 'torch'"),
+        ("LinearDistillationLoss", dict(ce_weight=-1.0), ValueError, "ce_weight"),
+    ],
+)
+def test_module_forms_check_every_option_at_construction(module, kw, error, text):
+    with pytest.raises(error, match=text):
+        getattr(xe.nn, module)(**kw)
+    if error is ValueError:  # the function's own check, with its message
+        s, t = logit_pair()
+        call = (lambda: xe.distillation(s, t, **kw)) if module == "DistillationLoss" else (
+            lambda: xe.linear_distillation(s, s[:, :4].T.contiguous(), t, t[:, :4].T.contiguous(), **kw))  # fmt: skip
+        with pytest.raises(error, match=text):
+            call()
+
+
+def test_module_forms_keep_their_options():
+    crit = xe.nn.LinearDistillationLoss(divergence="akl", mu=0.3, chunk_size=16, ce_weight=0.1)
+    assert crit.options == dict(divergence="akl", mu=0.3, chunk_size=16, ce_weight=0.1)
+    assert "mu=0.3" in repr(crit)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import crossent as xe
 import reference_streaming as R
 import reference_whole_row as W
+from test_distillation import CASE_IDS, CASES, reference_divergence
 from crossent.distributed import vocab_parallel_cross_entropy
 from crossent.losses import registered
 
@@ -233,3 +234,38 @@ def test_sigmoid_focal_hessian_is_finite_with_binary_targets_and_large_logits():
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     assert math.isfinite(xe.losses.sigmoid_focal_loss(z, torch.zeros_like(z), gamma=0.5).sum().item())
+
+
+# -- distillation: every divergence on the dense engine; the fused form refuses --------------------------------
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["plain", "padded_vocabulary"])
+@pytest.mark.parametrize("divergence,hp", CASES, ids=CASE_IDS)
+def test_distillation_second_derivatives_equal_autograd_on_the_formula(divergence, hp, padded):
+    """Found as: ``jsd`` and ``akl`` (whole rows, a closed-form gradient) gave under
+    ``create_graph=True`` a gradient without a graph. A padded vocabulary (-inf in both) is dropped."""
+    z, _, v = inputs(7)
+    t = torch.randn(N, C, generator=torch.Generator().manual_seed(8), dtype=torch.float64) * 1.5
+    keep = slice(0, C - 2) if padded else slice(0, C)
+    if padded:
+        z[:, keep.stop :] = t[:, keep.stop :] = float("-inf")
+    kw = dict(divergence=divergence, temperature=1.3, **hp)
+    ours = second_order(lambda x: xe.distillation(x, t, **kw), z, v)
+    def reference(x):
+        return reference_divergence(x, t[:, keep], divergence, 1.3, **hp).mean()
+
+    expected = second_order(reference, z[:, keep], v[:, keep])
+    for got, want in zip(ours, expected):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got[:, keep], want, rtol=1e-9, atol=1e-11)
+        assert (got[:, keep.stop :] == 0).all()
+
+
+@pytest.mark.parametrize("divergence,hp", CASES, ids=CASE_IDS)
+def test_linear_distillation_refuses_create_graph_by_name(divergence, hp):
+    e = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(C, 3, dtype=torch.float64, requires_grad=True)
+    e_t, c_t = torch.randn(6, 4, dtype=torch.float64), torch.randn(C, 4, dtype=torch.float64)
+    out = xe.linear_distillation(e, c, e_t, c_t, divergence=divergence, **hp)
+    with pytest.raises(RuntimeError, match=r"'row-chunked' engine has no second derivatives"):
+        torch.autograd.grad(out, (e, c), create_graph=True)

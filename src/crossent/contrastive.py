@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _validation as V
+from ._engine.options import LinearCrossEntropyOptions, accumulation_dtype
 from ._functional import cross_entropy
 from ._linear import linear_cross_entropy
 from .losses import CrossEntropy, Transformed
@@ -36,6 +37,25 @@ def _check_embeddings(name: str, x: Tensor, dim: int | None = None) -> None:
         raise ValueError(f"{name} must be a [n, D] matrix, got shape {tuple(x.shape)}")
     if dim is not None and x.shape[1] != dim:
         raise ValueError(f"{name} has {x.shape[1]} features, expected {dim}")
+
+
+def _check_same_dtype(name: str, x: Tensor, first_name: str, first: Tensor) -> None:
+    """``x`` in ``first``'s dtype (under ``torch.autocast`` the products cast both, as for ``q @ k.T``)."""
+    if x.dtype != first.dtype and not torch.is_autocast_enabled(first.device.type):
+        raise TypeError(f"{first_name} and {name} must share one dtype, got {first.dtype} and {x.dtype}")
+
+
+def check_info_nce_options(*, temperature, reduction, chunk_size, backend) -> float:
+    """The options of :func:`info_nce`, checked (its module form calls this at construction): the temperature."""
+    V.check_reduction(reduction)
+    LinearCrossEntropyOptions(backend=backend, chunk_size=chunk_size)
+    return V.positive("temperature", temperature, who="info_nce")
+
+
+def check_pair_circle_options(*, m, gamma, reduction) -> tuple[float, float]:
+    """The options of :func:`pair_circle_loss`, checked (its module form calls this at construction)."""
+    V.check_reduction(reduction)
+    return V.real("pair_circle_loss", "m", m), V.positive("gamma", gamma, who="pair_circle_loss")
 
 
 def _indices(name: str, t: Tensor, length: int, high: int, device) -> Tensor:
@@ -138,11 +158,15 @@ def info_nce(
         >>> xe.contrastive.info_nce(q, k, temperature=0.5, exclude=torch.tensor([[2, 1]]), reduction="none")
         tensor([0.5282, 0.7893, 0.3711])
     """
-    V.check_reduction(reduction)
+    temperature = check_info_nce_options(
+        temperature=temperature, reduction=reduction, chunk_size=chunk_size, backend=backend
+    )
     _check_embeddings("query", query)
     _check_embeddings("key", key, query.shape[1])
-    temperature = V.positive("temperature", temperature, who="info_nce")
+    _check_same_dtype("key", key, "query", query)
     n, m = query.shape[0], key.shape[0]
+    if m == 0:
+        raise ValueError("key must have at least one row: each query's softmax runs over the keys")
     if positive is None:
         if m < n:
             raise ValueError(f"the default positive (arange(n)) needs at least as many keys as queries, got {m} < {n}")
@@ -210,9 +234,15 @@ def listwise_cross_entropy(
     """
     V.check_reduction(reduction)
     _check_embeddings("query", query)
-    if not isinstance(candidates, Tensor) or candidates.dim() != 3 or candidates.shape[0] != query.shape[0]:
-        shape = tuple(candidates.shape) if isinstance(candidates, Tensor) else type(candidates).__name__
-        raise ValueError(f"candidates must be [n, L, D] with n = {query.shape[0]} queries, got {shape}")
+    if not isinstance(candidates, Tensor):
+        raise TypeError(f"candidates must be a tensor, got {type(candidates).__name__}")
+    if not candidates.is_floating_point():
+        raise TypeError(f"candidates must be floating point, got {candidates.dtype}")
+    if candidates.dim() != 3 or candidates.shape[0] != query.shape[0]:
+        raise ValueError(
+            f"candidates must be [n, L, D] with n = {query.shape[0]} queries, got {tuple(candidates.shape)}"
+        )
+    _check_same_dtype("candidates", candidates, "query", query)
     n, length, dim = candidates.shape
     if dim != query.shape[1]:
         raise ValueError(f"candidates have {dim} features but query has {query.shape[1]}")
@@ -222,7 +252,7 @@ def listwise_cross_entropy(
         target = torch.zeros(n, dtype=torch.long, device=query.device)
     else:
         target = _indices("target", target, n, length, query.device)
-    if in_batch:
+    if in_batch and n > 0:  # (no queries: no pooled candidates either; the local form gives the empty loss)
         positive = torch.arange(n, device=query.device) * length + target
         return info_nce(
             query, candidates.reshape(n * length, dim), positive, temperature=temperature, exclude=exclude,
@@ -234,7 +264,8 @@ def listwise_cross_entropy(
         per_row = _excluded_per_row(exclude, n, length, target)
         i, k = (per_row >= 0).nonzero(as_tuple=True)
         scores = scores.index_put((i, per_row[i, k]), scores.new_full((), float("-inf")))
-    return cross_entropy(scores, target, reduction=reduction)
+    # The fused entry points' dtype rule (docs/linear.md): a float32 loss for half-precision inputs.
+    return cross_entropy(scores.to(accumulation_dtype(scores.dtype)), target, reduction=reduction)
 
 
 def pair_circle_loss(
@@ -279,15 +310,14 @@ def pair_circle_loss(
         >>> xe.contrastive.pair_circle_loss(x, torch.tensor([0, 0, 1, 1]), reduction="none")
         tensor([ 86.5729,  76.7773, 107.6029,  97.8073])
     """
-    V.check_reduction(reduction)
-    m = V.real("pair_circle_loss", "m", m)
-    gamma = V.positive("gamma", gamma, who="pair_circle_loss")
+    m, gamma = check_pair_circle_options(m=m, gamma=gamma, reduction=reduction)
     _check_embeddings("embeddings", embeddings)
     if (ref_embeddings is None) != (ref_labels is None):
         raise ValueError("give ref_embeddings and ref_labels together")
     own = ref_embeddings is None
     ref, ref_labels = (embeddings, labels) if own else (ref_embeddings, ref_labels)
     _check_embeddings("ref_embeddings", ref, embeddings.shape[1])
+    _check_same_dtype("ref_embeddings", ref, "embeddings", embeddings)
     for name, lab, rows in (("labels", labels, embeddings.shape[0]), ("ref_labels", ref_labels, ref.shape[0])):
         if not isinstance(lab, Tensor) or lab.shape != (rows,):
             raise ValueError(f"{name} must be a [{rows}] tensor")

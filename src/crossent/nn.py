@@ -7,16 +7,21 @@ the loss's state.
 
 from __future__ import annotations
 
+import difflib
+import inspect
+
 import torch
 from torch import Tensor, nn
 from torch.nn import _reduction as _Reduction
 
 from . import _validation as V
 from ._distillation import distillation, linear_distillation
+from ._distillation.arguments import checked_loss
+from ._distillation.linear import engine_options
 from ._functional import cross_entropy
 from ._linear import linear_cross_entropy
 from ._linear_call import resolve_options
-from .contrastive import info_nce, pair_circle_loss
+from .contrastive import check_info_nce_options, check_pair_circle_options, info_nce, pair_circle_loss
 from .losses._build import build_loss
 
 __all__ = [
@@ -231,10 +236,25 @@ class LinearCrossEntropyLoss(nn.Module):
 
 
 class _Options(nn.Module):
-    """A module whose forward calls one function with the keyword arguments fixed at construction."""
+    """A module whose forward calls ``function`` with the keyword arguments fixed at construction.
 
-    def __init__(self, **options):
+    The options are ``function``'s keyword-only arguments except ``at_call`` (the forward's own), and
+    are checked here, once: an unknown name raises ``TypeError`` as Python's call would, a bad value
+    the error of one of ``checks``, the function's own checks, each given the options it reads.
+    """
+
+    def __init__(self, function, checks: tuple, at_call: tuple = (), **options):
         super().__init__()
+        parameters = inspect.signature(function).parameters.items()
+        allowed = {k: p.default for k, p in parameters if p.kind is p.KEYWORD_ONLY and k not in at_call}
+        for name in options:
+            if name not in allowed:
+                close = difflib.get_close_matches(name, allowed, n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"valid options: {', '.join(allowed)}"
+                raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument {name!r}; {hint}")
+        values = {**allowed, **options}
+        for check in checks:
+            check(**{k: values[k] for k in inspect.signature(check).parameters if k in values})
         self.options = options
 
     def extra_repr(self) -> str:
@@ -244,6 +264,8 @@ class _Options(nn.Module):
 class DistillationLoss(_Options):
     """Module form of :func:`crossent.distillation`: ``crit(student_logits, teacher_logits, target=None)``.
 
+    The options are :func:`crossent.distillation`'s keyword arguments, checked here.
+
     Example:
         >>> import torch, crossent as xe
         >>> crit = xe.nn.DistillationLoss(divergence="reverse_kl", temperature=2.0)
@@ -252,8 +274,7 @@ class DistillationLoss(_Options):
     """
 
     def __init__(self, divergence: str = "kl", **options):
-        V.check_reduction(options.get("reduction", "mean"))
-        super().__init__(divergence=divergence, **options)
+        super().__init__(distillation, (checked_loss,), divergence=divergence, **options)
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None = None) -> Tensor:
         return distillation(student_logits, teacher_logits, target, **self.options)
@@ -262,34 +283,39 @@ class DistillationLoss(_Options):
 class LinearDistillationLoss(_Options):
     """Module form of :func:`crossent.linear_distillation`: ``crit(e_student, c_student, e_teacher, c_teacher, target=None)``.
 
-    The classifiers are passed at call time (``crit(h, student.lm_head.weight, h_t, teacher.lm_head.weight)``).
+    The classifiers are passed at call time (``crit(h, student.lm_head.weight, h_t, teacher.lm_head.weight)``);
+    the options are :func:`crossent.linear_distillation`'s keyword arguments, checked here.
     """
 
     def __init__(self, divergence: str = "kl", **options):
-        V.check_reduction(options.get("reduction", "mean"))
-        super().__init__(divergence=divergence, **options)
+        super().__init__(linear_distillation, (checked_loss, engine_options), divergence=divergence, **options)
 
     def forward(self, e_student, c_student, e_teacher, c_teacher, target: Tensor | None = None) -> Tensor:
         return linear_distillation(e_student, c_student, e_teacher, c_teacher, target, **self.options)
 
 
 class InfoNCELoss(_Options):
-    """Module form of :func:`crossent.contrastive.info_nce`: ``crit(query, key, positive=None, exclude=None)``."""
+    """Module form of :func:`crossent.contrastive.info_nce`: ``crit(query, key, positive=None, exclude=None)``.
+
+    The options are :func:`~crossent.contrastive.info_nce`'s keyword arguments but ``exclude``, checked here.
+    """
 
     def __init__(self, temperature: float = 0.07, **options):
-        V.check_reduction(options.get("reduction", "mean"))
-        super().__init__(temperature=temperature, **options)
+        super().__init__(info_nce, (check_info_nce_options,), ("exclude",), temperature=temperature, **options)
 
     def forward(self, query: Tensor, key: Tensor, positive: Tensor | None = None, exclude: Tensor | None = None) -> Tensor:
         return info_nce(query, key, positive, exclude=exclude, **self.options)
 
 
 class PairCircleLoss(_Options):
-    """Module form of :func:`crossent.contrastive.pair_circle_loss`: ``crit(embeddings, labels)``."""
+    """Module form of :func:`crossent.contrastive.pair_circle_loss`: ``crit(embeddings, labels)``.
+
+    The options (``m``, ``gamma``, ``reduction``) are checked here.
+    """
 
     def __init__(self, m: float = 0.4, gamma: float = 80.0, **options):
-        V.check_reduction(options.get("reduction", "mean"))
-        super().__init__(m=m, gamma=gamma, **options)
+        at_call = ("ref_embeddings", "ref_labels")
+        super().__init__(pair_circle_loss, (check_pair_circle_options,), at_call, m=m, gamma=gamma, **options)
 
     def forward(self, embeddings: Tensor, labels: Tensor, ref_embeddings=None, ref_labels=None) -> Tensor:
         return pair_circle_loss(embeddings, labels, ref_embeddings=ref_embeddings, ref_labels=ref_labels, **self.options)

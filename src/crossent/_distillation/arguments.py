@@ -26,6 +26,21 @@ def build_loss(divergence: str, *, temperature, beta, gamma, mu, ce_weight, has_
     return loss
 
 
+def checked_loss(
+    divergence: str, *, temperature, beta, gamma, mu, ce_weight, ignore_index, reduction, has_target: bool = True
+) -> Loss:
+    """Every option both entry points share, checked, and the loss they make.
+
+    The module forms (``crossent.nn``) call it at construction with ``has_target=True`` (the target
+    comes with each call), so a bad option fails there, with the message the function would give.
+    """
+    V.check_reduction(reduction)
+    V.check_ignore_index(ignore_index)
+    return build_loss(
+        divergence, temperature=temperature, beta=beta, gamma=gamma, mu=mu, ce_weight=ce_weight, has_target=has_target
+    )
+
+
 def check_target(target: Tensor | None, rows_shape: tuple, device) -> None:
     if target is None:
         return
@@ -69,4 +84,4 @@ def per_row(t: Tensor, rows_shape: tuple, shift: bool) -> Tensor:
     return t[..., :-1] if shift else t
 
 
-__all__ = ["build_loss", "check_target", "distillation_rows", "per_row"]
+__all__ = ["build_loss", "check_target", "checked_loss", "distillation_rows", "per_row"]

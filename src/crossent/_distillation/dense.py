@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .. import _validation as V
 from .._engine.dense import dense_row_losses
 from .._engine.plan import Plan
 from .._engine.reduction import reduce
-from .arguments import build_loss, check_target, distillation_rows, per_row
+from .arguments import check_target, checked_loss, distillation_rows, per_row
 from .statistics import TEACHER
 
 
@@ -87,14 +86,13 @@ def distillation(
         >>> xe.distillation(s, t, divergence="jsd", temperature=2.0)
         tensor(0.0071)
     """
-    V.check_reduction(reduction)
+    loss = checked_loss(
+        divergence, temperature=temperature, beta=beta, gamma=gamma, mu=mu, ce_weight=ce_weight,
+        ignore_index=ignore_index, reduction=reduction, has_target=target is not None,
+    )  # fmt: skip
     _check_logits(student_logits, teacher_logits)
     rows_shape, num_classes = tuple(student_logits.shape[:-1]), student_logits.shape[-1]
     check_target(target, rows_shape, student_logits.device)
-    loss = build_loss(
-        divergence, temperature=temperature, beta=beta, gamma=gamma, mu=mu, ce_weight=ce_weight,
-        has_target=target is not None,
-    )  # fmt: skip
     teacher = teacher_logits.detach().reshape(-1, num_classes)
     rows = distillation_rows(
         target, rows_shape, num_classes, ignore_index, shift, student_logits.device, {TEACHER: teacher}

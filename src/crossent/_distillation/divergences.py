@@ -16,7 +16,12 @@ Which need whole rows (dense and row-chunked engines; a closed-form gradient, :c
 
 * ``jsd`` for :math:`0 < \beta < 1`: the mixture :math:`\log(\beta p_t + (1-\beta) p)` needs both
   normalisers before any column is summed (at :math:`\beta \in \{0, 1\}` it is KL / reverse KL and streams);
-* ``akl``: sorts the teacher's probabilities.
+* ``akl``: sorts the teacher's probabilities (at :math:`\mu = 1` it is KL and streams).
+
+A masked class (a ``-inf`` logit) has probability 0 and its terms follow :math:`0 \log 0 = 0`, so
+a class both sides mask takes no part; one that only one side masks while the other gives it mass
+makes a divergence with a :math:`p \log (p / 0)` term ``+inf``. :func:`make_divergence` checks the
+hyperparameters; the classes take them as checked.
 """
 
 from __future__ import annotations
@@ -25,7 +30,6 @@ import math
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .. import _validation as V
 from ..losses._base import Loss
@@ -45,27 +49,52 @@ def _dot(x: Tensor, y: Tensor) -> Tensor:
     return torch.bmm(x[:, None, :], y[:, :, None]).reshape(-1)
 
 
+def _expect(w: Tensor, y: Tensor, *, last_use: bool = False) -> Tensor:
+    """``sum_j w_ij y_ij`` per row for probabilities ``w``, where a class of ``w_j = 0`` adds 0.
+
+    ``y`` (a log-ratio) is infinite or NaN at a masked class (a ``-inf`` logit); ``0 * inf`` is 0 in
+    a divergence. Under autograd ``y`` is filled out of place, so the gradient there is 0 too, not
+    NaN; otherwise, at ``y``'s ``last_use``, in place.
+    """
+    zero = w == 0
+    y = y.masked_fill_(zero, 0.0) if last_use and not y.requires_grad else y.masked_fill(zero, 0.0)
+    return _dot(w, y)
+
+
+def _masked_in_both(log_p: Tensor, log_pt: Tensor) -> Tensor:
+    """Classes that both sides mask (a padded vocabulary): they take no part in any divergence."""
+    return torch.isneginf(log_p) & torch.isneginf(log_pt)
+
+
 class _WholeRows(torch.autograd.Function):
     """A whole-row divergence with its closed-form student gradient.
 
-    ``divergence.rows(log_p, log_pt, grad)`` returns the per-row values, or, with ``grad`` (the
-    upstream gradient of each row), ``dL/du`` for ``u = z / T``. Only ``z`` and ``t`` are saved (the
-    caller holds them anyway); backward recomputes the log-probabilities, so a chunk never holds more
-    than a few ``[r, C]`` temporaries (autograd through the formula would keep about ten).
+    ``divergence.values(log_p, log_pt)`` gives the per-row values and
+    ``divergence.student_grad(log_p, log_pt, grad)`` ``dL/du`` for ``u = z / T`` (``grad``: the upstream
+    gradient of each row). Only ``z`` and ``t`` are saved (the caller holds them anyway); backward
+    recomputes the log-probabilities, so a chunk never holds more than a few ``[r, C]`` temporaries
+    (autograd through the formula would keep about ten).
+
+    Inside a backward that autograd records (``create_graph=True``: ``torch.is_grad_enabled()``), the
+    in-place closed form has no graph; the gradient then comes from autograd on ``values`` (the same
+    formula), so second derivatives are those of plain autograd, as for every loss on the dense engine.
     """
 
     @staticmethod
     def forward(ctx, z: Tensor, t: Tensor, divergence):
         ctx.save_for_backward(z, t)
         ctx.divergence = divergence
-        return divergence.rows(*divergence.log_probs(z, t))
+        return divergence.values(*divergence.log_probs(z, t))
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_rows: Tensor):
         z, t = ctx.saved_tensors
         d = ctx.divergence
-        grad = d.rows(*d.log_probs(z, t), grad=grad_rows)
+        if torch.is_grad_enabled():
+            values = d.values(*d.log_probs(z, t))
+            (grad,) = torch.autograd.grad(values, z, grad_rows.to(values.dtype), create_graph=True)
+            return grad, None, None
+        grad = d.student_grad(*d.log_probs(z, t), grad_rows)
         return grad.mul_(d._a), None, None
 
 
@@ -84,16 +113,39 @@ class _Divergence(Loss):
 
 
 class _WholeRowDivergence(_Divergence):
-    """A divergence over whole rows: ``rows(log_p, log_pt, grad=None)`` gives values or ``dL/du``."""
+    """A divergence over whole rows: ``values(log_p, log_pt)`` per row, ``student_grad(...)`` its ``dL/du``.
+
+    Where a hyperparameter makes it a streaming divergence (``_edge``: JSD at beta 0 or 1, AKL at
+    mu 1), it is that divergence, and streams.
+    """
+
+    _edge: _Divergence | None = None
+
+    @property
+    def streamable(self):  # type: ignore[override]
+        return self._edge is not None
+
+    def statistics(self, rows):
+        return self._edge.statistics(rows) if self._edge is not None else ()
+
+    def row_loss(self, s, rows):
+        return self._edge.row_loss(s, rows)
 
     def log_probs(self, z: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """``log softmax(z / T)`` and ``log softmax(t / T)``."""
         return torch.log_softmax(z * self._a, -1), torch.log_softmax(t * self._a, -1)
 
-    def rows(self, log_p: Tensor, log_pt: Tensor, grad: Tensor | None = None) -> Tensor:
+    def values(self, log_p: Tensor, log_pt: Tensor) -> Tensor:
+        """The per-row divergence, written with out-of-place ops (autograd differentiates it)."""
+        raise NotImplementedError
+
+    def student_grad(self, log_p: Tensor, log_pt: Tensor, grad: Tensor) -> Tensor:
+        """``grad[:, None] * dL/du`` in closed form, in place in the temporaries (``log_pt`` included)."""
         raise NotImplementedError
 
     def dense_row_loss(self, z, rows):
+        if self._edge is not None:
+            return self._edge.dense_row_loss(z, rows)
         return _WholeRows.apply(z, _teacher_rows(z, rows), self)
 
 
@@ -140,7 +192,7 @@ class TTM(KL):
 
     def __init__(self, gamma: float = 1.0, temperature: float = 1.0):
         super().__init__(temperature)
-        self.gamma = V.positive("gamma", gamma, who="TTM")
+        self.gamma = float(gamma)
 
 
 class WTTM(TTM):
@@ -187,91 +239,113 @@ class JSD(_WholeRowDivergence):
     At :math:`\beta = 0` it is :class:`KL` and at :math:`\beta = 1` :class:`ReverseKL` (the convention
     of Agarwal et al., *On-Policy Distillation of Language Models: Learning from Self-Generated
     Mistakes* (GKD), ICLR 2024, which Liger-Kernel's fused JSD follows); those two stream, every
-    other :math:`\beta` needs whole rows.
+    other :math:`\beta` needs whole rows. Finite wherever either side has mass (:math:`m > 0` there).
     """
 
     def __init__(self, beta: float = 0.5, temperature: float = 1.0):
         super().__init__(temperature)
-        self.beta = V.real("JSD", "beta", beta, low=0.0, high=1.0)
+        self.beta = float(beta)
         self._edge = KL(temperature) if self.beta == 0.0 else ReverseKL(temperature) if self.beta == 1.0 else None
 
-    @property
-    def streamable(self):  # type: ignore[override]
-        return self._edge is not None
+    def _log_mixture(self, log_p: Tensor, log_pt: Tensor) -> Tensor:
+        """``log m = log(beta p_t + (1 - beta) p)``."""
+        if log_p.requires_grad:
+            # logaddexp(-inf, -inf) is -inf but its derivative is NaN (0 * NaN stays NaN): a class both
+            # sides mask is measured from 0 instead; the divergence drops it anyway (weight 0).
+            both = _masked_in_both(log_p, log_pt)
+            log_p, log_pt = log_p.masked_fill(both, 0.0), log_pt.masked_fill(both, 0.0)
+        return torch.logaddexp(log_pt + math.log(self.beta), log_p + math.log1p(-self.beta))
 
-    def statistics(self, rows):
-        return self._edge.statistics(rows) if self._edge is not None else ()
+    def values(self, log_p: Tensor, log_pt: Tensor) -> Tensor:
+        log_m = self._log_mixture(log_p, log_pt)
+        teacher = _expect(log_pt.exp(), log_pt - log_m, last_use=True)
+        student = _expect(log_p.exp(), log_p - log_m, last_use=True)
+        return self.beta * teacher + (1 - self.beta) * student
 
-    def row_loss(self, s, rows):
-        return self._edge.row_loss(s, rows)
-
-    def dense_row_loss(self, z, rows):
-        if self._edge is not None:
-            return self._edge.dense_row_loss(z, rows)
-        return super().dense_row_loss(z, rows)
-
-    def rows(self, log_p: Tensor, log_pt: Tensor, grad: Tensor | None = None) -> Tensor:
-        beta = self.beta
-        log_m = torch.logaddexp(log_pt + math.log(beta), log_p + math.log1p(-beta))
-        p = log_p.exp()
-        if grad is None:
-            pt = log_pt.exp()
-            teacher = _dot(pt, log_pt) - _dot(pt, log_m)
-            return beta * teacher + (1 - beta) * (_dot(p, log_p) - _dot(p, log_m))
+    def student_grad(self, log_p: Tensor, log_pt: Tensor, grad: Tensor) -> Tensor:
         # dL/dp_j = (1 - beta)(log p_j - log m_j) =: g_j; through the softmax: p_j (g_j - sum_i p_i g_i).
+        p = log_p.exp()
+        log_m = self._log_mixture(log_p, log_pt)
         g = torch.sub(log_p, log_m, out=log_m)
+        g.masked_fill_(p == 0, 0.0)  # a class the student masks: g is -inf or NaN there, p_j = 0
         g.sub_(_dot(p, g)[:, None]).mul_(p)
-        return g.mul_(((1 - beta) * grad).to(g.dtype)[:, None])
+        return g.mul_(((1 - self.beta) * grad).to(g.dtype)[:, None])
 
 
 class AKL(_WholeRowDivergence):
     r"""Adaptive KL: forward and reverse KL weighted by where the student's error lies.
 
-    Sort the teacher's probabilities in decreasing order; the *head* is the prefix whose cumulative
-    probability is at most :math:`\mu` (the top token always belongs to it), the *tail* the rest.
-    With :math:`g_H = \sum_{j \in H} |p_{t,j} - \mathrm{sg}(p_j)|` and :math:`g_T` likewise,
+    Sort the teacher's probabilities in decreasing order; the *head* is the top token and every
+    further token whose cumulative probability (itself included) is at most :math:`\mu` times the
+    row's total, the *tail* the rest. With :math:`g_H = \sum_{j \in H} |p_{t,j} - \mathrm{sg}(p_j)|`
+    and :math:`g_T` likewise,
 
     .. math::
 
         \ell = \frac{g_H}{g_H + g_T} \mathrm{KL}(p_t \| p) + \frac{g_T}{g_H + g_T} \mathrm{KL}(p \| p_t)
 
-    (the weights get no gradient; a row with :math:`g_H + g_T = 0` has :math:`p = p_t` and loss 0).
-    Needs whole rows (a sort). Wu et al., *Rethinking Kullback-Leibler Divergence in Knowledge
-    Distillation for Large Language Models*, 2024.
+    (the weights get no gradient; a row with :math:`g_H + g_T = 0` has :math:`p = p_t` and loss 0; a
+    term of weight 0 adds 0 even where it is infinite). This is ``get_ratio`` of the authors' code
+    (wutaiqiang/LLM_KD_AKL): head = ``cumsum <= mu`` with the top token always in it. Two deviations,
+    both at the edges: the cumulative sums are compared with :math:`\mu` times their own last value
+    (the row's float total, which may round above 1), so :math:`\mu = 1` puts every token in the head:
+    it is :class:`KL` exactly (and streams), where the authors' float ``cumsum`` ends above 1 and
+    leaves a few tokens in the tail; and a masked class (``-inf`` logit) has probability 0, where
+    ``get_ratio`` fills infinite logits with 0 first. :math:`\mu = 0` (like any :math:`\mu` below the
+    top probability) makes the top token the whole head. Needs whole rows (a sort). Wu et al.,
+    *Rethinking Kullback-Leibler Divergence in Knowledge Distillation for Large Language Models*, 2024.
     """
 
     def __init__(self, mu: float = 0.5, temperature: float = 1.0):
         super().__init__(temperature)
-        self.mu = V.real("AKL", "mu", mu, low=0.0, high=1.0)
-
-    streamable = False
+        self.mu = float(mu)
+        self._edge = KL(temperature) if self.mu == 1.0 else None
 
     def head_weight(self, p: Tensor, pt: Tensor) -> Tensor:
-        """``g_H / (g_H + g_T)`` per row (0.5 where the student equals the teacher)."""
-        pt_sorted, order = pt.sort(-1, descending=True)
-        head = pt_sorted.cumsum(-1) <= self.mu
+        """``g_H / (g_H + g_T)`` per row (0.5 where the student equals the teacher); no gradient."""
+        pt_sorted, order = pt.detach().sort(-1, descending=True)
+        cumulative = pt_sorted.cumsum(-1)
+        head = cumulative <= self.mu * cumulative[..., -1:]
         head[..., 0] = True
-        error = pt_sorted.sub_(p.gather(-1, order)).abs_()
-        del order
+        error = pt_sorted.sub_(p.detach().gather(-1, order)).abs_()
+        del order, cumulative
         g_head = torch.where(head, error, 0.0).sum(-1)
         total = error.sum(-1)
         return torch.where(total > 0, g_head / total, torch.full_like(total, 0.5))
 
-    def rows(self, log_p: Tensor, log_pt: Tensor, grad: Tensor | None = None) -> Tensor:
+    def values(self, log_p: Tensor, log_pt: Tensor) -> Tensor:
+        p, pt = log_p.exp(), log_pt.exp()
+        w = self.head_weight(p, pt)
+        diff = log_p - log_pt
+        reverse = _expect(p, diff)  # KL(p || p_t)
+        forward = -_expect(pt, diff, last_use=True)  # KL(p_t || p)
+        # A term of weight 0 adds 0, also where it is infinite (a class one side masks).
+        return torch.where(w > 0, w * forward, 0.0) + torch.where(w < 1, (1 - w) * reverse, 0.0)
+
+    def student_grad(self, log_p: Tensor, log_pt: Tensor, grad: Tensor) -> Tensor:
+        # w (p - p_t) + (1 - w) p (log p - log p_t - KL(p || p_t))
         p, pt = log_p.exp(), log_pt.exp()
         w = self.head_weight(p, pt)
         diff = torch.sub(log_p, log_pt, out=log_pt)  # log p - log p_t
-        reverse = _dot(p, diff)  # KL(p || p_t)
-        if grad is None:
-            return w * -_dot(pt, diff) + (1 - w) * reverse
-        # w (p - p_t) + (1 - w) p (log p - log p_t - KL(p || p_t))
-        out = diff.sub_(reverse[:, None]).mul_(p).mul_((1 - w)[:, None])
+        reverse = _expect(p, diff, last_use=True)  # diff is now 0 where p_j = 0 (a masked class)
+        out = diff.sub_(reverse[:, None]).mul_(p)
+        # A row of w = 1 has no reverse term, also where its reverse KL is infinite.
+        out.mul_((1 - w)[:, None]).masked_fill_((w == 1)[:, None], 0.0)
         out.add_(p.sub_(pt).mul_(w[:, None]))
         return out.mul_(grad.to(out.dtype)[:, None])
 
 
 def make_divergence(name: str, *, temperature: float, beta: float, gamma: float, mu: float) -> Loss:
-    """The divergence ``name`` (one of :data:`DIVERGENCES`) with its hyperparameters."""
+    """The divergence ``name`` (one of :data:`DIVERGENCES`) with its hyperparameters.
+
+    Every hyperparameter is checked here, also those ``name`` does not read: ``beta=3`` next to
+    ``"kl"`` is a mistake (the divergence name left out?), not a no-op.
+    """
+    if name not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {name!r}; valid divergences: {', '.join(repr(d) for d in DIVERGENCES)}")
+    beta = V.real(None, "beta", beta, low=0.0, high=1.0)
+    gamma = V.positive("gamma", gamma)
+    mu = V.real(None, "mu", mu, low=0.0, high=1.0)
     if name == "kl":
         return KL(temperature)
     if name == "reverse_kl":
@@ -282,9 +356,7 @@ def make_divergence(name: str, *, temperature: float, beta: float, gamma: float,
         return TTM(gamma, temperature)
     if name == "wttm":
         return WTTM(gamma, temperature)
-    if name == "akl":
-        return AKL(mu, temperature)
-    raise ValueError(f"unknown divergence {name!r}; valid divergences: {', '.join(repr(d) for d in DIVERGENCES)}")
+    return AKL(mu, temperature)
 
 
 __all__ = ["AKL", "DIVERGENCES", "JSD", "KL", "TEACHER", "TTM", "WTTM", "ReverseKL", "make_divergence"]

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from .. import _validation as V
 from .._engine.chunked import chunked_loss
 from .._engine.chunked.kernels import make_kernel
 from .._engine.chunked.pair import PairKernel
 from .._engine.chunked.paired import PairedLogits
-from .._engine.options import MIN_CHUNK, LinearCrossEntropyOptions, default_chunk_size
+from .._engine.options import MIN_CHUNK, LinearCrossEntropyOptions, accumulation_dtype, default_chunk_size
 from .._engine.plan import Plan
-from .arguments import build_loss, check_target, distillation_rows, per_row
+from .arguments import check_target, checked_loss, distillation_rows, per_row
 from .statistics import TEACHER
 
 #: ``rows.extra`` key of the teacher's hidden rows, which the engine turns into ``TEACHER`` logits.
@@ -27,6 +28,14 @@ def pair_chunk_size(num_classes: int, hidden: int, dtype: torch.dtype) -> int:
     """Rows per chunk of :func:`linear_distillation`: half of ``linear_cross_entropy``'s default."""
     rows = default_chunk_size(num_classes, hidden, dtype) // PAIR_CHUNK_FRACTION
     return max(MIN_CHUNK, rows - rows % MIN_CHUNK)
+
+
+def engine_options(chunk_size: int | None, backend: str) -> LinearCrossEntropyOptions:
+    """The row-chunked engine's options of :func:`linear_distillation`, checked (its module form too)."""
+    options = LinearCrossEntropyOptions(backend=backend, chunk_size=chunk_size)
+    if options.backend not in ("auto", "torch"):
+        raise ValueError(f"linear_distillation runs on the row-chunked engine: backend must be 'auto' or 'torch', got {backend!r}")
+    return options
 
 
 def _check_heads(e_s, c_s, e_t, c_t) -> None:
@@ -98,7 +107,8 @@ def linear_distillation(
         backend: ``"auto"`` or ``"torch"`` (the row-chunked engine).
 
     Returns:
-        The loss in ``e_student``'s dtype.
+        The loss: float32 for float32, bfloat16 and float16 students, float64 for float64 (the rule
+        of every fused entry point, ``docs/linear.md``, "The loss's dtype").
 
     Example:
         >>> import torch, crossent as xe
@@ -110,18 +120,16 @@ def linear_distillation(
         >>> xe.distillation(e_s @ c_s.T, e_t @ c_t.T, divergence="reverse_kl")
         tensor(1.0018)
     """
-    V.check_reduction(reduction)
-    options = LinearCrossEntropyOptions(backend=backend, chunk_size=chunk_size)
-    if options.backend not in ("auto", "torch"):
-        raise ValueError(f"linear_distillation runs on the row-chunked engine: backend must be 'auto' or 'torch', got {backend!r}")
+    options = engine_options(chunk_size, backend)
+    loss = checked_loss(
+        divergence, temperature=temperature, beta=beta, gamma=gamma, mu=mu, ce_weight=ce_weight,
+        ignore_index=ignore_index, reduction=reduction, has_target=target is not None,
+    )  # fmt: skip
     _check_heads(e_student, c_student, e_teacher, c_teacher)
     rows_shape, (num_classes, dim) = tuple(e_student.shape[:-1]), c_student.shape
     check_target(target, rows_shape, e_student.device)
-    loss = build_loss(
-        divergence, temperature=temperature, beta=beta, gamma=gamma, mu=mu, ce_weight=ce_weight,
-        has_target=target is not None,
-    )  # fmt: skip
-    hidden_t = e_teacher.detach().reshape(-1, e_teacher.shape[-1])
+    num_rows = math.prod(rows_shape)  # (a reshape to [-1, D] is ambiguous at D = 0)
+    hidden_t = e_teacher.detach().reshape(num_rows, e_teacher.shape[-1])
     rows = distillation_rows(
         target, rows_shape, num_classes, ignore_index, shift, e_student.device, {TEACHER_HIDDEN: hidden_t}
     )
@@ -135,12 +143,12 @@ def linear_distillation(
 
     with torch.autocast(e_student.device.type, enabled=False):
         value, _ = chunked_loss(
-            e_student.reshape(-1, dim), c_student, None, plan, rows,
+            e_student.reshape(num_rows, dim), c_student, None, plan, rows,
             reduction=reduction, options=options, kernel=kernel,
         )  # fmt: skip
     if reduction == "none":
         value = per_row(value, rows_shape, shift)
-    return value.to(e_student.dtype)
+    return value.to(accumulation_dtype(e_student.dtype))
 
 
-__all__ = ["linear_distillation", "pair_chunk_size"]
+__all__ = ["engine_options", "linear_distillation", "pair_chunk_size"]

@@ -159,11 +159,15 @@ class Expectation(_Scaled):
             empty = torch.full(w.shape[:-1], float("-inf"), dtype=ACC, device=w.device)
             return (empty, torch.zeros_like(empty))
         peak = w.amax(-1, keepdim=True)
-        weights = (w - peak).exp_()
-        total = weights.sum(-1)
+        # A block whose weighting side is all -inf (masked classes) weighs nothing: measure it from 0.
+        weights = (w - torch.nan_to_num(peak, nan=float("nan"), neginf=0.0)).exp_()
+        total = weights.sum(-1).to(ACC)
+        # A class of weight 0 adds 0 whatever f is there: a masked class (-inf logit) has f = +-inf.
+        f = self._f(w, z, rows, cols).masked_fill_(weights == 0, 0.0)
         # A row-by-row dot product: no second [N, width] product is formed.
-        dot = torch.bmm(weights[:, None, :], self._f(w, z, rows, cols)[:, :, None]).reshape(-1)
-        return (peak.squeeze(-1).to(ACC) + total.to(ACC).log(), dot.to(ACC) / total.to(ACC))
+        dot = torch.bmm(weights[:, None, :], f[:, :, None]).reshape(-1).to(ACC)
+        mean = torch.where(total > 0, dot / total, torch.zeros_like(dot))
+        return (peak.squeeze(-1).to(ACC) + total.log(), mean)
 
     def merge(self, x, y):
         lse = torch.logaddexp(x[0], y[0])
@@ -180,9 +184,9 @@ class Expectation(_Scaled):
         soft = softmax_from_lse(w, values[self.requires[0]])
         if self.under == "teacher":  # cs a q_j
             term = soft.mul_((coef * self.cs * self.a).to(dtype)[:, None])
-        else:  # a p_j (f_j - E_p[f] + cs)
+        else:  # a p_j (f_j - E_p[f] + cs), 0 where p_j = 0 (f_j may be infinite there: a masked class)
             term = self._f(w, z, rows, cols).sub_((values[self] - self.cs).to(dtype)[:, None])
-            term.mul_(soft).mul_((coef * self.a).to(dtype)[:, None])
+            term.mul_(soft).masked_fill_(soft == 0, 0.0).mul_((coef * self.a).to(dtype)[:, None])
         return term if grad is None else grad.add_(term)
 
 
