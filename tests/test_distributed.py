@@ -11,6 +11,10 @@ short collective and launch timeouts, so a hang fails fast); each test reads its
   (``reference_streaming``), bfloat16 within 2e-2 of float32.
 * Shard checks: a layout that does not tile the vocabulary, ranks that pass different rows, and a rank
   whose arguments are rejected make every rank raise (and the group stays usable afterwards).
+* Ranks that disagree: rank 1 passes another value of one option at a time (``DISAGREEMENTS``: each
+  option the ranks must share, on both engines and a DTensor head), or an argument that it alone
+  rejects (``REJECTIONS``); every rank raises, naming the option and the ranks, each a case of the same
+  launch (a hang or an abort in gloo fails the case within the collectives' timeout).
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ import copy
 import functools
 import importlib.util
 import io
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -305,10 +312,11 @@ def shard_checks(rank: int, world: int):
         _raises(ValueError, r"classes \[4, 6\) are held by ranks 2 and 1",
                 lambda: fused(start=4 if rank == 1 else None, n=2 if rank == 1 else None))  # fmt: skip
     # The ranks disagree on a value they must share.
-    _raises(ValueError, r"the same vocab_size \(rank 0: 9, rank 1: 10", lambda: materialised(vocab_size=9 + rank))
+    _raises(ValueError, r"the same vocab_size \(rank 0: 9 / rank 1: 10", lambda: materialised(vocab_size=9 + rank))
     _raises(ValueError, r"the same target \(its values differ: rank 0 / ranks? 1", lambda: materialised(target=(target + rank) % 9))
-    _raises(ValueError, r"the number of rows \(target.numel\(\)\) \(rank 0: 26, rank 1: 24", lambda: fused(rows=13 - rank))
-    _raises(ValueError, r"ignore_index \(rank 0: -100, rank 1: 3", lambda: fused(ignore_index=-100 if rank == 0 else 3))
+    _raises(ValueError, r"target \(rank 0: a tensor of shape \(2, 13\) / rank 1: a tensor of shape \(2, 12\)",
+            lambda: fused(rows=13 - rank))  # fmt: skip
+    _raises(ValueError, r"ignore_index \(rank 0: -100 / ranks? 1(, 2)?: 3\)", lambda: fused(ignore_index=-100 if rank == 0 else 3))
     # One rank rejects its arguments: it raises its own error, every other rank says which rank failed.
     if rank == 1:
         _raises(TypeError, "vocab_start must be an int, got NoneType", lambda: materialised(lo=None))
@@ -317,12 +325,135 @@ def shard_checks(rank: int, world: int):
     else:
         _raises(RuntimeError, r"rank 1 of the vocabulary-parallel group rejected its arguments.*TypeError: vocab_start", materialised)
         _raises(RuntimeError, r"rank 1 .*ValueError: e has 8 features but c has 7", fused)
-    # Whole-row losses: refused on every rank by name, after the ranks agreed.
+    # Whole-row losses: refused on every rank by name.
     _raises(ValueError, r"NormalizedFocal.*'vocab-parallel' engine", lambda: fused(loss="nfl"))
     # The group is still usable: a correct call on every rank.
     _close(materialised(), xe.cross_entropy(logits, target), 1e-10)
     _close(fused(), xe.linear_cross_entropy(e, c, t), 1e-5)
     assert len(starts) == world
+
+
+# -- ranks that disagree on the call ----------------------------------------------------------------
+
+
+def fused_call(rank: int, world: int, dtype=torch.float32, features=D, e_grad=True, bias=False, bias_rows=None, **kw):
+    """A fused call of this rank's shard, through backward (where e's gradient is all-reduced)."""
+    e, c, b, t = linear_data(dtype, VOCAB[world])
+    start, n = LINEAR[world][rank]
+    e = e[..., :features].clone().requires_grad_(e_grad)
+    c = c[start : start + n, :features].clone().requires_grad_()
+    b = b[start : start + (n if bias_rows is None else bias_rows)] if bias else None
+    out = vocab_parallel_linear_cross_entropy(e, c, t, vocab_start=start, bias_shard=b, **kw)
+    (out[0] if isinstance(out, tuple) else out).sum().backward()
+
+
+def materialised_call(rank: int, world: int, dtype=torch.float64, **kw):
+    logits, target = data()
+    lo, hi = MATERIALISED[world][rank]
+    shard = logits[:, lo:hi].to(dtype).requires_grad_()
+    vocab_parallel_cross_entropy(shard, target, vocab_start=lo, **kw).sum().backward()
+
+
+def dtensor_call(rank: int, world: int, **kw):
+    """linear_cross_entropy of a ColwiseParallel head's weight (a DTensor split Shard(0), as torch.chunk splits)."""
+    from torch.distributed.tensor import DTensor, Shard, init_device_mesh
+
+    e, c, _, t = linear_data(torch.float32, VOCAB[world])
+    per_rank = -(-VOCAB[world] // world)
+    local = c[rank * per_rank : (rank + 1) * per_rank]
+    mesh = init_device_mesh("cpu", (world,))
+    head = DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=c.shape, stride=c.stride())
+    xe.linear_cross_entropy(e, head, t, **kw)
+
+
+def two_entry_points(rank: int, world: int, mixed: bool = False):
+    """Rank 0 calls vocab_parallel_cross_entropy and the others the fused entry point (``mixed``), or every
+    rank the latter."""
+    (materialised_call if mixed and rank == 0 else fused_call)(rank, world)
+
+
+#: One option at a time on which rank 1 differs from rank 0: the call, rank 0's and rank 1's arguments,
+#: and what the error of every rank says after "every rank ... must pass the same".
+DISAGREEMENTS = {
+    "label_smoothing": (fused_call, {}, dict(label_smoothing=0.1), r"label_smoothing \(rank 0: 0\.0 / rank 1: 0\.1\)"),
+    "z_loss": (fused_call, {}, dict(z_loss=1e-2), r"z_loss \(rank 0: 0\.0 / rank 1: 0\.01\)"),
+    "softcap": (fused_call, {}, dict(softcap=2.0), r"softcap \(rank 0: None / rank 1: 2\.0\)"),
+    "shift": (fused_call, {}, dict(shift=True), r"shift \(rank 0: False / rank 1: True\)"),
+    "dtype": (fused_call, {}, dict(dtype=torch.float64), r"dtype .*\(rank 0: torch.float32 / rank 1: torch.float64\)"),
+    "D": (fused_call, {}, dict(features=D - 1), rf"D .*\(rank 0: {D} / rank 1: {D - 1}\)"),
+    "loss": (fused_call, {}, dict(loss="gce"), r"loss \(rank 0: 'ce' / rank 1: 'gce'\)"),
+    "loss_hyperparameter": (fused_call, dict(loss=xe.losses.get("focal", gamma=2.0)), dict(loss=xe.losses.get("focal", gamma=3)),
+                            r"loss \(rank 0: Focal\(gamma=2\.0, alpha=None\) / rank 1: Focal\(gamma=3\.0, alpha=None\)\)"),
+    "bias": (fused_call, {}, dict(bias=True), r"bias_shard \(given or not\) \(rank 0: False / rank 1: True\)"),
+    "weight_values": (fused_call, dict(weight=torch.linspace(0.5, 1.5, V2)), dict(weight=torch.linspace(0.5, 1.6, V2)),
+                      r"weight \(the class weights\) \(its values differ: rank 0 / rank 1\)"),
+    "weight_given": (fused_call, {}, dict(weight=torch.ones(V2)), r"weight .* \(rank 0: None / rank 1: a tensor of shape \(11,\)\)"),
+    "extra_values": (fused_call, dict(extra={"w": torch.zeros(ROWS)}), dict(extra={"w": torch.ones(ROWS)}),
+                     r"extra \(its values differ: rank 0 / rank 1\)"),
+    "reduction": (fused_call, {}, dict(reduction="sum"), r"reduction \(rank 0: 'mean' / rank 1: 'sum'\)"),
+    "return_stats": (fused_call, {}, dict(return_stats=True), r"return_stats \(rank 0: \(\) / rank 1: \('lse', 'argmax'\)\)"),
+    "chunk_size": (fused_call, dict(chunk_size=4), dict(chunk_size=5), r"chunk_size \(rank 0: 4 / rank 1: 5\)"),
+    "mode": (fused_call, {}, dict(options=xe.LinearCrossEntropyOptions(mode="recompute")), r"mode \(rank 0: 'auto' / rank 1: 'recompute'\)"),
+    "e_gradient": (fused_call, {}, dict(e_grad=False),
+                   r"inputs that need a gradient \(rank 0: \('e', 'c_shard'\) / rank 1: \('c_shard',\)\)"),
+    "entry_point": (two_entry_points, dict(mixed=True), dict(mixed=True),
+                    r"entry point \(rank 0: 'vocab_parallel_cross_entropy' / rank 1: 'vocab_parallel_linear_cross_entropy'\)"),
+    "materialised_label_smoothing": (materialised_call, {}, dict(label_smoothing=0.1), r"label_smoothing \(rank 0: 0\.0 / rank 1: 0\.1\)"),
+    "materialised_dtype": (materialised_call, {}, dict(dtype=torch.float32), r"dtype .*\(rank 0: torch.float64 / rank 1: torch.float32\)"),
+    "materialised_softcap": (materialised_call, {}, dict(softcap=2.0), r"softcap \(rank 0: None / rank 1: 2\.0\)"),
+    "materialised_weight_values": (materialised_call, dict(weight=torch.linspace(0.5, 1.5, 9)), dict(weight=torch.linspace(0.5, 1.6, 9)),
+                                   r"weight \(the class weights\) \(its values differ: rank 0 / rank 1\)"),
+    "dtensor_normalizer": (dtensor_call, {}, dict(normalizer=7.0), r"normalizer \(rank 0: None / rank 1: tensor\(7\.0\)\)"),
+    "dtensor_label_smoothing": (dtensor_call, {}, dict(label_smoothing=0.1), r"label_smoothing \(rank 0: 0\.0 / rank 1: 0\.1\)"),
+}  # fmt: skip
+
+#: One option at a time that rank 1 alone rejects: the call, rank 0's and rank 1's arguments, and rank
+#: 1's own error, which every other rank quotes.
+REJECTIONS = {
+    "loss_refused": (fused_call, {}, dict(loss="nfl"), ValueError, r"NormalizedFocal.*'vocab-parallel' engine"),
+    "materialised_loss_refused": (materialised_call, {}, dict(loss="nfl"), ValueError, r"NormalizedFocal.*'vocab-parallel' engine"),
+    "bias_length": (fused_call, dict(bias=True), dict(bias=True, bias_rows=6), ValueError, r"bias must have shape \[7\], got \(6,\)"),
+    "extra_shape": (fused_call, dict(extra={"w": torch.zeros(ROWS)}), dict(extra={"w": torch.zeros(26)}), ValueError,
+                    r"extra\['w'\] must start with the target's shape"),
+    "dtensor_sample_weight": (dtensor_call, {}, dict(sample_weight=torch.ones(ROWS)), ValueError,
+                              r"sample_weight is not available for a DTensor classifier"),
+    "dtensor_normalizer_value": (dtensor_call, dict(normalizer=7.0), dict(normalizer=-1.0), ValueError, r"normalizer must be > 0"),
+}  # fmt: skip
+
+
+def disagreeing(rank: int, world: int, spec: tuple):
+    """Rank 1 differs on one option (``spec``: an entry of DISAGREEMENTS): every rank raises the same
+    error naming it; the group goes on."""
+    call, mine, theirs, message = spec
+    every_rank = r"every rank of the vocabulary-parallel group must pass the same .*"
+    _raises(ValueError, every_rank + message, lambda: call(rank, world, **(theirs if rank == 1 else mine)))
+    call(rank, world)
+
+
+def rejected(rank: int, world: int, spec: tuple):
+    """Rank 1 alone rejects its arguments (``spec``: an entry of REJECTIONS): it raises its own error,
+    every other rank quotes it; the group goes on."""
+    call, mine, theirs, exc, message = spec
+    if rank == 1:
+        _raises(exc, message, lambda: call(rank, world, **theirs))
+    else:
+        quoted = rf"rank 1 of the vocabulary-parallel group rejected its arguments.*{exc.__name__}: .*{message}"
+        _raises(RuntimeError, quoted, lambda: call(rank, world, **mine))
+    call(rank, world)
+
+
+def disagreeing_on_one_rank_of_three(rank: int, world: int):
+    """Ranks that share a value are named together."""
+    _raises(ValueError, r"label_smoothing \(ranks 0, 1: 0\.0 / rank 2: 0\.1\)",
+            lambda: fused_call(rank, world, label_smoothing=0.1 if rank == 2 else 0.0))  # fmt: skip
+    fused_call(rank, world)
+
+
+def _disagreement_cases() -> dict:
+    """Every disagreement and rejection of two ranks, each a case of the same launch."""
+    cases = {f"disagree:{name}": functools.partial(disagreeing, spec=spec) for name, spec in DISAGREEMENTS.items()}
+    cases.update({f"reject:{name}": functools.partial(rejected, spec=spec) for name, spec in REJECTIONS.items()})
+    return cases
 
 
 # -- DTensor, DDP and FSDP2 -------------------------------------------------------------------------
@@ -457,6 +588,8 @@ def _cases(world: int) -> dict:
         cases["ddp"] = functools.partial(data_parallel, wrap="ddp")
         cases["fsdp2"] = functools.partial(data_parallel, wrap="fsdp2")
         cases["torchrun_example"] = torchrun_example
+    else:
+        cases["disagree_on_one_rank_of_three"] = disagreeing_on_one_rank_of_three
     return cases
 
 
@@ -468,7 +601,8 @@ def _launch(world: int) -> dict:
     import torch.distributed.fsdp
     import torch.distributed.tensor.parallel
 
-    return run_cases(world, _cases(world), timeout=150, gloo_timeout=20)
+    cases = {**_cases(world), **(_disagreement_cases() if world == 2 else {})}
+    return run_cases(world, cases, timeout=150, gloo_timeout=20)
 
 
 @pytest.mark.slow
@@ -478,9 +612,39 @@ def test_two_gloo_ranks(case):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("case", list(_disagreement_cases()))
+def test_ranks_that_disagree_raise_on_every_rank(case):
+    """Rank 1 passes another value of one option, or an argument that it alone rejects: every rank raises,
+    naming the option and the ranks, within the collectives' timeout (a hang or an abort fails the case)."""
+    check(_launch(2), case)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(_cases(3)))
 def test_three_gloo_ranks_one_without_classes(case):
     check(_launch(3), case)
+
+
+def _claimed_row() -> str:
+    """The gathered row of a call's options, as a rank claims them: a loss object, class weights, extras, dtypes."""
+    from crossent._engine.shards import Claim, _row
+
+    loss = xe.losses.get("focal", gamma=2.0) + 0.5 * xe.losses.get("gce", q=0.7)
+    claim = Claim(0, 4, 11, torch.arange(6), -100, loss=loss, softcap=2.0, weight=torch.linspace(0.5, 1.5, 11),
+                  extra={"w": torch.ones(6)}, dtype=torch.bfloat16, gradients=("e",), mode="auto")  # fmt: skip
+    return str(_row("vocab_parallel_linear_cross_entropy", claim, "cpu").tolist())
+
+
+@pytest.mark.slow
+def test_the_fingerprints_of_options_do_not_depend_on_the_process():
+    """Ranks are separate processes, forked or not: a fingerprint must not change with the process (as
+    Python's salted hash of a string, or a repr holding an address, would)."""
+    path = os.pathsep.join(str(p) for p in (Path(xe.__file__).parents[1], Path(__file__).parent))
+    env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": path}
+    code = "import test_distributed as t; print(t._claimed_row())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == _claimed_row()
 
 
 def test_whole_row_and_stateful_losses_are_refused_by_name():

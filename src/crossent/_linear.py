@@ -10,7 +10,15 @@ from torch import Tensor
 from . import _validation as V
 from ._dtensor import VocabularyShard, is_dtensor, local_arguments
 from ._engine.options import LinearCrossEntropyOptions
-from ._linear_call import compiled_call, engine_call, finish, linear_call, linear_inputs, resolve_options
+from ._linear_call import (
+    check_normalizer,
+    compiled_call,
+    engine_call,
+    finish,
+    linear_call,
+    linear_inputs,
+    resolve_options,
+)
 
 __all__ = ["linear_cross_entropy"]
 
@@ -31,24 +39,6 @@ def _check_sample_weight(sample_weight, target: Tensor, device) -> Tensor | None
     if sample_weight.device != device:
         raise ValueError(f"sample_weight is on {sample_weight.device} but e is on {device}")
     return sample_weight
-
-
-def _check_normalizer(normalizer, reduction: str, device) -> Tensor | None:
-    """The ``mean`` divisor as a float64 0-dim tensor on ``device``; its value is checked where that costs
-    no device synchronisation (numbers, CPU tensors)."""
-    if normalizer is None:
-        return None
-    if reduction != "mean":
-        raise ValueError(f"normalizer replaces the divisor of reduction='mean'; it cannot be used with reduction={reduction!r}")
-    if isinstance(normalizer, Tensor):
-        if normalizer.numel() != 1:
-            raise ValueError(f"normalizer must be a number or a one-element tensor, got shape {tuple(normalizer.shape)}")
-        if normalizer.requires_grad:
-            raise ValueError("normalizer is a constant (a count of rows); it must not require grad")
-        value = normalizer.reshape(()).to(device=device, dtype=torch.float64)
-        V.data_check(~(value > 0), "normalizer must be > 0", lambda: f"normalizer must be > 0, got {value.item():g}")
-        return value
-    return torch.tensor(V.positive("normalizer", normalizer), dtype=torch.float64, device=device)
 
 
 def linear_cross_entropy(
@@ -174,7 +164,7 @@ def linear_cross_entropy(
     loss_obj = call.build_loss()
     target = V.index_target(target, "integer class indices")  # uint8 read as the classes it holds
     sample_weight = _check_sample_weight(sample_weight, target, e.device)
-    denominator = _check_normalizer(normalizer, reduction, e.device)
+    denominator = check_normalizer(normalizer, reduction, e.device)
     e, c, bias, out_dtype = linear_inputs(e, c, bias)
 
     rows_shape = tuple(target.shape)
@@ -184,22 +174,13 @@ def linear_cross_entropy(
     return finish(value, stats, rows_shape, call, out_dtype)
 
 
-def _vocabulary_parallel(
-    e: Tensor, c_shard: Tensor, target, shard: VocabularyShard, *, bias, sample_weight, normalizer, reduction, **arguments
-):
+def _vocabulary_parallel(e: Tensor, c_shard: Tensor, target, shard: VocabularyShard, *, bias, **arguments):
     """The call of a head split by vocabulary (a ``Shard(0)`` DTensor), given its local tensors: the
-    fused vocabulary-parallel entry point, with ``normalizer`` dividing its sum."""
-    from .distributed import vocab_parallel_linear_cross_entropy
+    fused vocabulary-parallel call, which checks every argument (``sample_weight`` and ``normalizer``
+    included) in its agreement across the ranks."""
+    from .distributed import sharded_linear_cross_entropy
 
-    if sample_weight is not None:
-        raise ValueError("linear_cross_entropy: sample_weight is not available for a DTensor classifier")
-    denominator = _check_normalizer(normalizer, reduction, e.device)
-    out = vocab_parallel_linear_cross_entropy(
-        e, c_shard, target, vocab_start=shard.vocab_start, vocab_size=shard.vocab_size, group=shard.group,
-        bias_shard=bias, reduction=reduction if denominator is None else "sum", **arguments,
+    return sharded_linear_cross_entropy(
+        "linear_cross_entropy", e, c_shard, target, vocab_start=shard.vocab_start, vocab_size=shard.vocab_size,
+        group=shard.group, bias_shard=bias, **arguments,
     )  # fmt: skip
-    if denominator is None:
-        return out
-    loss, stats = out if isinstance(out, tuple) else (out, None)
-    loss = (loss.double() / denominator).to(loss.dtype)
-    return loss if stats is None else (loss, stats)

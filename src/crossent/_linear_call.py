@@ -47,6 +47,7 @@ __all__ = [
     "LinearCall",
     "LinearStats",
     "STAT_SOURCES",
+    "check_normalizer",
     "check_target",
     "compiled_call",
     "engine_call",
@@ -188,6 +189,24 @@ def _check_tensors(e, c, target, bias, allow_no_classes: bool = False, shift: bo
     for name, t in (("c", c), ("target", target)) + ((("bias", bias),) if bias is not None else ()):
         if t.device != e.device:
             raise ValueError(f"{name} is on {t.device} but e is on {e.device}")
+
+
+def check_normalizer(normalizer, reduction: str, device) -> Tensor | None:
+    """The ``mean`` divisor as a float64 0-dim tensor on ``device``; its value is checked where that costs
+    no device synchronisation (numbers, CPU tensors)."""
+    if normalizer is None:
+        return None
+    if reduction != "mean":
+        raise ValueError(f"normalizer replaces the divisor of reduction='mean'; it cannot be used with reduction={reduction!r}")
+    if isinstance(normalizer, Tensor):
+        if normalizer.numel() != 1:
+            raise ValueError(f"normalizer must be a number or a one-element tensor, got shape {tuple(normalizer.shape)}")
+        if normalizer.requires_grad:
+            raise ValueError("normalizer is a constant (a count of rows); it must not require grad")
+        value = normalizer.reshape(()).to(device=device, dtype=torch.float64)
+        V.data_check(~(value > 0), "normalizer must be > 0", lambda: f"normalizer must be > 0, got {value.item():g}")
+        return value
+    return torch.tensor(V.positive("normalizer", normalizer), dtype=torch.float64, device=device)
 
 
 def linear_call(

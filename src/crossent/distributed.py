@@ -12,11 +12,13 @@ gets the gradient of its own columns. Whole-row and stateful losses are refused 
 * :func:`crossent.linear_cross_entropy` with a classifier that is a DTensor split ``Shard(0)`` over
   the vocabulary (``ColwiseParallel``) calls the latter by itself.
 
-Before anything is merged, the ranks agree on the layout in one small all-gather per call: the shards
-must tile ``[0, vocab_size)`` exactly, and every rank must pass the same rows; otherwise every rank
-raises the same error, naming the classes and the ranks. A rank whose arguments are rejected makes
-every rank raise, never leaves the others waiting in a collective. Without an initialised process group
-a process is a group of one and must hold every class.
+Before anything is merged, the ranks agree in one small all-gather per call, the call's first
+collective: the shards must tile ``[0, vocab_size)`` exactly, and every rank must pass the same rows and
+the same options (the loss and its hyperparameters, ``label_smoothing``, ``z_loss``, ``softcap``,
+``weight``, ``shift``, the dtype and ``D``, ...); otherwise every rank raises the same error, naming
+the classes or the options and the ranks. A rank whose arguments are rejected makes every rank raise,
+never leaves the others waiting in a collective. Without an initialised process group a process is a
+group of one and must hold every class.
 
 Works with any ``torch.distributed`` backend (gloo on CPU, NCCL on GPU) and under DDP/FSDP; see
 ``docs/distributed.md``.
@@ -31,12 +33,12 @@ from torch import Tensor
 
 from . import _validation as V
 from ._engine.options import LinearCrossEntropyOptions
-from ._engine.plan import Plan
+from ._engine.plan import Plan, require_blockwise
 from ._engine.reduction import reduce
 from ._engine.shards import Claim, agree
 from ._engine.vocab_parallel import ENGINE, VocabParallelRowLoss
 from ._engine.vocab_parallel_linear import sharded_loss
-from ._linear_call import finish, linear_call, linear_inputs, prepare, resolve_options
+from ._linear_call import check_normalizer, finish, linear_call, linear_inputs, prepare, resolve_options
 from ._rows import as_float, index_rows
 from .losses._build import build_loss
 from .stats import ARGMAX, LSE
@@ -61,10 +63,6 @@ def _index(name: str, value, *, optional: bool = False, minimum: int = 0) -> int
 
 def _device(t) -> torch.device:
     return t.device if isinstance(t, Tensor) else torch.device("cpu")
-
-
-def _weight_length(weight) -> int | None:
-    return weight.numel() if isinstance(weight, Tensor) else None
 
 
 def _transforms(softcap):
@@ -106,7 +104,9 @@ def vocab_parallel_cross_entropy(
 
     Raises:
         ValueError: on every rank, when the shards do not tile the vocabulary or the ranks pass
-            different rows; for a loss that needs whole rows (e.g. ``nfl``), naming it and this engine.
+            different rows or options (the loss, ``label_smoothing``, ``weight``, the dtype, ...: the
+            error names each one that differs and which ranks pass which value); for a loss that
+            needs whole rows (e.g. ``nfl``), naming it and this engine.
         RuntimeError: on every other rank, when one rank's arguments were rejected (that rank raises
             its own error).
 
@@ -132,23 +132,29 @@ def vocab_parallel_cross_entropy(
             raise ValueError(f"{who} takes class-index targets (class probabilities are not supported)")
         V.index_target(target, "integer class indices")  # refuses bool and complex
         V.check_ignore_index(ignore_index)
-        V.check_softcap(softcap)
+        cap = V.check_softcap(softcap)
         if logits.shape[:-1] != target.shape:
             raise ValueError(f"target must have shape {tuple(logits.shape[:-1])} for logits {tuple(logits.shape)}, got {tuple(target.shape)}")
         start = _index("vocab_start", vocab_start)
         size = _index("vocab_size", vocab_size, optional=True, minimum=1)
         loss_obj = build_loss(loss, label_smoothing=label_smoothing, z_loss=z_loss)
-        return Claim(start, logits.shape[-1], size, target, ignore_index, _weight_length(weight)), loss_obj
+        require_blockwise(loss_obj, ENGINE)
+        flat_extra = V.flatten_extra(extra, target.shape)
+        claim = Claim(
+            start, logits.shape[-1], size, target, ignore_index, loss=loss, label_smoothing=float(label_smoothing),
+            z_loss=float(z_loss), softcap=cap, weight=weight, extra=extra or None, reduction=reduction,
+            dtype=logits.dtype,
+        )  # fmt: skip
+        return claim, (loss_obj, flat_extra)
 
-    loss_obj, layout = agree(who, group, _device(logits), check)
+    (loss_obj, flat_extra), layout = agree(who, group, _device(logits), check)
     # Everything below depends on values the ranks agreed on: it raises on every rank alike, or on none.
     target = V.index_target(target, "integer class indices")
     num_classes = layout.vocab_size
     class_weight = V.check_class_weight(weight, num_classes, logits.device, as_float(logits[:0]).dtype)
     V.check_index_target(target, num_classes, ignore_index, target.shape if target.dim() else (1,))
-    rows = index_rows(target.reshape(-1), num_classes, ignore_index, class_weight, V.flatten_extra(extra, target.shape))
+    rows = index_rows(target.reshape(-1), num_classes, ignore_index, class_weight, flat_extra)
     plan = Plan(loss_obj, rows, _transforms(softcap))
-    plan.require_blockwise(ENGINE)
     per_row = VocabParallelRowLoss.apply(logits.reshape(rows.num_rows, logits.shape[-1]), plan, rows, layout.cols, layout)
     return reduce(per_row, rows, reduction, target.shape, logits.dtype)
 
@@ -210,7 +216,9 @@ def vocab_parallel_linear_cross_entropy(
 
     Raises:
         ValueError: on every rank, when the shards do not tile the vocabulary or the ranks pass
-            different rows; for a loss that needs whole rows or keeps state (e.g. ``nfl``), by name.
+            different rows or options (the loss, ``label_smoothing``, ``shift``, ``weight``, the
+            dtype, ``D``, ...: the error names each one that differs and which ranks pass which
+            value); for a loss that needs whole rows or keeps state (e.g. ``nfl``), by name.
         RuntimeError: on every other rank, when one rank's arguments were rejected (that rank raises
             its own error).
 
@@ -222,10 +230,48 @@ def vocab_parallel_linear_cross_entropy(
         >>> vocab_parallel_linear_cross_entropy(e, c, torch.tensor([0, 2, 1]), vocab_start=0)
         tensor(1.1575)
     """
-    who = "vocab_parallel_linear_cross_entropy"
+    return sharded_linear_cross_entropy(
+        "vocab_parallel_linear_cross_entropy", e, c_shard, target, vocab_start=vocab_start, vocab_size=vocab_size,
+        group=group, bias_shard=bias_shard, loss=loss, weight=weight, ignore_index=ignore_index, reduction=reduction,
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, shift=shift, backend=backend,
+        chunk_size=chunk_size, return_stats=return_stats, extra=extra, accum_dtype=accum_dtype, options=options,
+    )  # fmt: skip
+
+
+@torch._disable_dynamo
+def sharded_linear_cross_entropy(
+    who: str,
+    e: Tensor,
+    c_shard: Tensor,
+    target: Tensor,
+    *,
+    vocab_start,
+    vocab_size,
+    group,
+    bias_shard,
+    loss,
+    weight,
+    ignore_index,
+    reduction: str,
+    label_smoothing,
+    z_loss,
+    softcap,
+    shift,
+    backend,
+    chunk_size,
+    return_stats,
+    extra,
+    accum_dtype,
+    options,
+    sample_weight=None,
+    normalizer=None,
+):
+    """The fused vocabulary-parallel call behind :func:`vocab_parallel_linear_cross_entropy` and a DTensor
+    classifier's :func:`crossent.linear_cross_entropy` (``who``, named in errors), which also passes
+    ``sample_weight`` (refused) and ``normalizer`` (the divisor of the ``mean``): they are checked, and
+    agreed on, with every other argument."""
 
     def check():
-        nonlocal target
         call = linear_call(
             e, c_shard, target, bias_shard, loss=loss, label_smoothing=label_smoothing, z_loss=z_loss,
             softcap=softcap, reduction=reduction, ignore_index=ignore_index, shift=shift, return_stats=return_stats,
@@ -240,23 +286,40 @@ def vocab_parallel_linear_cross_entropy(
             )
         if "entropy" in call.stats:
             raise ValueError(f"{who} reports lse and argmax, not the entropy (return_stats={return_stats!r})")
-        target = V.index_target(target, "integer class indices")  # uint8 read as the classes it holds
+        if sample_weight is not None:
+            raise ValueError(f"{who}: sample_weight is not available for a DTensor classifier")
+        denominator = check_normalizer(normalizer, reduction, e.device)
+        index_target = V.index_target(target, "integer class indices")  # uint8 read as the classes it holds
         start = _index("vocab_start", vocab_start)
         size = _index("vocab_size", vocab_size, optional=True, minimum=1)
         loss_obj = call.build_loss()
+        require_blockwise(loss_obj, ENGINE)
+        V.flatten_extra(extra, index_target.shape)  # its shapes, before the causal shift reads them
         inputs = linear_inputs(e, c_shard, bias_shard)
         opts.accumulator(inputs[0].dtype)  # checks accum_dtype against the input dtype
-        claim = Claim(start, c_shard.shape[0], size, target, call.ignore_index, _weight_length(weight), opts.chunk_size)
-        return claim, (call, loss_obj, inputs)
+        # Which inputs need a gradient decides the chunk size (the grad_c accumulator) and the all-reduce of
+        # e's gradient in backward: every rank must decide alike.
+        grad = torch.is_grad_enabled()
+        named = (("e", e), ("c_shard", c_shard), ("bias_shard", bias_shard))
+        gradients = tuple(name for name, t in named if grad and t is not None and t.requires_grad)
+        claim = Claim(
+            start, c_shard.shape[0], size, index_target, call.ignore_index, loss=loss,
+            label_smoothing=float(label_smoothing), z_loss=float(z_loss), softcap=call.softcap, weight=weight,
+            extra=extra or None, reduction=reduction, normalizer=denominator, return_stats=call.stats, shift=call.shift,
+            dtype=inputs[0].dtype, hidden=e.shape[-1], bias=bias_shard is not None, gradients=gradients,
+            chunk_size=opts.chunk_size, accum_dtype=opts.accum_dtype, mode=opts.mode,
+        )  # fmt: skip
+        return claim, (call, loss_obj, inputs, index_target, denominator)
 
-    (call, loss_obj, (e_rows, c, bias, out_dtype)), layout = agree(who, group, _device(e), check)
+    (call, loss_obj, (e_rows, c, bias, out_dtype), target, denominator), layout = agree(who, group, _device(e), check)
     # Everything below depends on values the ranks agreed on: it raises on every rank alike, or on none.
     flat = e_rows.reshape(-1, e_rows.shape[-1])
     plan, rows, _ = prepare(flat, c, target, weight, extra, None, loss_obj, call, num_classes=layout.vocab_size)
-    plan.require_blockwise(ENGINE)
     with torch.autocast(flat.device.type, enabled=False):
         value, stats = sharded_loss(
-            flat, c, bias, plan, rows, layout, reduction=reduction, options=call.options,
-            report=(LSE, ARGMAX) if call.stats else (),
+            flat, c, bias, plan, rows, layout, reduction=reduction if denominator is None else "sum",
+            options=call.options, report=(LSE, ARGMAX) if call.stats else (),
         )  # fmt: skip
+    if denominator is not None:
+        value = value / denominator
     return finish(value, stats, tuple(target.shape), call, out_dtype)

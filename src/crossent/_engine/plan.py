@@ -43,6 +43,16 @@ def refuse_second_order(engine: str, instead: str) -> None:
         )
 
 
+def require_blockwise(loss, engine: str) -> None:
+    """Refuse, by name, a loss that needs whole logit rows on an engine that only sees blocks of columns
+    (a function of the loss alone: an engine may refuse it before it has the rows to plan)."""
+    if not loss.streamable or loss.stateful:
+        raise ValueError(
+            f"loss {loss!r} needs whole logit rows and cannot run on the {engine!r} engine, which "
+            "only sees blocks of the vocabulary; use the dense or the row-chunked ('torch') engine"
+        )
+
+
 #: The forms that :class:`Factors` expresses; a statistic of another form takes the generic gradient path.
 FACTOR_FORMS = frozenset({Form.LOG_SUM_EXP, Form.TARGET, Form.COLUMN_SUM, Form.SQUARES, Form.ARGMAX})
 
@@ -149,11 +159,7 @@ class Plan:
 
     def require_blockwise(self, engine: str) -> None:
         """Refuse, by name, a loss that needs whole logit rows on an engine that only sees blocks of columns."""
-        if not self.streamable or self.stateful:
-            raise ValueError(
-                f"loss {self.loss!r} needs whole logit rows and cannot run on the {engine!r} engine, which "
-                "only sees blocks of the vocabulary; use the dense or the row-chunked ('torch') engine"
-            )
+        require_blockwise(self.loss, engine)
 
     # -- state ------------------------------------------------------------------------------------
     def observe(self, z: Tensor, rows: Rows) -> Rows:
