@@ -6,7 +6,8 @@ one new step (each side first in every other pair), ``--repeats`` times, so load
 affects both alike. Reported: the median of each side and their ratio (new / baseline). Cases: the
 dense forward + backward of ``benchmarks/bench_dense.py`` (CE, ``N = 8192``, ``C`` in {1000, 32000},
 float32) and the fused one of ``benchmarks/bench_linear.py`` (``N, D, V = 4096, 1024, 32768``,
-float32: CE, z-loss 1e-4, label smoothing 0.1) with the three-matrix-product floor for scale.
+float32, or ``--fused-shape``: CE, z-loss 1e-4, label smoothing 0.1) with the three-matrix-product
+floor for scale; ``--skip-dense`` / ``--skip-fused`` leave either group out.
 
     python benchmarks/bench_ab.py --baseline /path/to/old/src --repeats 9
 """
@@ -60,6 +61,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--baseline", required=True, help="the baseline tree's src folder (holding crossent/)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--skip-fused", action="store_true")
+    parser.add_argument("--skip-dense", action="store_true")
+    parser.add_argument("--fused-shape", nargs=3, type=int, default=(4096, 1024, 32768), metavar=("N", "D", "V"))
     args = parser.parse_args(argv)
     here = Path(__file__).resolve().parent.parent / "src"
     sys.path.insert(0, str(here))
@@ -68,17 +71,20 @@ def main(argv=None) -> list[dict]:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     g = torch.Generator().manual_seed(0)
     cases = []
-    for c in (1000, 32000):
+    for c in () if args.skip_dense else (1000, 32000):
         logits, target = torch.randn(8192, c, generator=g), torch.randint(0, c, (8192,), generator=g)
         cases.append((f"dense ce N=8192 C={c}", lambda xe, a=logits, b=target: dense_step(xe, a, b, {})))
     if not args.skip_fused:
-        e = torch.randn(4096, 1024, generator=g) / 32
-        w = torch.randn(32768, 1024, generator=g) / 32
-        y = torch.randint(0, 32768, (4096,), generator=g)
+        n, d, v = args.fused_shape
+        shape = f"{n}x{d}x{v}"
+        e = torch.randn(n, d, generator=g) / d**0.5
+        w = torch.randn(v, d, generator=g) / d**0.5
+        y = torch.randint(0, v, (n,), generator=g)
         for label, kw in (("ce", {}), ("z_loss", {"z_loss": 1e-4}), ("smooth", {"label_smoothing": 0.1})):
-            cases.append((f"fused {label} 4096x1024x32768", lambda xe, kw=kw: fused_step(xe, e, w, y, kw)))
-        cases.append(("floor (3 products) 4096x1024x32768", lambda xe: floor_step(e, w)))
-    print(f"{'case':<36} {'baseline s':>10} {'new s':>8} {'new/baseline':>12}")
+            cases.append((f"fused {label} {shape}", lambda xe, kw=kw: fused_step(xe, e, w, y, kw)))
+        cases.append((f"floor (3 products) {shape}", lambda xe: floor_step(e, w)))
+    print(f"{'case':<36} {'baseline s':>10} {'new s':>8} {'new/baseline':>12} "
+          f"{'baseline range s':>17} {'new range s':>17}")  # fmt: skip
     results = []
     for label, step in cases:
         step(old), step(new)  # warm-up
@@ -92,8 +98,11 @@ def main(argv=None) -> list[dict]:
                 b.append(step(new))
         row = {"case": label, "baseline_s": statistics.median(a), "new_s": statistics.median(b)}
         row["ratio"] = row["new_s"] / row["baseline_s"]
+        row["baseline_range_s"], row["new_range_s"] = (min(a), max(a)), (min(b), max(b))
         results.append(row)
-        print(f"{label:<36} {row['baseline_s']:>10.4f} {row['new_s']:>8.4f} {row['ratio']:>12.3f}")
+        spread = [f"{lo:.4f}-{hi:.4f}" for lo, hi in (row["baseline_range_s"], row["new_range_s"])]
+        print(f"{label:<36} {row['baseline_s']:>10.4f} {row['new_s']:>8.4f} {row['ratio']:>12.3f} "
+              f"{spread[0]:>17} {spread[1]:>17}")  # fmt: skip
     return results
 
 

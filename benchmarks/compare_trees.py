@@ -3,11 +3,15 @@
     python benchmarks/compare_trees.py --trees ../before ../after --shape 4096 1024 32768 float32 \
         --methods floor crossent_ce crossent_focal --rounds 3
 
-Each tree's own benchmark worker (``crossent_harness.bench._linear_worker``) runs each configuration in a
-fresh process with that tree's ``src/`` first on ``PYTHONPATH``. Rounds alternate which tree goes first
-and rotate the methods, so load that changes during the run falls on both trees alike. Prints, per
-method, the median of every timing of every round for each tree, their ratio (after / before), and the
-peak memory.
+Each tree's own benchmark worker (``crossent_harness.bench._linear_worker``, or ``crossent.bench._linear_worker``
+in trees from before the harness moved) runs each configuration in a fresh process with that tree's ``src/``
+first on ``PYTHONPATH``. Rounds alternate which tree goes first and rotate the methods, so load that changes
+during the run falls on both trees alike. Prints, per method, the median and the range of every timing of
+every round for each tree, their ratio (after / before), and the peak memory.
+
+``--warmup 0`` measures each process's first call: its RSS figure then includes what that call
+imports and initialises on first use (a worker older than that option runs its exact-accounting step
+first, which hides it; workers from before that step, such as ``6a96de8``'s, time the first call).
 """
 
 from __future__ import annotations
@@ -58,12 +62,14 @@ def main(argv=None) -> None:
     parser.add_argument("--methods", nargs="+", required=True)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per configuration")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs first (0: time the first call)")
     parser.add_argument("--timeout", type=float, default=1800.0)
     args = parser.parse_args(argv)
 
     trees = [Path(t).resolve() for t in args.trees]
     n, d, v, dtype = args.shape
-    base = dict(n=int(n), d=int(d), v=int(v), dtype=dtype, device="cpu", warmup=1, repeats=args.repeats, seed=0)
+    base = dict(n=int(n), d=int(d), v=int(v), dtype=dtype, device="cpu", warmup=args.warmup, repeats=args.repeats)
+    base["seed"] = 0
     times = {(t, m): [] for t in range(2) for m in args.methods}
     peaks = {(t, m): [] for t in range(2) for m in args.methods}
     for r in range(args.rounds):
@@ -77,17 +83,20 @@ def main(argv=None) -> None:
                     continue
                 times[t, m] += res.get("times", [res["median"]])
                 peaks[t, m].append(rss_beyond_gradients(res) / 2**20)
-    print(f"\nN={n} D={d} V={v} {dtype}, {args.rounds} rounds x {args.repeats} timings; "
+    print(f"\nN={n} D={d} V={v} {dtype}, {args.rounds} rounds x {args.repeats} timings, warm-up {args.warmup}; "
           f"before = {trees[0].name}, after = {trees[1].name}\n")  # fmt: skip
     print("Peak MiB: growth of the peak RSS over the step beyond the gradients, which workers of every")
     print("version report (newer ones also report exact live bytes; BENCHMARKS.md has those).\n")
-    print("| method | before median s | after median s | after / before | before peak MiB | after peak MiB |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| method | before median s | after median s | after / before | before range s | after range s "
+          "| before peak MiB | after peak MiB |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for m in args.methods:
         if not times[0, m] or not times[1, m]:
             continue
         a, b = statistics.median(times[0, m]), statistics.median(times[1, m])
-        print(f"| {m} | {a:.3f} | {b:.3f} | {b / a:.3f} | {max(peaks[0, m]):.0f} | {max(peaks[1, m]):.0f} |")
+        spread = [f"{min(times[t, m]):.3f}-{max(times[t, m]):.3f}" for t in range(2)]
+        print(f"| {m} | {a:.3f} | {b:.3f} | {b / a:.3f} | {spread[0]} | {spread[1]} "
+              f"| {max(peaks[0, m]):.0f} | {max(peaks[1, m]):.0f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

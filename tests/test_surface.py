@@ -60,6 +60,27 @@ def test_import_does_not_pull_in_dynamo_or_extras():
     assert _import_in_fresh_process(code) == ""
 
 
+def test_first_backward_does_not_pull_in_sympy():
+    # torch.autograd.grad with a tensor grad_outputs imports torch.fx.experimental.symbolic_shapes, and
+    # with it SymPy and mpmath: 34 MiB of resident memory added to a process's first step. The engines'
+    # backward passes (fused, whole-row, dense, dense under create_graph) take the gradient without one.
+    code = (
+        "import sys, torch, crossent as xe\n"
+        "e, c = torch.randn(8, 4, requires_grad=True), torch.randn(10, 4, requires_grad=True)\n"
+        "t = torch.tensor([0, 1, 2, 3, 4, 5, 9, -100])\n"
+        "recompute = xe.LinearCrossEntropyOptions(mode='recompute')\n"
+        "for loss in ('ce', 'focal', 'nfl'):\n"
+        "    xe.linear_cross_entropy(e, c, t, loss=loss).backward()\n"
+        "    xe.linear_cross_entropy(e, c, t, loss=loss, options=recompute).backward()\n"
+        "    xe.cross_entropy(e @ c.T, t, loss=loss).backward()\n"
+        "z = (e @ c.T).detach().requires_grad_()\n"
+        "(g,) = torch.autograd.grad(xe.cross_entropy(z, t), z, create_graph=True)\n"
+        "g.square().sum().backward()\n"
+        "print(','.join(m for m in ('torch.fx.experimental.symbolic_shapes', 'sympy') if m in sys.modules))"
+    )
+    assert _import_in_fresh_process(code) == ""
+
+
 @pytest.mark.parametrize("name", PUBLIC_MODULES)
 def test_public_modules_declare_all(name):
     module = importlib.import_module(name)

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .._rows import Rows, as_float
 from .plan import Plan
+from .row_grad import weighted_grad
 
 
 #: Logits per row block: 24 MiB of float32, under glibc's largest mmap threshold (32 MiB), so block
@@ -92,7 +93,7 @@ def formula_grad(logits: Tensor, plan: Plan, rows: Rows, grad_rows: Tensor) -> T
         out = plan.autograd_row_losses(as_float(logits), rows)
         if not out.requires_grad:  # a formula that does not depend on the logits
             return torch.zeros_like(logits)
-        (grad,) = torch.autograd.grad(out, logits, grad_rows.to(out.dtype), create_graph=True)
+        (grad,) = weighted_grad(out, [logits], grad_rows, create_graph=True)
     return grad
 
 

@@ -27,6 +27,7 @@ from torch import Tensor
 from .._rows import Rows
 from ..stats import ACC, Form, Statistic, formula_values, merge_states, split_lse, with_requirements
 from ..transforms import Affine, Transform, affine_chain, apply_all, backward_all
+from .row_grad import weighted_grad
 from .softmax import softmax_rows
 
 
@@ -228,7 +229,7 @@ class Plan:
             out = self._formula(leaves, rows)
             if not out.requires_grad:
                 return {}
-            grads = torch.autograd.grad(out, [leaves[s] for s in wanted], grad_rows.to(out.dtype), allow_unused=True)
+            grads = weighted_grad(out, [leaves[s] for s in wanted], grad_rows, allow_unused=True)
         return {s: g for s, g in zip(wanted, grads) if g is not None}
 
     def factors(self, coefs: dict) -> Factors:

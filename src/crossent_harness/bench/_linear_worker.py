@@ -14,7 +14,9 @@ steps (``torch.cuda.max_memory_allocated`` less what was allocated before them).
 RSS, a secondary figure: the growth of the peak resident set over the timed steps (after the warm-up
 steps, which also compile what ``torch.compile`` compiles, and a reset of the kernel's mark through
 ``/proc/self/clear_refs``). It is never below zero, but the allocator's reuse of memory the warm-up freed
-makes it an underestimate, and at small shapes it says little.
+makes it an underestimate, and at small shapes it says little. With ``warmup = 0`` the first timed step
+is the process's first call and the exact accounting's step runs after the timed ones, so the RSS
+figure includes what the first call imports and initialises (modules, the BLAS library's buffers).
 """
 
 from __future__ import annotations
@@ -112,7 +114,10 @@ def measure(spec: dict) -> dict:
     out = None
     gc.collect()
     grad_bytes = e.numel() * e.element_size() + c.numel() * c.element_size()
-    live = None if cuda else _live_peak(step, spec["method"])
+    # With no warm-up the timed steps include the process's first call (what it imports and
+    # initialises on first use shows in the RSS figure): the exact accounting's step comes after them.
+    first_call = spec["warmup"] == 0
+    live = None if cuda or first_call else _live_peak(step, spec["method"])
     e.grad = c.grad = None
     gc.collect()
     if cuda:
@@ -131,6 +136,12 @@ def measure(spec: dict) -> dict:
         if isinstance(out, torch.Tensor):
             loss = float(out.detach())
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    rss_peak = _rss_kib("VmHWM")
+    if first_call and not cuda:
+        out = None
+        e.grad = c.grad = None
+        gc.collect()
+        live = _live_peak(step, spec["method"])
     threads = torch.get_num_threads()
     result = {"times": times, "median": sorted(times)[len(times) // 2], "loss": loss, "threads": threads}
     if not cuda:
@@ -139,7 +150,7 @@ def measure(spec: dict) -> dict:
         result["cpu_share"] = cpu / max(wall * threads, 1e-9)
     result["grad_bytes"] = grad_bytes
     if reset_ok:
-        result["rss_growth"] = max(0, (_rss_kib("VmHWM") - rss0) * 1024)
+        result["rss_growth"] = max(0, (rss_peak - rss0) * 1024)
     if cuda:
         result["peak_live_bytes"] = max(0, torch.cuda.max_memory_allocated() - base)
         result["memory_source"] = "cuda allocator"

@@ -30,6 +30,7 @@ from torch import Tensor
 from ..._rows import Rows
 from ...stats import ACC, Form, anchored
 from ..plan import Plan
+from ..row_grad import weighted_grad
 from ..softmax import FUSED_SOFTMAX_DEVICES, softmax_
 
 
@@ -184,7 +185,7 @@ class WholeRowKernel:
             leaf = z.detach().requires_grad_()
             loss = plan.autograd_row_losses(leaf, rows)
             if loss.requires_grad:
-                (grad,) = torch.autograd.grad(loss, leaf, row_scale.to(loss.dtype))
+                (grad,) = weighted_grad(loss, [leaf], row_scale)
             else:
                 grad = torch.zeros_like(z)
         return ChunkResult(loss.detach(), values, ChunkGrad(grad))
