@@ -176,6 +176,26 @@ def test_aldr_kl_refuses_a_reference_temperature_above_the_ldr_bound():
         AdaptiveLDRKL(lam0=1e4)
 
 
+@pytest.mark.parametrize("make", [lambda m: LDRKL(margin=m), lambda m: AdaptiveLDRKL(margin=m, num_samples=N)],
+                         ids=["ldr_kl", "aldr_kl"])  # fmt: skip
+@pytest.mark.parametrize("margin", [1e300, -1e300])
+def test_ldr_margins_beyond_the_logits_dtype(make, margin):
+    """A margin float32 cannot hold (it was inf - inf = NaN): float64 logits give the value, about the
+    margin; float32 logits its overflow, +inf (or the finite value of a huge negative margin)."""
+    for dtype in (torch.float32, torch.float64):
+        z, y = logits(dtype)
+        x = z.clone().requires_grad_()
+        out = xe.cross_entropy(x, y, loss=make(margin), reduction="none", extra={"sample_ids": torch.arange(N)})
+        out.sum().backward()
+        assert torch.isfinite(x.grad).all()
+        if margin < 0:
+            assert torch.isfinite(out).all()
+        elif dtype == torch.float32:
+            assert torch.isposinf(out).all()
+        else:
+            torch.testing.assert_close(out, torch.full((N,), margin, dtype=torch.float64), rtol=1e-12, atol=0)
+
+
 # -- normalized focal, NGCE, truncated GCE ----------------------------------------------------------
 def nfl_mp(z, y, gamma):
     """NFL in mpmath: (1 - p_y)^gamma (-log p_y) / sum_k (1 - p_k)^gamma (-log p_k)."""

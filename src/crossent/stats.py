@@ -540,9 +540,12 @@ class TemperedLogSumExp(Statistic):
         return 1.0
 
     def _margined(self, z, rows, cols):
-        """``v = z + margin`` off each row's target column, ``z`` itself on it (exactly)."""
+        """``v = z + margin`` off each row's target column, ``z`` itself on it (exactly); in float64 for a
+        margin beyond the range of ``z``'s dtype."""
         if not self.margin or not z.shape[-1]:
             return z
+        if abs(self.margin) > torch.finfo(z.dtype).max / 4:
+            z = z.to(ACC)
         local, inside = onehot_mask(rows, cols, z.shape[-1])
         v = z + self.margin
         column = local[:, None]
@@ -570,13 +573,14 @@ class TemperedLogSumExp(Statistic):
 
     def add_grad(self, grad, z, coef, values, rows, cols):
         # softmax(v / t)_j = exp((v_j - r) / t - x / t) for the value (r, x): v_j - r <= 0 and x / t is the
-        # log-sum, so nothing overflows whatever t is. r is split as r_hi + r_lo with r_hi in z's dtype
+        # log-sum, so nothing overflows whatever t is. r is split as r_hi + r_lo with r_hi in v's dtype
         # (r is a maximum of v, so r_lo is 0 unless the state came from elsewhere).
         value = values[self]
         r, x = value.unbind(-1) if value.dim() == 2 else (value, torch.zeros_like(value))
-        r_hi = r.to(z.dtype)
+        v = self._margined(z, rows, cols)
+        r_hi = r.to(v.dtype)
         offset = ((r - r_hi.to(ACC)) + x) / self.temperature
-        exponent = self._scaled(self._margined(z, rows, cols) - r_hi[:, None])
+        exponent = self._scaled(v - r_hi[:, None])
         soft = exponent.sub_(offset.to(exponent.dtype)[:, None]).exp_().to(z.dtype)
         if grad is None:
             return soft.mul_(_coef(coef, z))

@@ -429,9 +429,11 @@ class AdaptiveLDRKL(StatefulLoss):
         if lam is None:
             raise RuntimeError("aldr_kl: the engine evaluated the loss without observing the rows first (Plan.observe)")
         s = self._scores(z)
+        if abs(self.margin) > torch.finfo(s.dtype).max / 4:  # a margin beyond the range of z's dtype
+            s = s.double()
         margins = torch.full_like(s, self.margin).scatter(-1, target[:, None], 0.0)
         violations = s - s.gather(-1, target[:, None]) + margins
-        ldr = _tempered_log_mean_exp(violations, lam, self._work_dtype(z.dtype))
+        ldr = _tempered_log_mean_exp(violations, lam, self._work_dtype(s.dtype))
         return _weighted(ldr - rows.extra[self._key + ".prior"].to(ldr.dtype), rows)
 
 
