@@ -103,8 +103,9 @@ def test_a_copy_of_aldr_kl_is_a_loss_of_its_own(how):
 
 @pytest.mark.parametrize("how", list(COPIES))
 @pytest.mark.parametrize("make", [lambda: AdaptiveLDRKL(num_samples=N), lambda: xe.losses.get("focal", gamma=1.0),
-                                  lambda: xe.losses.LogitClip(base=AdaptiveLDRKL(num_samples=N))],
-                         ids=["aldr_kl", "focal", "logit_clip_of_aldr_kl"])  # fmt: skip
+                                  lambda: xe.losses.LogitClip(base=AdaptiveLDRKL(num_samples=N)),
+                                  lambda: xe.losses.APL(active=AdaptiveLDRKL(num_samples=N))],
+                         ids=["aldr_kl", "focal", "logit_clip_of_aldr_kl", "apl_of_aldr_kl"])  # fmt: skip
 def test_a_copy_carries_a_reference_to_itself(how, make):
     """The LossRef a compiled call hands to its custom operator names the copy, not the original."""
     if LossRef is None:
@@ -189,6 +190,7 @@ def _criteria():
     return {
         "aldr_kl": xe.nn.CrossEntropyLoss(loss=AdaptiveLDRKL(num_samples=N)),
         "logit_clip_of_aldr_kl": xe.nn.CrossEntropyLoss(loss=xe.losses.LogitClip(base=AdaptiveLDRKL(num_samples=N))),
+        "apl_of_aldr_kl": xe.nn.CrossEntropyLoss(loss=xe.losses.APL(active=AdaptiveLDRKL(num_samples=N))),
     }
 
 
@@ -197,7 +199,7 @@ def _table(crit):
 
 
 @pytest.mark.parametrize("cast", list(CASTS))
-@pytest.mark.parametrize("which", ["aldr_kl", "logit_clip_of_aldr_kl"])
+@pytest.mark.parametrize("which", ["aldr_kl", "logit_clip_of_aldr_kl", "apl_of_aldr_kl"])
 def test_casting_the_wrapper_keeps_the_table_float64_and_the_next_step_works(which, cast):
     crit = _criteria()[which]
     twin = copy.deepcopy(crit)  # never cast: the reference of the same steps
