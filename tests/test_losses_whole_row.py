@@ -396,7 +396,7 @@ def test_whole_row_losses_are_refused_by_a_blockwise_engine(loss, cls):
         (lambda: LogitClip(p="two"), ValueError, "p must be a number >= 1"),
         (lambda: LogitClip(base="no_such_loss"), ValueError, "unknown loss 'no_such_loss'"),
         (lambda: LogitClip(base=3), TypeError, "loss must be a registered name"),
-        (lambda: AdaptiveLDRKL(lam0=0), ValueError, "lam0 must be > 0"),
+        (lambda: AdaptiveLDRKL(lam0=0), ValueError, r"lam0 must be in \(0, 1000\]"),
         (lambda: AdaptiveLDRKL(alpha=1.0), ValueError, "alpha must be > 1"),
         (lambda: AdaptiveLDRKL(margin=float("nan")), ValueError, "margin must be finite"),
         (lambda: AdaptiveLDRKL(num_samples=0), ValueError, "num_samples must be >= 1"),

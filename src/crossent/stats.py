@@ -34,6 +34,7 @@ computed once, however many terms of a composed loss ask for it.
 from __future__ import annotations
 
 import enum
+import math
 from typing import ClassVar
 
 import torch
@@ -66,9 +67,9 @@ class Form(enum.Enum):
     SQUARES = "squares"
     #: ``S = argmax_j z_j`` (first on ties); no derivative. State ``(max_j z_j, argmax_j z_j)``.
     ARGMAX = "argmax"
-    #: ``S = t log sum_j exp(u_j)`` with ``u_j = (z_j + m 1[j != y]) / t``, ``t = stat.temperature``,
-    #: ``m = stat.margin``; ``dS/dz_j = softmax(u)_j``. State: the ``(max, log-sum)`` pair of ``u``;
-    #: value: that pair times ``t``.
+    #: ``S = t log sum_j exp(u_j)`` with ``u_j = v_j / t``, ``v_j = z_j + m 1[j != y]``, ``t = stat.temperature``,
+    #: ``m = stat.margin``; ``dS/dz_j = softmax(u)_j``. State: ``(max_j v_j, log sum_j exp((v_j - max) / t))``
+    #: (the maximum in logit units, so no temperature overflows it); value: ``(max, t * log-sum)``.
     TEMPERED_LOG_SUM_EXP = "tempered_log_sum_exp"
     #: ``S = sum_j p_j z_j``; ``dS/dz_j = p_j (1 + z_j - S)``. State over the block: its ``(max, log-sum)``
     #: pair and ``sum_j p_j (z_j - max)`` with the block's softmax ``p``; value: the pair ``(max, that sum)``.
@@ -252,12 +253,19 @@ def lse_state(z: Tensor, peak: Tensor | None = None) -> tuple[Tensor, Tensor]:
     return m.to(ACC), torch.log(s.to(ACC))
 
 
-def merge_lse(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-    """Two ``(max, log-sum)`` states of disjoint columns combined (``-inf`` heads add nothing)."""
+def merge_lse(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor], temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Two ``(max, log-sum)`` states of disjoint columns combined (``-inf`` heads add nothing).
+
+    ``temperature``: the log-sums are of ``exp((z - max) / temperature)`` (the maxima in logit units).
+    """
     (ha, ta), (hb, tb) = a, b
     h = torch.maximum(ha, hb)
-    ta = torch.where(ha == _NEG_INF, ha, ta + (ha - h))
-    tb = torch.where(hb == _NEG_INF, hb, tb + (hb - h))
+    if temperature == 1.0:
+        ta = torch.where(ha == _NEG_INF, ha, ta + (ha - h))
+        tb = torch.where(hb == _NEG_INF, hb, tb + (hb - h))
+    else:
+        ta = torch.where(ha == _NEG_INF, ha, ta + (ha - h) / temperature)
+        tb = torch.where(hb == _NEG_INF, hb, tb + (hb - h) / temperature)
     return h, torch.logaddexp(ta, tb)
 
 
@@ -493,12 +501,26 @@ class SoftDot(Statistic):
         return grad.add_(term)
 
 
+def tempered_dtype(dtype: torch.dtype, temperature: float) -> torch.dtype:
+    """The dtype in which to divide logit differences by ``temperature``: ``dtype`` itself, or float64
+    where ``temperature`` lies outside ``[sqrt(tiny), sqrt(max)]`` of ``dtype``.
+
+    Inside that range neither the temperature nor the products autograd forms with it (``t * p`` and
+    ``1 / t`` for probabilities ``p`` down to about ``sqrt(tiny)``) leave the normal numbers of ``dtype``.
+    """
+    info = torch.finfo(dtype)
+    return dtype if math.sqrt(info.tiny) <= temperature <= math.sqrt(info.max) else torch.float64
+
+
 class TemperedLogSumExp(Statistic):
     """``t * log sum_j exp((z_j + margin * 1[j != y]) / t)`` (LDR-KL, margin-tempered losses).
 
-    State: the ``(max, log-sum)`` pair of the tempered logits, merged by :func:`merge_lse`; value: that
-    pair times ``t`` (it moves by ``s`` when every logit moves by ``s``);
-    ``dS / d z_j = softmax((z + margin') / t)_j``.
+    State: ``(max_j v_j, log sum_j exp((v_j - max) / t))`` of the margined logits
+    ``v = z + margin * 1[j != y]``, merged by :func:`merge_lse` at temperature ``t``; value: the pair
+    ``(max, t * log-sum)`` (it moves by ``s`` when every logit moves by ``s``);
+    ``dS / d z_j = softmax(v / t)_j``. Only differences ``v_j - max`` are divided by ``t`` (in float64
+    where ``t`` is extreme for the logits' dtype, :func:`tempered_dtype`), so no temperature, however
+    small or large, overflows: as ``t -> 0`` the value tends to ``max_j v_j`` (the hinge).
     """
 
     def __init__(self, temperature: float = 1.0, margin: float = 0.0):
@@ -517,26 +539,49 @@ class TemperedLogSumExp(Statistic):
     def shift(self, rows):
         return 1.0
 
-    def _scaled(self, z, rows, cols):
-        zz = (z + self.margin) / self.temperature if self.margin else z / self.temperature
-        if self.margin:
-            local, inside = onehot_mask(rows, cols, z.shape[-1])
-            if z.shape[-1]:
-                shift = inside.to(zz.dtype) * (-self.margin / self.temperature)
-                zz = zz.scatter_add(-1, local[:, None], shift[:, None])
-        return zz
+    def _margined(self, z, rows, cols):
+        """``v = z + margin`` off each row's target column, ``z`` itself on it (exactly); in float64 for a
+        margin beyond the range of ``z``'s dtype."""
+        if not self.margin or not z.shape[-1]:
+            return z
+        if abs(self.margin) > torch.finfo(z.dtype).max / 4:
+            z = z.to(ACC)
+        local, inside = onehot_mask(rows, cols, z.shape[-1])
+        v = z + self.margin
+        column = local[:, None]
+        at_target = torch.where(inside[:, None], z.gather(-1, column), v.gather(-1, column))
+        return v.scatter(-1, column, at_target)
+
+    def _scaled(self, differences: Tensor) -> Tensor:
+        return differences.to(tempered_dtype(differences.dtype, self.temperature)) / self.temperature
 
     def partial(self, z, rows, cols):
-        return lse_state(self._scaled(z, rows, cols))
+        v = self._margined(z, rows, cols)
+        if v.shape[-1] == 0:
+            return lse_state(v)
+        # The maximum is a constant of the formula (the value does not depend on it): detached.
+        peak = v.detach().amax(-1)
+        safe = torch.nan_to_num(peak, nan=float("nan"), posinf=float("inf"), neginf=0.0)  # -inf rows: from 0
+        total = self._scaled(v - safe[:, None]).exp().sum(-1)
+        return peak.to(ACC), torch.log(total.to(ACC))
 
     def merge(self, a, b):
-        return merge_lse(a, b)
+        return merge_lse(a, b, self.temperature)
 
     def finalize(self, state):
-        return anchored(self.temperature * state[0], self.temperature * state[1])
+        return anchored(state[0], self.temperature * state[1])
 
     def add_grad(self, grad, z, coef, values, rows, cols):
-        soft = softmax_from_lse(self._scaled(z, rows, cols), values[self] / self.temperature)
+        # softmax(v / t)_j = exp((v_j - r) / t - x / t) for the value (r, x): v_j - r <= 0 and x / t is the
+        # log-sum, so nothing overflows whatever t is. r is split as r_hi + r_lo with r_hi in v's dtype
+        # (r is a maximum of v, so r_lo is 0 unless the state came from elsewhere).
+        value = values[self]
+        r, x = value.unbind(-1) if value.dim() == 2 else (value, torch.zeros_like(value))
+        v = self._margined(z, rows, cols)
+        r_hi = r.to(v.dtype)
+        offset = ((r - r_hi.to(ACC)) + x) / self.temperature
+        exponent = self._scaled(v - r_hi[:, None])
+        soft = exponent.sub_(offset.to(exponent.dtype)[:, None]).exp_().to(z.dtype)
         if grad is None:
             return soft.mul_(_coef(coef, z))
         return grad.addcmul_(soft, _coef(coef, z))
@@ -686,6 +731,7 @@ __all__ = [
     "LogSumExp", "TargetLogit", "Sum", "SumSquares", "SoftDot", "TemperedLogSumExp", "ProbDotLogit",
     "SumProbPower", "ArgMax",
     "LSE", "TARGET", "SUM", "SUMSQ", "P_DOT_Z", "ARGMAX",
-    "row_logsumexp", "lse_state", "softmax_from_lse", "split_lse", "merge_lse", "measured_sum", "merge_measured",
+    "row_logsumexp", "lse_state", "tempered_dtype", "softmax_from_lse", "split_lse", "merge_lse", "measured_sum",
+    "merge_measured",
     "anchored", "number", "relative", "anchor_of", "formula_values", "with_requirements", "merge_states",
 ]  # fmt: skip

@@ -15,6 +15,12 @@ from ._base import Loss, log_prob_target, register
 
 _NORMALIZATIONS = (None, "softplus", "l1")
 
+#: The largest LDR-KL temperature. The loss is ``lse_lam - s_y - lam log C`` with ``lse_lam`` near
+#: ``lam log C`` for a large ``lam``, so its absolute error is ``lam`` times the rounding of the log-sum
+#: (about ``1e-7 lam`` from float32 logits): at ``lam = 1e3`` about ``1e-4``, beyond it soon the size of
+#: the loss itself. Larger temperatures are refused rather than silently rounded.
+LDR_MAX_TEMPERATURE = 1e3
+
 
 def _log_softplus(z: Tensor) -> Tensor:
     """``log(softplus(z))``, accurate where ``softplus(z)`` underflows.
@@ -38,7 +44,10 @@ class LDRKL(Loss):
     where :math:`\mathrm{lse}_{\lambda,c}` is the ``TemperedLogSumExp(lam, margin)`` statistic. As
     :math:`\lambda \to 0` it tends to the Crammer-Singer hinge :math:`\max_k (s_k - s_y + c\mathbb{1}[k\ne y])`,
     as :math:`\lambda \to \infty` to the mean margin violation; :math:`\lambda = 1, c = 0` is CE minus
-    :math:`\log C`.
+    :math:`\log C`. Any :math:`\lambda > 0` down to the hinge limit gives finite values and gradients
+    (the statistic divides only differences :math:`\le 0` by :math:`\lambda`); :math:`\lambda` is at
+    most ``1e3`` (``LDR_MAX_TEMPERATURE``): the last term cancels most of the first for a large
+    :math:`\lambda`, leaving an absolute error of about :math:`10^{-7}\lambda` from float32 logits.
 
     Scores :math:`s`: the official code first normalises each row, which needs the whole row, so it
     is an option here. ``normalize=None`` (default) uses the raw logits :math:`s = z` and streams on
@@ -69,7 +78,7 @@ class LDRKL(Loss):
     shift_invariant = True
 
     def __init__(self, lam: float = 1.0, margin: float = 0.1, normalize: str | None = None):
-        self.lam = V.real("ldr_kl", "lam", lam, low=0.0, low_open=True)
+        self.lam = V.real("ldr_kl", "lam", lam, low=0.0, high=LDR_MAX_TEMPERATURE, low_open=True)
         self.margin = V.real("ldr_kl", "margin", margin)
         if normalize not in _NORMALIZATIONS:
             raise ValueError(f"ldr_kl: normalize must be one of {_NORMALIZATIONS}, got {normalize!r}")

@@ -23,6 +23,11 @@ from ._base import CompositeLoss, Loss, get, log_prob_target, register
 #: along its tangent, so it stays finite with a bounded, non-zero gradient.
 COMP_SUM_MIN_LOG_PROB = math.log(1e-7)
 
+#: The smallest ``q`` of NGCE. Its denominator ``C - sum_k p_k^q`` is about ``q sum_k -log p_k`` for a
+#: small ``q``: a difference of numbers near ``C`` whose relative error grows like ``1e-8 / q`` from
+#: float32 logits (1e-5 at this bound) until, near ``q = 1e-8``, it is 0 and the loss infinite.
+NGCE_MIN_Q = 1e-3
+
 
 def _one_minus_p(logp):
     return -torch.expm1(logp)
@@ -177,7 +182,7 @@ class TGCE(Loss):
         logp = log_prob_target(s, rows)
         if self.k == 0.0:
             return _gce(logp, self.q)
-        floor = (1.0 - self.k**self.q) / self.q
+        floor = -math.expm1(self.q * math.log(self.k)) / self.q  # L_q(k), also for a tiny q
         # NaN compares false: written this way round, a NaN row takes the GCE branch and stays NaN.
         return torch.where(logp <= math.log(self.k), torch.full_like(logp, floor), _gce(logp, self.q))
 
@@ -259,12 +264,14 @@ class NGCE(Loss):
 
     The reference code clamps :math:`p` to :math:`[10^{-7}, 1]` before the powers; crossent uses the
     exact :math:`\sum_k p_k^q` (the ``sum_p_pow`` statistic), which differs from the clamped sum by
-    less than :math:`C \cdot 10^{-7q}`.
+    less than :math:`C \cdot 10^{-7q}`. ``q`` is at least ``1e-3`` (``NGCE_MIN_Q``): for a smaller
+    ``q`` the denominator is a difference of numbers near :math:`C` that float32 logits cannot resolve
+    (as :math:`q \to 0` the loss tends to :class:`NCE`, which has no such difference).
 
     Statistics: ``lse``, ``target``, ``sum_p_pow(q)``. Streams on every engine.
 
     Args:
-        q: :math:`q \in (0, 1]`. Default ``0.7``.
+        q: :math:`q \in [10^{-3}, 1]`. Default ``0.7``.
 
     Example:
         >>> import torch, crossent as xe
@@ -278,7 +285,7 @@ class NGCE(Loss):
     shift_invariant = True
 
     def __init__(self, q: float = 0.7):
-        self.q = V.real("ngce", "q", q, low=0.0, high=1.0, low_open=True)
+        self.q = V.real("ngce", "q", q, low=NGCE_MIN_Q, high=1.0)
         self._power = SumProbPower(self.q)
 
     def statistics(self, rows):

@@ -16,14 +16,46 @@ import torch
 from torch import Tensor
 
 from .._rows import Rows
+from ..stats import tempered_dtype
 from ..transforms import apply_all
 from .. import _validation as V
 from ._base import CompositeLoss, Loss, StatefulLoss, register, resolve
+from ._margin import LDR_MAX_TEMPERATURE
 
 
 def _weighted(loss: Tensor, rows: Rows) -> Tensor:
     w = rows.target_weight()
     return loss if w is None else loss * w.to(loss.dtype)
+
+
+def _temperature_dtype(dtype: torch.dtype, low: float, high: float) -> torch.dtype:
+    """The dtype for logit differences divided by temperatures in ``[low, high]`` (:func:`tempered_dtype`)."""
+    if tempered_dtype(dtype, low) == dtype and tempered_dtype(dtype, high) == dtype:
+        return dtype
+    return torch.float64
+
+
+def _tempered_log_mean_exp(a: Tensor, lam: Tensor, work: torch.dtype) -> Tensor:
+    """``lam * log mean_k exp(a_k / lam)`` per row (``a``: ``[N, C]``, ``lam``: ``[N]``), with autograd.
+
+    Exact from the hinge ``max_k a_k`` (``lam -> 0``) to the mean ``mean_k a_k`` (``lam -> inf``): it is
+    ``m + lam * log mean_k exp(d_k)`` with ``m`` the row maximum (detached: the value does not depend
+    on it) and ``d = (a - m) / lam <= 0``, divided in ``work`` with ``lam`` clamped to its normal
+    numbers. Where ``mean exp(d) >= 1/2`` (large ``lam``), its log is ``log1p(mean expm1(d))``, which
+    keeps the small deviations that ``log sum exp(d) - log C`` would cancel; elsewhere that difference
+    is at most ``-log 2`` and cancels nothing.
+    """
+    info = torch.finfo(work)
+    peak = a.detach().amax(-1, keepdim=True)
+    lam = lam.to(work).clamp(info.tiny, info.max)[:, None]
+    d = (a - peak).to(work) / lam
+    mean_expm1 = torch.expm1(d).mean(-1)
+    near = mean_expm1 >= -0.5
+    # The untaken branch must stay finite too (log1p(-1) would make its zero gradient NaN).
+    log_mean = torch.where(
+        near, torch.log1p(torch.where(near, mean_expm1, 0.0)), torch.logsumexp(d, -1) - math.log(a.shape[-1])
+    )
+    return (peak.squeeze(-1) + lam.squeeze(-1) * log_mean).to(a.dtype)
 
 
 @register("nfl")
@@ -38,7 +70,9 @@ class NormalizedFocal(Loss):
     with :math:`p = \mathrm{softmax}(z)` and :math:`\mathrm{sg}` a stop-gradient: the official code
     detaches the modulating factors :math:`(1-p)^\gamma` (numerator and denominator) but not the log
     terms, and so does this class. The value lies in :math:`[0, 1]`; ``gamma=0`` gives NCE. The
-    normalizer sums over the whole row, so the loss is whole-row (``streamable = False``).
+    normalizer sums over the whole row, so the loss is whole-row (``streamable = False``). The
+    modulating factors are formed relative to the row's largest, so any finite ``gamma`` gives finite
+    values (as :math:`\gamma \to \infty` the normalizer keeps only the least likely classes).
 
     Class-index targets only; ``weight[y]`` multiplies the row. The APL combinations scale it by
     ``alpha`` (e.g. ``10 * NormalizedFocal()`` for CIFAR-10 alone, see the paper's configs).
@@ -61,14 +95,28 @@ class NormalizedFocal(Loss):
     def __init__(self, gamma: float = 0.5):
         self.gamma = V.non_negative("gamma", gamma)
 
+    def _modulators(self, logp: Tensor) -> Tensor:
+        """``(1 - p_k)^gamma`` divided by the row's largest (a common factor, which the ratio cancels).
+
+        Formed as ``exp(gamma * (log(1 - p_k) - max_j log(1 - p_j)))``: the direct powers underflow to 0
+        in every class for a large ``gamma`` (``0 / 0``); these stay 1 at the least likely class, so the
+        normalizer is at least ``log 2``. ``gamma`` beyond the logits' dtype multiplies in float64.
+        """
+        if self.gamma == 0.0:
+            return torch.ones_like(logp)
+        # -expm1(log p) is 1 - p without cancellation when p is close to 1.
+        log_rest = torch.log(-torch.expm1(logp))
+        below = log_rest - log_rest.amax(-1, keepdim=True)
+        if self.gamma > torch.finfo(below.dtype).max:
+            return torch.exp(below.double() * self.gamma).to(logp.dtype)
+        return torch.exp(below * self.gamma)
+
     def dense_row_loss(self, z: Tensor, rows: Rows) -> Tensor:
         target = rows.require_indices("nfl")
         if z.shape[-1] < 2:
             raise ValueError(f"nfl needs at least 2 classes (its normalizer is 0 for one), got {z.shape[-1]}")
         logp = torch.log_softmax(z, dim=-1)
-        # -expm1(log p) is 1 - p without cancellation when p is close to 1.
-        modulator = (-torch.expm1(logp.detach())).pow(self.gamma)
-        terms = modulator * -logp
+        terms = self._modulators(logp.detach()) * -logp
         loss = terms.gather(-1, target[:, None]).squeeze(-1) / terms.sum(-1)
         return _weighted(loss, rows)
 
@@ -187,13 +235,22 @@ class AdaptiveLDRKL(StatefulLoss):
     This is the order of the official ``ALDRLoss_V1``. The ids of the counted rows of one call must be
     distinct. With ``num_samples=None`` the table grows to the largest id seen (new entries start at
     :math:`\lambda_0`); ``state_dict()`` / ``load_state_dict()`` save and restore it (a grown table
-    restores at its saved size), and the ``crossent.nn`` wrappers include it in theirs.
+    restores at its saved size), and the ``crossent.nn`` wrappers include it in theirs. The table stays
+    float64 through casts of the module (``.half()``, ``.bfloat16()``, ``.to(dtype)``: a temperature near
+    :math:`\lambda_0` rounded to half precision would lose its updates) and follows its moves between
+    devices; ``copy.deepcopy`` and pickling give a loss with a table of its own.
+
+    Every :math:`\lambda_0 \in (0, 10^3]`, down to the hinge limit :math:`\lambda_0 \to 0`, gives finite,
+    accurate values and gradients on finite logits: the tempered terms are measured from the row
+    maximum (:math:`\lambda` divides only differences that are :math:`\le 0`, in float64 where it is
+    extreme for the logits' dtype), and the prior is formed without :math:`\alpha / \lambda_0`.
 
     Not reproduced: the official CIFAR-100 variant applies ``softplus`` to the logits first. A row of
     zeros is scored as zeros (the official code divides by zero).
 
     Args:
-        lam0: :math:`\lambda_0 > 0`, the reference temperature. Default ``1.0`` (the paper picks it by
+        lam0: :math:`\lambda_0 \in (0, 10^3]`, the reference temperature (at most ``LDR_MAX_TEMPERATURE``,
+            as for :class:`~crossent.losses.LDRKL`). Default ``1.0`` (the paper picks it by
             cross-validation from {0.1, 1, 10}).
         margin: :math:`c`, the margin added to non-target scores. Default ``0.1``.
         alpha: :math:`\alpha > 1`, strength of the KL prior on :math:`\lambda`. Default ``2.0``.
@@ -219,16 +276,33 @@ class AdaptiveLDRKL(StatefulLoss):
 
     def __init__(self, lam0: float = 1.0, margin: float = 0.1, alpha: float = 2.0, num_samples: int | None = None):
         super().__init__()
-        self.lam0 = V.positive("lam0", lam0)
+        self.lam0 = V.real(None, "lam0", lam0, low=0.0, low_open=True, high=LDR_MAX_TEMPERATURE)
         self.margin = V.real(None, "margin", margin)
         self.alpha = V.real(None, "alpha", alpha)
         if not self.alpha > 1:
             raise ValueError(f"alpha must be > 1 (it keeps every lambda above lam0 * (1 - 1/alpha) > 0), got {alpha}")
+        if not self.lam0 * (1 - 1 / self.alpha) > 0:
+            raise ValueError(f"lam0 * (1 - 1/alpha), the lower bound of every lambda, is 0: lam0={lam0}, alpha={alpha}")
         self.num_samples = None if num_samples is None else V.count("num_samples", num_samples)
         self.register_buffer("lambdas", torch.full((self.num_samples or 0,), self.lam0, dtype=torch.float64))
-        self._key = f"aldr_kl.lambda.{id(self)}"
+
+    @property
+    def _key(self) -> str:
+        # From the object's identity, not stored: a copy (deepcopy, pickle) gets keys of its own, so two
+        # copies in one composed loss do not read each other's observations.
+        return f"aldr_kl.lambda.{id(self)}"
 
     # -- state ------------------------------------------------------------------------------------
+    def _apply(self, fn, recurse=True):
+        table = self.lambdas
+        super()._apply(fn, recurse)
+        if self.lambdas.dtype != torch.float64:
+            # A cast of the module (.half(), .to(dtype)): the table stays float64 (a temperature near lam0
+            # in half precision would round its updates away) and only follows the device.
+            moved = self.lambdas.device
+            self.lambdas = table.to(moved) if table.device.type != "meta" else self.lambdas.to(torch.float64)
+        return self
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         # A copy: the table keeps changing in place while training, a saved state must not.
         destination[prefix + "lambdas"] = self.lambdas.detach().clone()
@@ -278,10 +352,6 @@ class AdaptiveLDRKL(StatefulLoss):
                 f"aldr_kl: sample ids must be below num_samples={self.num_samples}",
                 lambda: f"sample id {int(ids[beyond].max())} is out of range for num_samples={self.num_samples}",
             )
-        # Distinct ids among the counted rows: sorted, ignored rows hold distinct negative stand-ins.
-        standing = torch.where(valid, ids, -1 - torch.arange(ids.shape[0], device=ids.device)).sort().values
-        duplicate = standing[1:] == standing[:-1]
-        V.data_check(duplicate, "aldr_kl: sample_ids of the counted rows of one call must be distinct")
         if self.num_samples is None:
             if torch.compiler.is_compiling():
                 raise ValueError(
@@ -305,23 +375,41 @@ class AdaptiveLDRKL(StatefulLoss):
         ids = self._sample_ids(rows)
         if self.lambdas.device != z.device:
             self.lambdas = self.lambdas.to(z.device)
-        s = self._scores(z)
         if self.lambdas.numel():
-            lam_old = self.lambdas[ids].to(z.dtype)
+            lam_old = self.lambdas[ids]
         else:  # nothing stored yet and every row ignored
-            lam_old = torch.full_like(ids, self.lam0, dtype=z.dtype)
-        q = torch.softmax(s / lam_old[:, None], dim=-1) + 1e-5
+            lam_old = torch.full_like(ids, self.lam0, dtype=torch.float64)
+        s = self._scores(z)
+        work = self._work_dtype(z.dtype)
+        info = torch.finfo(work)
+        # softmax(s / lam) from the row maximum: lam divides differences <= 0 only.
+        scaled = (s - s.amax(-1, keepdim=True)).to(work) / lam_old.to(work).clamp(info.tiny, info.max)[:, None]
+        q = torch.softmax(scaled, dim=-1) + 1e-5
         q = q / q.sum(-1, keepdim=True)
-        kl = (q * torch.log(num_classes * q)).sum(-1)
-        lam = self.lam0 - self.lam0 * kl / (self.alpha * math.log(num_classes))
-        return {self._key: lam, self._key + ".ids": ids}
+        kl = (q * torch.log(num_classes * q)).sum(-1).to(torch.float64)
+        strength = self.alpha * math.log(num_classes)
+        # kl < log C, so lam > lam0 (1 - 1/alpha) > 0; the clamp only undoes rounding (alpha near 1).
+        lam = (self.lam0 - self.lam0 * kl / strength).clamp(self.lam0 * (1 - 1 / self.alpha), self.lam0)
+        # The prior alpha log C / (2 lam0) (lam - lam0)^2, without forming alpha / lam0 (it overflows for
+        # a large alpha and a small lam0 while the prior itself is tiny).
+        prior = self.lam0 * (kl / (2 * strength)) * kl
+        return {self._key: lam, self._key + ".prior": prior, self._key + ".ids": ids}
 
     def commit(self, rows: Rows) -> None:
-        """``lambdas[id] = lambda`` for every counted row of the forward (training mode only)."""
+        """``lambdas[id] = lambda`` for every counted row of the forward (training mode only).
+
+        Also checks, once per call, that the counted rows' ids are distinct: an engine may observe a
+        call's rows in several blocks, and only here are they all together.
+        """
+        ids = rows.extra[self._key + ".ids"]
+        # Sorted, with distinct negative stand-ins for the ignored rows.
+        standing = torch.where(rows.valid, ids, -1 - torch.arange(ids.shape[0], device=ids.device)).sort().values
+        duplicate = standing[1:] == standing[:-1]
+        V.data_check(duplicate, "aldr_kl: sample_ids of the counted rows of one call must be distinct")
         if not self.training or not self.lambdas.numel():
             return
         # Branch-free (no host sync, traceable): ignored rows write to a scratch slot past the table.
-        ids, lam = rows.extra[self._key + ".ids"], rows.extra[self._key].to(torch.float64)
+        lam = rows.extra[self._key].to(torch.float64)
         table = torch.cat([self.lambdas, self.lambdas.new_zeros(1)])
         table[torch.where(rows.valid, ids, self.lambdas.shape[0])] = lam
         self.lambdas.copy_(table[:-1])
@@ -331,19 +419,22 @@ class AdaptiveLDRKL(StatefulLoss):
         scale = z.abs().sum(-1, keepdim=True).clamp_min(torch.finfo(z.dtype).tiny) / z.shape[-1]
         return z / scale
 
+    def _work_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """Where to divide by the temperatures, which lie in ``(lam0 (1 - 1/alpha), lam0]``."""
+        return _temperature_dtype(dtype, self.lam0 * (1 - 1 / self.alpha), self.lam0)
+
     def dense_row_loss(self, z: Tensor, rows: Rows) -> Tensor:
         target = rows.require_indices("aldr_kl")
         lam = rows.extra.get(self._key)
         if lam is None:
             raise RuntimeError("aldr_kl: the engine evaluated the loss without observing the rows first (Plan.observe)")
-        lam = lam.to(z.dtype)
-        log_c = math.log(z.shape[-1])
         s = self._scores(z)
-        s_y = s.gather(-1, target[:, None])
+        if abs(self.margin) > torch.finfo(s.dtype).max / 4:  # a margin beyond the range of z's dtype
+            s = s.double()
         margins = torch.full_like(s, self.margin).scatter(-1, target[:, None], 0.0)
-        ldr = lam * (torch.logsumexp((s - s_y + margins) / lam[:, None], dim=-1) - log_c)
-        prior = self.alpha * log_c / (2 * self.lam0) * (lam - self.lam0) ** 2
-        return _weighted(ldr - prior, rows)
+        violations = s - s.gather(-1, target[:, None]) + margins
+        ldr = _tempered_log_mean_exp(violations, lam, self._work_dtype(s.dtype))
+        return _weighted(ldr - rows.extra[self._key + ".prior"].to(ldr.dtype), rows)
 
 
 __all__ = ["NormalizedFocal", "LogitClip", "AdaptiveLDRKL"]

@@ -36,7 +36,8 @@ def split_states(program: Program, out: Tensor, argmax_index: Tensor | None) -> 
         elif role == "argmax":
             states[stat] = (out[program.slots["argmax_value"]], argmax_index.long())
         elif role == "tempered":
-            states[stat] = (slot("tempered_max"), slot("tempered_sum").log())
+            # The kernels keep the maximum of (z + m) / t; the statistic's state has it in logit units.
+            states[stat] = (slot("tempered_max") * stat.temperature, slot("tempered_sum").log())
         elif role == "prob_dot":
             # sum_j p_j z_j of the split, measured from its maximum.
             states[stat] = (*lse, slot("prob_dot") / lse_sum - lse_max)
