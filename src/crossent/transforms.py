@@ -91,7 +91,7 @@ class Transform:
         return isinstance(other, Transform) and self.key == other.key
 
     def __hash__(self) -> int:
-        return hash(self.key)
+        return V.key_hash(self.key)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}{self.key[1:]}"
@@ -137,9 +137,7 @@ class Temperature(Transform):
     """``z / T``."""
 
     def __init__(self, temperature: float):
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature = float(temperature)
+        self.temperature = V.positive("temperature", temperature)
 
     @property
     def key(self):

@@ -184,7 +184,7 @@ class TGCE(Loss):
             return _gce(logp, self.q)
         floor = -math.expm1(self.q * math.log(self.k)) / self.q  # L_q(k), also for a tiny q
         # NaN compares false: written this way round, a NaN row takes the GCE branch and stays NaN.
-        return torch.where(logp <= math.log(self.k), torch.full_like(logp, floor), _gce(logp, self.q))
+        return torch.where(logp <= torch.log(torch.full_like(logp, self.k)), torch.full_like(logp, floor), _gce(logp, self.q))
 
 
 @register("mae")
