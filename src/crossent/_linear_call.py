@@ -328,9 +328,9 @@ def engine_call(e: Tensor, c: Tensor, bias, target, weight, extra, sample_weight
     """The engine half of a call: ``(loss, stats)``, the loss in float64 (``[N]`` for
     ``reduction='none'``), ``stats`` the ``[N]`` values of :attr:`LinearCall.report`."""
     plan, rows, row_weight = prepare(e, c, target, weight, extra, sample_weight, loss_obj, call)
+    engine = linear_engine(call.options, e, plan)  # on 'meta' tensors too: it checks an explicit backend
     if e.device.type == "meta":
         return _meta_call(e, c, bias, plan, rows, row_weight, denominator, call)
-    engine = linear_engine(call.options, e, plan)
     with torch.autocast(e.device.type, enabled=False):
         return engine(
             e, c, bias, plan, rows, reduction=call.reduction, options=call.options, report=call.report,

@@ -110,6 +110,10 @@ class Transform:
     def check(self, num_classes: int) -> None:
         """Raise ``ValueError`` if the transform cannot apply to rows of ``num_classes`` logits."""
 
+    def extra_inputs(self) -> tuple[str, ...]:
+        """The keys of ``extra`` that every call must pass for this transform (see ``Loss.extra_inputs``)."""
+        return ()
+
 
 class Softcap(Transform):
     """``cap * tanh(z / cap)`` (Gemma 2 style logit soft-capping)."""
@@ -240,6 +244,9 @@ class ExcludeColumns(Transform):
     @property
     def key(self):
         return ("ExcludeColumns", self.name)
+
+    def extra_inputs(self):
+        return (self.name,)
 
     def _positions(self, z: Tensor, rows: Rows, cols: slice) -> tuple[Tensor, Tensor]:
         index = rows.extra.get(self.name)
