@@ -196,7 +196,12 @@ def test_linear_cross_entropy_under_compile_names_what_it_cannot_take():
 # -- hyperparameter schedules: no recompilation per value ---------------------------------------------
 
 #: Four steps of a schedule: z_loss, label_smoothing, softcap, a loss weight and a temperature, each new.
-SCHEDULE = [(1e-3, 0.05, 4.0, 0.5, 1.5), (2e-3, 0.1, 5.0, 1.0, 2.0), (4e-3, 0.2, 3.0, 1.5, 0.5), (8e-3, 0.3, 6.0, 2.0, 1.0)]
+SCHEDULE = [
+    (1e-3, 0.05, 4.0, 0.5, 1.5),
+    (2e-3, 0.1, 5.0, 1.0, 2.0),
+    (4e-3, 0.2, 3.0, 1.5, 0.5),
+    (8e-3, 0.3, 6.0, 2.0, 1.0),
+]
 #: Compilations for the whole schedule. By default PyTorch compiles a float argument's first value as a
 #: constant and, once it changes, compiles once more with the value symbolic (its "automatic dynamic"
 #: policy, as for shapes); ``dynamic=True`` makes it symbolic from the first call.
@@ -258,14 +263,16 @@ def test_linear_cross_entropy_hyperparameter_schedule_compiles_once(dynamic):
 
 def test_loss_hyperparameters_built_in_the_compiled_code_stay_symbolic():
     """Losses built inside the compiled function from changing floats: statistics keyed by a float
-    (``ldr_kl``'s tempered log-sum-exp, ``ngce``'s power sum) and logarithms of one (``tgce``'s ``k``,
-    ``encouraging``'s ``log_end``) once specialised the graph to each value."""
+    (``ldr_kl``'s tempered log-sum-exp, ``ngce``'s power sum) and ``math`` functions of one (``tgce``'s
+    ``q`` and ``k``, ``comp_sum``'s ``tau`` below 1, ``encouraging``'s ``log_end``) once specialised the
+    graph to each value."""
 
-    def losses(x, lam, q, k, log_end):
+    def losses(x, lam, q, k, tau, log_end):
         built = [
             xe.losses.get("ldr_kl", lam=lam),
             xe.losses.get("ngce", q=q),
-            xe.losses.get("tgce", k=k),
+            xe.losses.get("tgce", q=q, k=k),
+            xe.losses.get("comp_sum", tau=tau),
             xe.losses.get("encouraging", log_end=log_end),
         ]
         return torch.stack([xe.cross_entropy(x, Y, loss=loss) for loss in built])
@@ -273,7 +280,7 @@ def test_loss_hyperparameters_built_in_the_compiled_code_stay_symbolic():
     torch._dynamo.reset()
     counters.clear()
     compiled = torch.compile(losses, backend="eager", fullgraph=True)
-    for step in [(1.0, 0.3, 0.3, 0.5), (2.0, 0.5, 0.4, 0.6), (3.0, 0.6, 0.5, 0.7)]:
+    for step in [(1.0, 0.3, 0.3, 0.3, 0.5), (2.0, 0.5, 0.4, 0.5, 0.6), (3.0, 0.6, 0.5, 0.7, 0.7)]:
         close(compiled(X, *step), losses(X, *step))
     assert counters["stats"]["unique_graphs"] == COMPILES[None]
 
@@ -294,7 +301,8 @@ def test_bad_scheduled_value_still_raises_under_compile(call):
     compiled = torch.compile(call, backend="eager", fullgraph=True)
     for value in (1e-3, 2e-3):
         compiled(X, E, C, value)
-    for value, message in ((math.inf, "z_loss must be finite"), (math.nan, "z_loss must be finite"), (-1.0, "z_loss must be >= 0")):  # fmt: skip
+    bad = ((math.inf, "z_loss must be finite"), (math.nan, "z_loss must be finite"), (-1.0, "z_loss must be >= 0"))
+    for value, message in bad:
         with pytest.raises(Exception, match=message):
             compiled(X, E, C, value)
         with pytest.raises(ValueError, match=message):
