@@ -46,7 +46,7 @@ def key_hash(key: tuple) -> int:
 
 def shown(value) -> str:
     """``", got <value>"`` for an error message; empty while ``torch.compile`` traces, which cannot format
-    a symbolic float (the compiler's error names the failing line, and the check runs again eagerly)."""
+    a symbolic float (the compiler's error carries the rest of the message and the failing line)."""
     return "" if torch.compiler.is_compiling() else f", got {value:g}"
 
 
