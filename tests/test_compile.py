@@ -9,6 +9,10 @@
   ``reduction="none"``, ``return_stats``, ``shift`` and the recompute mode, on both backends; values
   and gradients equal eager mode's exactly (the same engine runs).
 * Checks that read the target become device asserts: an out-of-range target fails when the graph runs.
+* Hyperparameter schedules: float hyperparameters that change every call (``z_loss``,
+  ``label_smoothing``, ``softcap``, a loss weight, a temperature, and the hyperparameters of losses
+  built in the compiled code) compile at most twice for any number of values (once with
+  ``dynamic=True``), and a bad value still raises.
 
 Tolerances: values and gradients of ``cross_entropy`` 1e-6 relative (float32; the compiled formula
 may order its sums differently), ``linear_cross_entropy`` exact. Shapes are tiny: the cost is the
@@ -18,15 +22,15 @@ compilation.
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 import crossent as xe
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
-
-
 
 g = torch.Generator().manual_seed(0)
 X = torch.randn(6, 5, generator=g)
@@ -187,3 +191,119 @@ def test_linear_cross_entropy_under_compile_names_what_it_cannot_take():
     )
     with pytest.raises(Exception, match="keeps state"):
         stateful_inside(E, C)
+
+
+# -- hyperparameter schedules: no recompilation per value ---------------------------------------------
+
+#: Four steps of a schedule: z_loss, label_smoothing, softcap, a loss weight and a temperature, each new.
+SCHEDULE = [
+    (1e-3, 0.05, 4.0, 0.5, 1.5),
+    (2e-3, 0.1, 5.0, 1.0, 2.0),
+    (4e-3, 0.2, 3.0, 1.5, 0.5),
+    (8e-3, 0.3, 6.0, 2.0, 1.0),
+]
+#: Compilations for the whole schedule. By default PyTorch compiles a float argument's first value as a
+#: constant and, once it changes, compiles once more with the value symbolic (its "automatic dynamic"
+#: policy, as for shapes); ``dynamic=True`` makes it symbolic from the first call.
+COMPILES = {None: 2, True: 1}
+
+
+def run_schedule(fn, inputs, dynamic, rtol):
+    """``fn(*leaves, *step)`` compiled and eager over :data:`SCHEDULE`: values and gradients equal, and
+    the number of graphs compiled (a compilation that PyTorch restarts, to specialise a value it cannot
+    keep symbolic, counts once)."""
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=dynamic)
+    for step in SCHEDULE:
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        eager_leaves = [t.clone().requires_grad_() for t in inputs]
+        got, ref = compiled(*leaves, *step), fn(*eager_leaves, *step)
+        got_grads = torch.autograd.grad(got.sum(), leaves)
+        ref_grads = torch.autograd.grad(ref.sum(), eager_leaves)
+        for a, b in zip((got, *got_grads), (ref, *ref_grads)):
+            if rtol:
+                close(a, b, rtol)
+            else:
+                assert torch.equal(a, b)
+    return counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_cross_entropy_hyperparameter_schedule_compiles_once(dynamic):
+    """Found as: ``z_loss`` changing between calls of a ``fullgraph=True`` function broke the graph
+    (``math.isfinite`` of a traced float in the argument checks)."""
+
+    def losses(x, z_loss, smoothing, cap, w, temperature):
+        tempered = xe.losses.Transformed(xe.losses.CrossEntropy(), xe.transforms.Temperature(temperature))
+        return torch.stack([
+            xe.cross_entropy(x, Y, z_loss=z_loss, label_smoothing=smoothing, softcap=cap),
+            xe.cross_entropy(x, Y, loss=xe.losses.get("ce") + w * xe.losses.ZLoss(1e-2)),
+            xe.cross_entropy(x, Y, loss=tempered),
+        ])  # fmt: skip
+
+    assert run_schedule(losses, [X], dynamic, rtol=1e-6) == COMPILES[dynamic]
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_linear_cross_entropy_hyperparameter_schedule_compiles_once(dynamic):
+    """The fused operator takes the float hyperparameters as a tensor: a float argument of a custom
+    operator is a constant of the graph, which recompiled for every value."""
+    recompute = xe.LinearCrossEntropyOptions(mode="recompute", chunk_size=4)
+
+    def losses(e, c, z_loss, smoothing, cap, w, temperature):
+        kw = dict(z_loss=z_loss, label_smoothing=smoothing, softcap=cap)
+        return torch.cat([
+            xe.linear_cross_entropy(e, c, T7, chunk_size=4, **kw)[None],
+            w * xe.linear_cross_entropy(e, c, T7, reduction="none", options=recompute, **kw),
+        ])  # fmt: skip
+
+    assert run_schedule(losses, [E, C], dynamic, rtol=0) == COMPILES[dynamic]
+
+
+def test_loss_hyperparameters_built_in_the_compiled_code_stay_symbolic():
+    """Losses built inside the compiled function from changing floats: statistics keyed by a float
+    (``ldr_kl``'s tempered log-sum-exp, ``ngce``'s power sum) and ``math`` functions of one (``tgce``'s
+    ``q`` and ``k``, ``comp_sum``'s ``tau`` below 1, ``encouraging``'s ``log_end``) once specialised the
+    graph to each value."""
+
+    def losses(x, lam, q, k, tau, log_end):
+        built = [
+            xe.losses.get("ldr_kl", lam=lam),
+            xe.losses.get("ngce", q=q),
+            xe.losses.get("tgce", q=q, k=k),
+            xe.losses.get("comp_sum", tau=tau),
+            xe.losses.get("encouraging", log_end=log_end),
+        ]
+        return torch.stack([xe.cross_entropy(x, Y, loss=loss) for loss in built])
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(losses, backend="eager", fullgraph=True)
+    for step in [(1.0, 0.3, 0.3, 0.3, 0.5), (2.0, 0.5, 0.4, 0.5, 0.6), (3.0, 0.6, 0.5, 0.7, 0.7)]:
+        close(compiled(X, *step), losses(X, *step))
+    assert counters["stats"]["unique_graphs"] == COMPILES[None]
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda x, e, c, v: xe.cross_entropy(x, Y, z_loss=v),
+        lambda x, e, c, v: xe.linear_cross_entropy(e, c, T7, z_loss=v),
+    ],
+    ids=["cross_entropy", "linear_cross_entropy"],
+)
+def test_bad_scheduled_value_still_raises_under_compile(call):
+    """A value that changes between calls is checked by guards of the compiled graph: an infinite, NaN
+    or negative ``z_loss`` raises the eager message (a comparison with ``math.inf`` would have been
+    folded away for a traced float, letting ``inf`` through)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(call, backend="eager", fullgraph=True)
+    for value in (1e-3, 2e-3):
+        compiled(X, E, C, value)
+    bad = ((math.inf, "z_loss must be finite"), (math.nan, "z_loss must be finite"), (-1.0, "z_loss must be >= 0"))
+    for value, message in bad:
+        with pytest.raises(Exception, match=message):
+            compiled(X, E, C, value)
+        with pytest.raises(ValueError, match=message):
+            call(X, E, C, value)

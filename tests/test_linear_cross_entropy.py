@@ -737,6 +737,23 @@ def test_default_chunk_size():
         assert rows % 16 == 0 and rows * v * dt.itemsize <= chunk_options.MAX_BYTES
 
 
+@pytest.mark.parametrize(
+    "arguments, error, message",
+    [
+        ((0,), ValueError, "num_classes must be >= 1, got 0"),
+        ((10, -3), ValueError, "hidden must be >= 0, got -3"),
+        ((10.0,), TypeError, "num_classes must be an int"),
+        ((10, True), TypeError, "hidden must be an int"),
+        ((10, 8, torch.int64), TypeError, "dtype must be a floating torch.dtype"),
+        ((10, 8, torch.float32, "float32"), TypeError, "accum_dtype must be None or a floating torch.dtype"),
+    ],
+)
+def test_default_chunk_size_refuses_what_is_not_a_size(arguments, error, message):
+    """Found as: ``default_chunk_size(0)`` and ``default_chunk_size(10, -3)`` returned 8192."""
+    with pytest.raises(error, match=f"default_chunk_size: {message}"):
+        xe.default_chunk_size(*arguments)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name", ["ce", "temperature_bias", "label_smoothing"])
 def test_confidently_wrong_rows(dtype, name):

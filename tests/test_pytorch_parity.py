@@ -221,6 +221,11 @@ def test_linear_cross_entropy_loss_module_errors():
         xe.nn.LinearCrossEntropyLoss(3, 5, out_features=(2,))
     with pytest.raises(ValueError, match="bias=True needs in_features"):
         xe.nn.LinearCrossEntropyLoss(bias=True)
+    # A module that owns its classifier knows the classes: the call's checks of weight run at construction.
+    with pytest.raises(ValueError, match="weight must be a 1-D tensor of 5 class weights, got shape"):
+        xe.nn.LinearCrossEntropyLoss(3, 5, weight=torch.ones(6))
+    with pytest.raises(ValueError, match=r"weight must be finite; weight\[1\] = nan"):
+        xe.nn.LinearCrossEntropyLoss(3, 5, weight=torch.tensor([1.0, float("nan"), 1.0, 1.0, 1.0]))
     e, c = torch.randn(7, 3), torch.randn(5, 3)
     with pytest.raises(TypeError, match=r"crit\(input, target\)"):
         xe.nn.LinearCrossEntropyLoss(3, 5)(e, c, Y)

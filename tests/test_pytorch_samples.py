@@ -260,7 +260,7 @@ ERRORS = {
     "ignore_index is not supported for floating point target": "ignore_index is not supported for floating point target",
     "label_smoothing must be between": "label_smoothing must be in",
     "Expected target size": "class-index target must have shape",
-    "expected weight shape to be": r"weight must have shape \(2,\)",
+    "expected weight shape to be": r"weight must be a 1-D tensor of 2 class weights",
     "expected label_smoothing to be in range": "label_smoothing must be in",
 }
 

@@ -354,6 +354,41 @@ def test_unknown_families_and_options_are_refused_by_name():
         xt.undo(tiny("llama"))
 
 
+def test_apply_refuses_what_the_first_training_forward_would():
+    """Found as: ``apply(model, weight=<length V+1>)`` and ``apply(model, loss="aldr_kl")`` were accepted
+    and failed at the first training forward, ALDR-KL's message pointing to ``extra=``, which the patched
+    forward cannot take."""
+    model = tiny("llama")
+    nan_weight = torch.ones(V).index_fill(0, torch.tensor([5]), float("nan"))
+    wrapped_aldr = xe.losses.APL(active=xe.losses.AdaptiveLDRKL(), passive="rce")
+    refused = [
+        (dict(weight=torch.ones(V + 1)), ValueError, f"weight must be a 1-D tensor of {V} class weights, got shape"),
+        (dict(weight=nan_weight), ValueError, r"weight must be finite; weight\[5\] = nan"),
+        (dict(weight=torch.ones(V, dtype=torch.long)), TypeError, "weight must be floating point"),
+        (dict(loss=xe.losses.get("forward_correction", T=torch.eye(5))), ValueError, f"T is 5 x 5 .* {V} classes"),
+        (dict(loss="nfl", backend="triton"), (ValueError, ImportError), "backend='triton'"),
+        (dict(loss="aldr_kl"), ValueError, r"LlamaForCausalLM: .* reads extra\['sample_ids'\] .* forward cannot"),
+        (dict(loss=wrapped_aldr), ValueError, r"extra\['sample_ids'\].*output_hidden_states=True"),
+    ]
+    for options, error, message in refused:
+        with pytest.raises(error, match=message):
+            xt.apply(model, **options)
+        assert not xt.is_patched(model)
+    with pytest.raises(ValueError, match=r"LlamaForCausalLM: .* extra\['sample_ids'\]"):
+        xt.apply(transformers.LlamaForCausalLM, loss="aldr_kl")
+    assert not xt.is_patched(transformers.LlamaForCausalLM)
+    # A refused apply on a patched model keeps its patch and loss.
+    ids, labels = batch()
+    with xt.patched(model, loss="focal"):
+        with pytest.raises(ValueError, match="class weights"):
+            xt.apply(model, weight=torch.ones(V + 1))
+        got = model(input_ids=ids, labels=labels).loss
+        want = xe.linear_cross_entropy(
+            model.model(input_ids=ids).last_hidden_state, model.lm_head.weight, labels, loss="focal", shift=True
+        )
+        close(got, want)
+
+
 def test_a_forgotten_softcap_is_refused(monkeypatch):
     """Declared without its soft cap, Gemma 2 would train on the wrong loss: the first forward refuses it."""
     model = tiny("gemma2")

@@ -13,7 +13,9 @@ Under ``torch.compile`` the compiler cannot trace an engine (a Python loop over 
 buffers, or GPU kernels), and needs not: ``crossent::linear_cross_entropy`` is a custom operator that
 runs :func:`engine_call` eagerly inside the compiled graph, as PyTorch's own ``linear_cross_entropy``
 runs its chunked kernel, so ``fullgraph=True`` holds and the values and gradients are eager mode's.
-Its arguments are the tensors of the call and the fields of the :class:`LinearCall` as plain values;
+Its arguments are the tensors of the call and the fields of the :class:`LinearCall` as plain values,
+except the float hyperparameters that a schedule may change every step (``label_smoothing``,
+``z_loss``, ``softcap``): they travel as one tensor, so that a new value does not recompile the graph;
 a loss object travels as an opaque :class:`crossent._loss_ref.LossRef`. A differentiated ``mean`` /
 ``sum`` (the engines' eager-gradient mode) returns the gradients from the forward operator and the
 backward scales them; otherwise a second operator runs :func:`engine_call` again with the upstream
@@ -326,9 +328,9 @@ def engine_call(e: Tensor, c: Tensor, bias, target, weight, extra, sample_weight
     """The engine half of a call: ``(loss, stats)``, the loss in float64 (``[N]`` for
     ``reduction='none'``), ``stats`` the ``[N]`` values of :attr:`LinearCall.report`."""
     plan, rows, row_weight = prepare(e, c, target, weight, extra, sample_weight, loss_obj, call)
+    engine = linear_engine(call.options, e, plan)  # on 'meta' tensors too: it checks an explicit backend
     if e.device.type == "meta":
         return _meta_call(e, c, bias, plan, rows, row_weight, denominator, call)
-    engine = linear_engine(call.options, e, plan)
     with torch.autocast(e.device.type, enabled=False):
         return engine(
             e, c, bias, plan, rows, reduction=call.reduction, options=call.options, report=call.report,
@@ -399,21 +401,36 @@ def compiled_call(e: Tensor, c: Tensor, bias, target, weight, extra, sample_weig
     need = [grad_on and t is not None and t.requires_grad for t in (e, c, bias, sample_weight)]
     o = call.options
     out = _linear_cross_entropy(
-        e, c, bias, target, weight, [extra[k] for k in keys], "\n".join(keys), sample_weight, denominator, name, ref,
-        call.label_smoothing, call.z_loss, call.softcap, call.reduction, call.ignore_index, call.shift,
-        ",".join(call.stats), o.backend, o.chunk_size, o.accum_dtype, o.mode, o.filter_eps, need,
+        e, c, bias, target, weight, [extra[k] for k in keys], "\n".join(keys), sample_weight, denominator,
+        _hyperparameters(call), name, ref, call.reduction, call.ignore_index, call.shift, ",".join(call.stats),
+        o.backend, o.chunk_size, o.accum_dtype, o.mode, o.filter_eps, need,
     )  # fmt: skip
     stats = dict(zip(_REPORTABLE, out[1:4]))
     return out[0], {s: stats[s] for s in call.report}
 
 
-def _call(loss_name, loss_ref, label_smoothing, z_loss, softcap, reduction, ignore_index, shift, stats,
+def _hyperparameters(call: LinearCall) -> Tensor:
+    """``label_smoothing``, ``z_loss`` and ``softcap`` (0: none) as one float64 tensor of the graph.
+
+    These may change every step (a schedule). A float argument of a custom operator is a constant of
+    the compiled graph, compiled anew for every value; a tensor's value is not. Each value is added to
+    a zero tensor because a float that ``torch.compile`` traces symbolically stays symbolic through
+    tensor arithmetic, where ``torch.tensor(value)`` would specialise the graph to it.
+    """
+    zero = torch.zeros((), dtype=torch.float64)
+    softcap = 0.0 if call.softcap is None else call.softcap
+    return torch.stack([zero + call.label_smoothing, zero + call.z_loss, zero + softcap])
+
+
+def _call(hyperparameters: Tensor, loss_name, loss_ref, reduction, ignore_index, shift, stats,
           backend, chunk_size, accum_dtype, mode, filter_eps) -> LinearCall:  # fmt: skip
     options = LinearCrossEntropyOptions(
         backend=backend, chunk_size=chunk_size, accum_dtype=accum_dtype, mode=mode, filter_eps=filter_eps
     )
     loss = loss_ref.loss if loss_ref.loss is not None else loss_name
     names = tuple(stats.split(",")) if stats else ()
+    label_smoothing, z_loss, softcap = hyperparameters.tolist()
+    softcap = softcap if softcap else None
     return LinearCall(loss, label_smoothing, z_loss, softcap, reduction, ignore_index, shift, names, options)
 
 
@@ -442,8 +459,8 @@ def _with_autograd():
 def _run(tensors: tuple, extra: list, extra_keys: str, static: tuple, need, upstream=None):
     """:func:`engine_call` on detached leaves: ``(value, stats, grads)``, the gradients of the leaves in
     ``need`` for the upstream gradient ``upstream`` (``None``: 1, or no gradient when none is needed)."""
-    e, c, bias, target, weight, sample_weight, denominator = tensors
-    call = _call(*static)
+    e, c, bias, target, weight, sample_weight, denominator, hyperparameters = tensors
+    call = _call(hyperparameters, *static)
     leaves = [None if t is None else t.detach().requires_grad_(n) for t, n in zip((e, c, bias, sample_weight), need)]
     grads = [None] * 4
     with _with_autograd():
@@ -478,11 +495,9 @@ if LossRef is not None:
         extra_keys: str,
         sample_weight: Tensor | None,
         denominator: Tensor | None,
+        hyperparameters: Tensor,
         loss_name: str,
         loss_ref: LossRef,
-        label_smoothing: float,
-        z_loss: float,
-        softcap: float | None,
         reduction: str,
         ignore_index: int,
         shift: bool,
@@ -496,9 +511,9 @@ if LossRef is not None:
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """``(loss, lse, argmax, p_dot_z, grad_e, grad_c, grad_bias, grad_sample_weight)``: the float64
         loss (``[N]`` or a scalar); statistics empty unless reported; gradients empty unless formed here."""
-        static = (loss_name, loss_ref, label_smoothing, z_loss, softcap, reduction, ignore_index, shift, stats,
-                  backend, chunk_size, accum_dtype, mode, filter_eps)  # fmt: skip
-        tensors = (e, c, bias, target, weight, sample_weight, denominator)
+        static = (loss_name, loss_ref, reduction, ignore_index, shift, stats, backend, chunk_size, accum_dtype, mode,
+                  filter_eps)  # fmt: skip
+        tensors = (e, c, bias, target, weight, sample_weight, denominator, hyperparameters)
         formed = _gradients_in_forward(reduction, mode, need)
         if formed:
             value, values, grads = _run(tensors, extra, extra_keys, static, need)
@@ -509,9 +524,9 @@ if LossRef is not None:
         return (value, *reported, *(g if g is not None else _empty(e) for g in grads))
 
     @_linear_cross_entropy.register_fake
-    def _(e, c, bias, target, weight, extra, extra_keys, sample_weight, denominator, loss_name, loss_ref,
-          label_smoothing, z_loss, softcap, reduction, ignore_index, shift, stats, backend, chunk_size, accum_dtype,
-          mode, filter_eps, need):  # fmt: skip
+    def _(e, c, bias, target, weight, extra, extra_keys, sample_weight, denominator, hyperparameters, loss_name,
+          loss_ref, reduction, ignore_index, shift, stats, backend, chunk_size, accum_dtype, mode, filter_eps,
+          need):  # fmt: skip
         n = e.shape[0]
         value = e.new_empty((n,) if reduction == "none" else (), dtype=ACC)
         names = stats.split(",") if stats else []
@@ -539,11 +554,9 @@ if LossRef is not None:
         extra_keys: str,
         sample_weight: Tensor | None,
         denominator: Tensor | None,
+        hyperparameters: Tensor,
         loss_name: str,
         loss_ref: LossRef,
-        label_smoothing: float,
-        z_loss: float,
-        softcap: float | None,
         reduction: str,
         ignore_index: int,
         shift: bool,
@@ -557,42 +570,47 @@ if LossRef is not None:
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(grad_e, grad_c, grad_bias, grad_sample_weight)`` for the upstream ``grad`` (empty where
         not needed), running the engine again."""
-        static = (loss_name, loss_ref, label_smoothing, z_loss, softcap, reduction, ignore_index, shift, "",
-                  backend, chunk_size, accum_dtype, mode, filter_eps)  # fmt: skip
-        tensors = (e, c, bias, target, weight, sample_weight, denominator)
+        static = (loss_name, loss_ref, reduction, ignore_index, shift, "", backend, chunk_size, accum_dtype, mode,
+                  filter_eps)  # fmt: skip
+        tensors = (e, c, bias, target, weight, sample_weight, denominator, hyperparameters)
         _, _, grads = _run(tensors, extra, extra_keys, static, need, upstream=grad)
         return tuple(g if g is not None else _empty(e) for g in grads)
 
     @_linear_cross_entropy_backward.register_fake
-    def _(grad, e, c, bias, target, weight, extra, extra_keys, sample_weight, denominator, loss_name, loss_ref,
-          label_smoothing, z_loss, softcap, reduction, ignore_index, shift, stats, backend, chunk_size, accum_dtype,
-          mode, filter_eps, need):  # fmt: skip
+    def _(grad, e, c, bias, target, weight, extra, extra_keys, sample_weight, denominator, hyperparameters,
+          loss_name, loss_ref, reduction, ignore_index, shift, stats, backend, chunk_size, accum_dtype, mode,
+          filter_eps, need):  # fmt: skip
         return tuple(
             torch.empty_like(t) if wanted else _empty(e) for t, wanted in zip((e, c, bias, sample_weight), need)
         )
 
     def _setup_context(ctx, inputs, output):
-        e, c, bias, target, weight, extra, extra_keys, sample_weight, denominator, *static, need = inputs
-        ctx.need, ctx.num_extra = need, len(extra)
-        ctx.formed = _gradients_in_forward(static[5], static[12], need)
+        e, c, bias, target, weight, extra, extra_keys, sample_weight, denominator, hyperparameters, *static, need = (
+            inputs
+        )
+        ctx.need, ctx.num_extra, ctx.num_inputs = need, len(extra), len(inputs)
+        _loss_name, _loss_ref, reduction, *_, mode, _filter_eps = static
+        ctx.formed = _gradients_in_forward(reduction, mode, need)
         if ctx.formed:
             ctx.save_for_backward(*output[4:])
         else:
-            ctx.save_for_backward(e, c, bias, target, weight, sample_weight, denominator, *extra)
+            ctx.save_for_backward(e, c, bias, target, weight, sample_weight, denominator, hyperparameters, *extra)
             ctx.static = (extra_keys, *static, need)
 
     def _backward(ctx, grad, *_unused):
         if ctx.formed:
             grads = [g * grad.to(g.dtype) if wanted else None for g, wanted in zip(ctx.saved_tensors, ctx.need)]
         else:
-            e, c, bias, target, weight, sample_weight, denominator, *extra = ctx.saved_tensors
+            e, c, bias, target, weight, sample_weight, denominator, hyperparameters, *extra = ctx.saved_tensors
             extra_keys, *static, need = ctx.static
             out = _linear_cross_entropy_backward(
-                grad, e, c, bias, target, weight, extra, extra_keys, sample_weight, denominator, *static, need
-            )
+                grad, e, c, bias, target, weight, extra, extra_keys, sample_weight, denominator, hyperparameters,
+                *static, need,
+            )  # fmt: skip
             grads = [g if wanted else None for g, wanted in zip(out, ctx.need)]
         # One entry per operator input; ``extra`` (a list) gets a list.
         g_e, g_c, g_bias, g_sample_weight = grads
-        return (g_e, g_c, g_bias, None, None, [None] * ctx.num_extra, None, g_sample_weight) + (None,) * 16
+        head = (g_e, g_c, g_bias, None, None, [None] * ctx.num_extra, None, g_sample_weight)
+        return head + (None,) * (ctx.num_inputs - len(head))
 
     _linear_cross_entropy.register_autograd(_backward, setup_context=_setup_context)

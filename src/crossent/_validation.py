@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from typing import Callable
 
 import torch
@@ -23,19 +24,47 @@ def _prefix(who: str | None) -> str:
     return f"{who}: " if who else ""
 
 
+#: The largest finite float. ``-LARGEST <= x <= LARGEST`` is ``math.isfinite(x)``, written as comparisons
+#: so that it also holds for a float that ``torch.compile`` traces symbolically (a hyperparameter that
+#: changes between calls): ``math.isfinite`` cannot be traced, and a comparison with ``math.inf`` is
+#: folded away (the compiler takes a symbolic float to be finite), where one with ``LARGEST`` is kept as
+#: a guard that an infinite or NaN value fails.
+LARGEST = sys.float_info.max
+
+
+def is_finite(value) -> bool:
+    """``math.isfinite(value)`` for a Python number, traceable by ``torch.compile`` (:data:`LARGEST`)."""
+    return -LARGEST <= value <= LARGEST
+
+
+def key_hash(key: tuple) -> int:
+    """The hash of a statistic's or transform's ``key`` (its type name and hyperparameters), leaving its
+    floats out: hashing a float that ``torch.compile`` traces symbolically would specialise the compiled
+    graph to that value. Equal keys still hash equal; ``__eq__`` compares the floats."""
+    return hash(tuple(part for part in key if not isinstance(part, float)))
+
+
+def shown(value) -> str:
+    """``", got <value>"`` for an error message; empty while ``torch.compile`` traces, which cannot format
+    a symbolic float (the compiler's error carries the rest of the message and the failing line)."""
+    return "" if torch.compiler.is_compiling() else f", got {value:g}"
+
+
 def real(who: str | None, name: str, value, *, low=None, high=None, low_open=False, high_open=False) -> float:
     """``value`` as a finite float, or a ``TypeError``/``ValueError`` naming ``who``, ``name`` and the bound.
 
     ``low``/``high`` are inclusive unless ``low_open``/``high_open``. A one-element floating tensor is
-    accepted as a number.
+    accepted as a number. Under ``torch.compile`` a float that changes between calls stays symbolic:
+    the checks become guards of the compiled graph (no recompilation per value), and a value that
+    fails one raises as in eager mode.
     """
     if isinstance(value, Tensor) and value.numel() == 1 and value.is_floating_point():
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{_prefix(who)}{name} must be a real number, got {type(value).__name__} {value!r}")
     value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{_prefix(who)}{name} must be finite, got {value}")
+    if not is_finite(value):
+        raise ValueError(f"{_prefix(who)}{name} must be finite{shown(value)}")
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)
     if too_low or too_high:
@@ -43,21 +72,21 @@ def real(who: str | None, name: str, value, *, low=None, high=None, low_open=Fal
         right = "inf" if high is None else f"{high:g}"
         opening = "(" if low_open or low is None else "["
         closing = ")" if high_open or high is None else "]"
-        raise ValueError(f"{_prefix(who)}{name} must be in {opening}{left}, {right}{closing}, got {value:g}")
+        raise ValueError(f"{_prefix(who)}{name} must be in {opening}{left}, {right}{closing}{shown(value)}")
     return value
 
 
 def positive(name: str, value, *, who: str | None = None) -> float:
     value = real(who, name, value)
     if not value > 0:
-        raise ValueError(f"{_prefix(who)}{name} must be > 0, got {value}")
+        raise ValueError(f"{_prefix(who)}{name} must be > 0{shown(value)}")
     return value
 
 
 def non_negative(name: str, value, *, who: str | None = None) -> float:
     value = real(who, name, value)
     if value < 0:
-        raise ValueError(f"{_prefix(who)}{name} must be >= 0, got {value}")
+        raise ValueError(f"{_prefix(who)}{name} must be >= 0{shown(value)}")
     return value
 
 

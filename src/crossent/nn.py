@@ -183,8 +183,8 @@ class LinearCrossEntropyLoss(nn.Module):
         if in_features is not None:
             in_features = V.count("in_features", in_features, 0)
             num_classes = V.count("num_classes", num_classes, 1)
-            if weight is not None and tuple(weight.shape) != (num_classes,):
-                raise ValueError(f"weight must have shape ({num_classes},) (num_classes), got {tuple(weight.shape)}")
+            # The call's own check of the class weights (shape, dtype, finite values), now that V is known.
+            V.check_class_weight(weight, num_classes, device=None, dtype=None)
             self.linear = nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
         else:
             if bias:

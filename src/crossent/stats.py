@@ -40,6 +40,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from . import _validation as V
 from ._rows import Rows, onehot_mask
 
 State = tuple[Tensor, ...]
@@ -120,7 +121,7 @@ class Statistic:
         return isinstance(other, Statistic) and self.key == other.key
 
     def __hash__(self) -> int:
-        return hash(self.key)
+        return V.key_hash(self.key)
 
     def __repr__(self) -> str:
         args = ", ".join(repr(a) for a in self.key[1:])
@@ -524,10 +525,8 @@ class TemperedLogSumExp(Statistic):
     """
 
     def __init__(self, temperature: float = 1.0, margin: float = 0.0):
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature = float(temperature)
-        self.margin = float(margin)
+        self.temperature = V.positive("temperature", temperature)
+        self.margin = V.real(None, "margin", margin)
 
     @property
     def key(self):

@@ -91,7 +91,7 @@ class Transform:
         return isinstance(other, Transform) and self.key == other.key
 
     def __hash__(self) -> int:
-        return hash(self.key)
+        return V.key_hash(self.key)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}{self.key[1:]}"
@@ -109,6 +109,10 @@ class Transform:
 
     def check(self, num_classes: int) -> None:
         """Raise ``ValueError`` if the transform cannot apply to rows of ``num_classes`` logits."""
+
+    def extra_inputs(self) -> tuple[str, ...]:
+        """The keys of ``extra`` that every call must pass for this transform (see ``Loss.extra_inputs``)."""
+        return ()
 
 
 class Softcap(Transform):
@@ -137,9 +141,7 @@ class Temperature(Transform):
     """``z / T``."""
 
     def __init__(self, temperature: float):
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature = float(temperature)
+        self.temperature = V.positive("temperature", temperature)
 
     @property
     def key(self):
@@ -242,6 +244,9 @@ class ExcludeColumns(Transform):
     @property
     def key(self):
         return ("ExcludeColumns", self.name)
+
+    def extra_inputs(self):
+        return (self.name,)
 
     def _positions(self, z: Tensor, rows: Rows, cols: slice) -> tuple[Tensor, Tensor]:
         index = rows.extra.get(self.name)

@@ -12,6 +12,8 @@ import dataclasses
 
 import torch
 
+from .. import _validation as V
+
 #: The default chunk: at least ``SPEED_ROWS`` rows (the matrix products of a chunk read all of ``c``
 #: and ``grad_c``; below a few hundred rows that traffic, not arithmetic, sets their speed), more rows
 #: while the chunk takes under ``SMALL_BYTES`` (fewer, larger products for small vocabularies), and
@@ -33,6 +35,10 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _is_floating_dtype(value) -> bool:
+    return isinstance(value, torch.dtype) and value.is_floating_point
+
+
 def default_chunk_size(
     num_classes: int, hidden: int = 0, dtype: torch.dtype = torch.float32, accum_dtype: torch.dtype | None = None
 ) -> int:
@@ -51,7 +57,16 @@ def default_chunk_size(
     ``HALF_ACCUM_ROWS`` rows, capped at ``MAX_BYTES`` or at ``D`` rows (logits of half the
     accumulator's ``4 V D`` bytes), whichever allows more: bfloat16 at V = 131072 and D = 1024 gives
     1024 rows (256 MiB beside a 512 MiB accumulator), against 512 without that accumulator.
+
+    Raises ``ValueError`` for fewer than one class or a negative ``hidden``, ``TypeError`` for
+    non-integers or a ``dtype`` / ``accum_dtype`` that is not a floating ``torch.dtype``.
     """
+    V.count("num_classes", num_classes, 1, who="default_chunk_size")
+    V.count("hidden", hidden, 0, who="default_chunk_size")
+    if not _is_floating_dtype(dtype):
+        raise TypeError(f"default_chunk_size: dtype must be a floating torch.dtype, got {dtype!r}")
+    if accum_dtype is not None and not _is_floating_dtype(accum_dtype):
+        raise TypeError(f"default_chunk_size: accum_dtype must be None or a floating torch.dtype, got {accum_dtype!r}")
     row = max(1, num_classes * dtype.itemsize + 3 * hidden * 4)
     speed_rows, max_rows = SPEED_ROWS, MAX_BYTES // row
     if dtype.itemsize == 2 and accum_dtype is not None and accum_dtype.itemsize == 4:

@@ -87,6 +87,33 @@ class _Settings:
         transforms = logit_map.transforms()
         return Transformed(self.loss, *transforms) if transforms else self.loss
 
+    def check(self, who: str, model: nn.Module | None = None) -> None:
+        """Refuse now what would fail in training. A loss that reads ``extra`` on every call is refused
+        (the forward has none to give). Given the model, the fused call itself runs on 'meta' tensors of
+        its vocabulary size (they hold no data: nothing is computed), so that every check of the call
+        (class weights, loss, options) fails at :func:`apply` rather than at the first training forward."""
+        needed = self.loss.extra_inputs()
+        if needed:
+            raise ValueError(
+                f"{who}: the loss {self.loss!r} reads {', '.join(f'extra[{k!r}]' for k in needed)} on every call, "
+                "which the model's forward cannot pass; call crossent.linear_cross_entropy(hidden, "
+                "model.get_output_embeddings().weight, labels, shift=True, loss=..., "
+                f"extra={{{', '.join(f'{k!r}: ...' for k in needed)}}}) yourself, with hidden the last of the "
+                "forward's hidden_states (output_hidden_states=True)"
+            )
+        if model is None:
+            return
+        config = model.config
+        # The head's rows, which the call reads (a partitioned weight keeps its out_features); else the config's.
+        num_classes = getattr(model.get_output_embeddings(), "out_features", None) or config.vocab_size
+        vocabulary = torch.empty(num_classes, 1, device="meta")
+        loss = self.loss_for(logit_map(config.model_type, config, who))
+        # accum_dtype is checked against the dtype the products run in, which autocast may change: at the call.
+        options = self.engine.replace(accum_dtype=None)
+        row = torch.empty(1, 1, device="meta")
+        target = torch.zeros(1, dtype=torch.long, device="meta")
+        linear_cross_entropy(row, vocabulary, target, loss=loss, weight=self.weight, options=options)
+
 
 # -- patching ------------------------------------------------------------------------------------------------
 
@@ -126,6 +153,7 @@ def apply(model, loss="ce", **options):
     settings = _Settings(loss, options)
     if isinstance(model, type):
         _check_family(model.config_class.model_type, None, model.__name__)
+        settings.check(model.__name__)
         if model not in _CLASSES:
             _CLASSES[model] = (settings, model.__dict__.get("forward"))
             model.forward = _class_forward(model, model.forward)
@@ -134,6 +162,7 @@ def apply(model, loss="ce", **options):
         return model
     target = _causal_lm(model)
     _check_family(target.config.model_type, target.config, type(target).__name__)
+    settings.check(type(target).__name__, target)
     if target in _INSTANCES:
         _INSTANCES[target] = (settings, _INSTANCES[target][1])
         return model

@@ -121,6 +121,12 @@ class Loss:
     def transforms(self) -> tuple[Transform, ...]:
         return ()
 
+    def extra_inputs(self) -> tuple[str, ...]:
+        """The keys of ``extra`` that every call of this loss must pass: per-row inputs that it (or one of
+        its transforms) reads, such as ALDR-KL's ``sample_ids``. A caller that has no ``extra`` to give
+        (a patched model's forward) refuses such a loss when it is configured."""
+        return tuple(dict.fromkeys(key for t in self.transforms() for key in t.extra_inputs()))
+
     def row_loss(self, s: dict, rows: Rows) -> Tensor:
         """Unweighted per-row loss ``[N]`` from the statistic values ``s[stat]``."""
         raise NotImplementedError(f"{type(self).__name__} defines no statistics formula")
@@ -299,6 +305,9 @@ class CompositeLoss(Loss):
 
     def state_modules(self):
         return [m for p in self._parts for m in p.state_modules()]
+
+    def extra_inputs(self):
+        return tuple(dict.fromkeys([*super().extra_inputs(), *(key for p in self._parts for key in p.extra_inputs())]))
 
     # -- the formula ----------------------------------------------------------------------------
     def weighted_row_loss(self, s, rows):

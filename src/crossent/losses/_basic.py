@@ -13,13 +13,6 @@ _WEIGHTED_SUM = SoftDot("ones", class_weighted=True)
 _WEIGHTED_PROBS = SoftDot("probs", class_weighted=True)
 
 
-def _check_fraction(name: str, value: float, low: float = 0.0, high: float = 1.0) -> float:
-    value = float(value)
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
-    return value
-
-
 @register("ce")
 class CrossEntropy(Loss):
     r"""Cross-entropy with optional label smoothing, exactly as ``torch.nn.functional.cross_entropy``.
@@ -54,7 +47,7 @@ class CrossEntropy(Loss):
     accepts_probs = True
 
     def __init__(self, label_smoothing: float = 0.0):
-        self.label_smoothing = _check_fraction("label_smoothing", label_smoothing)
+        self.label_smoothing = V.real(None, "label_smoothing", label_smoothing, low=0.0, high=1.0)
 
     def statistics(self, rows: Rows):
         if rows.has_indices:

@@ -10,8 +10,7 @@ from ._basic import CrossEntropy, ZLoss
 def build_loss(loss, *, label_smoothing: float = 0.0, z_loss: float = 0.0) -> Loss:
     """``loss`` (a registered name or a :class:`Loss`) with the entry points' shorthands applied:
     ``label_smoothing`` for ``"ce"`` and an added ``ZLoss(z_loss)`` term."""
-    if not 0.0 <= float(label_smoothing) <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    label_smoothing = V.real(None, "label_smoothing", label_smoothing, low=0.0, high=1.0)
     if label_smoothing:
         if loss == "ce":
             loss = CrossEntropy(label_smoothing=label_smoothing)

@@ -201,6 +201,6 @@ class Encouraging(Loss):
         le = self.log_end
         if le < 1.0:
             p = torch.exp(logp)
-            tangent = (p - le) / (le - 1.0) + math.log1p(-le)
+            tangent = (p - le) / (le - 1.0) + torch.log1p(torch.full_like(p, -le))
             bonus = torch.where(p > le, tangent, bonus)
         return bonus - logp

@@ -94,7 +94,7 @@ class CompSum(Loss):
             return _gce(logp, tau - 1.0)
         floor = COMP_SUM_MIN_LOG_PROB
         core = _gce(logp.clamp(min=floor), tau - 1.0)
-        slope = math.exp((tau - 1.0) * floor)  # -dL/dlogp at the floor
+        slope = torch.exp(torch.full_like(logp, (tau - 1.0) * floor))  # -dL/dlogp at the floor (tau stays symbolic)
         return core + slope * (floor - logp).clamp(min=0.0)
 
 
@@ -182,9 +182,11 @@ class TGCE(Loss):
         logp = log_prob_target(s, rows)
         if self.k == 0.0:
             return _gce(logp, self.q)
-        floor = -math.expm1(self.q * math.log(self.k)) / self.q  # L_q(k), also for a tiny q
+        # On tensors, not math.log: a k that changes between calls stays symbolic under torch.compile.
+        log_k = torch.log(torch.full_like(logp, self.k))
+        floor = -torch.expm1(self.q * log_k) / self.q  # L_q(k), also for a tiny q
         # NaN compares false: written this way round, a NaN row takes the GCE branch and stays NaN.
-        return torch.where(logp <= math.log(self.k), torch.full_like(logp, floor), _gce(logp, self.q))
+        return torch.where(logp <= log_k, floor, _gce(logp, self.q))
 
 
 @register("mae")

@@ -329,6 +329,9 @@ class AdaptiveLDRKL(StatefulLoss):
         self.lambdas = lam.detach().to(device=self.lambdas.device, dtype=torch.float64).clone()
 
     # -- the loss ---------------------------------------------------------------------------------
+    def extra_inputs(self):
+        return ("sample_ids", *super().extra_inputs())
+
     def _sample_ids(self, rows: Rows) -> Tensor:
         ids = rows.extra.get("sample_ids")
         if ids is None:
