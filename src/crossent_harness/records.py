@@ -5,7 +5,8 @@ bench``) is strict JSON, which any parser reads: a value that is not a finite nu
 reliability bin, the NLL of a run that diverged) is written as ``null``, never as ``NaN`` or ``Infinity``.
 
 :func:`provenance` records what a figure depends on beyond its command line: the commit of the source
-tree, the versions of torch and Python, the CPU and the number of threads.
+tree, the versions of torch and Python, the CPU with the vector instructions torch's kernels use on
+it, and the number of threads.
 """
 
 from __future__ import annotations
@@ -78,6 +79,9 @@ def cpu_model() -> str:
 def provenance(threads: int | None = None) -> dict:
     """What a result depends on beyond its command: source commit, torch, Python, CPU, threads.
 
+    ``cpu_capability`` is the instruction set torch's CPU kernels dispatch to (``AVX2``, ``AVX512``, ...):
+    two CPUs with different ones sum in different orders.
+
     ``threads`` is the number of intra-op threads the runs used (default: torch's current setting).
     """
     import torch
@@ -92,16 +96,18 @@ def provenance(threads: int | None = None) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": os.cpu_count(),
         "threads": threads if threads is not None else torch.get_num_threads(),
     }
 
 
 def describe(record: dict | None) -> str:
-    """One line for a page: ``commit 1a2b3c4, torch 2.13.0, Intel Xeon ..., 1 thread``.
+    """One line for a page: ``commit 1a2b3c4, torch 2.13.0, Intel Xeon ... (AVX512), 1 thread``.
 
-    >>> describe({"commit": "1a2b3c4d5e6f", "dirty": False, "torch": "2.13.0", "cpu": "Xeon", "threads": 1})
-    'commit 1a2b3c4, torch 2.13.0, Xeon, 1 thread'
+    >>> describe({"commit": "1a2b3c4d5e6f", "dirty": False, "torch": "2.13.0", "cpu": "Xeon",
+    ...           "cpu_capability": "AVX512", "threads": 1})
+    'commit 1a2b3c4, torch 2.13.0, Xeon (AVX512), 1 thread'
     >>> describe(None)
     'no provenance recorded'
     """
@@ -110,7 +116,10 @@ def describe(record: dict | None) -> str:
     commit = record.get("commit")
     parts = [f"commit {commit[:7]}" + (" with local changes" if record.get("dirty") else "") if commit
              else "outside a git tree"]
-    parts += [f"torch {record['torch']}", record.get("cpu") or "unknown CPU"]
+    cpu = record.get("cpu") or "unknown CPU"
+    if record.get("cpu_capability"):
+        cpu += f" ({record['cpu_capability']})"
+    parts += [f"torch {record['torch']}", cpu]
     threads = record.get("threads")
     if threads is not None:
         parts.append(f"{threads} thread{'s' * (threads != 1)}")
