@@ -103,7 +103,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--noise-rate", default=None, metavar="RATES",
                    help=f"noise rate(s) in [0, 1], comma-separated, e.g. 0.2,0.4 (default with --noise: {DEFAULT_NOISE_RATE})")
     g.add_argument("--imbalance", type=finite_float, default=None,
-                   help="long tail: n_i = n_max * ratio^(-i/(C-1)), ratio >= 1 (default: off)")
+                   help="long tail: n_i = n_max * ratio^(-i/(C-1)), a finite ratio >= 1 (default: off)")
     g.add_argument("--train-size", type=int, default=None, help="stratified subsample of the training set (default: all)")
     g = p.add_argument_group("methods")
     g.add_argument("--losses", default=DEFAULT_LOSSES,
