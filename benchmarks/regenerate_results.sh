@@ -4,10 +4,12 @@
 #   benchmarks/regenerate_results.sh            # all experiments, JOBS at a time (default 2)
 #   JOBS=1 benchmarks/regenerate_results.sh     # one at a time
 #   benchmarks/regenerate_results.sh figures    # only redraw docs/img from the results folders
+#   ONLY=mnist1d benchmarks/regenerate_results.sh   # the experiments whose name matches (grep -E)
 #
 # About 100 CPU-minutes in all (one thread per run; a Letter run is 28,000 steps, about a minute):
 # with two runs at a time on two idle cores, about 50 minutes. Results land in results/docs/NAME/seed-K (a finished seed is not run again), figures in
-# docs/img, the tables of the page in results/docs/tables.md.
+# docs/img, the tables of the page in results/docs/tables.md. Every run's results.json records its
+# provenance (commit, torch, CPU, threads), which the tables print under each table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CROSSENT=${CROSSENT:-"python -m crossent_harness"}
@@ -47,6 +49,7 @@ commands() {
   for round in 0 1 2 3 4; do
     for entry in "${EXPERIMENTS[@]}"; do
       IFS='|' read -r name seeds args <<< "$entry"
+      [ -z "${ONLY:-}" ] || echo "$name" | grep -qE "$ONLY" || continue
       seed=$(echo $seeds | cut -d' ' -f$((round + 1)))
       [ -n "$seed" ] && [ "$seed" != - ] || continue
       folder=${name%@*}

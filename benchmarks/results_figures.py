@@ -2,8 +2,9 @@
 
     python benchmarks/results_figures.py --results results/docs --img docs/img
 
-Writes the PNGs into --img and prints every table of the page (Markdown) on stdout. A folder that is
-missing is skipped with a note on stderr.
+Writes the PNGs into --img and prints every table of the page (Markdown) on stdout, each followed by the
+provenance its runs recorded (commit, torch, CPU, threads). A folder that is missing is skipped with a
+note on stderr.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from crossent_harness.experiments import noise, plots, protocols, report  # noqa: E402
+from crossent_harness.records import describe  # noqa: E402
 
 # MNIST-1D reference figures: the README's (best of the evaluations) and the notebook's last evaluation
 MNIST1D_PUBLISHED = {"logistic": (32, 31.5), "MLP": (68, 65.1), "CNN": (94, 92.3)}
@@ -34,11 +36,25 @@ def load(folder: Path) -> dict | None:
         if key not in seen:  # a (loss, rate, seed) that two folders hold counts once
             seen.add(key)
             runs.append(r)
-    merged = {**parts[0], "runs": runs}
+    merged = {**parts[0], "runs": runs, "provenance": [part.get("provenance") for part in parts]}
     unfinished = [str(p.parent) for p, part in zip(paths, parts) if part.get("complete") is False]
     if unfinished:
         print(f"note: unfinished runs in {', '.join(unfinished)}", file=sys.stderr)
     return merged
+
+
+def provenance(*results: dict) -> str:
+    """The line under a table: what its runs recorded of their commit, torch, CPU and threads."""
+    records = [p for res in results for p in res["provenance"]]
+    known = list(dict.fromkeys(describe(p) for p in records if p))
+    missing = sum(1 for p in records if not p)
+    if not known:
+        return ("Provenance: not recorded (these runs predate it); rerun `benchmarks/regenerate_results.sh` "
+                "to record it.")
+    text = "Produced at: " + "; ".join(known)
+    if missing:
+        text += f"; {missing} of {len(records)} result folders predate the record"
+    return text + "."
 
 
 def fmt(pair, scale=100, dec=2) -> str:
@@ -108,16 +124,18 @@ def letter(results: Path, img: Path) -> None:
                   f"against accuracy {100 * r['acc'][0]:.1f}")
         noise = [r["actual_noise"] for r in res["runs"]]
         print(f"labels changed: {100 * min(noise):.2f}-{100 * max(noise):.2f} %")
+    print("\n" + provenance(*(res for _, res in loaded)))
 
 
 def letter_width(results: Path, img: Path) -> None:
     pairs = [("ldr-uniform 0.6", "letter-uniform", "letter-wide-uniform"),
              ("ldr-class-dependent 0.3", "letter-class-dependent", "letter-wide-class-dependent")]
-    groups, lines = [], []
+    groups, lines, loaded = [], [], []
     for label, ref_name, wide_name in pairs:
         ref, wide = load(results / ref_name), load(results / wide_name)
         if not (ref and wide):
             continue
+        loaded += [ref, wide]
         keep = {r["method"] for r in wide["runs"]}
         ref_rows = [r for r in report.aggregate(ref["runs"]) if r["method"] in keep]
         wide_rows = report.aggregate(wide["runs"])
@@ -136,6 +154,7 @@ def letter_width(results: Path, img: Path) -> None:
     print("\n### Letter, network width: test accuracy %\n")
     print("| noise | loss | 16-16-16, the reference (seeds) | 100-100, ldr-wide (seeds) |\n|---|---|---:|---:|")
     print("\n".join(lines))
+    print("\n" + provenance(*loaded))
 
 
 def forward_correction(results: Path) -> None:
@@ -147,6 +166,7 @@ def forward_correction(results: Path) -> None:
         errors = [r["info"].get("T_error") for r in res["runs"] if r["method"] == row["method"]]
         err = f", T error (mean L1 per row) {sum(errors) / len(errors):.2f}" if None not in errors else ""
         print(f"- `{row['method']}`: {cell(row)}{err}")
+    print("\n" + provenance(res))
 
 
 # -- MNIST-1D ---------------------------------------------------------------------------------------
@@ -161,15 +181,17 @@ def mnist1d(results: Path, img: Path) -> None:
     if not rows:
         return
     print("\n### MNIST-1D: test accuracy %\n")
-    print("| model | published best (README) | published final (notebook) | seed 42 best (step) | seed 42 final "
-          "| best, mean ± std | final, mean ± std | seeds |")
+    print("| model | published best (README) | published final (notebook) | best, mean ± std | final, mean ± std "
+          "| final, min-max | step of the best, median (range) | seeds |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for label, res in rows:
         agg = report.aggregate(res["runs"])[0]
-        first = min(res["runs"], key=lambda r: r["seed"])
+        finals = sorted(100 * r["acc"] for r in res["runs"])
+        steps = sorted(r["best_step"] for r in res["runs"])
         best, final = MNIST1D_PUBLISHED.get(label, ("", ""))
-        print(f"| {label} | {best} | {final} | {100 * first['best_acc']:.1f} ({first['best_step']}) | "
-              f"{100 * first['acc']:.1f} | {fmt(agg['best_acc'])} | {fmt(agg['acc'])} | {agg['n']} |")
+        print(f"| {label} | {best} | {final} | {fmt(agg['best_acc'])} | {fmt(agg['acc'])} | "
+              f"{finals[0]:.1f}-{finals[-1]:.1f} | {steps[len(steps) // 2]} ({steps[0]}-{steps[-1]}) | {agg['n']} |")
+    print("\n" + provenance(*(res for _, res in rows)))
     mlps = [(label, res) for label, res in rows if label.startswith("MLP")]
     names = {"MLP": "MLP 100-100, residual (the reference's)"}
     runs = [r for label, res in mlps for r in relabel(res, names.get(label, label))]
@@ -193,10 +215,12 @@ def fashion(results: Path, img: Path) -> None:
                           title=title)
         print("\n### Fashion-MNIST calibration\n")
         print(report.markdown_table(report.aggregate(res["runs"])))
+        print("\n" + provenance(res))
     res = load(results / "fashion-lt")
     if res:
         print("\n### Fashion-MNIST-LT\n")
         print(report.markdown_table(report.aggregate(res["runs"])))
+        print("\n" + provenance(res))
 
 
 # -- the presets and noise definitions, as the code states them -------------------------------------------

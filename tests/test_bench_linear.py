@@ -70,11 +70,46 @@ def test_ratios_combine_and_markdown():
     assert all(r.get(k, 0) >= 0 for r in rows for k in ("peak_bytes", "mem_x_naive", "mem_x_best_peer"))
     assert "error" in by["cce_compile"]
     text = bench.markdown({"results": rows})
-    assert "| crossent_ce | 1.300 | 1.30 | 0.76 | 1.00 |" in text and "skipped" in text
-    assert "| naive_compile | 2.500 | 2.50 | 1.47 | - | - | - | - | 0 |" in text
+    assert "| crossent_ce | 1.300 | 1.100-1.300 | 1.30 | 0.76 | 1.00 |" in text and "skipped" in text
+    assert "| naive_compile | 2.500 | 2.500-2.500 | 2.50 | 1.47 | - | - | - | - | 0 |" in text
     assert bench.busy_fraction(0.05) is None or 0.0 <= bench.busy_fraction(0.05) <= 1.0
     assert "Fastest peer: `torch_lce_512`" in text and "the CPU allocator's events" in text
     assert "memory not measured, naive_compile" in bench._table(rows)
+
+
+def timed(method, times):
+    return bench._combine(method, [{"times": list(times), "median": sorted(times)[len(times) // 2]}])
+
+
+def test_ratios_within_the_noise_are_not_ranked():
+    # Found with `make demo` under a little load: z-loss printed 0.70x CE and CE 1.05x PyTorch's chunked
+    # path, differences that the spread of the repeats did not support. Synthetic timings here.
+    rows = [timed("floor", [0.50, 0.52, 0.55]),
+            timed("torch_lce_512", [1.00, 1.04, 1.30]),
+            timed("crossent_ce", [0.98, 1.05, 1.25]),  # 1.05 / 1.04: inside the peer's range
+            timed("crossent_z_loss", [0.60, 0.74, 1.00]),  # 0.70x CE by the medians, but the ranges overlap
+            timed("crossent_focal", [1.40, 1.45, 1.50])]  # slower than CE, outside its range
+    for r in rows:
+        r.update(n=4, d=2, v=8, dtype="float32")
+    bench._ratios(rows)
+    by = {r["method"]: r for r in rows}
+    assert by["crossent_ce"]["min"] == 0.98 and by["crossent_ce"]["max"] == 1.25
+    assert by["crossent_ce"]["noise"] == ["x_best_peer"]  # against itself x_ce is exactly 1, not noise
+    assert by["crossent_z_loss"]["noise"] == ["x_best_peer", "x_ce"]
+    assert by["crossent_focal"]["noise"] == [] and by["crossent_z_loss"]["x_ce"] == pytest.approx(0.74 / 1.05)
+    text = bench.markdown({"results": rows})
+    # median, its range, then x floor, x peer, x ce: the ratios inside the noise read ~1.0
+    assert "| crossent_ce | 1.050 | 0.980-1.250 | 2.02 | ~1.0 | 1.00 |" in text
+    assert "| crossent_z_loss | 0.740 | 0.600-1.000 | 1.42 | ~1.0 | ~1.0 |" in text
+    assert "| crossent_focal | 1.450 | 1.400-1.500 | 2.79 | 1.39 | 1.38 |" in text
+    assert "~1.0: the two methods' ranges of timings (min-max s) overlap" in text
+    table = bench._table(rows)
+    line = next(line for line in table.splitlines() if line.startswith("crossent_z_loss"))
+    assert line.split()[:6] == ["crossent_z_loss", "0.740", "0.600-1.000", "1.42", "~1.0", "~1.0"]
+    assert "within the noise of this measurement" in " ".join(table.split()) and "--repeats 3" not in table
+    one = [timed("floor", [0.5]), timed("crossent_ce", [1.0])]
+    bench._ratios(one)
+    assert "One timing per method measures no spread" in bench._table(one)
 
 
 def test_no_ratio_against_a_zero_reference():
@@ -126,6 +161,7 @@ def test_check_args():
     bench.add_arguments(parser)
     bench.check_args(parser.parse_args([]))
     for argv, phrase in ((["--repeats", "0"], "--repeats"), (["--warmup", "-1"], "--warmup"),
+                         (["--quiet-wait", "-1"], "--quiet-wait"),
                          (["--shape", "1", "2", "0", "float32"], "V must be"), (["--timeout", "0"], "--timeout")):
         with pytest.raises(ValueError, match=phrase):
             bench.check_args(parser.parse_args(argv))
@@ -142,6 +178,8 @@ def test_run_end_to_end(tmp_path):
     assert all("median" in r for r in result["results"]), result["results"]
     saved = json.loads((tmp_path / "linear.json").read_text())
     assert saved["meta"]["threads"] == 1 and len(saved["meta"]["loadavg_start"]) == 3
+    assert saved["meta"]["cpu"] and "commit" in saved["meta"]
+    assert all(r["min"] <= r["median"] <= r["max"] for r in saved["results"])
     assert (tmp_path / "linear.md").exists() and (tmp_path / "linear.png").stat().st_size > 0
     assert all(r["peak_bytes"] >= 0 and r["rss_growth"] >= 0 for r in result["results"])
 

@@ -5,17 +5,31 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 import types
 from pathlib import Path
 
 import pytest
+import torch
 
 from _datasets import write_vowel
 from crossent.losses import Loss
 from crossent_harness import cli
 from crossent_harness.experiments import catalog, options
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def strict_load(path: Path):
+    """``path`` read as strict JSON: ``NaN`` and ``Infinity`` are not JSON, and other parsers refuse them."""
+
+    def refuse(constant):
+        raise ValueError(f"{path.name} holds {constant}, which is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
 
 
 def run_cli(capsys, *argv):
@@ -25,7 +39,7 @@ def run_cli(capsys, *argv):
 
 
 def test_losses_lists_the_registry(capsys):
-    rc, out, _ = run_cli(capsys, "losses")
+    rc, out, _ = run_cli(capsys, "losses", "--format", "markdown")
     assert rc == 0
     lines = out.strip().splitlines()
     assert lines[0] == "| name | hyperparameters (defaults) | formula | paper | streams |"
@@ -33,6 +47,11 @@ def test_losses_lists_the_registry(capsys):
     assert "| label_smoothing=0.0 |" in ce and "Cross-entropy" in ce and "Szegedy" in ce and ce.endswith("| yes |")
     fc = next(line for line in lines if line.startswith("| `forward_correction` |"))
     assert "T (required), clip=True" in fc
+    # the docstrings' reStructuredText becomes Markdown: code spans, no roles
+    assert "``" not in out and ":math:" not in out and ":func:" not in out
+    rc, text, _ = run_cli(capsys, "losses")  # the terminal's default: an entry per loss
+    assert rc == 0 and "\nce  (streams: yes)\n" in text and "hyperparameters: T (required), clip=True" in text
+    assert not text.lstrip().startswith("|")
     rc, out, _ = run_cli(capsys, "losses", "--format", "json")
     rows = {r["name"]: r for r in json.loads(out)}
     assert rows["z_loss"]["streams"] == "yes" and "PaLM" in rows["z_loss"]["paper"]
@@ -92,8 +111,9 @@ def test_compare_noisy_grid_writes_every_file(capsys, tmp_path):
     for name in ("summary.md", "runs.csv", "results.json", "accuracy_vs_noise.png", "reliability_0.2.png",
                  "reliability_0.5.png"):
         assert (out / name).stat().st_size > 0, name
-    res = json.loads((out / "results.json").read_text())
+    res = strict_load(out / "results.json")  # empty reliability bins are null, not NaN
     assert len(res["runs"]) == 2 * 2 * 2
+    assert any(None in r["reliability"]["accuracy"] for r in res["runs"])
     assert {r["seed"] for r in res["runs"]} == {0, 1}
     # the same corrupted labels are shared by the methods of one (rate, seed)
     by = {}
@@ -106,6 +126,11 @@ def test_compare_noisy_grid_writes_every_file(capsys, tmp_path):
     assert len(rows) == 8 and float(rows[0]["acc"]) > 0.3
     assert "| `ce:label_smoothing=0.1` | ldr-uniform 0.5 |" in stdout
     assert "ECE % (TS)" in (out / "summary.md").read_text()
+    # what the figures depend on beyond the command line
+    prov = res["provenance"]
+    assert prov["torch"] == torch.__version__ and prov["threads"] == 1 and prov["cpu"]
+    assert prov["commit"] is None or len(prov["commit"]) == 40
+    assert f"torch {torch.__version__}" in (out / "summary.md").read_text()
 
 
 def test_compare_long_tail_strategies(capsys, tmp_path):
@@ -219,3 +244,45 @@ def test_an_interrupted_grid_keeps_its_finished_runs(capsys, tmp_path, monkeypat
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["complete"] is False and [r["method"] for r in saved["runs"]] == ["ce"]
     assert "Incomplete: the 1 runs finished so far." in (tmp_path / "summary.md").read_text()
+
+
+# -- dry runs, and the commands that the repository's scripts run ---------------------------------------------
+def test_dry_run_checks_and_stops(capsys, tmp_path, monkeypatch):
+    from crossent_harness.experiments import datasets
+
+    monkeypatch.setattr(datasets, "load", lambda name: pytest.fail("a dry run loads no data"))
+    out = tmp_path / "never"
+    rc, stdout, _ = run_cli(capsys, "compare", "--dataset", "letter", "--protocol", "ldr", "--losses", "ce,sce",
+                            "--noise", "ldr-uniform", "--noise-rate", "0.2,0.6", "--seeds", "3", "--out", str(out),
+                            "--dry-run")
+    text = " ".join(stdout.split())
+    assert rc == 0 and "Would train 12 models (2 losses x 2 noise rates x 3 seeds)" in text
+    assert "100 epochs each" in text and "that letter is installed" in text and not out.exists()
+    rc, _, err = run_cli(capsys, "compare", "--imbalance", "inf", "--dry-run")  # still every check
+    assert rc == 2 and "--imbalance" in err
+    rc, stdout, _ = run_cli(capsys, "bench", "--full", "--dry-run", "--out", str(out))
+    assert rc == 0 and "Would run 37 fresh processes" in " ".join(stdout.split()) and not out.exists()
+
+
+def _regeneration_commands():
+    """The ``crossent compare`` arguments of every experiment of benchmarks/regenerate_results.sh."""
+    script = (ROOT / "benchmarks" / "regenerate_results.sh").read_text()
+    variables = dict(re.findall(r'^([A-Z_]+)="([^"$]*)"$', script, re.M))
+    entries = re.findall(r'^\s*"([\w@-]+)\|([-\d ]+)\|(.*)"$', script, re.M)
+    assert len(entries) >= 10, "the EXPERIMENTS of regenerate_results.sh were not found"
+    for name, _, args in entries:
+        yield name, shlex.split(re.sub(r"\$(\w+)", lambda m: variables[m.group(1)], args))
+
+
+def test_the_regeneration_script_and_make_demo_run_accepted_commands(capsys, tmp_path, monkeypatch):
+    # docs/results.md is regenerated by these commands, and `make demo` runs the Makefile's: a command
+    # that the options refuse would surface only after the runs before it
+    monkeypatch.chdir(tmp_path)
+    commands = [(name, ["compare", *args]) for name, args in _regeneration_commands()]
+    makefile = (ROOT / "Makefile").read_text()
+    commands += [("Makefile", shlex.split(line)) for line in re.findall(r"/bin/crossent (.*)$", makefile, re.M)]
+    assert ("Makefile", ["bench"]) in commands
+    for name, argv in commands:
+        rc, _, err = run_cli(capsys, *argv, "--dry-run")
+        assert rc == 0, f"{name}: crossent {shlex.join(argv)}: {err}"
+

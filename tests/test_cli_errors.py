@@ -7,7 +7,9 @@ and ``--debug``.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +34,21 @@ COMPARE_MISTAKES = [
     (["--batch-size", "0"], "--batch-size", "must be >= 1, got 0"),
     (["--epochs", "0"], "--epochs", "must be >= 1"),
     (["--lr", "-1"], "--lr", "must be > 0"),
-    (["--lr", "abc"], "--lr", "invalid float value: 'abc'"),
+    (["--lr", "abc"], "--lr", "expected a number, got 'abc'"),
+    # numbers that are floats to Python but cannot train: `--imbalance inf` once kept one class and
+    # wrote Infinity into results.json
+    (["--imbalance", "inf"], "--imbalance", "expected a finite number, got 'inf'"),
+    (["--imbalance", "1e999"], "--imbalance", "expected a finite number, got '1e999'"),
+    (["--imbalance", "1e9"], "--imbalance", "1e+09 leaves 7 of 10 classes without a training example; the head class keeps 122, so at most 122"),
+    (["--lr", "nan"], "--lr", "expected a finite number, got 'nan'"),
+    (["--lr", "inf"], "--lr", "expected a finite number"),
+    (["--weight-decay", "inf"], "--weight-decay", "expected a finite number"),
+    (["--momentum=-inf"], "--momentum", "expected a finite number"),
+    (["--clip", "inf"], "--clip", "expected a finite number"),
+    (["--schedule", "cosine", "--min-lr", "nan"], "--min-lr", "expected a finite number"),
+    (["--calibrate", "--val-fraction", "nan"], "--val-fraction", "expected a finite number"),
+    (["--noise", "ldr-uniform", "--noise-rate", "nan"], "--noise-rate", "must be in [0, 1], got nan"),
+    (["--seed", "4294967296"], "--seed", "the last seed, 4294967296, is above 4294967295"),
     (["--optimizer", "rmsprop"], "--optimizer", "must be one of adam, sgd"),
     (["--noise-rate", "0.2"], "--noise-rate", "applies only with --noise"),
     (["--noise", "ldr-uniform", "--noise-rate", "1.5"], "--noise-rate", "must be in [0, 1]"),
@@ -57,7 +73,7 @@ COMPARE_MISTAKES = [
     (["--dataset", "cifar10"], "--dataset", "unknown dataset 'cifar10'"),
     (["--dataset", "mnist1d", "--scaling", "minmax"], "--scaling", "applies to tabular datasets"),
     (["--split", "random:x"], "--split", "random:N"),
-    (["--imbalance", "0.5"], "--imbalance", "must be >= 1"),
+    (["--imbalance", "0.5"], "--imbalance", "must be a finite number >= 1, got 0.5"),
     (["--train-size", "0"], "--train-size", "must be >= 1"),
     (["--seeds", "0"], "--seeds", "must be >= 1"),
     (["--clip", "-1"], "--clip", "must be > 0"),
@@ -115,6 +131,8 @@ def test_global_and_losses_mistakes(capsys, argv, phrase):
     (["--shape", "64", "16", "x", "float32"], "--shape: V must be an integer >= 1"),
     (["--shape", "64", "16", "96", "float64"], "--shape: DTYPE must be one of float32, bfloat16, float16"),
     (["--device", "tpu"], "--device: must be cpu or cuda"),
+    (["--timeout", "inf"], "argument --timeout: expected a finite number, got 'inf'"),
+    (["--quiet-wait", "nan"], "argument --quiet-wait: expected a finite number, got 'nan'"),
     (["--methods", "nope"], "argument --methods: invalid choice: 'nope'"),
 ])
 def test_bench_mistakes(capsys, argv, phrase):
@@ -175,6 +193,30 @@ def test_compare_help_shows_defaults(capsys):
                  "default by protocol: quick 20, mnist1d", "ldr 16,16,16", "(default with --noise: 0.4)",
                  "results/compare-DATASET"):
         assert text in " ".join(out.split()), text
+
+
+# `` and :role:`x` (reStructuredText) or `x` (its default role and Markdown's code)
+MARKUP = re.compile(r"``|:[a-z]+:`|`")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["losses", "--help"], ["compare", "--help"], ["bench", "--help"],
+                                  ["losses"]], ids=lambda argv: " ".join(argv))
+def test_terminal_output_is_plain_text_of_at_most_100_columns(capsys, monkeypatch, argv):
+    # found on a wide terminal: the help printed ``x`` and :func:`x` from the docstrings, and
+    # `crossent losses` a Markdown table with rows of 400 characters
+    monkeypatch.setenv("COLUMNS", "300")
+    with contextlib.suppress(SystemExit):
+        cli.main(argv)
+    out = capsys.readouterr().out
+    assert out.count("\n") > 5
+    assert not [line for line in out.splitlines() if len(line) > 100], max(out.splitlines(), key=len)
+    assert not MARKUP.search(out), out[max(0, MARKUP.search(out).start() - 80):][:160]
+
+
+def test_losses_follow_a_narrow_terminal(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "62")
+    assert cli.main(["losses"]) == 0
+    assert max(len(line) for line in capsys.readouterr().out.splitlines()) <= 60
 
 
 def test_bench_help_shows_defaults(capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def test_ece_hand_case_15_bins():
     # 0.95 in (14/15, 1], 0.65 in (9/15, 10/15], 0.4 in (5/15, 6/15]
     assert bins["count"][14] == 3 and bins["count"][9] == 2 and bins["count"][5] == 1
     assert bins["accuracy"][14] == pytest.approx(2 / 3)
-    assert math.isnan(bins["accuracy"][0])
+    assert bins["accuracy"][0] is None and bins["confidence"][0] is None  # an empty bin has no mean
 
 
 def test_ece_bin_edges_are_right_closed():
@@ -85,6 +86,9 @@ def test_long_tail_profile():
     assert got == [int(100 * 10 ** (-i / 4) + 1e-9) for i in range(5)] == [100, 56, 31, 17, 10]
     with pytest.raises(ValueError, match="imbalance"):
         subsets.long_tail_counts(3, 10, 0.5)
+    for ratio in (float("inf"), float("nan")):  # inf keeps the head class alone
+        with pytest.raises(ValueError, match="finite number >= 1"):
+            subsets.long_tail_counts(3, 10, ratio)
 
 
 def test_stratified_subsample_keeps_shares():
@@ -287,6 +291,28 @@ def test_aggregate_mean_and_sample_std():
     assert row["acc"][0] == pytest.approx(0.7) and row["acc"][1] == pytest.approx(0.2)
     table = report.markdown_table([row])
     assert "| `ce` | ldr-uniform 0.4 | 70.00 ± 20.00 |" in table
+
+
+def test_results_json_is_strict_json(tmp_path):
+    # `crossent compare --imbalance inf` once wrote `"imbalance": Infinity`, and every empty reliability
+    # bin NaN: JSON has neither, and strict parsers refuse the file
+    run = {"method": "ce", "rate": 0.0, "noise": "none", "seed": 0, "acc": 0.5, "bacc": 0.5, "nll": float("inf"),
+           "ece": 0.1, "reliability": {"count": [0, 2], "accuracy": [float("nan"), 0.5]}}
+    paths = report.write({"dataset": "d", "config": {"imbalance": float("inf")}, "runs": [run]}, tmp_path)
+
+    def refuse(constant):
+        raise ValueError(constant)
+
+    saved = json.loads(paths["json"].read_text(), parse_constant=refuse)
+    assert saved["config"]["imbalance"] is None and saved["runs"][0]["nll"] is None
+    assert saved["runs"][0]["reliability"]["accuracy"] == [None, 0.5] and saved["runs"][0]["acc"] == 0.5
+
+
+def test_train_config_refuses_non_finite_settings():
+    for field in ("lr", "weight_decay", "min_lr", "clip"):
+        for value in (float("inf"), float("nan")):
+            with pytest.raises(ValueError, match=f"{field.replace('_', '-')} must be a finite number"):
+                TrainConfig(**{field: value}).check()
 
 
 # -- strategies that need other parts of the library ------------------------------------------------------

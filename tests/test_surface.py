@@ -4,7 +4,8 @@
 * Every public module has an ``__all__`` whose names resolve; implementation modules are underscored.
 * The loss tables of the README and docs list exactly the registry, with the right streamability and,
   in docs/losses.md, the constructor's defaults.
-* Every ``python`` code block of the README and docs/ runs.
+* Every ``python`` code block of the README and docs/ runs, and every ``crossent`` command of their shell
+  blocks is one the command accepts.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import importlib
 import inspect
 import math
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -203,3 +205,47 @@ def test_docs_code_blocks_run(path):
     for match in re.finditer(r"```python\n(.*?)```", text, re.S):
         line = text[: match.start()].count("\n") + 2
         exec(compile(match.group(1), f"{path.name}:{line}", "exec"), namespace)  # noqa: S102 - our own docs
+
+
+def _shell_commands(text: str):
+    """``(line, argv)`` of every ``crossent`` command in the shell blocks of a Markdown text (continued
+    lines joined, comments dropped)."""
+    for match in re.finditer(r"```(?:bash|sh|shell|console)\n(.*?)```", text, re.S):
+        first = text[: match.start()].count("\n") + 2
+        command, start = "", first
+        for i, line in enumerate(match.group(1).splitlines()):
+            if not command:
+                start = first + i
+            command += line.removesuffix("\\") + " "
+            if line.endswith("\\"):
+                continue
+            argv = shlex.split(command.strip().removeprefix("$ "), comments=True)
+            command = ""
+            if argv[:1] == ["crossent"]:
+                yield start, argv[1:]
+
+
+SHELL_DOCS = [*DOCS, ROOT / "BENCHMARKS.md"]
+
+
+@pytest.mark.parametrize("path", SHELL_DOCS, ids=[p.name for p in SHELL_DOCS])
+def test_docs_crossent_commands_are_accepted(path, tmp_path, monkeypatch, capsys):
+    """Every ``crossent`` command of a document's shell blocks passes the command's checks: ``compare`` and
+    ``bench`` with ``--dry-run`` (no data loaded, nothing trained), ``losses`` for real. A documented
+    command that the command refuses (``--noise symmetric`` once) fails here."""
+    from crossent_harness import cli
+
+    monkeypatch.chdir(tmp_path)  # a relative --out lands here, never in the repository
+    for line, argv in _shell_commands(path.read_text()):
+        command = cli.build_parser().parse_known_args(argv)[0].command
+        code = cli.main(argv + ([] if command == "losses" else ["--dry-run"]))
+        out, err = capsys.readouterr()
+        assert code == 0 and out, f"{path.name}:{line}: crossent {shlex.join(argv)}\n{err}"
+
+
+def test_the_shell_blocks_hold_the_documented_commands():
+    readme = [argv for _, argv in _shell_commands((ROOT / "README.md").read_text())]
+    assert ["losses"] in readme and ["bench"] in readme and sum(a[0] == "compare" for a in readme) >= 2
+    results = list(_shell_commands((ROOT / "docs/results.md").read_text()))
+    assert len(results) >= 10 and all(argv[0] == "compare" for _, argv in results)
+

@@ -280,6 +280,25 @@ def test_bfloat16_model_and_autocast():
     close(out.loss, stock.loss, 2e-2)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name, fullgraph", [("llama", True), ("gemma2", False)])
+def test_a_patched_model_under_torch_compile(name, fullgraph):
+    """docs/transformers.md: the fused loss is no graph break, so a plain head compiles in one graph; a
+    soft-capped head (its loss is built per forward) compiles with a break at the loss. Eager's values."""
+    import torch._dynamo
+
+    ids, labels = batch()
+    model = tiny(name)
+    with xt.patched(model, loss="focal"):
+        want, want_grads = run(model, input_ids=ids, labels=labels)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=fullgraph)
+        got, grads = run(compiled, input_ids=ids, labels=labels)
+        torch._dynamo.reset()
+    close(got.loss, want.loss)
+    same_gradients({k.removeprefix("_orig_mod."): g for k, g in grads.items()}, want_grads)
+
+
 # -- no [B, T, V] tensor ----------------------------------------------------------------------------------
 
 

@@ -12,6 +12,9 @@ import os
 import shlex
 import sys
 
+from .argtypes import positive_int
+from .text import HelpFormatter
+
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
 
@@ -21,10 +24,11 @@ class UsageError(Exception):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (the usage is one ``--help`` away) and defaults shown in the help."""
+    """argparse with one-line errors (the usage is one ``--help`` away) and help as plain text of at most
+    100 columns (:class:`~crossent_harness.text.HelpFormatter`)."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message):
@@ -59,6 +63,9 @@ def cmd_bench(args) -> int:
             linear.check_args(bench_args)
         except ValueError as e:
             raise UsageError(f"crossent bench: error: {e}") from None
+    if getattr(bench_args, "dry_run", False):
+        print(linear.plan(bench_args))
+        return 0
     linear.run(bench_args)
     return 0
 
@@ -75,6 +82,9 @@ def cmd_compare(args, argv) -> int:
         cfg, out = options.config_from_args(args)
     except ValueError as e:
         raise UsageError(f"crossent compare: error: {e}") from None
+    if args.dry_run:
+        print(options.plan(cfg, out))
+        return 0
     torch.set_num_threads(args.threads or 1)
     command = "crossent " + " ".join(shlex.quote(a) for a in argv)
     if not args.quiet:
@@ -100,28 +110,20 @@ def cmd_compare(args, argv) -> int:
 
 
 # -- entry point -------------------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     from .experiments import catalog, options
 
     parser = Parser(prog="crossent", description=__doc__)
-    parser.add_argument("--threads", type=_positive_int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (default: 1 for compare; torch's own for bench)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of any error (default: off)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     parser.commands = sub.choices  # name -> the command's parser, for its own error messages
     p = sub.add_parser("losses", help="list the registered losses with their hyperparameters and defaults",
                        description="Every registered loss: hyperparameters with defaults, formula, paper, streaming.")
-    p.add_argument("--format", default="markdown", choices=catalog.FORMATS, help="output format (default: markdown)")
+    p.add_argument("--format", default="text", choices=catalog.FORMATS,
+                   help="text (for a terminal, at most 100 columns), markdown (a table), json, or names (one a "
+                   "line) (default: text)")
     sub.add_parser("bench", help="speed and memory of the linear + loss paths (crossent bench --help)", add_help=False)
     p = sub.add_parser("compare", help="train a model with several losses and compare them",
                        description="Train one model per loss (and noise rate, and seed) and compare test metrics.")

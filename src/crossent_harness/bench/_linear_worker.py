@@ -1,7 +1,7 @@
 """One benchmark configuration, in a fresh process: ``python -m crossent_harness.bench._linear_worker SPEC``.
 
 SPEC is a JSON object (method, n, d, v, dtype, device, warmup, repeats, threads, seed). Prints one JSON
-line: the median and every timing of forward + backward, the step's peak memory, and the loss (a
+line (strict JSON: a NaN loss is null): the median and every timing of forward + backward, the step's peak memory, and the loss (a
 cross-check between methods).
 
 Memory, the figure that is compared: the most bytes one step held at once beyond its inputs
@@ -26,6 +26,7 @@ import json
 import sys
 import time
 
+from ..records import strict_json
 from .rss import reset_peak as _reset_peak
 from .rss import status_kib as _rss_kib
 
@@ -179,4 +180,4 @@ if __name__ == "__main__":
         res = measure(spec)
     except Exception as exc:  # reported, not raised: one failing peer must not stop the table
         res = {"error": f"{type(exc).__name__}: {exc}"}
-    print(json.dumps(res))
+    print(strict_json(res))

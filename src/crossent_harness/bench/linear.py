@@ -1,7 +1,7 @@
 """Speed and memory of fused linear cross-entropy: crossent against the naive path and its peers.
 
 Every configuration runs in a fresh process and reports the median of repeated forward + backward
-timings and the most memory the step held at once beyond the inputs and gradients: on CPU the exact
+timings, their range (fastest to slowest: the noise of the measurement), and the most memory the step held at once beyond the inputs and gradients: on CPU the exact
 replay of the allocation events that PyTorch's allocator reports to its profiler
 (:func:`crossent_harness.bench.memory.allocator_peak`; fused operators and compiled code included), on CUDA
 the allocator's statistics. The growth of the peak RSS is a secondary column; it is never negative,
@@ -20,7 +20,9 @@ but the allocator's reuse of freed memory can hide a step's memory from it. Meth
 
 Ratios: time to the floor, to the fastest peer (any non-crossent method but the floors) and, for
 crossent's losses, to crossent's CE; memory to the naive path and to that fastest peer. A ratio whose
-reference is missing or zero is left out, never printed as 0 or infinity. ``cpu share`` is the smallest
+reference is missing or zero is left out, never printed as 0 or infinity. A time ratio between two
+methods whose ranges of timings overlap is printed ``~1.0``: within the noise, neither is ranked
+faster. ``cpu share`` is the smallest
 share of its threads' time a configuration got on the CPUs: well below 1, another process competed and
 its timing is suspect (``--quiet-wait`` makes each configuration wait for idle CPUs first).
 
@@ -37,6 +39,7 @@ import os
 import platform
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -44,6 +47,10 @@ import torch
 
 from crossent.losses import Loss
 from crossent.stats import LSE, TARGET
+
+from ..argtypes import finite_float
+from ..records import provenance, strict_json
+from ..text import MAX_WIDTH, HelpFormatter, width
 
 METHODS = (
     "floor",
@@ -147,13 +154,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-size", type=int, default=None, help="crossent chunk_size (default: its own)")
     parser.add_argument("--device", default="cpu", help="torch device: cpu or cuda (default: cpu)")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads per run (default: torch's)")
-    parser.add_argument("--timeout", type=float, default=1800.0,
+    parser.add_argument("--timeout", type=finite_float, default=1800.0,
                         help="seconds before one configuration is abandoned (default: 1800)")
-    parser.add_argument("--quiet-wait", type=float, default=0.0, metavar="SECONDS",
+    parser.add_argument("--quiet-wait", type=finite_float, default=0.0, metavar="SECONDS",
                         help="before each configuration, wait up to this long for other processes to leave the "
                         "CPUs idle (shared machines); 0: do not wait (default: 0)")  # fmt: skip
     parser.add_argument("--out", default="results/bench_linear",
                         help="folder for linear.json, linear.md, linear.png (default: results/bench_linear)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the options, say what would run, and stop (default: off)")
+
+
+def _selection(args: argparse.Namespace) -> tuple[tuple, list]:
+    """The methods and the shapes ``(n, d, v, dtype)`` that ``args`` select."""
+    full = getattr(args, "full", False)
+    methods = args.methods or (METHODS if full else QUICK_METHODS)
+    if args.shape:
+        return methods, [(int(n), int(d), int(v), dt) for n, d, v, dt in args.shape]
+    return methods, list(FULL_SHAPES if full else QUICK_SHAPES)
+
+
+def plan(args: argparse.Namespace) -> str:
+    """What :func:`run` would do with ``args`` (``--dry-run``), as text for a terminal."""
+    methods, shapes = _selection(args)
+    configs = sum(len([m for m in methods if dtype in ("bfloat16", "float16") or m not in HALF_ONLY])
+                  for *_, dtype in shapes)
+    rounds = max(1, getattr(args, "rounds", 1))
+    text = (f"dry run: the options are valid. Would run {configs * rounds} fresh processes ({configs} configurations "
+            f"x {rounds} round{'s' * (rounds != 1)}), each {args.warmup} warm-up and {args.repeats} timed steps, at "
+            + "; ".join(f"N={n} D={d} V={v} {dt}" for n, d, v, dt in shapes) + f", into {args.out}.")
+    return textwrap.fill(text, width(), break_on_hyphens=False)
 
 
 def busy_fraction(interval: float = 1.0) -> float | None:
@@ -193,7 +223,7 @@ def _run_one(spec: dict, timeout: float) -> dict:
     env["PYTHONPATH"] = os.pathsep.join([*roots, *filter(None, [env.get("PYTHONPATH")])])
     if spec.get("threads"):
         env["OMP_NUM_THREADS"] = str(spec["threads"])
-    cmd = [sys.executable, "-m", "crossent_harness.bench._linear_worker", json.dumps(spec)]
+    cmd = [sys.executable, "-m", "crossent_harness.bench._linear_worker", strict_json(spec)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -206,12 +236,13 @@ def _run_one(spec: dict, timeout: float) -> dict:
 
 
 def _combine(method: str, runs: list[dict]) -> dict:
-    """One row per method: the median of every timing of every round, the largest memory peak."""
+    """One row per method: the median and the range of every timing of every round, the largest memory peak."""
     ok = [r for r in runs if "median" in r]
     if not ok:
         return {"method": method, "error": runs[0].get("error", "no run") if runs else "no run"}
     times = sorted(t for r in ok for t in r["times"])
-    out = {"method": method, "times": times, "median": times[len(times) // 2], "rounds": len(ok), "loss": ok[0].get("loss")}
+    out = {"method": method, "times": times, "median": times[len(times) // 2], "min": times[0], "max": times[-1],
+           "rounds": len(ok), "loss": ok[0].get("loss")}
     shares = [r["cpu_share"] for r in ok if "cpu_share" in r]
     if shares:
         out["cpu_share"] = min(shares)
@@ -235,7 +266,23 @@ def _ratio(value: float | None, ref: float | None) -> float | None:
     return value / ref
 
 
+def within_noise(a: dict, b: dict) -> bool:
+    """Whether two methods' timings cannot be ranked: their ranges (fastest to slowest) overlap.
+
+    >>> within_noise({"min": 1.0, "max": 1.2}, {"min": 1.1, "max": 1.3})
+    True
+    >>> within_noise({"min": 1.0, "max": 1.05}, {"min": 1.1, "max": 1.3})
+    False
+    """
+    return a["min"] <= b["max"] and b["min"] <= a["max"]
+
+
+#: the time ratios, each with the method it is taken against
+TIME_RATIOS = ("x_floor", "x_best_peer", "x_ce")
+
+
 def _ratios(rows: list[dict]) -> None:
+    """Add every ratio to ``rows``, and ``noise``: the time ratios whose two methods are within the noise."""
     ok = {r["method"]: r for r in rows if "median" in r}
     floors = [r for m, r in ok.items() if m in FLOORS]
     floor = min(floors, key=lambda r: r["median"]) if floors else None
@@ -251,6 +298,10 @@ def _ratios(rows: list[dict]) -> None:
             "mem_x_best_peer": _ratio(r.get("peak_bytes"), best and best.get("peak_bytes")),
         }
         r.update({k: v for k, v in ratios.items() if v is not None})
+        against = {"x_floor": floor, "x_best_peer": best, "x_ce": ce}
+        # a method against itself is exactly 1; against another, overlapping timings rank nothing
+        r["noise"] = [k for k in TIME_RATIOS if k in r and against[k] is not r and "min" in r
+                      and "min" in against[k] and within_noise(r, against[k])]
         if best:
             r["best_peer"] = best["method"]
 
@@ -258,6 +309,7 @@ def _ratios(rows: list[dict]) -> None:
 #: (key, column title, format, scale) of the printed and Markdown tables
 COLUMNS = (
     ("median", "median s", ".3f", 1),
+    ("range", "min-max s", ".3f", 1),
     ("x_floor", "x floor", ".2f", 1),
     ("x_best_peer", "x peer", ".2f", 1),
     ("x_ce", "x ce", ".2f", 1),
@@ -269,23 +321,45 @@ COLUMNS = (
 )
 
 
+#: how a time ratio within the noise is printed
+WITHIN_NOISE = "~1.0"
+
+
 def _cell(r: dict, key: str, spec: str, scale: float) -> str:
+    if key == "range":
+        return f"{r['min']:{spec}}-{r['max']:{spec}}" if "min" in r else "-"
+    if key in r.get("noise", ()):
+        return WITHIN_NOISE
     return format(r[key] * scale, spec) if key in r else "-"
 
 
+def noise_note(rows: list[dict]) -> str:
+    """What the spread of the timings says about the ratios of a table (one paragraph, or "")."""
+    notes = []
+    if any(r.get("noise") for r in rows):
+        notes.append(f"{WITHIN_NOISE}: the two methods' ranges of timings (min-max s) overlap; the difference is "
+                     "within the noise of this measurement, and neither is ranked faster.")
+    if any(len(r.get("times", ())) == 1 for r in rows):
+        notes.append("One timing per method measures no spread: run --repeats 3 or more before ranking methods.")
+    return " ".join(notes)
+
+
 def _table(rows: list[dict]) -> str:
-    widths = [max(len(title) + 1, 9) for _, title, _, _ in COLUMNS]
+    cells = {id(r): [_cell(r, k, f, s) for k, _, f, s in COLUMNS] for r in rows if "error" not in r}
+    widths = [max(len(title) + 1, 9, *(len(c[i]) + 2 for c in cells.values())) for i, (_, title, _, _) in enumerate(COLUMNS)]
     head = f"{'method':<24}" + "".join(f"{t:>{w}}" for (_, t, _, _), w in zip(COLUMNS, widths)) + "  loss"
     out = [head, "-" * len(head)]
     for r in rows:
         if "error" in r:
             out.append(f"{r['method']:<24}  skipped: {r['error']}")
             continue
-        cells = "".join(f"{_cell(r, k, f, s):>{w}}" for (k, _, f, s), w in zip(COLUMNS, widths))
+        line = "".join(f"{c:>{w}}" for c, w in zip(cells[id(r)], widths))
         loss = "-" if r.get("loss") is None else format(r["loss"], ".6f")
-        out.append(f"{r['method']:<24}{cells}  {loss}")
+        out.append(f"{r['method']:<24}{line}  {loss}")
     notes = sorted({f"{r['method']}: {r['memory_error']}" for r in rows if "memory_error" in r})
-    return "\n".join(out + [f"  memory not measured, {n}" for n in notes])
+    out += [f"  memory not measured, {n}" for n in notes]
+    noise = noise_note(rows)
+    return "\n".join(out + ([textwrap.fill(noise, MAX_WIDTH, initial_indent="  ", subsequent_indent="  ")] if noise else []))
 
 
 MEMORY_NOTE = (
@@ -312,7 +386,8 @@ def markdown(result: dict) -> str:
             cells = [_cell(r, k, f, s) for k, _, f, s in COLUMNS]
             out.append(f"| {r['method']} | " + " | ".join(cells) + " |")
         best = next((r["best_peer"] for r in rows if "best_peer" in r), None)
-        out += ["", f"Fastest peer: `{best}`. {MEMORY_NOTE}" if best else MEMORY_NOTE, ""]
+        notes = " ".join(filter(None, [f"Fastest peer: `{best}`." if best else "", noise_note(rows), MEMORY_NOTE]))
+        out += ["", notes, ""]
     return "\n".join(out)
 
 
@@ -337,9 +412,10 @@ def _plot(groups: dict, path: Path) -> bool:
         ok = [r for r in rows if "median" in r]
         names = [r["method"] for r in ok]
         colors = [GROUP_COLORS[_group(n)] for n in names]
-        bars = ax_t.barh(names, [r["median"] for r in ok], color=colors)
+        spread = [[r["median"] - r.get("min", r["median"]) for r in ok], [r.get("max", r["median"]) - r["median"] for r in ok]]
+        bars = ax_t.barh(names, [r["median"] for r in ok], color=colors, xerr=spread, error_kw={"lw": 0.8, "capsize": 2})
         ax_t.bar_label(bars, labels=[f"{r['median']:.3g}" for r in ok], fontsize=7, padding=2)
-        ax_t.set_xlabel("forward + backward, median seconds")
+        ax_t.set_xlabel("forward + backward, median seconds (bars: fastest to slowest timing)")
         ax_t.set_title(f"time, {title}", fontsize=9)
         ax_t.invert_yaxis()
         mem = [r.get("peak_bytes") for r in ok]
@@ -363,22 +439,14 @@ def _plot(groups: dict, path: Path) -> bool:
 def run(args: argparse.Namespace) -> dict:
     """Run the benchmark; print a table per shape, write ``linear.json``, ``linear.md`` (and ``linear.png``)
     to ``args.out``; return the results (``{"meta": ..., "results": [...]}``)."""
-    full = getattr(args, "full", False)
-    methods = args.methods or (METHODS if full else QUICK_METHODS)
-    if args.shape:
-        shapes = [(int(n), int(d), int(v), dt) for n, d, v, dt in args.shape]
-    else:
-        shapes = FULL_SHAPES if full else QUICK_SHAPES
+    methods, shapes = _selection(args)
     threads = args.threads or torch.get_num_threads()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {
         "command": " ".join(sys.argv),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
+        **provenance(threads),
         "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "threads": threads,
         "device": args.device,
         "loadavg_start": os.getloadavg(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -404,7 +472,8 @@ def run(args: argparse.Namespace) -> dict:
                 res = _run_one(spec, args.timeout)
                 res["busy_before"] = busy
                 runs[method].append(res)
-                status = f"{res['median']:.3f} s" if "median" in res else res["error"]
+                status = (f"{res['median']:.3f} s ({min(res['times']):.3f}-{max(res['times']):.3f}, "
+                          f"{len(res['times'])} timings)" if "median" in res else res["error"])
                 print(f"  {method:<17} {status}" + (f"  (round {k + 1}/{rounds})" if rounds > 1 else ""), flush=True)
                 if "error" in res and res["error"].startswith(("ModuleNotFoundError", "ImportError")):
                     missing.add(method)  # a peer that is not installed is not retried
@@ -416,7 +485,7 @@ def run(args: argparse.Namespace) -> dict:
         groups[title] = rows
     meta["loadavg_end"] = os.getloadavg()
     result = {"meta": meta, "results": [r for rows in groups.values() for r in rows]}
-    (out_dir / "linear.json").write_text(json.dumps(result, indent=1))
+    (out_dir / "linear.json").write_text(strict_json(result, indent=1))
     (out_dir / "linear.md").write_text(markdown(result))
     if _plot(groups, out_dir / "linear.png"):
         result["plot"] = str(out_dir / "linear.png")
@@ -425,13 +494,16 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:
         check_args(args)
     except ValueError as e:
         parser.error(str(e))
+    if args.dry_run:
+        print(plan(args))
+        return {}
     return run(args)
 
 

@@ -1,10 +1,18 @@
 """The table of ``crossent losses``: every registered loss with its hyperparameters, formula, paper and
-whether it streams, read from the loss classes themselves (signatures and docstrings)."""
+whether it streams, read from the loss classes themselves (signatures and docstrings).
+
+The docstrings are reStructuredText; the ``text`` format (the terminal's) prints them as plain text
+wrapped to at most 100 columns, the ``markdown`` table with Markdown code spans.
+"""
 
 from __future__ import annotations
 
 import inspect
-import json
+import math
+import textwrap
+
+from ..records import strict_json
+from ..text import markdown, plain, width
 
 #: Shown for a hyperparameter without a default.
 REQUIRED = "required"
@@ -54,7 +62,9 @@ def loss_streams(cls) -> str:
 
 
 def _plain(value):
-    """A default as JSON can hold it (tuples as lists, anything else exotic as its repr)."""
+    """A default as JSON can hold it (tuples as lists, an infinite float or anything else exotic as its repr)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)  # "inf": JSON has no infinity, and null would read as a default of None
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, (tuple, list)):
@@ -82,7 +92,8 @@ def hyperparameter_text(cls) -> str:
         if h.get("required"):
             parts.append(f"{h['name']} ({REQUIRED})")
         else:
-            parts.append(f"{h['name']}={json.dumps(h['default']) if isinstance(h['default'], str) else h['default']}")
+            default = h["default"]
+            parts.append(f"{h['name']}={strict_json(default) if isinstance(default, str) else default}")
     return ", ".join(parts) or "-"
 
 
@@ -97,21 +108,42 @@ def rows() -> list[dict]:
     ]
 
 
-FORMATS = ("markdown", "json", "names")
+FORMATS = ("text", "markdown", "json", "names")
 
 
-def render(fmt: str = "markdown") -> str:
-    """The table as ``markdown``, ``json`` or bare ``names`` (one a line)."""
+def _text(table: list[dict], columns: int) -> str:
+    """One entry per loss for a terminal: plain text, no line over ``columns``."""
+
+    def field(label: str, value: str) -> str:
+        return textwrap.fill(plain(value), columns, initial_indent=f"    {label}", break_on_hyphens=False,
+                             subsequent_indent=" " * (4 + len(label)))
+
+    out = []
+    for r in table:
+        head = textwrap.fill(f"{r['name']}  (streams: {r['streams']})", columns, subsequent_indent="    ")
+        out += [head, field("", r["formula"]),
+                field("hyperparameters: ", r["_hp_text"])]
+        if r["paper"]:
+            out.append(field("paper: ", r["paper"]))
+        out.append("")
+    return "\n".join(out).rstrip("\n")
+
+
+def render(fmt: str = "text", columns: int | None = None) -> str:
+    """The table as ``text`` (for a terminal: ``columns`` wide, default the terminal's, at most 100),
+    a ``markdown`` table, ``json`` or bare ``names`` (one a line)."""
     table = rows()
     if fmt == "json":
-        return json.dumps([{k: v for k, v in r.items() if not k.startswith("_")} for r in table], indent=1)
+        return strict_json([{k: v for k, v in r.items() if not k.startswith("_")} for r in table], indent=1)
     if fmt == "names":
         return "\n".join(r["name"] for r in table)
+    if fmt == "text":
+        return _text(table, columns or width())
     if fmt != "markdown":
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
 
     def cell(text: str) -> str:
-        return text.replace("|", "\\|")
+        return markdown(text).replace("|", "\\|")
 
     out = ["| name | hyperparameters (defaults) | formula | paper | streams |", "|---|---|---|---|---|"]
     for r in table:

@@ -15,8 +15,9 @@ import time
 
 import torch
 
+from ..records import provenance
 from . import datasets, layout, metrics, noise, subsets
-from .config import CompareConfig, as_option
+from .config import CompareConfig, OptionError, as_option
 from .methods import Context, Method
 from .models import build_model
 from .train import predict, train
@@ -60,9 +61,18 @@ def corrupt(cfg: CompareConfig, data, y: torch.Tensor, rate: float, seed: int):
 
 
 def check_data(cfg: CompareConfig, data, y_train: torch.Tensor) -> None:
-    """:class:`~.config.OptionError` for the one check that needs the loaded data, after the others
-    (:meth:`CompareConfig.check`): the noise definition on these training labels (``apl-symmetric`` flips
-    as many labels in every class, which a long tail or a small subsample may not have)."""
+    """:class:`~.config.OptionError` for the checks that need the loaded data, after the others
+    (:meth:`CompareConfig.check`): every class keeps a training example (a long tail as steep as
+    ``--imbalance 1e6`` leaves none of the last classes), and the noise definition takes these training
+    labels (``apl-symmetric`` flips as many labels in every class, which a long tail or a small
+    subsample may not have)."""
+    counts = torch.bincount(y_train, minlength=data.num_classes)
+    if cfg.imbalance and not bool((counts > 0).all()):
+        empty = torch.nonzero(counts == 0).flatten().tolist()
+        most = int(counts.max())
+        raise OptionError("--imbalance", f"{cfg.imbalance:g} leaves {len(empty)} of {data.num_classes} classes "
+                          f"without a training example; the head class keeps {most}, so at most {most} keeps one "
+                          "of each")
     if cfg.noise == "none":
         return
     model = noise.get(cfg.noise)
@@ -72,7 +82,9 @@ def check_data(cfg: CompareConfig, data, y_train: torch.Tensor) -> None:
 
 
 def run(cfg: CompareConfig, make_progress=None, on_record=None) -> dict:
-    """Run the grid; returns ``{"config", "dataset", "runs": [...]}`` (one record per training run).
+    """Run the grid; returns ``{"config", "dataset", "n_train", "provenance", "runs": [...]}`` (one record
+    per training run; ``provenance``: :func:`crossent_harness.records.provenance`, the commit, torch, CPU
+    and threads the runs had).
 
     ``make_progress(total_steps)`` may return a :class:`~crossent_harness.experiments.progress.Progress`;
     ``on_record(results_so_far)`` is called after every training run (to save what is done so far).
@@ -81,14 +93,15 @@ def run(cfg: CompareConfig, make_progress=None, on_record=None) -> dict:
     data, x_all, y_all = prepare_data(cfg)
     check_data(cfg, data, y_all)
     progress = make_progress(total_steps(cfg, len(y_all))) if make_progress is not None else None
+    head = {"config": cfg.to_dict(), "dataset": repr(data), "n_train": len(y_all), "provenance": provenance()}
     try:
-        return _grid(cfg, data, x_all, y_all, progress, on_record)
+        return _grid(cfg, data, x_all, y_all, progress, head, on_record)
     finally:
         if progress is not None:
             progress.close()
 
 
-def _grid(cfg, data, x_all, y_all, progress, on_record=None) -> dict:
+def _grid(cfg, data, x_all, y_all, progress, head: dict, on_record=None) -> dict:
     rates = cfg.noise_rates if cfg.noise != "none" else (0.0,)
     runs = []
     for rate in rates:
@@ -117,8 +130,8 @@ def _grid(cfg, data, x_all, y_all, progress, on_record=None) -> dict:
                 runs.append(_one_run(cfg, data, method, ctx, x, y, x_all[va], noisy_all[va], rate, seed,
                                      y_all[tr], progress))
                 if on_record is not None:
-                    on_record({"config": cfg.to_dict(), "dataset": repr(data), "n_train": len(y_all), "runs": runs})
-    return {"config": cfg.to_dict(), "dataset": repr(data), "n_train": len(y_all), "runs": runs}
+                    on_record({**head, "runs": runs})
+    return {**head, "runs": runs}
 
 
 def _one_run(cfg, data, method, ctx, x, y, x_val, y_val, rate, seed, y_clean, progress) -> dict:

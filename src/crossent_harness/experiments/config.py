@@ -6,12 +6,17 @@ report a setting that cannot run as an :class:`OptionError`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 from . import datasets, noise
 from .methods import Method
 from .models import build_model
 from .train import TrainConfig
+
+
+#: The largest seed of a run (32 bits: a run seeds its generators with it plus small offsets).
+MAX_SEED = 2**32 - 1
 
 
 class OptionError(ValueError):
@@ -59,6 +64,14 @@ class CompareConfig:
         the loaded data (:func:`.compare.check_data`).
         """
         profile = as_option("--dataset", datasets.profile, self.dataset)
+        if self.imbalance is not None and not (math.isfinite(self.imbalance) and self.imbalance >= 1):
+            raise OptionError("--imbalance", f"must be a finite number >= 1, got {self.imbalance:g}")
+        if self.train_size is not None and self.train_size < 1:
+            raise OptionError("--train-size", f"must be >= 1, got {self.train_size}")
+        if not 0 < self.val_fraction < 1:
+            raise OptionError("--val-fraction", f"must be in (0, 1), got {self.val_fraction:g}")
+        if not self.seeds or not all(0 <= s <= MAX_SEED for s in self.seeds):
+            raise OptionError("--seed", f"seeds must be in [0, {MAX_SEED}], got {list(self.seeds)}")
         for m in self.methods:
             as_option("--losses", m.check)
             if m.needs_noise and self.noise == "none":

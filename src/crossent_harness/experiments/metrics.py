@@ -41,7 +41,8 @@ def nll(logits: Tensor, labels: Tensor) -> float:
 
 
 def reliability_bins(logits: Tensor, labels: Tensor, n_bins: int = 15) -> dict:
-    """Per-bin ``count``, mean ``confidence`` and ``accuracy`` (NaN for empty bins), plus ``edges``."""
+    """Per-bin ``count``, mean ``confidence`` and ``accuracy`` (``None`` for an empty bin: it has no mean,
+    and JSON has no NaN), plus ``edges``."""
     probs = torch.softmax(logits.double(), -1)
     conf, pred = probs.max(-1)
     correct = (pred == labels).double()
@@ -52,12 +53,12 @@ def reliability_bins(logits: Tensor, labels: Tensor, n_bins: int = 15) -> dict:
     safe = count.clamp_min(1)
     conf_sum = torch.bincount(idx, weights=conf, minlength=n_bins)
     acc_sum = torch.bincount(idx, weights=correct, minlength=n_bins)
-    nan = torch.full_like(count, float("nan"))
+    counts = count.long().tolist()
     return {
         "edges": edges.tolist(),
-        "count": count.long().tolist(),
-        "confidence": torch.where(count > 0, conf_sum / safe, nan).tolist(),
-        "accuracy": torch.where(count > 0, acc_sum / safe, nan).tolist(),
+        "count": counts,
+        "confidence": [v if n else None for v, n in zip((conf_sum / safe).tolist(), counts)],
+        "accuracy": [v if n else None for v, n in zip((acc_sum / safe).tolist(), counts)],
     }
 
 

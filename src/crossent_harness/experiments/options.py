@@ -15,10 +15,13 @@ every class, which a long tail or a small ``--train-size`` may not have).
 from __future__ import annotations
 
 import argparse
+import textwrap
 from pathlib import Path
 
+from ..argtypes import finite_float
+from ..text import width
 from . import datasets, layout, noise, protocols
-from .config import CompareConfig, OptionError
+from .config import MAX_SEED, CompareConfig, OptionError
 from .models import ACTIVATIONS, INITS, MODELS
 from .train import OPTIMIZERS, SAMPLERS, SCHEDULES, TrainConfig
 
@@ -50,17 +53,17 @@ PRESET_FLAGS = (
     ("--activation", "activation", str, f"MLP activation: {', '.join(ACTIVATIONS)}"),
     ("--init", "init", str, f"MLP/linear initialisation: {', '.join(INITS)}"),
     ("--optimizer", "optimizer", str, f"one of {', '.join(OPTIMIZERS)}"),
-    ("--lr", "lr", float, "initial learning rate"),
-    ("--momentum", "momentum", float, "SGD momentum"),
-    ("--weight-decay", "weight_decay", float, "L2 weight decay"),
+    ("--lr", "lr", finite_float, "initial learning rate"),
+    ("--momentum", "momentum", finite_float, "SGD momentum"),
+    ("--weight-decay", "weight_decay", finite_float, "L2 weight decay"),
     ("--batch-size", "batch_size", int, "examples per step"),
     ("--epochs", "epochs", int, "passes over the training set"),
     ("--steps", "steps", int, "optimizer steps (replaces --epochs)"),
     ("--sampler", "sampler", str, f"batch order: {', '.join(SAMPLERS)}"),
     ("--schedule", "schedule", str, f"learning-rate schedule: {', '.join(SCHEDULES)}"),
     ("--milestones", "milestones", str, "epochs at which --schedule step divides the rate by 10, comma-separated"),
-    ("--min-lr", "min_lr", float, "final rate of --schedule cosine"),
-    ("--clip", "clip", float, "gradient-norm clip"),
+    ("--min-lr", "min_lr", finite_float, "final rate of --schedule cosine"),
+    ("--clip", "clip", finite_float, "gradient-norm clip"),
     ("--eval-every", "eval_every", int, "steps between test evaluations in the history (0: at the end only)"),
     ("--split", "split", str, "train/test split: default (the dataset's) or random:N"),
     ("--scaling", "scaling", str, f"feature scaling of tabular data: {', '.join(layout.SCALINGS)}"),
@@ -99,8 +102,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"label noise on the training set: none, {', '.join(noise.names())} (default: none)")
     g.add_argument("--noise-rate", default=None, metavar="RATES",
                    help=f"noise rate(s) in [0, 1], comma-separated, e.g. 0.2,0.4 (default with --noise: {DEFAULT_NOISE_RATE})")
-    g.add_argument("--imbalance", type=float, default=None,
-                   help="long tail: n_i = n_max * ratio^(-i/(C-1)), ratio >= 1 (default: off)")
+    g.add_argument("--imbalance", type=finite_float, default=None,
+                   help="long tail: n_i = n_max * ratio^(-i/(C-1)), a finite ratio >= 1 (default: off)")
     g.add_argument("--train-size", type=int, default=None, help="stratified subsample of the training set (default: all)")
     g = p.add_argument_group("methods")
     g.add_argument("--losses", default=DEFAULT_LOSSES,
@@ -121,12 +124,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="first seed (default: 42 under --protocol mnist1d, else 0)")
     g.add_argument("--calibrate", action="store_true",
                    help="fit a temperature on a held-out part of the training set and report both (default: off)")
-    g.add_argument("--val-fraction", type=float, default=None,
+    g.add_argument("--val-fraction", type=finite_float, default=None,
                    help="share of the training set held out by --calibrate (default: 0.1)")
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="results folder (default: results/compare-DATASET)")
     g.add_argument("--no-plots", action="store_true", help="write no PNG plots (default: plots on)")
     g.add_argument("--quiet", action="store_true", help="no progress bar, log lines only (default: bar on)")
+    g.add_argument("--dry-run", action="store_true",
+                   help="check every option, say what would run, and stop: no data loaded, nothing trained or "
+                   "written (default: off)")
 
 
 # -- from arguments to a configuration ------------------------------------------------------------
@@ -209,10 +215,6 @@ def _check_data_flags(args, dataset: str, settings: dict):
             _need(getattr(args, dest) is None, flag, f"applies to tabular datasets; {dataset} is {kind}")
         settings.pop("split", None)
         settings.pop("scaling", None)
-    if args.imbalance is not None:
-        _need(args.imbalance >= 1, "--imbalance", f"must be >= 1, got {args.imbalance:g}")
-    if args.train_size is not None:
-        _need(args.train_size >= 1, "--train-size", f"must be >= 1, got {args.train_size}")
 
 
 def _noise(args) -> tuple[str, tuple[float, ...]]:
@@ -230,12 +232,15 @@ def _noise(args) -> tuple[str, tuple[float, ...]]:
     return args.noise, rates
 
 
-def _check_out(out: Path) -> None:
-    """The results folder must be creatable now, not after hours of training."""
+def _check_out(out: Path, create: bool = True) -> None:
+    """The results folder must be creatable now, not after hours of training (``create=False``: only
+    check that nothing in its way is a file)."""
     for parent in [out, *out.parents]:
         if parent.exists():
             _need(parent.is_dir(), "--out", f"{parent} exists and is not a folder")
             break
+    if not create:
+        return
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -271,6 +276,8 @@ def config_from_args(args):
     _need(args.seeds >= 1, "--seeds", f"must be >= 1, got {args.seeds}")
     seed0 = args.seed if args.seed is not None else proto.seed
     _need(seed0 >= 0, "--seed", f"must be >= 0, got {seed0}")
+    _need(seed0 + args.seeds - 1 <= MAX_SEED, "--seed" if args.seeds == 1 else "--seeds",
+          f"the last seed, {seed0 + args.seeds - 1}, is above {MAX_SEED}")
     if args.val_fraction is not None:
         _need(args.calibrate, "--val-fraction", "applies only with --calibrate")
         _need(0 < args.val_fraction < 1, "--val-fraction", f"must be in (0, 1), got {args.val_fraction:g}")
@@ -289,5 +296,26 @@ def config_from_args(args):
         val_fraction=args.val_fraction if args.val_fraction is not None else 0.1, train=train,
     )
     cfg.check()  # what the flags alone cannot tell: the noise on this many classes, the model on these inputs
-    _check_out(out)  # last: only a command that passed every other check creates its folder
+    _check_out(out, create=not args.dry_run)  # last: only a command that passed every other check creates its folder
     return cfg, out
+
+
+def plan(cfg: CompareConfig, out: Path) -> str:
+    """What ``crossent compare`` would run (``--dry-run``), as text for a terminal.
+
+    The checks that need the loaded data are named, not made: no data is loaded.
+    """
+    rates = cfg.noise_rates if cfg.noise != "none" else (0.0,)
+    runs = len(cfg.methods) * len(rates) * len(cfg.seeds)
+    length = f"{cfg.train.steps} steps" if cfg.train.steps is not None else f"{cfg.train.epochs} epochs"
+    labels = "clean labels" if cfg.noise == "none" else f"{cfg.noise} noise at {', '.join(f'{r:g}' for r in rates)}"
+    unchecked = [f"that {cfg.dataset} is installed"]
+    if cfg.imbalance:
+        unchecked.append("that every class keeps an example under --imbalance")
+    if cfg.noise != "none":
+        unchecked.append("that its training labels take the noise")
+    text = (f"dry run: the options are valid. Would train {runs} model{'s' * (runs != 1)} ({len(cfg.methods)} "
+            f"loss{'es' * (len(cfg.methods) != 1)} x {len(rates)} noise rate{'s' * (len(rates) != 1)} x "
+            f"{len(cfg.seeds)} seed{'s' * (len(cfg.seeds) != 1)}): {cfg.model} on {cfg.dataset}, {labels}, {length} "
+            f"each, into {out}. Checked only once the data is loaded: {' and '.join(unchecked) if len(unchecked) < 3 else ', '.join(unchecked[:-1]) + ', and ' + unchecked[-1]}.")
+    return textwrap.fill(text, width(), break_on_hyphens=False)

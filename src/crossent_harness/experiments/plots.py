@@ -128,7 +128,8 @@ def accuracy_by_setting(groups: list[tuple[str, list[dict]]], path: Path, *, tit
 
 
 def pooled_bins(bins_list: list[dict]) -> dict:
-    """Reliability bins of several seeds as one: counts add up; accuracy and confidence are count-weighted."""
+    """Reliability bins of several seeds as one: counts add up; accuracy and confidence are count-weighted
+    (``None`` for a bin empty in every seed)."""
     edges = bins_list[0]["edges"]
     k = len(edges) - 1
     count = [sum(b["count"][i] for b in bins_list) for i in range(k)]
@@ -137,7 +138,7 @@ def pooled_bins(bins_list: list[dict]) -> dict:
         out = []
         for i in range(k):
             total = sum(b["count"][i] * b[field][i] for b in bins_list if b["count"][i])
-            out.append(total / count[i] if count[i] else float("nan"))
+            out.append(total / count[i] if count[i] else None)
         return out
 
     return {"edges": edges, "count": count, "accuracy": weighted("accuracy"), "confidence": weighted("confidence")}

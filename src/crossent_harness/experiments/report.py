@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
 from pathlib import Path
+
+from ..records import describe, strict_json
 
 #: (record key, column title, scale, decimals)
 COLUMNS = (
@@ -69,6 +70,9 @@ def markdown_table(rows: list[dict]) -> str:
 def write(results: dict, out: Path, command: str | None = None) -> dict[str, Path]:
     """Write ``summary.md``, ``runs.csv`` and ``results.json`` into ``out``; returns their paths.
 
+    ``results.json`` is strict JSON: a value that is not a finite number is ``null`` (an empty reliability
+    bin; the NLL of a run that diverged). ``summary.md`` names the provenance of the runs.
+
     ``results["complete"] = False`` marks the files of a grid still running (or interrupted); each file
     is replaced whole, so that an interruption never leaves a half-written one.
     """
@@ -77,6 +81,8 @@ def write(results: dict, out: Path, command: str | None = None) -> dict[str, Pat
     table = markdown_table(rows)
     paths = {"markdown": out / "summary.md", "csv": out / "runs.csv", "json": out / "results.json"}
     header = f"Dataset: {results['dataset']}\n\n" + (f"Command: `{command}`\n\n" if command else "")
+    if "provenance" in results:
+        header += f"Run at: {describe(results['provenance'])}.\n\n"
     if results.get("complete") is False:
         header += f"Incomplete: the {len(results['runs'])} runs finished so far.\n\n"
     _replace(paths["markdown"], header + table + "\n")
@@ -91,7 +97,7 @@ def write(results: dict, out: Path, command: str | None = None) -> dict[str, Pat
         {k: (v if not isinstance(v, tuple) else {"mean": v[0], "std": v[1]}) for k, v in row.items()} for row in rows
     ]
     payload = {**results, "summary": summary, "command": command}
-    _replace(paths["json"], json.dumps(payload, indent=1, default=str))
+    _replace(paths["json"], strict_json(payload, indent=1, default=str))
     return paths
 
 

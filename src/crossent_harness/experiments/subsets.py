@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -21,8 +23,8 @@ def long_tail_counts(num_classes: int, n_max: int, ratio: float) -> list[int]:
         >>> long_tail_counts(10, 6000, 100)
         [6000, 3596, 2156, 1292, 774, 464, 278, 166, 100, 60]
     """
-    if ratio < 1:
-        raise ValueError(f"imbalance ratio must be >= 1, got {ratio}")
+    if not (math.isfinite(ratio) and ratio >= 1):
+        raise ValueError(f"imbalance ratio must be a finite number >= 1, got {ratio}")
     if num_classes == 1:
         return [int(n_max)]
     return [int(n_max * ratio ** (-i / (num_classes - 1)) + 1e-9) for i in range(num_classes)]

@@ -57,6 +57,11 @@ class TrainConfig:
     def _problems(self):
         # (is it wrong, the message) with lazy messages: a field may be None where it is fine
         yield self.optimizer not in OPTIMIZERS, lambda: f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"
+        # every real-valued setting is finite first: an infinite rate or decay trains nothing but NaN
+        for name in ("lr", "momentum", "weight_decay", "min_lr", "clip"):
+            value = getattr(self, name)
+            yield value is not None and not math.isfinite(value), lambda name=name, value=value: (
+                f"{name.replace('_', '-')} must be a finite number, got {value:g}")
         yield not self.lr > 0, lambda: f"lr must be > 0, got {self.lr:g}"
         yield not 0 <= self.momentum < 1, lambda: f"momentum must be in [0, 1), got {self.momentum:g}"
         yield self.nesterov and not self.momentum > 0, lambda: "nesterov needs momentum > 0"
