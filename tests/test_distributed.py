@@ -354,8 +354,9 @@ def materialised_call(rank: int, world: int, dtype=torch.float64, **kw):
     vocab_parallel_cross_entropy(shard, target, vocab_start=lo, **kw).sum().backward()
 
 
-def dtensor_call(rank: int, world: int, **kw):
-    """linear_cross_entropy of a ColwiseParallel head's weight (a DTensor split Shard(0), as torch.chunk splits)."""
+def dtensor_call(rank: int, world: int, plain_bias: bool = False, **kw):
+    """linear_cross_entropy of a ColwiseParallel head's weight (a DTensor split Shard(0), as torch.chunk splits);
+    ``plain_bias``: with a plain tensor as its bias, a layout that rank alone gets wrong."""
     from torch.distributed.tensor import DTensor, Shard, init_device_mesh
 
     e, c, _, t = linear_data(torch.float32, VOCAB[world])
@@ -363,6 +364,8 @@ def dtensor_call(rank: int, world: int, **kw):
     local = c[rank * per_rank : (rank + 1) * per_rank]
     mesh = init_device_mesh("cpu", (world,))
     head = DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=c.shape, stride=c.stride())
+    if plain_bias:
+        kw["bias"] = torch.zeros(local.shape[0])
     xe.linear_cross_entropy(e, head, t, **kw)
 
 
@@ -418,6 +421,7 @@ REJECTIONS = {
     "dtensor_sample_weight": (dtensor_call, {}, dict(sample_weight=torch.ones(ROWS)), ValueError,
                               r"sample_weight is not available for a DTensor classifier"),
     "dtensor_normalizer_value": (dtensor_call, dict(normalizer=7.0), dict(normalizer=-1.0), ValueError, r"normalizer must be > 0"),
+    "dtensor_layout": (dtensor_call, {}, dict(plain_bias=True), ValueError, r"bias is a plain tensor; it must be laid out like c"),
 }  # fmt: skip
 
 

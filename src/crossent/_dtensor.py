@@ -75,6 +75,10 @@ class LocalArguments(NamedTuple):
     bias: object
     weight: object
     shard: VocabularyShard | None
+    #: A layout error of this rank's other arguments when ``c`` is split by vocabulary: the caller raises
+    #: it inside the ranks' agreement, since another rank may have laid its arguments out correctly and
+    #: would otherwise wait in the agreement's collective.
+    error: Exception | None = None
 
 
 def local_arguments(e, c, target, bias=None, weight=None) -> LocalArguments:
@@ -86,19 +90,27 @@ def local_arguments(e, c, target, bias=None, weight=None) -> LocalArguments:
             "where every rank holds the same rows)"
         )
     mesh = c.device_mesh
-    dim = _vocabulary_dim(c)
-    e, target, weight = (_replicated_local(n, t, mesh) for n, t in (("e", e), ("target", target), ("weight", weight)))
-    if bias is not None:
-        if not is_dtensor(bias) or bias.device_mesh != mesh or tuple(bias.placements) != tuple(c.placements):
-            raise ValueError(f"{_WHO}: bias is {_describe(bias)}; it must be laid out like c, {_describe(c)}")
-        bias = bias.to_local()
+    dim = _vocabulary_dim(c)  # c's placements are the same on every rank: an error here is every rank's
+    try:
+        e, target, weight = (
+            _replicated_local(n, t, mesh) for n, t in (("e", e), ("target", target), ("weight", weight))
+        )
+        if bias is not None:
+            if not is_dtensor(bias) or bias.device_mesh != mesh or tuple(bias.placements) != tuple(c.placements):
+                raise ValueError(f"{_WHO}: bias is {_describe(bias)}; it must be laid out like c, {_describe(c)}")
+            bias = bias.to_local()
+    except ValueError as err:
+        if dim is None:
+            raise
+        error = err
+    else:
+        error = None
     if dim is None:
         return LocalArguments(e, c.to_local(), target, bias, weight, None)
     vocab_size = c.shape[0]
     per_rank = -(-vocab_size // mesh.size(dim))  # torch.chunk's split, as Shard(0) lays out the rows
     vocab_start = min(mesh.get_local_rank(dim) * per_rank, vocab_size)
     shard = VocabularyShard(vocab_start, vocab_size, mesh.get_group(dim))
-    return LocalArguments(e, c.to_local(), target, bias, weight, shard)
-
+    return LocalArguments(e, c.to_local(), target, bias, weight, shard, error)
 
 __all__ = ["LocalArguments", "VocabularyShard", "is_dtensor", "local_arguments"]

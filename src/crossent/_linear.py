@@ -148,10 +148,11 @@ def linear_cross_entropy(
         tensor([0.8324, 0.7520, 0.8854])
     """
     if is_dtensor(c) or is_dtensor(e):
-        e, c, target, bias, weight, shard = local_arguments(e, c, target, bias, weight)
+        e, c, target, bias, weight, shard, layout_error = local_arguments(e, c, target, bias, weight)
         if shard is not None:  # a head split by vocabulary: the fused vocabulary-parallel engine
             return _vocabulary_parallel(
-                e, c, target, shard, bias=bias, loss=loss, weight=weight, ignore_index=ignore_index,
+                e, c, target, shard, bias=bias, layout_error=layout_error, loss=loss, weight=weight,
+                ignore_index=ignore_index,
                 reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, shift=shift,
                 backend=backend, chunk_size=chunk_size, return_stats=return_stats, extra=extra,
                 sample_weight=sample_weight, normalizer=normalizer, accum_dtype=accum_dtype, options=options,

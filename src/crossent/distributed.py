@@ -265,13 +265,17 @@ def sharded_linear_cross_entropy(
     options,
     sample_weight=None,
     normalizer=None,
+    layout_error: Exception | None = None,
 ):
     """The fused vocabulary-parallel call behind :func:`vocab_parallel_linear_cross_entropy` and a DTensor
     classifier's :func:`crossent.linear_cross_entropy` (``who``, named in errors), which also passes
     ``sample_weight`` (refused) and ``normalizer`` (the divisor of the ``mean``): they are checked, and
-    agreed on, with every other argument."""
+    agreed on, with every other argument; ``layout_error`` (a DTensor argument laid out wrongly on this
+    rank) is raised in the agreement, so that every rank raises."""
 
     def check():
+        if layout_error is not None:
+            raise layout_error
         call = linear_call(
             e, c_shard, target, bias_shard, loss=loss, label_smoothing=label_smoothing, z_loss=z_loss,
             softcap=softcap, reduction=reduction, ignore_index=ignore_index, shift=shift, return_stats=return_stats,
