@@ -13,6 +13,7 @@ import dataclasses
 import torch
 
 from .. import _validation as V
+from .._rows import compute_dtype
 
 #: The default chunk: at least ``SPEED_ROWS`` rows (the matrix products of a chunk read all of ``c``
 #: and ``grad_c``; below a few hundred rows that traffic, not arithmetic, sets their speed), more rows
@@ -28,11 +29,6 @@ MIN_CHUNK, MAX_CHUNK = 16, 8192
 
 MODES = ("auto", "eager", "recompute")
 BACKENDS = ("auto", "torch", "triton")
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype in which a chunk's elementwise work runs: float64 for float64 inputs, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _is_floating_dtype(value) -> bool:
@@ -124,7 +120,7 @@ class LinearCrossEntropyOptions:
 
     def accumulator(self, dtype: torch.dtype) -> torch.dtype:
         """The ``grad_c`` accumulator's dtype for inputs of ``dtype`` (checked against it)."""
-        compute = accumulation_dtype(dtype)
+        compute = compute_dtype(dtype)
         if self.accum_dtype is None:
             return compute
         if self.accum_dtype not in (compute, dtype):

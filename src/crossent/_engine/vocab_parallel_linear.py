@@ -34,13 +34,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .._rows import Rows
+from .._rows import Rows, compute_dtype
 from ..stats import Form
 from .chunked import chunked_loss
 from .chunked.chunks import stage_rows
 from .chunked.kernels import ChunkGrad, ChunkResult
 from .dense import row_blocks
-from .options import LinearCrossEntropyOptions, accumulation_dtype
+from .options import LinearCrossEntropyOptions
 from .plan import Plan
 from .shards import Layout
 from .vocab_parallel import merged_values
@@ -115,7 +115,7 @@ class _SumGradOverRanks(torch.autograd.Function):
 def chunk_rows(options: LinearCrossEntropyOptions, layout: Layout, hidden: int, dtype: torch.dtype, summed) -> int:
     """Rows per chunk, the same on every rank: sized by the widest shard; half precision: one staging block."""
     rows = options.chunk_rows(layout.widest, hidden, dtype, summed)
-    if dtype != accumulation_dtype(dtype):
+    if dtype != compute_dtype(dtype):
         rows = stage_rows(rows, layout.widest)
     return rows
 

@@ -14,13 +14,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..._rows import Rows
+from ..._rows import Rows, compute_dtype
 from ...stats import ACC, Form, number
 from ..plan import Plan
 from .chunks import FloatChunks, HalfChunks
 from .gradients import ChunkSource, ColumnSums, Gradients
 from .kernels import ChunkResult, make_kernel
-from ..options import accumulation_dtype
 from .selection import RowSelection, expand_scale
 
 
@@ -69,7 +68,7 @@ class Sweep:
 
     def __init__(self, job: Job, e: Tensor, c: Tensor, bias: Tensor | None, need=(False, False, False)):
         self.job, self.e = job, e
-        compute = accumulation_dtype(e.dtype)
+        compute = compute_dtype(e.dtype)
         half = e.dtype != compute
         n, v, device = e.shape[0], c.shape[0], e.device
         # Per-row values are float64 like the statistics (``[N]`` only), as in the dense engine.
