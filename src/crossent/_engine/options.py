@@ -1,19 +1,29 @@
-"""The knobs of the fused linear engines, gathered in one frozen object.
+"""The knobs of the fused linear engines, gathered in frozen objects.
 
 :class:`LinearCrossEntropyOptions` is what ``crossent.linear_cross_entropy`` hands to an engine (its
 ``chunk_size``, ``accum_dtype`` and ``backend`` arguments fill it in, or pass one as ``options=``).
 Every engine reads the fields it understands; the defaults resolve per call (:meth:`chunk_rows`,
 :meth:`accumulator`).
+
+:class:`Tuning` holds the engines' internal block sizes and routes, which change speed and memory but
+not what is computed (beyond rounding); :func:`tuned` sets them for a block of code, :func:`tuning`
+reads them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+from typing import TYPE_CHECKING
 
 import torch
 
 from .. import _validation as V
 from .._rows import compute_dtype
+
+if TYPE_CHECKING:
+    from .triton.config import Launch
 
 #: The default chunk: at least ``SPEED_ROWS`` rows (the matrix products of a chunk read all of ``c``
 #: and ``grad_c``; below a few hundred rows that traffic, not arithmetic, sets their speed), more rows
@@ -132,3 +142,52 @@ class LinearCrossEntropyOptions:
         if self.chunk_size is not None:
             return self.chunk_size
         return default_chunk_size(num_classes, hidden, dtype, summed)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """The engines' internal block sizes and routes: speed and memory, never what is computed (beyond rounding).
+
+    An engine reads the current tuning (:func:`tuning`) once, when a call starts, except the softmax
+    route, which is read where the softmax runs; :func:`tuned` changes it for a block of code (the
+    tests force small blocks and other devices' routes with it).
+
+    Attributes:
+        stage_bytes: half-precision chunks of the row-chunked engine reach its kernel through a
+            float32 staging buffer of about this many bytes of rows (:func:`.chunked.chunks.stage_rows`).
+        transpose_block_bytes: the half-precision ``grad_c`` accumulator is added to and transposed in
+            blocks of columns of about this many bytes (:func:`.chunked.gradients.column_block`).
+        fused_softmax: use the device's in-place fused softmax where it has one
+            (:data:`.softmax.FUSED_SOFTMAX_DEVICES`); ``False``: the route of every other device.
+        triton_launch: the Triton kernels' tiles and launch shape (a :class:`.triton.config.Launch`);
+            ``None``: chosen by device and dtype.
+    """
+
+    stage_bytes: int = 32 * 2**20
+    transpose_block_bytes: int = 4 * 2**20
+    fused_softmax: bool = True
+    triton_launch: Launch | None = None
+
+    def __post_init__(self):
+        for name in ("stage_bytes", "transpose_block_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+_TUNING: contextvars.ContextVar[Tuning] = contextvars.ContextVar("crossent_tuning", default=Tuning())
+
+
+def tuning() -> Tuning:
+    """The engines' current :class:`Tuning`."""
+    return _TUNING.get()
+
+
+@contextlib.contextmanager
+def tuned(**changes):
+    """Run a block of code with some fields of :class:`Tuning` changed (``with tuned(stage_bytes=4096): ...``)."""
+    token = _TUNING.set(dataclasses.replace(tuning(), **changes))
+    try:
+        yield _TUNING.get()
+    finally:
+        _TUNING.reset(token)
