@@ -230,12 +230,14 @@ class Factors:
             return None if ts[0] is None else torch.cat(ts)
 
         first = parts[0]
-        softmaxes = {
-            key: SoftmaxTerm(*(cat([getattr(p.softmaxes[key], name) for p in parts]) for name in ("const", "logit", "teacher")))
-            for key in first.softmaxes
-        }
+        softmaxes = {}
+        for key in first.softmaxes:
+            terms = [p.softmaxes[key] for p in parts]
+            softmaxes[key] = SoftmaxTerm(
+                cat([t.const for t in terms]), cat([t.logit for t in terms]), cat([t.teacher for t in terms])
+            )
         columns = tuple(
-            ColumnTerm(t.stat, torch.cat([p.columns[k].coef for p in parts]), t.weights) for k, t in enumerate(first.columns)
+            replace(term, coef=torch.cat([p.columns[k].coef for p in parts])) for k, term in enumerate(first.columns)
         )
         return Factors(
             softmaxes, cat([p.prob_power for p in parts]), first.power, cat([p.tempered for p in parts]),

@@ -159,7 +159,8 @@ class LossReweighting(Strategy):
         if losses.numel() == 0:
             raise ValueError("LossReweighting: losses must hold at least one sequence")
         if _dist.active(self.group, self.distributed):
-            everything, start, total = _dist.all_gather_rows(losses.detach().to(compute_dtype(losses.dtype)), self.group)
+            local = losses.detach().to(compute_dtype(losses.dtype))
+            everything, start, total = _dist.all_gather_rows(local, self.group)
             w = self.global_weights(everything)[start : start + losses.numel()]
             return w * total
         return self.global_weights(losses) * losses.numel()

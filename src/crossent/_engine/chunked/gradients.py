@@ -312,7 +312,8 @@ class Gradients:
         entry = self.column_terms.get(term.stat)
         if entry is None:
             kw = dict(dtype=self.compute, device=self.c.device)
-            entry = self.column_terms[term.stat] = ColumnTermSum(term.weights, torch.zeros(self.c.shape[1], **kw), torch.zeros((), **kw))
+            entry = ColumnTermSum(term.weights, torch.zeros(self.c.shape[1], **kw), torch.zeros((), **kw))
+            self.column_terms[term.stat] = entry
         return entry
 
     def finish(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:

@@ -1,10 +1,11 @@
 """The Triton engine's autograd glue: one forward pass of statistics, one backward pass of gradients.
 
 The forward kernel gives the statistic values of the visited rows; the per-row formula, its
-reduction and (in backward) its coefficients ``dL/dS`` and their :class:`~crossent._engine.plan.Factors`
-come from :class:`~crossent._engine.plan.Plan` on ``[rows]`` tensors, as in every engine. Backward recomputes the logit tiles (Cut Cross-Entropy's
-schedule: one product in the forward pass, three in the backward pass). Rows whose target is
-``ignore_index`` are skipped unless their statistics are reported.
+reduction and (in backward) its coefficients ``dL/dS`` and their
+:class:`~crossent._engine.plan.Factors` come from :class:`~crossent._engine.plan.Plan` on ``[rows]``
+tensors, as in every engine. Backward recomputes the logit tiles (Cut Cross-Entropy's schedule: one
+product in the forward pass, three in the backward pass). Rows whose target is ``ignore_index`` are
+skipped unless their statistics are reported.
 """
 
 from __future__ import annotations
