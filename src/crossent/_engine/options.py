@@ -15,15 +15,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-from typing import TYPE_CHECKING
 
 import torch
 
 from .. import _validation as V
 from .._rows import compute_dtype
-
-if TYPE_CHECKING:
-    from .triton.config import Launch
 
 #: The default chunk: at least ``SPEED_ROWS`` rows (the matrix products of a chunk read all of ``c``
 #: and ``grad_c``; below a few hundred rows that traffic, not arithmetic, sets their speed), more rows
@@ -166,7 +162,7 @@ class Tuning:
     stage_bytes: int = 32 * 2**20
     transpose_block_bytes: int = 4 * 2**20
     fused_softmax: bool = True
-    triton_launch: Launch | None = None
+    triton_launch: object | None = None  # a triton.config.Launch (not imported here: the engines import this module)
 
     def __post_init__(self):
         for name in ("stage_bytes", "transpose_block_bytes"):
