@@ -129,16 +129,15 @@ def test_row_chunked_engine(name, case, mode):
     torch.testing.assert_close(c.grad.double() / scale, want_c / scale, **grad_tol(z.dtype))
 
 
-def test_row_chunked_engine_without_an_in_place_softmax(monkeypatch):
+def test_row_chunked_engine_without_an_in_place_softmax():
     """The route of devices without an in-place softmax: lse from the row maximum and the normaliser."""
-    from crossent._engine import chunked, softmax
+    from crossent._engine.options import tuned
 
-    monkeypatch.setattr(softmax, "FUSED_SOFTMAX_DEVICES", set())
-    monkeypatch.setattr(chunked.kernels, "FUSED_SOFTMAX_DEVICES", set())
-    for case in CASES:
-        for name in ("ce", "smoothing", "nce"):
-            for mode in ("eager", "recompute"):
-                test_row_chunked_engine(name, case, mode)
+    with tuned(fused_softmax=False):
+        for case in CASES:
+            for name in ("ce", "smoothing", "nce"):
+                for mode in ("eager", "recompute"):
+                    test_row_chunked_engine(name, case, mode)
 
 
 def triton_device() -> str:

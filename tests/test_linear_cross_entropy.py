@@ -488,10 +488,11 @@ def test_half_precision_staged_kernel(monkeypatch, dtype, name, accum, reduction
     monkeypatch.setattr(chunked.sweep, "make_kernel", counting_kernel)
     runs = {}
     for stage in (10**9, 16 * 50 * 4):
-        monkeypatch.setattr(chunked.chunks, "_STAGE_BYTES", stage)
         calls.clear()
         leaves = [x.clone().requires_grad_() for x in (e, c, b)]
-        loss = xe.linear_cross_entropy(*leaves[:2], t, bias=leaves[2], **kw)
+        with chunk_options.tuned(stage_bytes=stage):
+            loss = xe.linear_cross_entropy(*leaves[:2], t, bias=leaves[2], **kw)
+        # The recompute pass in backward stages as its call did, whatever the tuning is by then.
         loss.backward(None if upstream is None else upstream.to(loss.dtype))
         runs[stage] = (calls.copy(), [loss.float()] + [x.grad.float() for x in leaves])
     staged = [16, 16, 8, 16, 16, 8, 16]
@@ -585,10 +586,9 @@ def test_half_precision_gradient_is_formed_after_the_chunk_buffers_go(dtype, acc
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_transpose_into(dtype, monkeypatch):
-    monkeypatch.setattr(chunked.gradients, "_HALF_BLOCK_BYTES", 2 * 7 * 300)  # blocks of 300 columns and a tail
+def test_transpose_into(dtype):
     acc = torch.randn(7, 1000, dtype=torch.float32)
-    got = chunked.gradients.transpose_into(acc, dtype)
+    got = chunked.gradients.transpose_into(acc, dtype, 2 * 7 * 300)  # blocks of 300 columns and a tail
     assert got.is_contiguous() and got.dtype == dtype
     assert torch.equal(got, acc.T.to(dtype))
 
@@ -799,12 +799,9 @@ def test_every_registered_loss(name):
 
 
 @pytest.mark.parametrize("name", ["ce", "label_smoothing", "piecewise", "temperature_bias", "smoothing_bias_temperature"])
-def test_unfused_softmax_route(monkeypatch, name):
+@chunk_options.tuned(fused_softmax=False)
+def test_unfused_softmax_route(name):
     """The route taken on devices without an in-place softmax (exp in place, normalisers folded)."""
-    from crossent._engine import softmax
-
-    monkeypatch.setattr(softmax, "FUSED_SOFTMAX_DEVICES", set())
-    monkeypatch.setattr(chunked.kernels, "FUSED_SOFTMAX_DEVICES", set())
     e, c, b, t = make()
     for reduction in ("mean", "none"):
         assert_agree(e, c, b, t, 1e-10, reduction=reduction, chunk_size=6, **LOSSES[name])

@@ -6,13 +6,15 @@ path it allows; one that declares nothing takes the generic path; both agree wit
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 import crossent as xe
 from crossent._engine.chunked.kernels import FactoredKernel, PlanKernel, WholeRowKernel, make_kernel
-from crossent._engine.plan import Plan
-from crossent._rows import index_rows
+from crossent._engine.plan import LOGIT_GRAD_FORMS, Plan
+from crossent._rows import index_rows, prob_rows
 from crossent.losses import Loss
 from crossent.stats import (
     ARGMAX, LSE, P_DOT_Z, SUM, SUMSQ, TARGET, Form, SoftDot, Statistic, SumProbPower, TemperedLogSumExp,
@@ -37,14 +39,20 @@ def test_builtin_forms():
     assert weighted.form(rows) is Form.COLUMN_SUM and weighted.column_weights(rows) is rows.class_weight
     assert SUMSQ.form(rows) is Form.SQUARES and ARGMAX.form(rows) is Form.ARGMAX
     assert SoftDot("probs").form(rows) is None
-    # Forms without a Factors term: declared for kernels, generic for engines that read Factors.
+    # Forms whose Factors terms only the Triton kernels apply: Plan.logit_grad goes statistic by statistic.
     tempered = TemperedLogSumExp(0.5, 0.2)
     assert P_DOT_Z.form(rows) is Form.PROB_DOT_LOGIT and SumProbPower(2.0).form(rows) is Form.SUM_PROB_POWER
     assert tempered.form(rows) is Form.TEMPERED_LOG_SUM_EXP
     plan = Plan(xe.losses.get("ngce") + xe.losses.get("ldr_kl"), rows)
-    assert not plan.structure.factored and set(plan.structure.by_form) == {Form.LOG_SUM_EXP, Form.TARGET}
-    assert {s.key[0] for s in plan.structure.generic} == {"SumProbPower", "TemperedLogSumExp"}
+    forms = {Form.LOG_SUM_EXP, Form.TARGET, Form.SUM_PROB_POWER, Form.TEMPERED_LOG_SUM_EXP}
+    assert plan.structure.factored and not plan.structure.generic and set(plan.structure.by_form) == forms
+    assert not plan.structure.only(*LOGIT_GRAD_FORMS)
     assert dict(plan.structure.forms)[SumProbPower(0.7)] is Form.SUM_PROB_POWER
+    # A statistic without a form (a probability-weighted sum) has no Factors term: Plan.factors says so.
+    soft = Plan(xe.losses.CrossEntropy(), prob_rows(torch.softmax(torch.randn(7, C), 1), None))
+    assert not soft.structure.factored and soft.structure.generic == (SoftDot("probs", True),)
+    with pytest.raises(ValueError, match=r"SoftDot\('probs', True\).*has no declared form"):
+        soft.factors({}, {}, rows)
 
 
 def test_builtin_transform_structures_compose():
@@ -169,3 +177,75 @@ def test_factored_gradient_equals_the_statistic_by_statistic_one(name, transform
     want = generic.logit_grad(z, rows, values, coefs, slice(0, C))
     torch.testing.assert_close(factored, want, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(whole, want, rtol=1e-10, atol=1e-12)
+
+
+class EntropyCE(Loss):
+    """CE plus an entropy term: reads ``sum_j p_j z_j`` (``Form.PROB_DOT_LOGIT``)."""
+
+    def statistics(self, rows):
+        return (LSE, TARGET, P_DOT_Z)
+
+    def row_loss(self, s, rows):
+        return s[LSE] - s[TARGET] + 0.3 * (s[LSE] - s[P_DOT_Z])
+
+
+def _read_factors(f, plan, z, t, rows):
+    """``Factors`` applied on whole rows term by term, as their definition reads (a reference)."""
+
+    def col(x):
+        return x[:, None]
+
+    onehot = torch.nn.functional.one_hot(rows.target, C).to(z.dtype)
+    grad = torch.zeros_like(z)
+    for key, term in f.softmaxes.items():
+        p = torch.softmax(key.scale * (z if key.side == "student" else t), 1)
+        for factor, x in ((term.const, 1.0), (term.logit, z), (term.teacher, t)):
+            if factor is not None:
+                grad += p * col(factor) * x
+    if f.prob_power is not None:
+        grad += col(f.prob_power) * torch.softmax(z, 1) ** f.power
+    if f.tempered is not None:
+        stat = plan.structure.by_form[Form.TEMPERED_LOG_SUM_EXP]
+        grad += col(f.tempered) * torch.softmax((z + stat.margin * (1 - onehot)) / stat.temperature, 1)
+    if f.onehot is not None:
+        grad += col(f.onehot) * onehot
+    for term in f.columns:
+        grad += col(term.coef) * (1.0 if term.weights is None else term.weights)
+    if f.linear is not None:
+        grad += col(f.linear) * z
+    return grad
+
+
+def _pair_loss(divergence):
+    from crossent._distillation.arguments import build_loss
+
+    return build_loss(divergence, temperature=2.0, beta=0.5, gamma=0.8, mu=0.5, ce_weight=0.5, has_target=True)
+
+
+@pytest.mark.parametrize("name", ["ngce+ldr_kl", "entropy", "squentropy", "smoothing", "kl", "reverse_kl", "ttm", "wttm"])
+def test_factors_of_every_form_equal_the_statistic_by_statistic_gradient(name):
+    """``Plan.factors`` fills one term per declared form, pair forms included; read as defined, they
+    give ``sum_S dL/dS dS/dz``, which each statistic's ``add_grad`` gives on its own."""
+    from crossent._distillation.statistics import TEACHER
+
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(7, C, generator=g, dtype=torch.float64) * 3
+    t = torch.randn(7, C, generator=g, dtype=torch.float64) * 2
+    rows = _rows(weight=torch.rand(C, generator=g, dtype=torch.float64) + 0.5)
+    rows = replace(rows, extra={TEACHER: t})
+    loss = {
+        "ngce+ldr_kl": lambda: xe.losses.get("ngce") + xe.losses.get("ldr_kl"),
+        "entropy": EntropyCE,
+        "squentropy": lambda: xe.losses.get("squentropy"),
+        "smoothing": lambda: xe.losses.CrossEntropy(0.1),
+    }.get(name, lambda: _pair_loss(name))()
+    plan = Plan(loss, rows)
+    assert plan.structure.factored and bool(plan.structure.pairs) == (name in ("kl", "reverse_kl", "ttm", "wttm"))
+    values = plan.statistics(z, rows)
+    coefs = plan.coefficients(values, rows, torch.rand(7, generator=g, dtype=torch.float64))
+    want = None
+    for s in plan.stats:
+        if s in coefs:
+            want = s.add_grad(want, z.clone(), coefs[s], values, rows, slice(0, C))
+    got = _read_factors(plan.factors(values, coefs, rows), plan, z, t, rows)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

@@ -36,11 +36,11 @@ from torch import Tensor
 
 from . import _validation as V
 from ._engine.backend import linear_engine
-from ._engine.options import LinearCrossEntropyOptions, accumulation_dtype
+from ._engine.options import LinearCrossEntropyOptions
 from ._engine.plan import Plan
 from ._engine.reduction import reduce
 from ._loss_ref import NO_LOSS, LossRef, ref_of
-from ._rows import Rows, index_rows
+from ._rows import Rows, compute_dtype, index_rows
 from .losses._build import build_loss
 from .stats import ACC, ARGMAX, LSE, P_DOT_Z
 from .transforms import Softcap
@@ -251,7 +251,7 @@ def linear_call(
 def linear_inputs(e: Tensor, c: Tensor, bias: Tensor | None):
     """``(e, c, bias, out_dtype)``: the inputs in the dtype the products run in, and the loss's dtype
     (float32 for float32 and half-precision inputs, float64 for float64)."""
-    out_dtype = accumulation_dtype(e.dtype)
+    out_dtype = compute_dtype(e.dtype)
     device_type = e.device.type
     if device_type != "meta" and torch.is_autocast_enabled(device_type):
         # Match ``autocast(e @ c.T)`` followed by a float32 loss, as the naive path computes it.
@@ -317,7 +317,7 @@ def prepare(
         if sample_weight is not None:
             sample_weight = extra.pop(_SAMPLE_WEIGHT)
     call.options.accumulator(e.dtype)  # checks accum_dtype against the input dtype
-    class_weight = V.check_class_weight(weight, num_classes, e.device, accumulation_dtype(e.dtype))
+    class_weight = V.check_class_weight(weight, num_classes, e.device, compute_dtype(e.dtype))
     extra = V.flatten_extra(extra, rows_shape)
     rows = index_rows(target.reshape(-1), num_classes, call.ignore_index, class_weight, extra)
     plan = Plan(loss_obj, rows, (Softcap(call.softcap),) if call.softcap is not None else ())

@@ -85,9 +85,14 @@ def column_slice(start: int, width: int) -> slice:
     return slice(start, start + width)
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype elementwise work on logits of ``dtype`` runs in: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def as_float(t: Tensor) -> Tensor:
-    """Upcast half-precision values to float32 for accumulation; leave float32/64 alone."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+    """``t`` in its :func:`compute_dtype`: half precision upcast to float32, float32/64 left alone."""
+    return t.to(compute_dtype(t.dtype))
 
 
 def index_rows(target: Tensor, num_classes: int, ignore_index: int, class_weight, extra=None) -> Rows:

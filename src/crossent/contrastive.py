@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _validation as V
-from ._engine.options import LinearCrossEntropyOptions, accumulation_dtype
+from ._engine.options import LinearCrossEntropyOptions
 from ._functional import cross_entropy
 from ._linear import linear_cross_entropy
+from ._rows import compute_dtype
 from .losses import CrossEntropy, Transformed
 from .transforms import ExcludeColumns, Temperature
 
@@ -265,7 +266,7 @@ def listwise_cross_entropy(
         i, k = (per_row >= 0).nonzero(as_tuple=True)
         scores = scores.index_put((i, per_row[i, k]), scores.new_full((), float("-inf")))
     # The fused entry points' dtype rule (docs/linear.md): a float32 loss for half-precision inputs.
-    return cross_entropy(scores.to(accumulation_dtype(scores.dtype)), target, reduction=reduction)
+    return cross_entropy(scores.to(compute_dtype(scores.dtype)), target, reduction=reduction)
 
 
 def pair_circle_loss(

@@ -14,7 +14,8 @@ A statistic may also declare its :class:`Form`: what it is, in terms a fused eng
 (``lse``, the target logit, a class-weighted row sum, the sum of squares, the argmax, a tempered
 ``lse``, ``sum_j p_j z_j``, ``sum_j p_j^k``). The form fixes the value, the derivative and the layout of
 the mergeable state, so an engine that knows the form computes the statistic and its gradient term in
-its own fused way, without asking which class it is; a statistic without a form takes the generic
+its own fused way, without asking which class it is. A statistic of a pair of logit rows (a student's
+and a teacher's) declares a :class:`PairForm` instead. A statistic without either takes the generic
 path (``partial`` / ``merge`` / ``add_grad``), which every engine also supports.
 
 Precision: the elementwise work runs in the dtype of ``z`` (float32 for half inputs), but every
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import enum
 import math
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -50,9 +52,8 @@ class Form(enum.Enum):
     """What a statistic is, for fused engines. Each form fixes the value, the derivative and the state.
 
     The state is what ``partial`` returns over a block of columns (and ``merge`` combines); an engine
-    that computes a form's state itself hands it to the statistic's ``merge`` / ``finalize``. The first
-    five forms are the terms of :class:`~crossent._engine.plan.Factors`; the last three have no factor
-    there (engines that only read ``Factors`` take their generic path) but a kernel can compute them.
+    that computes a form's state itself hands it to the statistic's ``merge`` / ``finalize``. Every
+    form's derivative is a term of :class:`~crossent._engine.plan.Factors`.
     """
 
     #: ``S = log sum_j exp z_j``; ``dS/dz_j = p_j`` (the softmax of the row). State and value: the
@@ -80,6 +81,21 @@ class Form(enum.Enum):
     SUM_PROB_POWER = "sum_prob_power"
 
 
+@dataclass(frozen=True)
+class PairForm:
+    """What a statistic of a pair of logit rows is: ``lse(scale * x_side)`` (``of=None``) or ``E_P[f]``.
+
+    The pair is the student's raw logits ``z`` (the engine's, differentiated) and a teacher's ``t``
+    over the same classes; ``P = softmax(scale * x_side)`` and ``f = of[0] * z + of[1] * t``. The
+    derivatives in ``z``: ``lse`` of the student ``scale * P_j``, of the teacher none; ``E_Q[f]`` under
+    the teacher ``of[0] * Q_j``; ``E_P[f]`` under the student ``scale * P_j (f_j - E_P[f]) + of[0] * P_j``.
+    """
+
+    side: str
+    scale: float
+    of: tuple[float, float] | None = None
+
+
 class Statistic:
     """Base class. Subclasses set ``key`` (hashable, includes hyperparameters)."""
 
@@ -89,6 +105,10 @@ class Statistic:
 
     def form(self, rows: Rows) -> Form | None:
         """The declared :class:`Form` (``None``: no structure a fused engine can use)."""
+        return None
+
+    def pair_form(self) -> PairForm | None:
+        """The declared :class:`PairForm` of a statistic of a student's and a teacher's logits (``None``: none)."""
         return None
 
     def column_weights(self, rows: Rows) -> Tensor | None:
@@ -726,7 +746,7 @@ def merge_states(stat: Statistic, states: list[State]) -> State:
 
 
 __all__ = [
-    "Form", "Statistic", "State", "ACC",
+    "Form", "PairForm", "Statistic", "State", "ACC",
     "LogSumExp", "TargetLogit", "Sum", "SumSquares", "SoftDot", "TemperedLogSumExp", "ProbDotLogit",
     "SumProbPower", "ArgMax",
     "LSE", "TARGET", "SUM", "SUMSQ", "P_DOT_Z", "ARGMAX",

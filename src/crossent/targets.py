@@ -26,6 +26,8 @@ import numbers
 import torch
 from torch import Tensor
 
+from ._rows import as_float
+
 __all__ = ["bin_centers", "hl_gauss", "two_hot", "expectation"]
 
 
@@ -155,6 +157,6 @@ def expectation(logits: Tensor, v_min: float, v_max: float) -> Tensor:
     """
     if not isinstance(logits, Tensor) or not logits.is_floating_point() or logits.dim() == 0:
         raise TypeError("logits must be a floating-point tensor with the bins on its last axis")
-    z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    z = as_float(logits)
     centers = bin_centers(v_min, v_max, z.shape[-1], dtype=z.dtype, device=z.device)
     return torch.softmax(z, dim=-1) @ centers

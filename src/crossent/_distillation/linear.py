@@ -11,8 +11,9 @@ from .._engine.chunked import chunked_loss
 from .._engine.chunked.kernels import make_kernel
 from .._engine.chunked.pair import PairKernel
 from .._engine.chunked.paired import PairedLogits
-from .._engine.options import MIN_CHUNK, LinearCrossEntropyOptions, accumulation_dtype, default_chunk_size
+from .._engine.options import MIN_CHUNK, LinearCrossEntropyOptions, default_chunk_size
 from .._engine.plan import Plan
+from .._rows import compute_dtype
 from .arguments import check_target, checked_loss, distillation_rows, per_row
 from .statistics import TEACHER
 
@@ -148,7 +149,7 @@ def linear_distillation(
         )  # fmt: skip
     if reduction == "none":
         value = per_row(value, rows_shape, shift)
-    return value.to(accumulation_dtype(e_student.dtype))
+    return value.to(compute_dtype(e_student.dtype))
 
 
 __all__ = ["engine_options", "linear_distillation", "pair_chunk_size"]

@@ -15,10 +15,11 @@ Two statistics cover forward KL, reverse KL, TTM and WTTM:
   element.
 
 Both merge over column blocks, so a divergence written over them streams on any engine that feeds
-the teacher's columns beside the student's. Both declare a
-:class:`~crossent._engine.chunked.pair.PairForm`, from which the row-chunked engine's fused pair
-kernel computes them (and their gradient) in a few passes per chunk. Only the student gets a gradient: a statistic of the
-teacher alone is not differentiable, and ``d/dz_j`` of the others is
+the teacher's columns beside the student's. Both declare a :class:`~crossent.stats.PairForm`, from
+which :meth:`Plan.factors <crossent._engine.plan.Plan.factors>` forms their gradient and the
+row-chunked engine's fused pair kernel (:mod:`crossent._engine.chunked.pair`) computes them in a few
+passes per chunk. Only the student gets a gradient: a statistic of the teacher alone is not
+differentiable, and ``d/dz_j`` of the others is
 
 * ``lse(u)``: ``a p_j``;
 * ``E_q[f]``: ``cs a q_j``;
@@ -30,8 +31,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._engine.chunked.pair import PairForm
-from ..stats import ACC, LSE, Statistic, lse_state, merge_lse, softmax_from_lse
+from ..stats import ACC, LSE, PairForm, Statistic, lse_state, merge_lse, softmax_from_lse
 
 #: ``rows.extra`` key of the teacher's logits (``[N, C]``, any floating dtype, no gradient).
 TEACHER = "teacher_logits"

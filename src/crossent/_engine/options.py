@@ -1,18 +1,25 @@
-"""The knobs of the fused linear engines, gathered in one frozen object.
+"""The knobs of the fused linear engines, gathered in frozen objects.
 
 :class:`LinearCrossEntropyOptions` is what ``crossent.linear_cross_entropy`` hands to an engine (its
 ``chunk_size``, ``accum_dtype`` and ``backend`` arguments fill it in, or pass one as ``options=``).
 Every engine reads the fields it understands; the defaults resolve per call (:meth:`chunk_rows`,
 :meth:`accumulator`).
+
+:class:`Tuning` holds the engines' internal block sizes and routes, which change speed and memory but
+not what is computed (beyond rounding); :func:`tuned` sets them for a block of code, :func:`tuning`
+reads them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 
 import torch
 
 from .. import _validation as V
+from .._rows import compute_dtype
 
 #: The default chunk: at least ``SPEED_ROWS`` rows (the matrix products of a chunk read all of ``c``
 #: and ``grad_c``; below a few hundred rows that traffic, not arithmetic, sets their speed), more rows
@@ -28,11 +35,6 @@ MIN_CHUNK, MAX_CHUNK = 16, 8192
 
 MODES = ("auto", "eager", "recompute")
 BACKENDS = ("auto", "torch", "triton")
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype in which a chunk's elementwise work runs: float64 for float64 inputs, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _is_floating_dtype(value) -> bool:
@@ -124,7 +126,7 @@ class LinearCrossEntropyOptions:
 
     def accumulator(self, dtype: torch.dtype) -> torch.dtype:
         """The ``grad_c`` accumulator's dtype for inputs of ``dtype`` (checked against it)."""
-        compute = accumulation_dtype(dtype)
+        compute = compute_dtype(dtype)
         if self.accum_dtype is None:
             return compute
         if self.accum_dtype not in (compute, dtype):
@@ -136,3 +138,52 @@ class LinearCrossEntropyOptions:
         if self.chunk_size is not None:
             return self.chunk_size
         return default_chunk_size(num_classes, hidden, dtype, summed)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """The engines' internal block sizes and routes: speed and memory, never what is computed (beyond rounding).
+
+    An engine reads the current tuning (:func:`tuning`) once, when a call starts, except the softmax
+    route, which is read where the softmax runs; :func:`tuned` changes it for a block of code (the
+    tests force small blocks and other devices' routes with it).
+
+    Attributes:
+        stage_bytes: half-precision chunks of the row-chunked engine reach its kernel through a
+            float32 staging buffer of about this many bytes of rows (:func:`.chunked.chunks.stage_rows`).
+        transpose_block_bytes: the half-precision ``grad_c`` accumulator is added to and transposed in
+            blocks of columns of about this many bytes (:func:`.chunked.gradients.column_block`).
+        fused_softmax: use the device's in-place fused softmax where it has one
+            (:data:`.softmax.FUSED_SOFTMAX_DEVICES`); ``False``: the route of every other device.
+        triton_launch: the Triton kernels' tiles and launch shape (a :class:`.triton.config.Launch`);
+            ``None``: chosen by device and dtype.
+    """
+
+    stage_bytes: int = 32 * 2**20
+    transpose_block_bytes: int = 4 * 2**20
+    fused_softmax: bool = True
+    triton_launch: object | None = None  # a triton.config.Launch (not imported here: the engines import this module)
+
+    def __post_init__(self):
+        for name in ("stage_bytes", "transpose_block_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+_TUNING: contextvars.ContextVar[Tuning] = contextvars.ContextVar("crossent_tuning", default=Tuning())
+
+
+def tuning() -> Tuning:
+    """The engines' current :class:`Tuning`."""
+    return _TUNING.get()
+
+
+@contextlib.contextmanager
+def tuned(**changes):
+    """Run a block of code with some fields of :class:`Tuning` changed (``with tuned(stage_bytes=4096): ...``)."""
+    token = _TUNING.set(dataclasses.replace(tuning(), **changes))
+    try:
+        yield _TUNING.get()
+    finally:
+        _TUNING.reset(token)

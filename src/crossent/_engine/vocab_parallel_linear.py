@@ -34,13 +34,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .._rows import Rows
+from .._rows import Rows, compute_dtype
 from ..stats import Form
 from .chunked import chunked_loss
 from .chunked.chunks import stage_rows
-from .chunked.kernels import ChunkGrad, ChunkResult
+from .chunked.kernels import ChunkResult
 from .dense import row_blocks
-from .options import LinearCrossEntropyOptions, accumulation_dtype
+from .options import LinearCrossEntropyOptions, tuning
 from .plan import Plan
 from .shards import Layout
 from .vocab_parallel import merged_values
@@ -83,7 +83,7 @@ class ShardKernel:
             grad = plan.logit_grad(zb, rows.select(b), block_values, block_coefs, cols, out=zb if self._in_place else None)
             if not self._in_place:
                 zb.copy_(grad)  # the block's logits are no longer needed
-        return ChunkResult(loss, values, ChunkGrad(z))
+        return ChunkResult(loss, values, z)
 
     def _states(self, z: Tensor, rows: Rows, blocks) -> dict:
         """The mergeable states of the chunk's local columns, block by block."""
@@ -115,8 +115,8 @@ class _SumGradOverRanks(torch.autograd.Function):
 def chunk_rows(options: LinearCrossEntropyOptions, layout: Layout, hidden: int, dtype: torch.dtype, summed) -> int:
     """Rows per chunk, the same on every rank: sized by the widest shard; half precision: one staging block."""
     rows = options.chunk_rows(layout.widest, hidden, dtype, summed)
-    if dtype != accumulation_dtype(dtype):
-        rows = stage_rows(rows, layout.widest)
+    if dtype != compute_dtype(dtype):
+        rows = stage_rows(rows, layout.widest, tuning().stage_bytes)
     return rows
 
 

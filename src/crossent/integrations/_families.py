@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .. import _validation as V
+from .._rows import compute_dtype
 from ..transforms import Softcap, Temperature
 
 #: Config attributes through which families post-process their logits, and what each one does.
@@ -136,8 +137,7 @@ PROBE_RANGE = 64.0
 
 def probe(num_classes: int, lead_dims: int, dtype: torch.dtype, device) -> Tensor:
     """A ``[1, ..., 1, V]`` row of known logits, standing for the head's output in a patched forward."""
-    dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    values = torch.linspace(-PROBE_RANGE, PROBE_RANGE, num_classes, dtype=dtype, device=device)
+    values = torch.linspace(-PROBE_RANGE, PROBE_RANGE, num_classes, dtype=compute_dtype(dtype), device=device)
     return values.reshape((1,) * lead_dims + (num_classes,))
 
 

@@ -129,8 +129,3 @@ def check_probabilities(probs, logits, who: str, *, rows: int, num_classes: int)
     if not torch.isfinite(value).all() or (value < 0).any():
         raise ValueError(f"{who}: probs must be finite and non-negative")
     return value
-
-
-def compute_dtype(t: Tensor) -> torch.dtype:
-    """float32 for half precision, the tensor's own dtype otherwise."""
-    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype

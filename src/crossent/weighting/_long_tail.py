@@ -7,7 +7,8 @@ from torch import Tensor
 
 from ..losses._base import Loss, Transformed, resolve
 from ..transforms import ClassBias
-from ._base import Strategy, check_index_tensor, check_losses, check_vector, compute_dtype
+from .._rows import compute_dtype
+from ._base import Strategy, check_index_tensor, check_losses, check_vector
 
 
 class ClassBalanced(Strategy):
@@ -87,7 +88,7 @@ class ClassBalanced(Strategy):
             raise ValueError(
                 f"ClassBalanced: target value {value} is outside [0, {num_classes}) and is not ignore_index"
             )
-        w = self._weights64.to(device=losses.device, dtype=compute_dtype(losses))
+        w = self._weights64.to(device=losses.device, dtype=compute_dtype(losses.dtype))
         safe = torch.where(valid, target, torch.zeros_like(target)).long()
         return torch.where(valid, w[safe], torch.zeros((), dtype=w.dtype, device=w.device)), valid
 

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from ..losses._correction import BackwardCorrection, ForwardCorrection, check_transition_matrix
-from ._base import Strategy, check_index_tensor, check_losses, check_probabilities, compute_dtype
+from .._rows import compute_dtype
+from ._base import Strategy, check_index_tensor, check_losses, check_probabilities
 
 __all__ = [
     "ForwardCorrection",
@@ -82,7 +83,7 @@ def estimate_transition_matrix(
         raise TypeError(f"{who}: probs must be a floating-point [N, C] tensor")
     if probs.shape[0] == 0 or probs.shape[1] == 0:
         raise ValueError(f"{who}: probs is empty (shape {tuple(probs.shape)})")
-    probs = probs.detach().to(compute_dtype(probs))
+    probs = probs.detach().to(compute_dtype(probs.dtype))
     if not torch.isfinite(probs).all() or (probs < 0).any():
         raise ValueError(f"{who}: probs must be finite and non-negative")
     if percentile is not None and not 0.0 < float(percentile) <= 100.0:
@@ -247,7 +248,7 @@ class RENT(_Sampling):
     ) -> Tensor:
         with self._peek(losses.device if isinstance(losses, Tensor) else torch.device("cpu")):
             losses, idx = self._draw(losses, target, probs, logits)
-        counts = torch.bincount(idx, minlength=losses.shape[0]).to(compute_dtype(losses))
+        counts = torch.bincount(idx, minlength=losses.shape[0]).to(compute_dtype(losses.dtype))
         return counts * (losses.shape[0] / idx.numel())
 
     def __call__(
@@ -324,7 +325,7 @@ class DirichletWeightSampling(_Sampling):
     ) -> Tensor:
         with self._peek(losses.device if isinstance(losses, Tensor) else torch.device("cpu")):
             losses, pi = self._draw(losses, target, probs, logits)
-        return (pi.mean(0) * losses.shape[0]).to(compute_dtype(losses))
+        return (pi.mean(0) * losses.shape[0]).to(compute_dtype(losses.dtype))
 
     def __call__(
         self, losses: Tensor, *, target: Tensor, probs: Tensor | None = None, logits: Tensor | None = None

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from . import _dist
-from ._base import Strategy, check_index_tensor, check_losses, check_mask, check_same_shape, check_vector, compute_dtype
+from .._rows import compute_dtype
+from ._base import Strategy, check_index_tensor, check_losses, check_mask, check_same_shape, check_vector
 
 STRATEGIES = ("linupper", "quadratic", "extremes", "upper", "uniform")
 #: the official code's names for the same functions.
@@ -145,7 +146,7 @@ class LossReweighting(Strategy):
 
     def global_weights(self, all_losses: Tensor) -> Tensor:
         """Softmax weights ``w`` (summing to 1) of a whole global batch of per-sequence losses."""
-        l = all_losses.detach().to(compute_dtype(all_losses))
+        l = all_losses.detach().to(compute_dtype(all_losses.dtype))
         if self.strategy == "uniform" or self.num_steps < self.warmup_steps:
             return torch.full_like(l, 1.0 / l.numel())
         lmin, lmax = l.min(), l.max()
@@ -158,7 +159,8 @@ class LossReweighting(Strategy):
         if losses.numel() == 0:
             raise ValueError("LossReweighting: losses must hold at least one sequence")
         if _dist.active(self.group, self.distributed):
-            everything, start, total = _dist.all_gather_rows(losses.detach().to(compute_dtype(losses)), self.group)
+            local = losses.detach().to(compute_dtype(losses.dtype))
+            everything, start, total = _dist.all_gather_rows(local, self.group)
             w = self.global_weights(everything)[start : start + losses.numel()]
             return w * total
         return self.global_weights(losses) * losses.numel()
@@ -393,7 +395,7 @@ class DoReMi(Strategy):
 
     def _token_weights(self, alpha: Tensor, losses: Tensor, domain_ids: Tensor, mask: Tensor) -> Tensor:
         u = alpha / self.sampling_weights
-        u = (u / u.sum()).to(device=losses.device, dtype=compute_dtype(losses))
+        u = (u / u.sum()).to(device=losses.device, dtype=compute_dtype(losses.dtype))
         return torch.where(mask, u[domain_ids], torch.zeros((), dtype=u.dtype, device=u.device))
 
     def weights(

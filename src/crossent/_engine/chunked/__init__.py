@@ -49,7 +49,8 @@ INSTEAD = (
 
 
 class _EagerGradient(torch.autograd.Function):
-    """Scalar loss; gradients formed during the forward pass, rescaled in backward."""
+    """Scalar loss and the reported statistics (in ``job.report``'s order); gradients formed during the
+    forward pass, rescaled in backward."""
 
     @staticmethod
     def forward(ctx, e, c, bias, job: Job, reduction: str):
@@ -63,10 +64,11 @@ class _EagerGradient(torch.autograd.Function):
             scale = job.row_weight * scale  # each row's upstream gradient: its weight over the divisor
         sweep = Sweep(job, e, c, bias, need).run(scale)
         ctx.grads = sweep.grads()
-        return reduce(job.weighted(sweep.per_row), job.rows, reduction, (e.shape[0],), ACC, job.denominator)
+        loss = reduce(job.weighted(sweep.per_row), job.rows, reduction, (e.shape[0],), ACC, job.denominator)
+        return (loss, *_reported(ctx, job, sweep))
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, *_stats):
         refuse_second_order(ENGINE, INSTEAD)
         grads, ctx.grads = ctx.grads, None
         if grads is None:
@@ -83,22 +85,30 @@ class _EagerGradient(torch.autograd.Function):
 
 
 class _Recompute(torch.autograd.Function):
-    """Per-row losses; backward recomputes each chunk's logits (a stateful loss is not observed again)."""
+    """Per-row losses and the reported statistics; backward recomputes each chunk's logits (a stateful
+    loss is not observed again)."""
 
     @staticmethod
     def forward(ctx, e, c, bias, job: Job):
         sweep = Sweep(job, e, c, bias).run()
         ctx.save_for_backward(e, c, bias)
         ctx.job = job
-        return sweep.per_row
+        return (sweep.per_row, *_reported(ctx, job, sweep))
 
     @staticmethod
-    def backward(ctx, grad_rows):
+    def backward(ctx, grad_rows, *_stats):
         refuse_second_order(ENGINE, INSTEAD)
         e, c, bias = ctx.saved_tensors
         need = tuple(ctx.needs_input_grad[:3])
         sweep = Sweep(ctx.job, e, c, bias, need).run(grad_rows)
         return (*sweep.grads(), None)
+
+
+def _reported(ctx, job: Job, sweep: Sweep) -> tuple:
+    """The reported statistics of the first sweep, in ``job.report``'s order, as outputs without gradients."""
+    stats = tuple(sweep.stats[s] for s in job.report)
+    ctx.mark_non_differentiable(*stats)
+    return stats
 
 
 def chunked_loss(
@@ -142,9 +152,10 @@ def chunked_loss(
         return reduce(job.weighted(sweep.per_row), rows, reduction, (e.shape[0],), ACC, denominator), sweep.stats
     if reduction != "none" and options.mode != "recompute" and not weight_grad:
         job = Job(plan, rows, chunk_size, accum_dtype, report, kernel, row_weight, denominator)
-        return _EagerGradient.apply(e, c, bias, job, reduction), job.stat_values
+        loss, *stats = _EagerGradient.apply(e, c, bias, job, reduction)
+        return loss, dict(zip(job.report, stats))
     job = Job(plan, rows, chunk_size, accum_dtype, report, kernel)
-    per_row = _Recompute.apply(e, c, bias, job)
+    per_row, *stats = _Recompute.apply(e, c, bias, job)
     if row_weight is not None:
         per_row = per_row * row_weight.to(ACC)  # autograd carries the weights' gradient
-    return reduce(per_row, rows, reduction, (e.shape[0],), ACC, denominator), job.stat_values
+    return reduce(per_row, rows, reduction, (e.shape[0],), ACC, denominator), dict(zip(job.report, stats))

@@ -4,17 +4,17 @@ The row-chunked engine computes a block of logits ``z`` (``[r, V]``, float32 or 
 of ``r`` rows) and hands it to a *kernel*. Three kernels share one interface,
 ``kernel(z, rows, row_scale, source) -> ChunkResult``; ``row_scale`` is the upstream gradient of each
 row's loss (``None``: values only); ``source`` (optional) knows the chunk's factors:
-``source.logit_at(i, j)`` recomputes single raw logits, ``source.row_sums(w)`` gives
-``sum_j w_j z_ij`` as ``e_i . (c^T w)`` (one ``[r, D]`` product instead of a pass over the chunk).
+``source.logit_at(i, j)`` recomputes single raw logits, ``source.row_sums(stat)`` gives a column
+sum ``sum_j w_j z_ij`` as ``e_i . (c^T w)`` (one ``[r, D]`` product instead of a pass over the chunk).
 The kernel may overwrite ``z``. :func:`make_kernel` picks one from the plan's declared structure.
 
 * :class:`FactoredKernel` (the fast path): plans whose statistics are all of the forms
   ``lse``, ``target``, column sum and ``argmax`` behind an affine transform chain
-  (:attr:`Plan.structure`). It works in place on the chunk buffer and returns the gradient as
-  :meth:`Plan.factors` gives it, ``a_i P_ij + b_i 1[j = y_i] + sum_k s_ki w_kj`` with ``P`` the softmax
-  (written over ``z``). The engine folds ``a``, ``b`` and ``s`` into the small ``[r, D]`` and ``[V]``
-  operands of the matrix products, so on CPU the only pass over the chunk between the matrix products
-  is one fused softmax.
+  (:attr:`Plan.structure`). It works in place on the chunk buffer, writes the softmax ``P`` over
+  ``z`` and returns the gradient's :class:`~crossent._engine.plan.Factors` as :meth:`Plan.factors`
+  gives them, ``a_i P_ij + b_i 1[j = y_i] + sum_k s_ki w_kj``. The engine folds ``a``, ``b`` and ``s``
+  into the small ``[r, D]`` and ``[V]`` operands of the matrix products, so on CPU the only pass over
+  the chunk between the matrix products is one fused softmax.
 * :class:`PlanKernel`: any other streamable loss, through :meth:`Plan.statistics` and
   :meth:`Plan.logit_grad`; a few chunk-sized temporaries.
 * :class:`WholeRowKernel`: losses with ``streamable = False``, by autograd through the chunk's rows.
@@ -22,36 +22,32 @@ The kernel may overwrite ``z``. :func:`make_kernel` picks one from the plan's de
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..._rows import Rows
 from ...stats import ACC, Form, anchored
-from ..plan import Plan
+from ..plan import Factors, Plan
 from ..row_grad import weighted_grad
-from ..softmax import FUSED_SOFTMAX_DEVICES, softmax_
-
-
-@dataclass
-class ChunkGrad:
-    """``dL/dz = row_scale[:, None] * matrix + target_coef * onehot(y) + sum_k s_k[:, None] * w_k[None, :]``.
-
-    ``row_scale`` / ``target_coef`` are ``None`` when absent; a ``w`` of ``None`` stands for all ones.
-    """
-
-    matrix: Tensor
-    row_scale: Tensor | None = None
-    target_coef: Tensor | None = None
-    sums: list[tuple[Tensor, Tensor | None]] = field(default_factory=list)
+from ..softmax import fused, softmax_
 
 
 @dataclass
 class ChunkResult:
+    """What a kernel returns for a chunk of rows.
+
+    ``grad`` (with a ``row_scale``) is the chunk's logit gradient ``dL/dz``, or, with ``factors``, the
+    softmax ``P`` the factors multiply: ``dL/dz`` is then ``factors`` with ``P`` for ``p`` (the
+    :meth:`Plan.factors` of the raw logits, :meth:`~crossent._engine.plan.Factors.relative` to a
+    ``P`` that holds ``exp(tail)`` times the softmax).
+    """
+
     loss: Tensor  # [r] weighted per-row losses, zero on ignored rows
     values: dict  # statistic -> [r]
-    grad: ChunkGrad | None = None
+    grad: Tensor | None = None
+    factors: Factors | None = None
 
 
 class FactoredKernel:
@@ -80,7 +76,7 @@ class FactoredKernel:
         values: dict = {}
         if source is not None:
             for s, w in self.columns:
-                values[s] = affine.of_sums(source.row_sums(w), w, num_classes)
+                values[s] = affine.of_sums(source.row_sums(s), w, num_classes)
         affine.apply_(z, cols)
         for s, w in self.columns:
             if s not in values:
@@ -93,13 +89,14 @@ class FactoredKernel:
         if argmax is not None:
             peak, where = z.max(1)
             values[argmax] = where
-        elif z.device.type not in FUSED_SOFTMAX_DEVICES:
+        elif not fused(z):
             peak = z.amax(1)
         norm = softmax_(z, peak)
+        log_norm = None if norm is None else norm.to(ACC).log()
         lse_stat = self.by_form[Form.LOG_SUM_EXP]
         # lse as the anchored pair (head, tail): a logit of the row and -log of its probability.
-        if norm is not None:
-            values[lse_stat] = anchored(peak, norm.to(ACC).log())
+        if log_norm is not None:
+            values[lse_stat] = anchored(peak, log_norm)
         elif where is not None:
             # p at the row's maximum lies in [1/V, 1]: its log is well conditioned.
             values[lse_stat] = anchored(peak, -z.gather(1, where[:, None]).squeeze(1).to(ACC).log())
@@ -109,15 +106,10 @@ class FactoredKernel:
         if row_scale is None:
             return ChunkResult(loss, values)
 
-        # Coefficients (float64, like the statistics) become row factors in the logits' dtype.
-        f = plan.factors(plan.coefficients(values, rows, row_scale)).scaled(affine.scale)
-        dtype = z.dtype
-        a = f.softmax if f.softmax is not None else torch.zeros_like(z_ref)
-        if norm is not None:
-            a = a / norm.to(a.dtype)
-        b = f.onehot
-        sums = [(s.to(dtype), w) for s, w in f.columns]
-        return ChunkResult(loss, values, ChunkGrad(z, a.to(dtype), None if b is None else b.to(dtype), sums))
+        f = plan.factors(values, plan.coefficients(values, rows, row_scale), rows, raw=True)
+        if log_norm is not None:  # z holds exp(z - peak), the softmax times its normaliser
+            f = f.relative(log_norm)
+        return ChunkResult(loss, values, z, f)
 
     def _lse_from_reference(self, p: Tensor, z_ref: Tensor, ref: Tensor, source) -> Tensor:
         """``lse`` as the pair ``(z_k, -log p_k)`` for a column ``k`` with ``p_k`` well away from underflow.
@@ -157,7 +149,7 @@ class PlanKernel:
         if row_scale is None:
             return ChunkResult(loss, values)
         coefs = plan.coefficients(values, rows, row_scale)
-        return ChunkResult(loss, values, ChunkGrad(plan.logit_grad(z, rows, values, coefs, cols)))
+        return ChunkResult(loss, values, plan.logit_grad(z, rows, values, coefs, cols))
 
 
 class WholeRowKernel:
@@ -188,7 +180,7 @@ class WholeRowKernel:
                 (grad,) = weighted_grad(loss, [leaf], row_scale)
             else:
                 grad = torch.zeros_like(z)
-        return ChunkResult(loss.detach(), values, ChunkGrad(grad))
+        return ChunkResult(loss.detach(), values, grad)
 
 
 def make_kernel(plan: Plan, extra_stats=()):

@@ -1,15 +1,12 @@
 """The fused kernel of plans over two logit rows (the student's ``z`` and a teacher's ``t``, same classes).
 
-A statistic of such a plan declares a :class:`PairForm`: a log-sum-exp of one side at a scale, or an
-expectation under one side's softmax of a linear combination of both sides' logits. Those two shapes
-cover forward and reverse KL and transformed teacher matching (``crossent._distillation``), and fix
-both the value and the derivative with respect to ``z``, so :class:`PairKernel` computes every softmax
-a plan needs once per chunk, the expectations as row-by-row dot products, and the gradient as a few
-per-row scaled sums of those softmaxes, in place in their buffers:
-
-* ``lse(s x)`` of the student (``x = z``): ``d/dz_j = s P_j``; of the teacher: no derivative;
-* ``E_P[f]``, ``f = ws z + wt t``, ``P = softmax(s x)``: under the teacher ``ws Q_j``; under the
-  student ``s P_j (f_j - E) + ws P_j``.
+A statistic of such a plan declares a :class:`~crossent.stats.PairForm`: a log-sum-exp of one side at
+a scale, or an expectation under one side's softmax of a linear combination of both sides' logits.
+Those two shapes cover forward and reverse KL and transformed teacher matching
+(``crossent._distillation``), and fix both the value and the derivative with respect to ``z``, so
+:class:`PairKernel` computes every softmax a plan needs once per chunk and the expectations as
+row-by-row dot products, and applies the gradient that :meth:`Plan.factors` gives as a few per-row
+scaled sums of those softmaxes, ``P (a + b z + c t)``, in place in their buffers.
 
 The library's ``LOG_SUM_EXP`` and ``TARGET`` forms (cross-entropy mixed in) join as the student's
 ``lse`` at scale 1 and a one-hot term. Any other plan takes the generic kernels.
@@ -17,30 +14,16 @@ The library's ``LOG_SUM_EXP`` and ``TARGET`` forms (cross-entropy mixed in) join
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
 from ..._rows import Rows
-from ...stats import ACC, Form, anchored
-from ..plan import Plan
+from ...stats import ACC, Form, PairForm, anchored
+from ..plan import OWN, Factors, Plan, SoftmaxOf
 from ..softmax import softmax_rows
-from .kernels import ChunkGrad, ChunkResult
+from .kernels import ChunkResult
 
 SIDES = ("student", "teacher")
-
-
-@dataclass(frozen=True)
-class PairForm:
-    """What a statistic of a pair of logit rows is: ``lse(scale * x_side)`` (``of=None``) or ``E_P[f]``.
-
-    ``P = softmax(scale * x_side)`` and ``f = of[0] * z + of[1] * t`` (raw logits of both sides).
-    """
-
-    side: str
-    scale: float
-    of: tuple[float, float] | None = None
 
 
 def _dot(x: Tensor, y: Tensor) -> Tensor:
@@ -49,7 +32,7 @@ def _dot(x: Tensor, y: Tensor) -> Tensor:
 
 
 class PairKernel:
-    """The kernel of a plan whose statistics are all :class:`PairForm` s, ``LOG_SUM_EXP`` or ``TARGET``.
+    """The kernel of a plan whose statistics are all :class:`~crossent.stats.PairForm` s, ``LOG_SUM_EXP`` or ``TARGET``.
 
     ``teacher_key``: the ``rows.extra`` entry with the second side's logits of the chunk's rows.
     """
@@ -59,11 +42,11 @@ class PairKernel:
         by_form = plan.structure.by_form
         self.target = by_form.get(Form.TARGET)
         self.lse = by_form.get(Form.LOG_SUM_EXP)
-        self.forms = {
-            s: PairForm("student", 1.0) if s == self.lse else s.pair_form() for s in plan.stats if s != self.target
-        }
+        pairs = dict(plan.structure.pairs)
+        own = PairForm(OWN.side, OWN.scale)  # the library's lse: the student's at scale 1
+        self.forms = {s: own if s == self.lse else pairs[s] for s in plan.stats if s in pairs or s == self.lse}
         # Softmaxes kept for the gradient or the expectations; teacher scales read for their lse only need none.
-        self.kept = {(f.side, f.scale) for f in self.forms.values() if f.of is not None or f.side == "student"}
+        self.kept = {SoftmaxOf(f.side, f.scale) for f in self.forms.values() if f.of is not None or f.side == "student"}
 
     @staticmethod
     def supports(plan: Plan) -> bool:
@@ -72,8 +55,8 @@ class PairKernel:
             return False
         if any(f not in (Form.LOG_SUM_EXP, Form.TARGET) for f in st.by_form):
             return False
-        declared = set(st.by_form.values())
-        return all(s in declared or getattr(s, "pair_form", lambda: None)() is not None for s in plan.stats)
+        declared = {*st.by_form.values(), *(s for s, _ in st.pairs)}
+        return all(s in declared for s in plan.stats)
 
     @staticmethod
     def _softmax(x: Tensor, scale: float, keep: bool):
@@ -92,12 +75,12 @@ class PairKernel:
         sides = {"student": z, "teacher": rows.extra[self.teacher_key].to(z.dtype)}
         soft: dict = {}
         for f in self.forms.values():
-            key = (f.side, f.scale)
+            key = SoftmaxOf(f.side, f.scale)
             if key not in soft:
                 soft[key] = self._softmax(sides[f.side], f.scale, key in self.kept)
         values = {}
         for s, f in self.forms.items():
-            p, lse = soft[(f.side, f.scale)]
+            p, lse = soft[SoftmaxOf(f.side, f.scale)]
             if f.of is None:  # the library's LSE keeps the anchored pair, the pair statistics a number
                 values[s] = lse if s == self.lse else lse.sum(-1)
             else:
@@ -107,42 +90,20 @@ class PairKernel:
         loss = self.plan.row_losses(values, rows)
         if row_scale is None:
             return ChunkResult(loss, values)
-        coefs = self.plan.coefficients(values, rows, row_scale)
-        onehot = coefs.get(self.target) if self.target is not None else None
-        grad = self._grad(coefs, values, soft, sides)
-        return ChunkResult(loss, values, ChunkGrad(grad, target_coef=None if onehot is None else onehot.to(z.dtype)))
+        f = self.plan.factors(values, self.plan.coefficients(values, rows, row_scale), rows)
+        grad = self._grad(f, soft, sides)
+        if f.onehot is not None:
+            grad.scatter_add_(1, rows.target[:, None], f.onehot.to(z.dtype)[:, None])
+        return ChunkResult(loss, values, grad)
 
-    def _grad(self, coefs: dict, values: dict, soft: dict, sides: dict) -> Tensor:
-        """``dL/dz`` as per-row scaled sums of the kept softmaxes, written into their buffers."""
+    @staticmethod
+    def _grad(f: Factors, soft: dict, sides: dict) -> Tensor:
+        """The softmax terms of ``f``, ``P (a + b z + c t)`` per softmax ``P``, written into the softmaxes' buffers."""
         z, t = sides["student"], sides["teacher"]
-        # Per softmax P: P * (a + b z + c t), with [r] float64 factors (None: absent).
-        terms: dict = {}
-
-        def add(key, i, value):
-            abc = terms.setdefault(key, [None, None, None])
-            abc[i] = value if abc[i] is None else abc[i] + value
-
-        for s, f in self.forms.items():
-            c = coefs.get(s)
-            key = (f.side, f.scale)
-            if c is None:
-                continue
-            if f.side == "teacher":  # ws Q (the teacher's lse has no derivative)
-                if f.of is not None and f.of[0]:
-                    add(key, 0, c * f.of[0])
-            elif f.of is None:  # s P
-                add(key, 0, c * f.scale)
-            else:  # s P (ws z + wt t - E) + ws P
-                ws, wt = f.of
-                k = c * f.scale
-                add(key, 0, c * ws - k * values[s])
-                if ws:
-                    add(key, 1, k * ws)
-                if wt:
-                    add(key, 2, k * wt)
         grad = None
-        for key, (a, b, c) in terms.items():
+        for key, term in f.softmaxes.items():
             p = soft[key][0]
+            a, b, c = term.const, term.logit, term.teacher
             if b is None and c is None:
                 term = p.mul_(a.to(z.dtype)[:, None])
             else:
@@ -156,4 +117,4 @@ class PairKernel:
         return grad if grad is not None else torch.zeros_like(z)
 
 
-__all__ = ["PairForm", "PairKernel"]
+__all__ = ["PairKernel"]

@@ -14,13 +14,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..._rows import Rows
+from ..._rows import Rows, compute_dtype
 from ...stats import ACC, Form, number
+from ..options import tuning
 from ..plan import Plan
 from .chunks import FloatChunks, HalfChunks
 from .gradients import ChunkSource, ColumnSums, Gradients
 from .kernels import ChunkResult, make_kernel
-from ..options import accumulation_dtype
 from .selection import RowSelection, expand_scale
 
 
@@ -31,9 +31,10 @@ class Job:
     may bring its own, as the vocabulary-parallel one does).
 
     Attributes:
-        stat_values: ``{stat: [N] values}`` of the reported statistics, set by the first sweep.
         row_weight: ``[N]`` per-row factors of the loss (float64, detached), or ``None``.
         denominator: the ``mean`` divisor given by the caller (0-dim), or ``None``.
+        tuning: the engine's :class:`~crossent._engine.options.Tuning` when the call started (every
+            sweep of the call, backward ones included, uses it).
     """
 
     def __init__(
@@ -49,7 +50,7 @@ class Job:
         self.selection = RowSelection(rows, chunk_size, keep_all=bool(self.report))
         self.accum_dtype = accum_dtype
         self.observed = not self.plan.stateful
-        self.stat_values: dict = {}
+        self.tuning = tuning()
 
     @property
     def rows(self) -> Rows:
@@ -64,12 +65,13 @@ class Sweep:
     """One pass over the rows of ``e`` (``[N, D]``) against ``c`` (``[V, D]``) and ``bias``.
 
     ``need``: which of ``(e, c, bias)`` get gradients. After :meth:`run`: ``per_row`` (``[N]`` float64
-    weighted losses, zero on skipped rows), ``stats`` (reported statistics), and :meth:`grads`.
+    weighted losses, zero on skipped rows), ``stats`` (``{stat: [N] values}`` of the reported
+    statistics), and :meth:`grads`.
     """
 
     def __init__(self, job: Job, e: Tensor, c: Tensor, bias: Tensor | None, need=(False, False, False)):
         self.job, self.e = job, e
-        compute = accumulation_dtype(e.dtype)
+        compute = compute_dtype(e.dtype)
         half = e.dtype != compute
         n, v, device = e.shape[0], c.shape[0], e.device
         # Per-row values are float64 like the statistics (``[N]`` only), as in the dense engine.
@@ -78,13 +80,16 @@ class Sweep:
             s: torch.zeros(n, dtype=torch.long if s.form(job.rows) is Form.ARGMAX else ACC, device=device)
             for s in job.report
         }
-        self.column_sums = ColumnSums(c, bias, compute)
+        self.column_sums = ColumnSums(c, bias, compute, job.plan.structure.columns)
         self.gradients = Gradients(
             e, c, bias, self.column_sums, need=need, accum_dtype=job.accum_dtype, half=half,
-            compact=job.selection.compact,
+            compact=job.selection.compact, tuning=job.tuning,
         )  # fmt: skip
         r = min(job.selection.chunk_size, max(1, job.selection.num_active))
-        self.chunks = HalfChunks(r, v, e.dtype, compute, device) if half else FloatChunks(r, v, compute, device)
+        if half:
+            self.chunks = HalfChunks(r, v, e.dtype, compute, device, job.tuning.stage_bytes)
+        else:
+            self.chunks = FloatChunks(r, v, compute, device)
         self._observe_rows = not job.observed
         self._observations: dict = {}
 
@@ -94,17 +99,15 @@ class Sweep:
         for sel, part, rows in selection.chunks():
             e_c = selection.gather(self.e, sel)
             scale = expand_scale(row_scale, sel, rows.num_rows, ACC)
-            source = ChunkSource(e_c, self.column_sums.c, self.column_sums.bias, self.column_sums)
+            source = ChunkSource(e_c, self.column_sums)
             kernel = self._observing(job.kernel, part.start) if self._observe_rows else job.kernel
             ops = self.chunks.run(sel, rows, e_c, scale, kernel, source, self._record, self.gradients)
             if ops is not None:
-                self.gradients.add(ops.op, ops.row_factors, ops.sums, e_c, sel)
+                self.gradients.add(*ops, e_c, sel)
         if self._observe_rows:
             selection.add_extra(self._observations)
             job.plan.commit(selection.active)
             job.observed = True
-        if not job.stat_values:
-            job.stat_values = self.stats
         return self
 
     def _observing(self, kernel, start: int):

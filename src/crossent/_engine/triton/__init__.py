@@ -9,11 +9,11 @@ Layout, one concern per module:
 * :mod:`.forward`: the statistics kernel (mergeable states per row and vocabulary split);
 * :mod:`.states`: the splits' states merged by the statistics' own rules;
 * :mod:`.backward`: the gradient kernel (recomputed tiles, float32 atomic accumulation);
-* :mod:`.factors`: the per-row factors of the gradient, from the plan's coefficients;
-* :mod:`.launch`: launching both kernels, gradient buffers and slabs;
+* :mod:`.launch`: launching both kernels, their per-row operands (the plan's
+  :class:`~crossent._engine.plan.Factors` as the kernel reads them), gradient buffers and slabs;
 * :mod:`.function`: the autograd glue, :func:`triton_loss`.
 
-Only :mod:`.program`, :mod:`.factors`, :mod:`.states`, :mod:`.config` and :mod:`.function` import
+Only :mod:`.program`, :mod:`.states`, :mod:`.config` and :mod:`.function` import
 without Triton; the kernels load on the first call.
 """
 

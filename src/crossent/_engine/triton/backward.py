@@ -1,8 +1,9 @@
 """The backward kernel: ``grad_e``, ``grad_c`` and ``grad_bias`` from recomputed logit tiles.
 
 Program ``(row block, vocabulary tile)`` recomputes its logit tile, applies the transform chain and
-forms the transformed-logit gradient from per-row factors (:mod:`.factors`) and the statistics'
-elementwise derivatives, switched on at compile time:
+forms the transformed-logit gradient from the per-row factors of the plan's
+:class:`~crossent._engine.plan.Factors` (:func:`.launch.row_operands`) and the statistics' elementwise
+derivatives, switched on at compile time:
 
     dL/dz'_ij = p_ij (a_i + g_i z'_ij) + h_i p_ij^k + b_i 1[j = y_i] + sum_k s_ki w_kj + d_i z'_ij + t_i q_ij
 

@@ -1,10 +1,11 @@
 """The Triton engine's autograd glue: one forward pass of statistics, one backward pass of gradients.
 
 The forward kernel gives the statistic values of the visited rows; the per-row formula, its
-reduction and (in backward) its coefficients ``dL/dS`` come from :class:`~crossent._engine.plan.Plan`
-on ``[rows]`` tensors, as in every engine. Backward recomputes the logit tiles (Cut Cross-Entropy's
-schedule: one product in the forward pass, three in the backward pass). Rows whose target is
-``ignore_index`` are skipped unless their statistics are reported.
+reduction and (in backward) its coefficients ``dL/dS`` and their
+:class:`~crossent._engine.plan.Factors` come from :class:`~crossent._engine.plan.Plan` on ``[rows]``
+tensors, as in every engine. Backward recomputes the logit tiles (Cut Cross-Entropy's schedule: one
+product in the forward pass, three in the backward pass). Rows whose target is ``ignore_index`` are
+skipped unless their statistics are reported.
 """
 
 from __future__ import annotations
@@ -17,18 +18,13 @@ from ...stats import ACC, Form, number
 from ..chunked import INSTEAD
 from ..chunked.selection import RowSelection
 from ..options import LinearCrossEntropyOptions
-from ..plan import Plan, refuse_second_order
+from ..plan import Factors, Plan, refuse_second_order
 from ..reduction import reduce
-from .factors import row_factors
 from .program import Program
 
 
 class Call:
-    """The untracked half of one call: plan, program, visited rows, launch shape, reported statistics.
-
-    Attributes:
-        stat_values: ``{stat: [N] values}`` of the reported statistics, set by the forward pass.
-    """
+    """The untracked half of one call: plan, program, visited rows, launch shape, reported statistics."""
 
     def __init__(self, plan: Plan, rows: Rows, options: LinearCrossEntropyOptions, launch, report=()):
         self.report = tuple(report)
@@ -42,7 +38,6 @@ class Call:
         self.target = active.target.contiguous()
         self.launch = launch
         self.filter_eps = options.filter_eps
-        self.stat_values: dict = {}
 
     @property
     def active(self) -> Rows:
@@ -54,8 +49,8 @@ class Call:
         return out.index_copy_(0, self.index, values.to(dtype))
 
 
-def _row_losses(call: Call, e: Tensor, c: Tensor, bias: Tensor | None) -> tuple[Tensor, dict]:
-    """``([N] float64 losses, values of the visited rows)``; records the reported statistics."""
+def _row_losses(call: Call, e: Tensor, c: Tensor, bias: Tensor | None) -> tuple[Tensor, dict, tuple]:
+    """``([N] float64 losses, values of the visited rows, [N] values of the reported statistics)``."""
     from .launch import forward_values
 
     values = forward_values(call.program, e, c, bias, call.index, call.target, call.launch)
@@ -63,35 +58,40 @@ def _row_losses(call: Call, e: Tensor, c: Tensor, bias: Tensor | None) -> tuple[
         losses = call.plan.row_losses(values, call.active)
     else:
         losses = torch.zeros(0, dtype=ACC, device=e.device)
-    for s in call.report:
-        dtype = torch.long if s.form(call.active) is Form.ARGMAX else ACC
-        call.stat_values[s] = call.scatter(number(s, values[s], call.active), dtype)
-    return call.scatter(losses, ACC), values
+    stats = tuple(
+        call.scatter(number(s, values[s], call.active), torch.long if s.form(call.active) is Form.ARGMAX else ACC)
+        for s in call.report
+    )
+    return call.scatter(losses, ACC), values, stats
 
 
 class _TritonRowLosses(torch.autograd.Function):
-    """Per-row losses ``[N]`` (float64); backward runs the gradient kernel."""
+    """Per-row losses ``[N]`` (float64) and the reported statistics; backward runs the gradient kernel."""
 
     @staticmethod
     def forward(ctx, e, c, bias, call: Call):
-        per_row, values = _row_losses(call, e, c, bias)
+        per_row, values, stats = _row_losses(call, e, c, bias)
         ctx.save_for_backward(e, c, bias)
         ctx.call, ctx.values = call, values
-        return per_row
+        ctx.mark_non_differentiable(*stats)
+        return (per_row, *stats)
 
     @staticmethod
-    def backward(ctx, grad_rows):
-        from .launch import gradients
+    def backward(ctx, grad_rows, *_stats):
+        from .launch import gradients, row_operands
 
         refuse_second_order("triton", INSTEAD)
 
         e, c, bias = ctx.saved_tensors
-        call = ctx.call
+        call, values = ctx.call, ctx.values
         need = tuple(ctx.needs_input_grad[:3])
         grad_active = grad_rows.index_select(0, call.index).to(ACC)
-        coefs = call.plan.coefficients(ctx.values, call.active, grad_active) if call.index.numel() else {}
-        factors = row_factors(call.program, call.plan, ctx.values, coefs, grad_active, call.filter_eps, call.active)
-        grads = gradients(call.program, e, c, bias, call.index, call.target, factors, need, call.launch)
+        if call.index.numel():
+            factors = call.plan.factors(values, call.plan.coefficients(values, call.active, grad_active), call.active)
+        else:
+            factors = Factors()
+        operands = row_operands(call.program, values, factors, grad_active, call.filter_eps)
+        grads = gradients(call.program, e, c, bias, call.index, call.target, operands, need, call.launch)
         return (*grads, None)
 
 
@@ -127,13 +127,13 @@ def triton_loss(
     bias = bias.contiguous() if bias is not None else None
     call = Call(plan, rows, options, launch_config(e), report)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (e, c, bias)):
-        per_row = _TritonRowLosses.apply(e, c, bias, call)
+        per_row, *stats = _TritonRowLosses.apply(e, c, bias, call)
     else:
         with torch.no_grad():
-            per_row, _ = _row_losses(call, e, c, bias)
+            per_row, _, stats = _row_losses(call, e, c, bias)
     if row_weight is not None:
         per_row = per_row * row_weight.to(ACC)
-    return reduce(per_row, rows, reduction, (e.shape[0],), ACC, denominator), call.stat_values
+    return reduce(per_row, rows, reduction, (e.shape[0],), ACC, denominator), dict(zip(call.report, stats))
 
 
 __all__ = ["triton_loss", "Call"]

@@ -1,8 +1,9 @@
 """Launching the kernels: argument packing, grids, buffers and the float32 gradient accumulators.
 
 ``forward_values`` runs the statistics kernel over the visited rows and merges its splits
-(:mod:`.states`); ``gradients`` runs the gradient kernel and returns ``(grad_e, grad_c, grad_bias)``
-in the inputs' dtypes. Gradients are summed in float32 by atomic adds. For bfloat16/float16 inputs
+(:mod:`.states`); ``gradients`` runs the gradient kernel on the plan's
+:class:`~crossent._engine.plan.Factors` and returns ``(grad_e, grad_c, grad_bias)`` in the inputs'
+dtypes. Gradients are summed in float32 by atomic adds. For bfloat16/float16 inputs
 the vocabulary runs in slabs: one launch per slab accumulates that slab's rows of ``grad_c`` in a
 float32 buffer of at most ``Launch.slab_bytes``, which is then cast into the gradient; every logit
 tile is still formed once, and the float32 accumulator never holds all of ``grad_c``.
@@ -15,9 +16,11 @@ import inspect
 import torch
 from torch import Tensor
 
+from ...stats import ACC, split_lse
+from ..options import tuning
+from ..plan import Factors
 from .backward import gradient_kernel
 from .config import Launch, launch_for, splits
-from .factors import RowFactors
 from .forward import statistics_kernel
 from .program import SLOTS, Program
 from .states import merged_values
@@ -46,7 +49,8 @@ def check_device(t: Tensor) -> None:
 
 
 def launch_config(e: Tensor) -> Launch:
-    return launch_for(e.dtype, e.device, INTERPRETED)
+    """The tuning's launch shape if it sets one, else the one for ``e``'s dtype and device."""
+    return tuning().triton_launch or launch_for(e.dtype, e.device, INTERPRETED)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -94,11 +98,53 @@ def forward_values(
     return merged_values(program, out, argmax_index)
 
 
+def row_operands(program: Program, values: dict, factors: Factors, grad_rows: Tensor, filter_eps) -> dict:
+    """The backward kernel's float32 ``[rows]`` operands: the factors of :class:`~crossent._engine.plan.Factors`
+    it reads, and the heads from which it rebuilds the softmaxes.
+
+    The kernel forms ``p = exp(z' - hi)`` with ``hi`` the float32 head of ``lse``; the float64 tail
+    ``lse - hi`` goes into the factors (:meth:`Factors.relative <crossent._engine.plan.Factors.relative>`),
+    as the other engines fold it (docs/design.md, Precision); the same for the tempered softmax. A
+    factor the kernel reads but the formula leaves out is zero. ``None``: an operand it does not read.
+    """
+    roles = program.roles
+    zeros = torch.zeros_like(grad_rows, dtype=ACC)
+    out = dict.fromkeys(("LSE_HI", "TEMPERED_HI", "THRESHOLD"))
+    tail = tempered_tail = None
+    if program.needs_lse:
+        out["LSE_HI"], tail = split_lse(values[roles["lse"]], torch.float32)
+    if program.has("tempered"):
+        stat = roles["tempered"]
+        out["TEMPERED_HI"], tempered_tail = split_lse(values[stat] / stat.temperature, torch.float32)
+    factors = factors.relative(tail, tempered_tail)
+
+    def read(used: bool, factor: Tensor | None) -> Tensor | None:
+        return (factor if factor is not None else zeros).float() if used else None
+
+    own, coefs = factors.own, {t.stat: t.coef for t in factors.columns}
+    out.update(
+        F_SOFTMAX=read(program.needs_lse, own.const),
+        F_PROB_DOT=read(program.has("prob_dot"), own.logit),
+        F_PROB_POWER=read(program.has("prob_power"), factors.prob_power),
+        F_TARGET=read(program.has("target"), factors.onehot),
+        F_SQUARES=read(program.has("squares"), factors.linear),
+        F_TEMPERED=read(program.has("tempered"), factors.tempered),
+    )
+    for k, (stat, _) in enumerate(program.columns):
+        out[f"F_COLUMN{k}"] = coefs.get(stat, zeros).float()
+    if filter_eps is not None:
+        out["THRESHOLD"] = (grad_rows.abs().to(ACC) * filter_eps).float()
+    return out
+
+
 def gradients(
     program: Program, e: Tensor, c: Tensor, bias: Tensor | None, index: Tensor, target: Tensor,
-    factors: RowFactors, need: tuple, launch: Launch,
+    operands: dict, need: tuple, launch: Launch,
 ):  # fmt: skip
-    """``(grad_e, grad_c, grad_bias)`` (``None`` where ``need`` says no) in the dtypes of ``e``, ``c``, ``bias``."""
+    """``(grad_e, grad_c, grad_bias)`` (``None`` where ``need`` says no) in the dtypes of ``e``, ``c``, ``bias``.
+
+    ``operands``: the per-row operands of :func:`row_operands`.
+    """
     need_e, need_c, need_bias = need
     n, m = e.shape[0], index.shape[0]
     (v, d), f32 = c.shape, torch.float32
@@ -115,18 +161,16 @@ def gradients(
     else:
         grad_c, slab, buffer = None, num_tiles, None
     dummy = torch.empty(1, dtype=f32, device=e.device)
-    columns = [t if t is not None else dummy for t in factors.columns]
 
     def row(t):
         return t if t is not None else dummy
 
+    names = ("LSE_HI", "TEMPERED_HI", "F_SOFTMAX", "F_PROB_DOT", "F_PROB_POWER", "F_TARGET", "F_COLUMN0",
+             "F_COLUMN1", "F_SQUARES", "F_TEMPERED", "THRESHOLD")  # fmt: skip
     args = dict(
         _common(program, e, c, bias), ROWS=index, TARGET=target, M=m,
-        LSE_HI=row(factors.lse_hi), TEMPERED_HI=row(factors.tempered_hi), F_SOFTMAX=row(factors.softmax),
-        F_PROB_DOT=row(factors.prob_dot), F_PROB_POWER=row(factors.prob_power), F_TARGET=row(factors.target),
-        F_COLUMN0=columns[0], F_COLUMN1=columns[1], F_SQUARES=row(factors.squares), F_TEMPERED=row(factors.tempered),
-        THRESHOLD=row(factors.threshold), GRAD_E=row(grad_e), GRAD_BIAS=row(grad_bias),
-        FILTER=factors.threshold is not None, COMPUTE_E=need_e, COMPUTE_C=need_c, COMPUTE_BIAS=need_bias,
+        **{name: row(operands.get(name)) for name in names}, GRAD_E=row(grad_e), GRAD_BIAS=row(grad_bias),
+        FILTER=operands.get("THRESHOLD") is not None, COMPUTE_E=need_e, COMPUTE_C=need_c, COMPUTE_BIAS=need_bias,
         BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_D=tiles.block_d, BLOCK_DG=launch.grad_block_d,
         GROUP_N=launch.group_n,
     )  # fmt: skip
@@ -152,4 +196,4 @@ def gradients(
     )
 
 
-__all__ = ["INTERPRETED", "check_device", "launch_config", "forward_values", "gradients"]
+__all__ = ["INTERPRETED", "check_device", "launch_config", "forward_values", "row_operands", "gradients"]
