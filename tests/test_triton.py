@@ -24,6 +24,7 @@ import crossent as xe
 from crossent._engine import backend as backend_mod
 from crossent._engine.options import LinearCrossEntropyOptions
 from crossent._engine.plan import Plan
+from crossent._engine.triton.program import unsupported
 from crossent._rows import index_rows
 from crossent.losses import Loss
 from crossent.stats import LSE, P_DOT_Z, TARGET
@@ -324,6 +325,22 @@ def test_auto_picks_triton_only_on_cuda_for_what_it_computes():
     correction = xe.losses.get("forward_correction", T=torch.eye(5), clip=False)
     assert choose(auto, "cuda", torch.float32, _plan(correction)) == "torch"  # a statistic without a form
     assert choose(auto.replace(backend="triton"), "cpu", torch.float32, _plan()) == "triton"
+
+
+@pytest.mark.parametrize("hparams", [{"lam": 1e-40}, {"lam": 1e-4}, {"lam": 0.3, "margin": 1e300}])
+def test_tempered_lse_beyond_float32_takes_the_exact_engine(hparams):
+    """LDR-KL at its hinge limit (or a margin beyond float32: +inf in float32) gave NaN in the float32 kernels: refused by
+    name, and ``auto`` takes the row-chunked engine, which is exact there."""
+    plan = _plan(xe.losses.get("ldr_kl", **hparams))
+    assert "tempered lse" in unsupported(plan)
+    auto = LinearCrossEntropyOptions()
+    assert backend_mod.choose_backend(auto, "cuda", torch.float32, plan) == "torch"
+    e, c, _, t = make()
+    loss = xe.losses.get("ldr_kl", **hparams)
+    with pytest.raises(ValueError, match="temperature"):
+        xe.linear_cross_entropy(e, c, t, loss=loss, backend="triton")
+    value = xe.linear_cross_entropy(e, c, t, loss=loss)
+    assert not value.isnan() and torch.allclose(value, xe.cross_entropy(e @ c.T, t, loss=loss))  # inf where so
 
 
 def test_errors_say_why():

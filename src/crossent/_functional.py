@@ -10,7 +10,7 @@ from . import _validation as V
 from ._engine.dense import dense_row_losses
 from ._engine.plan import Plan
 from ._engine.reduction import reduce as reduce_rows
-from ._rows import as_float, index_rows, prob_rows
+from ._rows import compute_dtype, index_rows, prob_rows
 from .losses._build import build_loss
 from .transforms import Softcap
 
@@ -90,8 +90,7 @@ def cross_entropy(
 
     class_dim = 0 if input.dim() == 1 else 1
     num_classes = input.shape[class_dim]
-    compute_dtype = as_float(torch.empty(0, dtype=input.dtype)).dtype
-    class_weight = V.check_class_weight(weight, num_classes, input.device, compute_dtype)
+    class_weight = V.check_class_weight(weight, num_classes, input.device, compute_dtype(input.dtype))
     probabilities = target.is_floating_point()
     if not probabilities and target.shape == input.shape:
         raise TypeError(
@@ -114,7 +113,7 @@ def cross_entropy(
         probs = target.movedim(class_dim, -1).reshape(-1, num_classes)
         out_shape = target.shape[:class_dim] + target.shape[class_dim + 1 :]
         rows = prob_rows(
-            probs if target.requires_grad else probs.to(compute_dtype),
+            probs if target.requires_grad else probs.to(compute_dtype(input.dtype)),
             class_weight,
             V.flatten_extra(extra, out_shape),
         )

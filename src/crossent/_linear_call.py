@@ -40,7 +40,7 @@ from ._engine.options import LinearCrossEntropyOptions
 from ._engine.plan import Plan
 from ._engine.reduction import reduce
 from ._loss_ref import NO_LOSS, LossRef, ref_of
-from ._rows import Rows, compute_dtype, index_rows
+from ._rows import Rows, as_float, compute_dtype, index_rows
 from .losses._build import build_loss
 from .stats import ACC, ARGMAX, LSE, P_DOT_Z
 from .transforms import Softcap
@@ -342,7 +342,7 @@ def _meta_call(e: Tensor, c: Tensor, bias, plan: Plan, rows: Rows, row_weight, d
     """'meta' tensors hold no data (deferred initialisation, shape propagation): the logits cost nothing,
     so the formula on them gives the shapes, dtypes and autograd graph."""
     logits = e @ c.T if bias is None else torch.addmm(bias, e, c.T)
-    per_row = plan.autograd_row_losses(logits.float() if logits.dtype != torch.float64 else logits, rows).to(ACC)
+    per_row = plan.autograd_row_losses(as_float(logits), rows).to(ACC)
     if row_weight is not None:
         per_row = per_row * row_weight.to(ACC)
     value = reduce(per_row, rows, call.reduction, (e.shape[0],), ACC, denominator)

@@ -39,7 +39,7 @@ from ._engine.shards import Claim, agree
 from ._engine.vocab_parallel import ENGINE, VocabParallelRowLoss
 from ._engine.vocab_parallel_linear import sharded_loss
 from ._linear_call import check_normalizer, finish, linear_call, linear_inputs, prepare, resolve_options
-from ._rows import as_float, index_rows
+from ._rows import compute_dtype, index_rows
 from .losses._build import build_loss
 from .stats import ARGMAX, LSE
 from .transforms import Softcap
@@ -151,7 +151,7 @@ def vocab_parallel_cross_entropy(
     # Everything below depends on values the ranks agreed on: it raises on every rank alike, or on none.
     target = V.index_target(target, "integer class indices")
     num_classes = layout.vocab_size
-    class_weight = V.check_class_weight(weight, num_classes, logits.device, as_float(logits[:0]).dtype)
+    class_weight = V.check_class_weight(weight, num_classes, logits.device, compute_dtype(logits.dtype))
     V.check_index_target(target, num_classes, ignore_index, target.shape if target.dim() else (1,))
     rows = index_rows(target.reshape(-1), num_classes, ignore_index, class_weight, flat_extra)
     plan = Plan(loss_obj, rows, _transforms(softcap))

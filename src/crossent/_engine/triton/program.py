@@ -33,6 +33,13 @@ ROLES = {
 }
 #: Column sums (``sum_j w_j z_j``) the kernels carry per row.
 MAX_COLUMNS = 2
+#: The temperatures and margins of a tempered ``lse`` that the kernels' float32 arithmetic carries: they
+#: divide ``z + margin`` by ``t`` directly, so a tinier or larger temperature (or a margin near float32's
+#: range) would overflow, or lose the tempered softmax to rounding. The row-chunked engine measures
+#: from the row maximum and falls back to float64 there (``crossent.stats.tempered_dtype``), so
+#: ``backend="auto"`` takes it for such a plan.
+TEMPERATURE_RANGE = (1e-3, 1e3)
+MAX_MARGIN = 1e6
 #: Float32 slots of the forward kernel's per-split output, in order; a program uses those it needs.
 SLOTS = ("lse_max", "lse_sum", "target", "column0", "column1", "squares", "argmax_value",
          "tempered_max", "tempered_sum", "prob_dot", "prob_power")  # fmt: skip
@@ -109,6 +116,8 @@ class Program:
                     f"the triton kernels compute one statistic of form {form.value}; {loss!r} has "
                     f"{roles[role]!r} and {stat!r}"
                 )
+            if role == "tempered":
+                _check_tempered(stat)
             roles[role] = stat
         if len(columns) > MAX_COLUMNS:
             raise Unsupported(
@@ -179,6 +188,16 @@ class Program:
         return tuple(out + [None] * (MAX_COLUMNS - len(out)))
 
 
+def _check_tempered(stat) -> None:
+    low, high = TEMPERATURE_RANGE
+    if not low <= stat.temperature <= high or abs(stat.margin) > MAX_MARGIN:
+        raise Unsupported(
+            f"the triton kernels compute a tempered lse in float32 for temperatures in [{low:g}, {high:g}] and "
+            f"margins up to {MAX_MARGIN:g} in size; {stat!r} has temperature {stat.temperature:g} and margin "
+            f"{stat.margin:g} (the row-chunked engine, backend='torch', is exact there)"
+        )
+
+
 def unsupported(plan: Plan) -> str | None:
     """Why the Triton kernels cannot run ``plan`` (``None``: they can)."""
     try:
@@ -188,4 +207,6 @@ def unsupported(plan: Plan) -> str | None:
     return None
 
 
-__all__ = ["Program", "Chain", "Unsupported", "unsupported", "ROLES", "SLOTS", "MAX_COLUMNS"]
+__all__ = [
+    "MAX_COLUMNS", "MAX_MARGIN", "ROLES", "SLOTS", "TEMPERATURE_RANGE", "Chain", "Program", "Unsupported", "unsupported",
+]
