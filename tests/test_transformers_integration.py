@@ -180,7 +180,10 @@ def test_logits_on_request_and_in_eval():
         close(out.loss, stock.loss)
         model.eval()
         try:
-            out = model(input_ids=ids, labels=labels)
+            out = model(input_ids=ids, labels=labels)  # eval mode with labels: still fused
+            assert out.logits is None
+            close(out.loss, stock.loss)
+            out = model(input_ids=ids, labels=labels, return_logits=True)
         finally:
             model.train()
         close(out.logits, stock.logits, 1e-6)
@@ -332,6 +335,37 @@ def test_no_logit_tensor_in_a_patched_training_step():
     assert rec.largest <= max(16 * vocab, vocab * D), rec.largest  # one chunk of logits, or the weight's shape
 
 
+# -- models from from_pretrained: eval mode ------------------------------------------------------------
+
+
+def test_a_from_pretrained_model_in_eval_mode_runs_the_fused_loss(tmp_path):
+    """Found as: the README's three lines with a ``from_pretrained`` model (returned in eval mode) formed
+    the full ``[B, T, V]`` logits without a word. Given labels, the loss is fused in either mode."""
+    vocab, b, t = 2048, 2, 32
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config_of("llama", vocab_size=vocab)).save_pretrained(tmp_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert not model.training
+    ids = torch.randint(3, vocab, (b, t))
+    stock = model(input_ids=ids, labels=ids)
+    stock.loss.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+
+    xt.apply(model, chunk_size=16)  # the README's lines 2 and 3
+    with LargestTensor() as rec:
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+    assert out.logits is None
+    assert rec.largest <= max(16 * vocab, vocab * D), rec.largest
+    close(out.loss, stock.loss)
+    same_gradients({n: p.grad for n, p in model.named_parameters()}, want)
+    with torch.no_grad():
+        close(model(input_ids=ids, labels=ids).loss, stock.loss)  # evaluation: fused, no logits either
+    asked = model(input_ids=ids, labels=ids, return_logits=True)
+    close(asked.logits, stock.logits, 1e-6)
+
+
 # -- PEFT ---------------------------------------------------------------------------------------------------
 
 
@@ -369,6 +403,8 @@ def test_unknown_families_and_options_are_refused_by_name():
         xt.apply(transformers.OlmoForCausalLM)
     with pytest.raises(TypeError, match=r"unexpected options \['shift'\].*shift_labels"):
         xt.apply(tiny("llama"), shift=True)
+    with pytest.raises(TypeError, match=r"\['gamma'\].*loss=crossent.losses.get\('focal', gamma=3.0\)"):
+        xt.apply(tiny("llama"), loss="focal", gamma=3.0)
     with pytest.raises(ValueError, match="not patched"):
         xt.undo(tiny("llama"))
 

@@ -16,8 +16,10 @@ the stock semantics: the causal shift (or the given ``shift_labels``), ``ignore_
 ``num_items_in_batch`` (the sum divided by it, as transformers' ``fixed_cross_entropy``),
 ``logits_to_keep``, tied embeddings, a float32 loss.
 
-Without labels, in eval mode, or with ``return_logits=True``, the stock forward runs with its
-logits; given labels, the loss is then the same crossent loss evaluated on those logits.
+The mode does not choose the path: given ``labels``, the loss is fused in training and in eval mode
+alike (``from_pretrained`` returns a model in eval mode; ``train()``/``eval()`` switch dropout as
+usual). Without labels, or with ``return_logits=True``, the stock forward runs with its logits;
+given labels, the loss is then the same crossent loss evaluated on those logits.
 ``transformers`` is imported only by the functions that need it.
 """
 
@@ -67,10 +69,17 @@ class _Settings:
     def __init__(self, loss, options: dict):
         unknown = [k for k in options if k not in LOSS_OPTIONS]
         if unknown:
-            why = "; ".join(f"{k}: {_SET_BY_THE_FORWARD[k]}" for k in unknown if k in _SET_BY_THE_FORWARD)
-            raise TypeError(
-                f"apply() got unexpected options {unknown}; it takes {LOSS_OPTIONS}" + (f" ({why})" if why else "")
-            )
+            why = [f"{k}: {_SET_BY_THE_FORWARD[k]}" for k in unknown if k in _SET_BY_THE_FORWARD]
+            hyperparameters = [k for k in unknown if k not in _SET_BY_THE_FORWARD]
+            if hyperparameters:
+                # Most likely a loss's own hyperparameter (gamma of "focal"): it belongs to the loss object.
+                name = loss if isinstance(loss, str) else "focal"
+                given = ", ".join(f"{k}={options[k]!r}" for k in hyperparameters)
+                why.append(
+                    f"a loss's hyperparameters go into the loss object: "
+                    f"apply(model, loss=crossent.losses.get({name!r}, {given}))"
+                )
+            raise TypeError(f"apply() got unexpected options {unknown}; it takes {LOSS_OPTIONS} ({'; '.join(why)})")
         self.loss = build_loss(
             loss, label_smoothing=options.get("label_smoothing", 0.0), z_loss=options.get("z_loss", 0.0)
         )
@@ -148,7 +157,10 @@ def apply(model, loss="ce", **options):
     The patched forward takes two more keyword arguments: ``sample_weight`` (a float per label,
     shaped like ``labels``, or like ``shift_labels`` when given, multiplying each token's loss) and
     ``return_logits=True`` (run the stock head: the logits are returned, the loss is the same crossent
-    loss computed from them).
+    loss computed from them). Given labels, the loss is fused in eval mode too.
+
+    A loss's own hyperparameters go into the loss object, not into ``**options``:
+    ``apply(model, loss=crossent.losses.get("focal", gamma=3.0))``.
     """
     settings = _Settings(loss, options)
     if isinstance(model, type):
@@ -295,7 +307,7 @@ def _run(model, original, args, kwargs):
         if sample_weight is not None:
             raise ValueError("sample_weight weighs the loss of each label; the forward got no labels")
         return original(*args, **kwargs)
-    fused = model.training and not return_logits
+    fused = not return_logits  # eval mode too: a from_pretrained model (eval) must not form logits silently
     call = _Call(model, settings, labels, kwargs, sample_weight, fused)
     _ACTIVE.add(model)
     try:
