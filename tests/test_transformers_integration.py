@@ -4,8 +4,9 @@ Every family is a tiny randomly initialised model from a small config (no downlo
 patched model's loss and every parameter's gradient must match the stock model's within 1e-5 relative
 to the largest entry (float32), for padded labels, ``num_items_in_batch`` and ``shift_labels``, with the
 family's soft-capping or logit scaling active (the head's weight is scaled up so that logits reach
-several units). Other checks: gradient accumulation, ``logits`` is ``None`` in training, no
-``[B, T, V]`` tensor is allocated, non-CE losses, PEFT, refusals by name, a short training run on real
+several units). Other checks: gradient accumulation, ``logits`` is ``None`` given labels (in eval mode
+too, as ``from_pretrained`` returns it), no ``[B, T, V]`` tensor is allocated, non-CE losses, copies and
+reloads, the Trainer's label smoothing, PEFT, refusals by name, a short training run on real
 text, and two gloo processes: DDP, and a tensor-parallel head (a DTensor weight split by vocabulary).
 """
 
