@@ -2,9 +2,9 @@
 
 One line patches the model (``crossent.integrations.transformers.apply``); the Trainer is untouched:
 it passes ``num_items_in_batch`` to the forward, which normalises every micro-batch of a gradient
-accumulation by the token count of the whole batch, as the stock loss does. In training the patched
-model never forms its ``[batch, seq, vocab]`` logits (``outputs.logits`` is ``None``); evaluation runs
-the stock head (its logits are there for metrics) with the same loss.
+accumulation by the token count of the whole batch, as the stock loss does. Given labels, the patched
+model never forms its ``[batch, seq, vocab]`` logits (``outputs.logits`` is ``None``), in training and
+in the Trainer's evaluation alike, which reports the same fused loss.
 
 The text is real and offline: the source of Python's standard library, read as bytes (a 256-token
 vocabulary). A few hundred steps on one CPU thread take a minute or two; the loss falls from about 5

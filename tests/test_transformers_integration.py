@@ -4,8 +4,9 @@ Every family is a tiny randomly initialised model from a small config (no downlo
 patched model's loss and every parameter's gradient must match the stock model's within 1e-5 relative
 to the largest entry (float32), for padded labels, ``num_items_in_batch`` and ``shift_labels``, with the
 family's soft-capping or logit scaling active (the head's weight is scaled up so that logits reach
-several units). Other checks: gradient accumulation, ``logits`` is ``None`` in training, no
-``[B, T, V]`` tensor is allocated, non-CE losses, PEFT, refusals by name, a short training run on real
+several units). Other checks: gradient accumulation, ``logits`` is ``None`` given labels (in eval mode
+too, as ``from_pretrained`` returns it), no ``[B, T, V]`` tensor is allocated, non-CE losses, copies and
+reloads, the Trainer's label smoothing, PEFT, refusals by name, a short training run on real
 text, and two gloo processes: DDP, and a tensor-parallel head (a DTensor weight split by vocabulary).
 """
 
@@ -180,7 +181,10 @@ def test_logits_on_request_and_in_eval():
         close(out.loss, stock.loss)
         model.eval()
         try:
-            out = model(input_ids=ids, labels=labels)
+            out = model(input_ids=ids, labels=labels)  # eval mode with labels: still fused
+            assert out.logits is None
+            close(out.loss, stock.loss)
+            out = model(input_ids=ids, labels=labels, return_logits=True)
         finally:
             model.train()
         close(out.logits, stock.logits, 1e-6)
@@ -332,6 +336,125 @@ def test_no_logit_tensor_in_a_patched_training_step():
     assert rec.largest <= max(16 * vocab, vocab * D), rec.largest  # one chunk of logits, or the weight's shape
 
 
+# -- models from from_pretrained: eval mode ------------------------------------------------------------
+
+
+def test_a_from_pretrained_model_in_eval_mode_runs_the_fused_loss(tmp_path):
+    """Found as: the README's three lines with a ``from_pretrained`` model (returned in eval mode) formed
+    the full ``[B, T, V]`` logits without a word. Given labels, the loss is fused in either mode."""
+    vocab, b, t = 2048, 2, 32
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config_of("llama", vocab_size=vocab)).save_pretrained(tmp_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert not model.training
+    ids = torch.randint(3, vocab, (b, t))
+    stock = model(input_ids=ids, labels=ids)
+    stock.loss.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+
+    xt.apply(model, chunk_size=16)  # the README's lines 2 and 3
+    with LargestTensor() as rec:
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+    assert out.logits is None
+    assert rec.largest <= max(16 * vocab, vocab * D), rec.largest
+    close(out.loss, stock.loss)
+    same_gradients({n: p.grad for n, p in model.named_parameters()}, want)
+    with torch.no_grad():
+        close(model(input_ids=ids, labels=ids).loss, stock.loss)  # evaluation: fused, no logits either
+    asked = model(input_ids=ids, labels=ids, return_logits=True)
+    close(asked.logits, stock.logits, 1e-6)
+
+
+# -- copies, pickles, save_pretrained ------------------------------------------------------------------
+
+
+def test_copies_are_patched_and_a_saved_model_reloads_unpatched(tmp_path):
+    """Found as: ``copy.deepcopy`` of a patched model (a reference model, an EMA copy) failed on every
+    forward with "is not patched", and ``apply(copy)`` then raised a misleading ``UnsupportedModel``."""
+    import copy
+    import io
+
+    model = tiny("llama")
+    ids, labels = batch()
+    with xt.patched(model, loss="focal"):
+        want, want_grads = run(model, input_ids=ids, labels=labels)
+        model.zero_grad(set_to_none=True)
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        copies = {"deepcopy": copy.deepcopy(model), "torch.save": torch.load(buffer, weights_only=False)}
+        model.save_pretrained(tmp_path)
+    for how, twin in copies.items():
+        assert xt.is_patched(twin), how
+        out, grads = run(twin, input_ids=ids, labels=labels)  # the copy's own parameters
+        assert out.logits is None, how
+        close(out.loss, want.loss)
+        same_gradients(grads, want_grads)
+        assert all(p.grad is None for p in model.parameters())
+        xt.apply(twin, loss="ce")  # applying again changes the copy's loss only
+        close(twin(input_ids=ids, labels=labels).loss, model(input_ids=ids, labels=labels).loss)
+        xt.undo(twin)
+        assert not xt.is_patched(twin) and twin(input_ids=ids, labels=labels).logits.shape == (2, 10, V)
+
+    # save_pretrained stores the weights and the config: the reloaded model is the stock one, to patch again.
+    reloaded = type(model).from_pretrained(tmp_path).train()
+    assert not xt.is_patched(reloaded)
+    assert reloaded(input_ids=ids, labels=labels).logits.shape == (2, 10, V)
+    xt.apply(reloaded, loss="focal")
+    out, grads = run(reloaded, input_ids=ids, labels=labels)
+    close(out.loss, want.loss)
+    same_gradients(grads, want_grads)
+
+
+# -- transformers.Trainer ------------------------------------------------------------------------------
+
+
+def test_the_trainers_label_smoothing_is_taken_over_or_refused(tmp_path):
+    """Found as: ``TrainingArguments(label_smoothing_factor=0.1)`` made the Trainer pop the labels, so the
+    patched model ran unpatched, formed its ``[B, T, V]`` logits and trained on the Trainer's smoothed CE
+    instead of the crossent loss. ``apply(trainer)`` computes that same smoothed loss, fused; a patched
+    model under such a Trainer refuses to run rather than swap its loss."""
+    import copy
+
+    ids, labels = batch()
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
+    count = (labels[:, 1:] != -100).sum()  # the Trainer's num_items_in_batch for one micro-batch
+
+    def step(model):
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path), label_smoothing_factor=0.1, report_to=[], use_cpu=True
+        )
+        return transformers.Trainer(model=model, args=args)
+
+    def loss_and_grads(trainer):
+        trainer.model.zero_grad(set_to_none=True)
+        loss = trainer.training_step(trainer.model, dict(inputs), num_items_in_batch=count)
+        return loss, {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+    stock = step(copy.deepcopy(tiny("llama")))
+    assert stock.label_smoother is not None
+    want, want_grads = loss_and_grads(stock)
+    assert want_grads
+
+    patched_model = xt.apply(copy.deepcopy(tiny("llama")))
+    with pytest.raises(ValueError, match="num_items_in_batch but no labels.*label_smoothing_factor"):
+        loss_and_grads(step(patched_model))
+
+    trainer = xt.apply(step(copy.deepcopy(tiny("llama"))))
+    assert trainer.label_smoother is None and xt.is_patched(trainer.model)
+    got, grads = loss_and_grads(trainer)
+    close(got, want)
+    same_gradients(grads, want_grads)
+    _, outputs = trainer.compute_loss(trainer.model, dict(inputs), return_outputs=True, num_items_in_batch=count)
+    assert outputs.logits is None  # fused: no [B, T, V] logits
+    with pytest.raises(ValueError, match="label_smoothing_factor is 0.1"):
+        xt.apply(step(copy.deepcopy(tiny("llama"))), label_smoothing=0.2)
+    with pytest.raises(ValueError, match="label_smoothing= applies to loss='ce'"):
+        xt.apply(step(copy.deepcopy(tiny("llama"))), loss="focal")
+
+
 # -- PEFT ---------------------------------------------------------------------------------------------------
 
 
@@ -369,6 +492,8 @@ def test_unknown_families_and_options_are_refused_by_name():
         xt.apply(transformers.OlmoForCausalLM)
     with pytest.raises(TypeError, match=r"unexpected options \['shift'\].*shift_labels"):
         xt.apply(tiny("llama"), shift=True)
+    with pytest.raises(TypeError, match=r"\['gamma'\].*loss=crossent.losses.get\('focal', gamma=3.0\)"):
+        xt.apply(tiny("llama"), loss="focal", gamma=3.0)
     with pytest.raises(ValueError, match="not patched"):
         xt.undo(tiny("llama"))
 

@@ -16,8 +16,10 @@ the stock semantics: the causal shift (or the given ``shift_labels``), ``ignore_
 ``num_items_in_batch`` (the sum divided by it, as transformers' ``fixed_cross_entropy``),
 ``logits_to_keep``, tied embeddings, a float32 loss.
 
-Without labels, in eval mode, or with ``return_logits=True``, the stock forward runs with its
-logits; given labels, the loss is then the same crossent loss evaluated on those logits.
+The mode does not choose the path: given ``labels``, the loss is fused in training and in eval mode
+alike (``from_pretrained`` returns a model in eval mode; ``train()``/``eval()`` switch dropout as
+usual). Without labels, or with ``return_logits=True``, the stock forward runs with its logits;
+given labels, the loss is then the same crossent loss evaluated on those logits.
 ``transformers`` is imported only by the functions that need it.
 """
 
@@ -67,10 +69,17 @@ class _Settings:
     def __init__(self, loss, options: dict):
         unknown = [k for k in options if k not in LOSS_OPTIONS]
         if unknown:
-            why = "; ".join(f"{k}: {_SET_BY_THE_FORWARD[k]}" for k in unknown if k in _SET_BY_THE_FORWARD)
-            raise TypeError(
-                f"apply() got unexpected options {unknown}; it takes {LOSS_OPTIONS}" + (f" ({why})" if why else "")
-            )
+            why = [f"{k}: {_SET_BY_THE_FORWARD[k]}" for k in unknown if k in _SET_BY_THE_FORWARD]
+            hyperparameters = [k for k in unknown if k not in _SET_BY_THE_FORWARD]
+            if hyperparameters:
+                # Most likely a loss's own hyperparameter (gamma of "focal"): it belongs to the loss object.
+                name = loss if isinstance(loss, str) else "focal"
+                given = ", ".join(f"{k}={options[k]!r}" for k in hyperparameters)
+                why.append(
+                    f"a loss's hyperparameters go into the loss object: "
+                    f"apply(model, loss=crossent.losses.get({name!r}, {given}))"
+                )
+            raise TypeError(f"apply() got unexpected options {unknown}; it takes {LOSS_OPTIONS} ({'; '.join(why)})")
         self.loss = build_loss(
             loss, label_smoothing=options.get("label_smoothing", 0.0), z_loss=options.get("z_loss", 0.0)
         )
@@ -117,8 +126,6 @@ class _Settings:
 
 # -- patching ------------------------------------------------------------------------------------------------
 
-#: Patched instances -> (settings, the forward attribute they had before, or None).
-_INSTANCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 #: Patched classes -> (settings, the forward in the class's own namespace before, or None).
 _CLASSES: dict = {}
 #: Models whose patched forward is running (a nested patched forward runs unpatched).
@@ -132,7 +139,9 @@ def apply(model, loss="ce", **options):
 
     Args:
         model: a loaded ``*ForCausalLM`` (also wrapped by PEFT), patched in place; or a class such as
-            ``transformers.LlamaForCausalLM``, patched for every instance (also those created later).
+            ``transformers.LlamaForCausalLM``, patched for every instance (also those created later); or
+            a ``transformers.Trainer``, whose model is patched and whose ``label_smoothing_factor``
+            becomes the loss's ``label_smoothing`` (the Trainer then passes the labels to the model).
         loss: a registered crossent loss name or a :class:`crossent.losses.Loss`.
         **options: ``weight`` (class weights), ``label_smoothing``, ``z_loss``, and the engine's
             ``backend``, ``chunk_size``, ``accum_dtype``, ``options``, as in
@@ -148,8 +157,13 @@ def apply(model, loss="ce", **options):
     The patched forward takes two more keyword arguments: ``sample_weight`` (a float per label,
     shaped like ``labels``, or like ``shift_labels`` when given, multiplying each token's loss) and
     ``return_logits=True`` (run the stock head: the logits are returned, the loss is the same crossent
-    loss computed from them).
+    loss computed from them). Given labels, the loss is fused in eval mode too.
+
+    A loss's own hyperparameters go into the loss object, not into ``**options``:
+    ``apply(model, loss=crossent.losses.get("focal", gamma=3.0))``.
     """
+    if _is_trainer(model):
+        return _apply_to_trainer(model, loss, options)
     settings = _Settings(loss, options)
     if isinstance(model, type):
         _check_family(model.config_class.model_type, None, model.__name__)
@@ -163,13 +177,45 @@ def apply(model, loss="ce", **options):
     target = _causal_lm(model)
     _check_family(target.config.model_type, target.config, type(target).__name__)
     settings.check(type(target).__name__, target)
-    if target in _INSTANCES:
-        _INSTANCES[target] = (settings, _INSTANCES[target][1])
+    patch = _instance_patch(target)
+    if patch is not None:
+        patch.settings = settings
         return model
-    _INSTANCES[target] = (settings, target.__dict__.get("forward"))
-    original = target.forward
-    target.forward = types.MethodType(_instance_forward(original), target)
+    target.forward = _PatchedForward(target, settings, target.__dict__.get("forward"))
     return model
+
+
+def _is_trainer(obj) -> bool:
+    """Whether ``obj`` is a ``transformers.Trainer`` (or a subclass), without importing transformers."""
+    return not isinstance(obj, type) and any(
+        cls.__name__ == "Trainer" and cls.__module__.startswith("transformers.") for cls in type(obj).__mro__
+    )
+
+
+def _apply_to_trainer(trainer, loss, options: dict):
+    """:func:`apply` to a Trainer's model, taking over the Trainer's own label smoothing. The Trainer pops
+    the labels when it smooths them itself and applies its ``LabelSmoother`` to the full logits; the
+    same smoothed cross-entropy (``(1 - eps) * nll + eps * mean(-log p)``, over the counted tokens or
+    ``num_items_in_batch``) is crossent's ``label_smoothing``, computed fused once the labels reach the model."""
+    if getattr(trainer, "compute_loss_func", None) is not None:
+        raise ValueError(
+            "apply(trainer): the Trainer has a compute_loss_func, which computes the loss from the logits "
+            "in place of the crossent loss; build the Trainer without it"
+        )
+    smoother = getattr(trainer, "label_smoother", None)
+    if smoother is not None:
+        if getattr(smoother, "ignore_index", -100) != -100:
+            raise ValueError(f"apply(trainer): the Trainer's LabelSmoother ignores {smoother.ignore_index}, not -100")
+        given = options.get("label_smoothing")
+        if given is not None and given != smoother.epsilon:
+            raise ValueError(
+                f"apply(trainer, label_smoothing={given}): the Trainer's label_smoothing_factor is "
+                f"{smoother.epsilon}; give one of them"
+            )
+        options = {**options, "label_smoothing": smoother.epsilon}
+    apply(trainer.model, loss, **options)
+    trainer.label_smoother = None  # the model smooths: the Trainer keeps the labels in the inputs
+    return trainer
 
 
 def undo(model) -> None:
@@ -184,13 +230,13 @@ def undo(model) -> None:
             model.forward = before
         return
     target = _causal_lm(model)
-    if target not in _INSTANCES:
+    patch = _instance_patch(target)
+    if patch is None:
         raise ValueError(f"{type(target).__name__} is not patched (for a patched class, undo the class)")
-    _, before = _INSTANCES.pop(target)
-    if before is None:
+    if patch.before is None:
         del target.forward
     else:
-        target.forward = before
+        target.forward = patch.before
     _CHECKED.pop(target, None)
 
 
@@ -199,13 +245,13 @@ def is_patched(model) -> bool:
     if isinstance(model, type):
         return model in _CLASSES
     target = _causal_lm(model)
-    return target in _INSTANCES or any(isinstance(target, cls) for cls in _CLASSES)
+    return _instance_patch(target) is not None or any(isinstance(target, cls) for cls in _CLASSES)
 
 
 @contextlib.contextmanager
 def patched(model, loss="ce", **options):
     """:func:`apply` for the duration of a ``with`` block, then :func:`undo`; yields ``model``."""
-    already = is_patched(model) and (isinstance(model, type) or _causal_lm(model) in _INSTANCES)
+    already = is_patched(model) and (isinstance(model, type) or _instance_patch(_causal_lm(model)) is not None)
     if already:
         raise ValueError("the model is already patched; undo it first or use apply() to change the loss")
     apply(model, loss, **options)
@@ -238,26 +284,48 @@ def _check_family(model_type: str, config, who: str) -> None:
 
 
 def _settings_of(model) -> _Settings:
-    entry = _INSTANCES.get(model)
-    if entry is not None:
-        return entry[0]
+    patch = _instance_patch(model)
+    if patch is not None:
+        return patch.settings
     for cls in type(model).__mro__:
         if cls in _CLASSES:
             return _CLASSES[cls][0]
     raise RuntimeError(f"{type(model).__name__} is not patched")
 
 
-def _instance_forward(original):
-    def forward(self, *args, **kwargs):
-        return _run(self, original, args, kwargs)
+def _instance_patch(model) -> _PatchedForward | None:
+    """The patch :func:`apply` put on this instance, if any."""
+    patch = model.__dict__.get("forward")
+    return patch if isinstance(patch, _PatchedForward) and patch.model is model else None
 
-    # The stock signature, with ``self`` in front for the binding: Trainer reads the parameter names
-    # (which dataset columns to keep, whether the forward takes num_items_in_batch).
-    functools.update_wrapper(forward, getattr(original, "__func__", original))
-    stock = inspect.signature(original)
-    self_parameter = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    forward.__signature__ = stock.replace(parameters=[self_parameter, *stock.parameters.values()])
-    return forward
+
+class _PatchedForward:
+    """The forward :func:`apply` sets on a patched instance. The patch (its settings, the forward it
+    replaced) lives here, in the instance's ``__dict__``, rather than in a registry: ``copy.deepcopy``
+    (reference models, EMA) and pickling (``torch.save``) then carry it, and the copy is a patched model
+    with the same loss and options, bound to itself."""
+
+    def __init__(self, model: nn.Module, settings: _Settings, before):
+        self.model = model
+        self.settings = settings
+        self.before = before  # the instance's own forward attribute before apply(), or None
+        self.__doc__ = getattr(self.stock, "__doc__", None)
+
+    @property
+    def stock(self):
+        """The forward that runs under the patch (the class's, or the instance's own before apply())."""
+        if self.before is not None:
+            return self.before
+        return type(self.model).forward.__get__(self.model)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        # The stock signature: Trainer reads the parameter names (which dataset columns to keep,
+        # whether the forward takes num_items_in_batch).
+        return inspect.signature(self.stock)
+
+    def __call__(self, *args, **kwargs):
+        return _run(self.model, self.stock, args, kwargs)
 
 
 def _class_forward(cls, original):
@@ -294,8 +362,18 @@ def _run(model, original, args, kwargs):
     if labels is None:
         if sample_weight is not None:
             raise ValueError("sample_weight weighs the loss of each label; the forward got no labels")
+        if kwargs.get("num_items_in_batch") is not None:
+            # A count of labels but no labels: transformers.Trainer popped them to compute its own loss
+            # from the full logits, which would replace the crossent loss without a word.
+            raise ValueError(
+                f"{type(model).__name__}: the patched forward got num_items_in_batch but no labels: "
+                "transformers.Trainer removes the labels when label_smoothing_factor (or compute_loss_func) is "
+                "set, and computes its own loss from the full logits in place of the crossent loss. Call "
+                "xt.apply(trainer, loss, ...) (it takes over label_smoothing_factor), or set "
+                "label_smoothing_factor=0 and pass label_smoothing= to apply()"
+            )
         return original(*args, **kwargs)
-    fused = model.training and not return_logits
+    fused = not return_logits  # eval mode too: a from_pretrained model (eval) must not form logits silently
     call = _Call(model, settings, labels, kwargs, sample_weight, fused)
     _ACTIVE.add(model)
     try:
