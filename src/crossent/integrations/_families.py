@@ -59,6 +59,11 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "cohere": ("logit_scale",),
     "gpt2": (),
     "gpt_neox": (),
+    # Multimodal Gemma 3: its forward does not apply text_config.final_logit_softcapping, which an
+    # undeclared family's would (as Gemma 3n's and Gemma 4's do).
+    "gemma3": (),
+    # Divides the hidden states (not the logits) by config.logits_scaling: the head's input is already scaled.
+    "minicpm3": (),
 }
 
 

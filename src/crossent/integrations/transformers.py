@@ -484,6 +484,11 @@ class _Call:
                 )
         else:
             target, shift = self.labels, True
+            if target.dim() != len(rows):
+                raise UnsupportedModel(
+                    f"{self.who}: the head sees positions of shape {rows} for labels of shape "
+                    f"{tuple(target.shape)}: the forward runs its head on more than the labelled sequence"
+                )
             if tuple(target.shape) != rows:
                 raise ValueError(
                     f"labels of shape {tuple(target.shape)} do not cover the {rows} positions the head sees "
