@@ -13,7 +13,7 @@ stock, then patched by ``crossent.integrations.transformers.apply``, and says wh
   shrinking does not fit, a stock forward that needs more than token ids); the reason given;
 * ``wrong``: anything else (a different loss or gradient, another error): a bug of the patch.
 
-    python tests/_hf_families.py      # the table of docs/transformers.md
+    python tests/_hf_families.py      # the tables of docs/transformers.md
 """
 
 from __future__ import annotations
@@ -179,20 +179,25 @@ def outcome(model_type: str, **text_config) -> tuple[str, str]:
 
 
 def main() -> None:
-    torch.set_num_threads(1)
-    rows = {model_type: outcome(model_type) for model_type in sorted(families())}
-    counts = {}
-    for verdict, _ in rows.values():
-        counts[verdict] = counts.get(verdict, 0) + 1
+    """Print the outcome of every family as the Markdown of docs/transformers.md."""
     import transformers
 
-    print(f"transformers {transformers.__version__}: " + ", ".join(f"{n} {v}" for v, n in sorted(counts.items())))
-    print()
-    print("| `model_type` | class | result |")
-    print("|---|---|---|")
-    for model_type, (verdict, reason) in rows.items():
-        text = verdict if not reason else f"{verdict}: {reason.replace('|', '/')}"
-        print(f"| `{model_type}` | `{families()[model_type]}` | {text} |")
+    torch.set_num_threads(1)
+    classes = families()
+    by_verdict: dict[str, dict[str, str]] = {}
+    for model_type in sorted(classes):
+        verdict, reason = outcome(model_type)
+        by_verdict.setdefault(verdict, {})[model_type] = reason.replace("|", "/")
+    counts = ", ".join(f"{len(rows)} {verdict}" for verdict, rows in sorted(by_verdict.items()))
+    print(f"transformers {transformers.__version__}, {len(classes)} causal-LM families: {counts}.\n")
+    print("Exact: " + ", ".join(f"`{t}`" for t in by_verdict.get("exact", {})) + ".\n")
+    for verdict in ("wrong", "refused", "not built"):
+        if by_verdict.get(verdict):
+            print(f"| {verdict} | class | reason |\n|---|---|---|")
+            for model_type, reason in by_verdict[verdict].items():
+                reason = reason.removeprefix(f"UnsupportedModel: {classes[model_type]}: ")
+                print(f"| `{model_type}` | `{classes[model_type]}` | {reason} |")
+            print()
 
 
 if __name__ == "__main__":

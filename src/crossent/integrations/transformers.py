@@ -138,10 +138,11 @@ def apply(model, loss="ce", **options):
     """Patch a transformers causal LM (or a class of them) to train with a crossent loss, without logits.
 
     Args:
-        model: a loaded ``*ForCausalLM`` (also wrapped by PEFT), patched in place; or a class such as
-            ``transformers.LlamaForCausalLM``, patched for every instance (also those created later); or
-            a ``transformers.Trainer``, whose model is patched and whose ``label_smoothing_factor``
-            becomes the loss's ``label_smoothing`` (the Trainer then passes the labels to the model).
+        model: a loaded ``*ForCausalLM`` or ``*ForConditionalGeneration`` (also wrapped by PEFT), patched
+            in place; or a class such as ``transformers.LlamaForCausalLM``, patched for every instance
+            (also those created later); or a ``transformers.Trainer``, whose model is patched and whose
+            ``label_smoothing_factor`` becomes the loss's ``label_smoothing`` (the Trainer then passes
+            the labels to the model).
         loss: a registered crossent loss name or a :class:`crossent.losses.Loss`.
         **options: ``weight`` (class weights), ``label_smoothing``, ``z_loss``, and the engine's
             ``backend``, ``chunk_size``, ``accum_dtype``, ``options``, as in
@@ -151,8 +152,12 @@ def apply(model, loss="ce", **options):
         ``model``. Applying again replaces the loss and options.
 
     Raises:
-        UnsupportedModel: a family whose head post-processing crossent does not know, an encoder-decoder
-            model, or a head that is not a linear layer.
+        TypeError: an Auto class (``AutoModelForCausalLM``: apply the model it loads), or a class that is
+            not a transformers model class.
+        UnsupportedModel: a model without a language-model head (a base model, as ``AutoModel`` loads),
+            a head that is not a linear layer, an encoder-decoder model, post-processing of the logits
+            that crossent cannot reproduce. Any other family is accepted, its post-processing read from
+            its config; the first training forward refuses it if its head does something else.
 
     The patched forward takes two more keyword arguments: ``sample_weight`` (a float per label,
     shaped like ``labels``, or like ``shift_labels`` when given, multiplying each token's loss) and
