@@ -56,7 +56,7 @@ def _shrink(config, seen: set) -> None:
     if id(config) in seen:
         return
     seen.add(id(config))
-    names = set(vars(config))
+    names = list(vars(config))  # in order: the same table on every run
     for name, value in SIZES.items():
         if name in names and getattr(config, name) is not None:
             _set(config, name, value)
