@@ -487,9 +487,18 @@ def test_peft_heads_are_unwrapped():
 # -- refusals -----------------------------------------------------------------------------------------------
 
 
-def test_unknown_families_and_options_are_refused_by_name():
-    with pytest.raises(xt.UnsupportedModel, match="OlmoForCausalLM.*model_type 'olmo'.*register_family"):
-        xt.apply(transformers.OlmoForCausalLM)
+def test_models_without_a_head_and_options_are_refused_by_name():
+    """Found as: ``apply(transformers.AutoModel)`` raised ``AttributeError: ... no attribute 'config_class'``,
+    and a base model (what ``AutoModel`` loads) was accepted and failed at its first forward."""
+    for auto in (transformers.AutoModel, transformers.AutoModelForCausalLM):
+        with pytest.raises(TypeError, match=f"{auto.__name__} is an Auto class.*from_pretrained"):
+            xt.apply(auto)
+    with pytest.raises(TypeError, match="int is not a transformers model class"):
+        xt.apply(int)
+    base = transformers.LlamaModel(config_of("llama"))
+    with pytest.raises(xt.UnsupportedModel, match="LlamaModel has no language-model head.*AutoModelForCausalLM"):
+        xt.apply(base)
+    assert not xt.is_patched(base)
     with pytest.raises(TypeError, match=r"unexpected options \['shift'\].*shift_labels"):
         xt.apply(tiny("llama"), shift=True)
     with pytest.raises(TypeError, match=r"\['gamma'\].*loss=crossent.losses.get\('focal', gamma=3.0\)"):

@@ -14,6 +14,10 @@ forward checks the claim on its first call: the head hands the forward a *probe*
 row of known logits, and the tensor that reaches ``loss_function`` must be the probe through the
 post-processing the config describes (:func:`check_post_processing`); anything else, a slice of the
 vocabulary, a bias, a scale the config does not state, is refused by the model's name.
+
+A ``model_type`` absent from :data:`FAMILIES` is accepted too: its post-processing is read from the
+attributes of :data:`POST_PROCESSING` that its (text) config sets, and the same first-forward check
+refuses it if its forward does something else with the logits.
 """
 
 from __future__ import annotations
@@ -35,8 +39,9 @@ POST_PROCESSING = {
     "logits_scaling": "divide",  # Granite
 }
 
-#: ``model_type`` -> the post-processing attributes its causal-LM forward applies, in order. Every
-#: family here has a test (a tiny random model, patched against stock: loss and every gradient).
+#: ``model_type`` -> the post-processing attributes its causal-LM forward applies, in order: the families
+#: whose post-processing is declared rather than read from the config. Every family here has a test
+#: (a tiny random model, patched against stock: loss and every gradient).
 FAMILIES: dict[str, tuple[str, ...]] = {
     "llama": (),
     "mistral": (),
@@ -54,6 +59,11 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "cohere": ("logit_scale",),
     "gpt2": (),
     "gpt_neox": (),
+    # Multimodal Gemma 3: its forward does not apply text_config.final_logit_softcapping, which an
+    # undeclared family's would (as Gemma 3n's and Gemma 4's do).
+    "gemma3": (),
+    # Divides the hidden states (not the logits) by config.logits_scaling: the head's input is already scaled.
+    "minicpm3": (),
 }
 
 
@@ -103,18 +113,29 @@ class LogitMap:
         return z if self.softcap is None else f"{self.softcap:g} * tanh({z} / {self.softcap:g})"
 
 
+def post_processing(model_type: str, config) -> tuple[str, ...]:
+    """The post-processing attributes of ``model_type``: declared in :data:`FAMILIES`, or else those of
+    :data:`POST_PROCESSING` that ``config`` sets (scales before a soft cap, the order of every family
+    transformers has). The first patched forward checks either against the model."""
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+    config = _text_config(config)
+    present = [a for a in POST_PROCESSING if getattr(config, a, None) is not None]
+    return tuple(sorted(present, key=lambda a: POST_PROCESSING[a] == "softcap"))
+
+
+def _text_config(config):
+    """The config that holds the language model's settings (a multimodal config keeps them in a sub-config)."""
+    get_text_config = getattr(config, "get_text_config", None)
+    return get_text_config() if callable(get_text_config) else config
+
+
 def logit_map(model_type: str, config, who: str) -> LogitMap:
-    """The post-processing of ``model_type``, with the values of ``config``; refuses unknown families."""
-    if model_type not in FAMILIES:
-        raise UnsupportedModel(
-            f"{who}: crossent does not know how model_type {model_type!r} post-processes its logits, so it "
-            f"cannot reproduce its head; supported: {', '.join(sorted(FAMILIES))}. If its forward is "
-            "`logits = self.lm_head(hidden_states)`, then post-processing read from the config, then "
-            "`self.loss_function(logits, labels, vocab_size, **kwargs)`, declare it with "
-            "crossent.integrations.transformers.register_family (docs/transformers.md)"
-        )
+    """The post-processing of ``model_type``, with the values of ``config``."""
+    attributes = post_processing(model_type, config)
+    config = _text_config(config)
     scale, cap = 1.0, None
-    for attribute in FAMILIES[model_type]:
+    for attribute in attributes:
         value = getattr(config, attribute, None)
         if value is None:
             continue
@@ -167,4 +188,4 @@ def check_post_processing(who: str, expected: LogitMap, sent: Tensor, received) 
 
 
 __all__ = ["FAMILIES", "POST_PROCESSING", "LogitMap", "UnsupportedModel", "check_post_processing", "logit_map",
-           "probe", "register_family"]  # fmt: skip
+           "post_processing", "probe", "register_family"]  # fmt: skip

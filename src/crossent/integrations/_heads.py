@@ -23,6 +23,13 @@ def head_weights(head: nn.Module, who: str) -> tuple[Tensor, Tensor | None]:
     return weight, bias
 
 
+def check_linear_head(head: nn.Module, who: str) -> None:
+    """Refuse, by name, a head that is not a linear layer; call it any time: it reads no weight (which
+    DeepSpeed ZeRO-3 gathers only inside the head's forward). A PEFT wrapper is checked at the first forward."""
+    if not type(head).__module__.startswith("peft."):
+        _linear_of(head, who)
+
+
 def _linear_of(head: nn.Module, who: str) -> tuple[Tensor, Tensor | None]:
     if type(head).__module__.startswith("peft."):
         return _peft_linear(head, who)
@@ -83,4 +90,4 @@ def _check_usable(weight: Tensor, who: str) -> None:
         )
 
 
-__all__ = ["head_weights"]
+__all__ = ["check_linear_head", "head_weights"]

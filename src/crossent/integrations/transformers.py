@@ -43,7 +43,7 @@ from .._linear_call import resolve_options
 from ..losses import Transformed
 from ..losses._build import build_loss
 from ._families import FAMILIES, LogitMap, UnsupportedModel, check_post_processing, logit_map, probe, register_family
-from ._heads import head_weights
+from ._heads import check_linear_head, head_weights
 
 __all__ = ["FAMILIES", "UnsupportedModel", "apply", "is_patched", "patched", "register_family", "undo"]
 
@@ -138,10 +138,11 @@ def apply(model, loss="ce", **options):
     """Patch a transformers causal LM (or a class of them) to train with a crossent loss, without logits.
 
     Args:
-        model: a loaded ``*ForCausalLM`` (also wrapped by PEFT), patched in place; or a class such as
-            ``transformers.LlamaForCausalLM``, patched for every instance (also those created later); or
-            a ``transformers.Trainer``, whose model is patched and whose ``label_smoothing_factor``
-            becomes the loss's ``label_smoothing`` (the Trainer then passes the labels to the model).
+        model: a loaded ``*ForCausalLM`` or ``*ForConditionalGeneration`` (also wrapped by PEFT), patched
+            in place; or a class such as ``transformers.LlamaForCausalLM``, patched for every instance
+            (also those created later); or a ``transformers.Trainer``, whose model is patched and whose
+            ``label_smoothing_factor`` becomes the loss's ``label_smoothing`` (the Trainer then passes
+            the labels to the model).
         loss: a registered crossent loss name or a :class:`crossent.losses.Loss`.
         **options: ``weight`` (class weights), ``label_smoothing``, ``z_loss``, and the engine's
             ``backend``, ``chunk_size``, ``accum_dtype``, ``options``, as in
@@ -151,8 +152,12 @@ def apply(model, loss="ce", **options):
         ``model``. Applying again replaces the loss and options.
 
     Raises:
-        UnsupportedModel: a family whose head post-processing crossent does not know, an encoder-decoder
-            model, or a head that is not a linear layer.
+        TypeError: an Auto class (``AutoModelForCausalLM``: apply the model it loads), or a class that is
+            not a transformers model class.
+        UnsupportedModel: a model without a language-model head (a base model, as ``AutoModel`` loads),
+            a head that is not a linear layer, an encoder-decoder model, post-processing of the logits
+            that crossent cannot reproduce. Any other family is accepted, its post-processing read from
+            its config; the first training forward refuses it if its head does something else.
 
     The patched forward takes two more keyword arguments: ``sample_weight`` (a float per label,
     shaped like ``labels``, or like ``shift_labels`` when given, multiplying each token's loss) and
@@ -166,7 +171,7 @@ def apply(model, loss="ce", **options):
         return _apply_to_trainer(model, loss, options)
     settings = _Settings(loss, options)
     if isinstance(model, type):
-        _check_family(model.config_class.model_type, None, model.__name__)
+        _check_class(model)
         settings.check(model.__name__)
         if model not in _CLASSES:
             _CLASSES[model] = (settings, model.__dict__.get("forward"))
@@ -176,6 +181,7 @@ def apply(model, loss="ce", **options):
         return model
     target = _causal_lm(model)
     _check_family(target.config.model_type, target.config, type(target).__name__)
+    _check_head(target)
     settings.check(type(target).__name__, target)
     patch = _instance_patch(target)
     if patch is not None:
@@ -274,13 +280,42 @@ def _causal_lm(model) -> nn.Module:
     return target
 
 
+def _check_class(cls: type) -> None:
+    """Refuse, by name, a class that is not a transformers model class with a config (an Auto class)."""
+    config_class = getattr(cls, "config_class", None)
+    if not isinstance(getattr(config_class, "model_type", None), str):
+        factory = "an Auto class, which makes models of many classes" if cls.__name__.startswith("Auto") else (
+            "not a transformers model class (it has no config_class with a model_type)"
+        )  # fmt: skip
+        raise TypeError(
+            f"apply() takes a transformers causal LM, an instance or its class; {cls.__name__} is {factory}: "
+            "apply the model it loads (model = AutoModelForCausalLM.from_pretrained(...); xt.apply(model)) "
+            "or its class (xt.apply(type(model)))"
+        )
+    _check_family(config_class.model_type, None, cls.__name__)
+
+
 def _check_family(model_type: str, config, who: str) -> None:
-    """Refuse, by name, what crossent cannot reproduce: unknown families, encoder-decoder models."""
+    """Refuse, by name, what crossent cannot reproduce: encoder-decoder models, post-processing it does not
+    know. Any other family is accepted; its first patched forward checks that crossent reproduces its head."""
     if config is not None and getattr(config, "is_encoder_decoder", False):
         raise UnsupportedModel(
             f"{who}: encoder-decoder models are not supported (their loss does not shift the labels)"
         )
     logit_map(model_type, config, who)
+
+
+def _check_head(model: nn.Module) -> None:
+    """Refuse, by name, a model without a language-model head (a base model, as ``AutoModel`` loads) or
+    with one that is not a linear layer."""
+    who = type(model).__name__
+    head = model.get_output_embeddings()
+    if head is None:
+        raise UnsupportedModel(
+            f"{who} has no language-model head (get_output_embeddings() is None): it computes no loss from "
+            "labels; load the causal LM of the checkpoint (AutoModelForCausalLM.from_pretrained) and apply that"
+        )
+    check_linear_head(head, who)
 
 
 def _settings_of(model) -> _Settings:
@@ -454,6 +489,11 @@ class _Call:
                 )
         else:
             target, shift = self.labels, True
+            if target.dim() != len(rows):
+                raise UnsupportedModel(
+                    f"{self.who}: the head sees positions of shape {rows} for labels of shape "
+                    f"{tuple(target.shape)}: the forward runs its head on more than the labelled sequence"
+                )
             if tuple(target.shape) != rows:
                 raise ValueError(
                     f"labels of shape {tuple(target.shape)} do not cover the {rows} positions the head sees "
