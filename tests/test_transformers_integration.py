@@ -285,12 +285,15 @@ def test_bfloat16_model_and_autocast():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["llama", "gemma2"])
-def test_a_patched_model_compiles_once_in_one_graph(name):
+@pytest.mark.parametrize(
+    "name, lengths, compilations", [("llama", (10, 10, 10), 1), ("gemma2", (10, 10, 10), 1), ("gemma2", (10, 12, 14), 2)]
+)
+def test_a_patched_model_compiles_once_in_one_graph(name, lengths, compilations):
     """docs/transformers.md: a patched model, plain head or soft-capped, compiles once with
     ``fullgraph=True`` (the fused loss is one operator, the transformed loss is built before the graph, the
-    post-processing check is an assert of the graph) and trains as eager mode does: several steps with
-    changing inputs of one shape, the loss and every gradient equal eager's, one compilation."""
+    post-processing check is an assert of the graph) and trains as eager mode does: several steps with new
+    tokens, the loss and every gradient equal eager's; one compilation for one shape, two when the length
+    changes (the second with symbolic lengths, as PyTorch compiles a stock model)."""
     import torch._dynamo
     from torch._dynamo.testing import CompileCounterWithBackend
 
@@ -300,8 +303,8 @@ def test_a_patched_model_compiles_once_in_one_graph(name):
         torch._dynamo.reset()
         try:
             compiled = torch.compile(model, backend=counter, fullgraph=True)
-            for step in range(3):
-                ids, labels = batch(seed=step)
+            for step, length in enumerate(lengths):
+                ids, labels = batch(seed=step, t=length)
                 got, grads = run(compiled, input_ids=ids, labels=labels)
                 want, want_grads = run(model, input_ids=ids, labels=labels)
                 close(got.loss, want.loss)
@@ -309,7 +312,7 @@ def test_a_patched_model_compiles_once_in_one_graph(name):
                 assert got.logits is None
         finally:
             torch._dynamo.reset()
-    assert counter.frame_count == 1
+    assert counter.frame_count == compilations
 
 
 @pytest.mark.slow
