@@ -8,8 +8,9 @@ Methods, each in a fresh process (imports and model first, then the measured ste
 * ``stock_eager``, ``crossent_eager``: the same models uncompiled, for reference.
 
 A step is forward and backward (no optimizer), gradients set to ``None`` before it. The first step
-compiles: its time is reported apart ("first step s"), with the number of graphs compiled over all the
-steps (``torch._dynamo`` counts each graph it compiles; a model that recompiles shows more than one).
+compiles (with inductor's caches off): its time is reported apart ("first step s"), with the number
+of graphs compiled over all the steps (``torch._dynamo`` counts each graph it compiles; a model that
+recompiles shows more than one).
 Every timed step feeds new tokens of the same shape. Memory on CPU: the peak resident set (``VmHWM``)
 of the timed steps after ``echo 5 > /proc/self/clear_refs`` resets the mark, as ``bench_hf.py``
 reports it; on CUDA ``torch.cuda.max_memory_allocated`` after a reset.
@@ -114,8 +115,10 @@ def main():
     print("| method | loss | graphs | first step s | median step s | peak MiB | growth MiB |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for method in args.methods.split(","):
+        # Inductor's caches off: the first step's time is a whole compilation, whatever ran before.
+        env = {**os.environ, "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}
         run = subprocess.run([sys.executable, __file__, "--worker", json.dumps({**spec, "method": method})],
-                             capture_output=True, text=True, check=False)  # fmt: skip
+                             capture_output=True, text=True, check=False, env=env)  # fmt: skip
         if run.returncode != 0:
             reason = (run.stderr.strip().splitlines() or ["?"])[-1]
             print(f"| {method} | fails: {reason[:160]} | | | | | |", flush=True)
