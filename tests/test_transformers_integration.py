@@ -286,7 +286,8 @@ def test_bfloat16_model_and_autocast():
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "name, lengths, compilations", [("llama", (10, 10, 10), 1), ("gemma2", (10, 10, 10), 1), ("gemma2", (10, 12, 14), 2)]
+    "name, lengths, compilations",
+    [("llama", (10, 10, 10), 1), ("gemma2", (10, 10, 10), 1), ("gemma2", (10, 12, 14), 2)],
 )
 def test_a_patched_model_compiles_once_in_one_graph(name, lengths, compilations):
     """docs/transformers.md: a patched model, plain head or soft-capped, compiles once with
