@@ -285,22 +285,53 @@ def test_bfloat16_model_and_autocast():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, fullgraph", [("llama", True), ("gemma2", False)])
-def test_a_patched_model_under_torch_compile(name, fullgraph):
-    """docs/transformers.md: the fused loss is no graph break, so a plain head compiles in one graph; a
-    soft-capped head (its loss is built per forward) compiles with a break at the loss. Eager's values."""
+@pytest.mark.parametrize(
+    "name, lengths, compilations",
+    [("llama", (10, 10, 10), 1), ("gemma2", (10, 10, 10), 1), ("gemma2", (10, 12, 14), 2)],
+)
+def test_a_patched_model_compiles_once_in_one_graph(name, lengths, compilations):
+    """docs/transformers.md: a patched model, plain head or soft-capped, compiles once with
+    ``fullgraph=True`` (the fused loss is one operator, the transformed loss is built before the graph, the
+    post-processing check is an assert of the graph) and trains as eager mode does: several steps with new
+    tokens, the loss and every gradient equal eager's; one compilation for one shape, two when the length
+    changes (the second with symbolic lengths, as PyTorch compiles a stock model)."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    model = tiny(name)
+    counter = CompileCounterWithBackend("aot_eager")
+    with xt.patched(model, loss="focal"):
+        torch._dynamo.reset()
+        try:
+            compiled = torch.compile(model, backend=counter, fullgraph=True)
+            for step, length in enumerate(lengths):
+                ids, labels = batch(seed=step, t=length)
+                got, grads = run(compiled, input_ids=ids, labels=labels)
+                want, want_grads = run(model, input_ids=ids, labels=labels)
+                close(got.loss, want.loss)
+                same_gradients({k.removeprefix("_orig_mod."): g for k, g in grads.items()}, want_grads)
+                assert got.logits is None
+        finally:
+            torch._dynamo.reset()
+    assert counter.frame_count == compilations
+
+
+@pytest.mark.slow
+def test_a_forgotten_softcap_is_refused_under_compile(monkeypatch):
+    """Compiled before any eager forward, the post-processing check is an assert of the graph."""
     import torch._dynamo
 
+    model = tiny("gemma2")
+    monkeypatch.setitem(_families.FAMILIES, "gemma2", ())
     ids, labels = batch()
-    model = tiny(name)
-    with xt.patched(model, loss="focal"):
-        want, want_grads = run(model, input_ids=ids, labels=labels)
+    with xt.patched(model):
         torch._dynamo.reset()
-        compiled = torch.compile(model, backend="aot_eager", fullgraph=fullgraph)
-        got, grads = run(compiled, input_ids=ids, labels=labels)
-        torch._dynamo.reset()
-    close(got.loss, want.loss)
-    same_gradients({k.removeprefix("_orig_mod."): g for k, g in grads.items()}, want_grads)
+        try:
+            compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+            with pytest.raises(RuntimeError, match=r"Gemma2ForCausalLM.*differently"):
+                compiled(input_ids=ids, labels=labels)
+        finally:
+            torch._dynamo.reset()
 
 
 # -- no [B, T, V] tensor ----------------------------------------------------------------------------------

@@ -172,6 +172,16 @@ def check_post_processing(who: str, expected: LogitMap, sent: Tensor, received) 
     else:
         want = expected(sent.double()).reshape(-1)
         got = received.detach().double().reshape(-1).to(want.device)
+        if torch.compiler.is_compiling():
+            # Reading the comparison back would be a data-dependent branch, which a graph cannot hold: under
+            # torch.compile the check is an assert of the graph (torch.allclose's test, as tensors).
+            tol = 1e-5 * want.abs().max().clamp_min(1.0)
+            torch._assert_async(
+                ((got - want).abs() <= tol + 1e-5 * want.abs()).all(),
+                who + ": the forward post-processes the head's logits differently from what its config states; "
+                "crossent cannot reproduce this head (call the model once outside torch.compile for the details)",
+            )
+            return
         tol = 1e-5 * max(1.0, want.abs().max().item())
         if not torch.allclose(got, want, rtol=1e-5, atol=tol):
             worst = int((got - want).abs().argmax())

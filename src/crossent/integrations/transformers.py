@@ -91,10 +91,27 @@ class _Settings:
             options.get("options"), backend=options.get("backend", "auto"), chunk_size=options.get("chunk_size"),
             accum_dtype=options.get("accum_dtype"),
         )  # fmt: skip
+        #: ``(scale, softcap)`` of a head's post-processing -> the loss with those transforms (:meth:`loss_for`).
+        self.transformed: dict[tuple, object] = {}
 
     def loss_for(self, logit_map: LogitMap):
+        """The loss with ``logit_map`` as its transforms, built once per map and kept: ``torch.compile``
+        takes a loss object only if it was built outside the compiled code (every forward after the first
+        finds it here, and a compiled forward never builds one)."""
+        key = (logit_map.scale, logit_map.softcap)
+        loss = self.transformed.get(key)
+        if loss is not None:
+            return loss
+        if torch.compiler.is_compiling():
+            raise UnsupportedModel(
+                f"under torch.compile, the head's post-processing {logit_map} has no loss built for it (the loss "
+                "is built when apply() patches a model, and at a forward outside torch.compile); patch the model "
+                "rather than its class, or run one training forward before compiling"
+            )
         transforms = logit_map.transforms()
-        return Transformed(self.loss, *transforms) if transforms else self.loss
+        loss = Transformed(self.loss, *transforms) if transforms else self.loss
+        self.transformed[key] = loss
+        return loss
 
     def check(self, who: str, model: nn.Module | None = None) -> None:
         """Refuse now what would fail in training. A loss that reads ``extra`` on every call is refused
@@ -512,7 +529,11 @@ class _Call:
             return self.dense_loss(logits, labels, **kwargs)
         if self.loss is None:
             raise UnsupportedModel(f"{self.who}: loss_function ran before the head (get_output_embeddings()) did")
-        if _CHECKED.get(self.model) != self.logit_map:
+        if torch.compiler.is_compiling():
+            # An assert of the graph on every call: recording the check in _CHECKED would change what the
+            # graph was compiled under, and compile it again.
+            check_post_processing(self.who, self.logit_map, self.sent, logits)
+        elif _CHECKED.get(self.model) != self.logit_map:
             check_post_processing(self.who, self.logit_map, self.sent, logits)
             _CHECKED[self.model] = self.logit_map
         self.received, self.consumed = logits, True
