@@ -36,20 +36,14 @@ METHODS = ("stock", "crossent", "stock_eager", "crossent_eager")
 def worker(spec: dict) -> dict:
     import torch
     import torch._dynamo
-    import transformers
 
     import crossent.integrations.transformers as xt
     from crossent_harness.bench.rss import reset_peak, status_kib
 
-    torch.set_num_threads(spec["threads"]) if spec["threads"] else None
-    device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
-    config = transformers.LlamaConfig(
-        vocab_size=spec["vocab"], hidden_size=spec["hidden"], intermediate_size=4 * spec["hidden"],
-        num_hidden_layers=spec["layers"], num_attention_heads=4, num_key_value_heads=4,
-        max_position_embeddings=spec["seq"], tie_word_embeddings=False,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype).train()
+    from _tiny_llama import tiny_llama
+
+    model = tiny_llama(spec)
+    device = torch.device(spec["device"])
     method = spec["method"]
     if method.startswith("crossent"):
         xt.apply(model)
