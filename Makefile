@@ -27,6 +27,7 @@ demo: $(STAMP)
 # root for apt. mlbench is unpacked into crossent's cache folder, where the harness looks for it.
 data: $(STAMP)
 	apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist
+	mkdir -p "$${XDG_CACHE_HOME:-$(HOME)/.cache}/crossent/mlbench"
 	cd /tmp && apt-get download r-cran-mlbench && \
 	  dpkg-deb -x r-cran-mlbench_*.deb "$${XDG_CACHE_HOME:-$(HOME)/.cache}/crossent/mlbench"
 
