@@ -9,6 +9,10 @@ plus whatever else it needs (targets, domain ids, model probabilities, feature m
 * ``__call__(losses, **inputs)`` returns the reweighted scalar loss, differentiable with respect to
   ``losses``, and advances the state (step counter, domain weights, running minimum, generator);
 * ``state_dict()`` / ``load_state_dict(state)`` save and restore that state (empty for stateless ones).
+
+Multi-label losses have one value per example and class: a multi-label strategy
+(:class:`~crossent.weighting.DynamicClassWeights`) takes those elementwise ``[..., C]`` losses and its
+``weights`` returns one weight per element, with the same contract otherwise.
 """
 
 from __future__ import annotations
