@@ -14,11 +14,12 @@ class DynamicClassWeights(Strategy):
     r"""Dynamic class weights for multi-label training (Yilmaz et al., IEEE TNNLS 2021).
 
     Static class weights are fixed from the label frequencies before training. Here each class's
-    weight follows its *current* loss instead: a class the model already fits well (small running
-    loss) is weighted down, one it still gets wrong is weighted up, so every class contributes
-    about equally to the gradient as training goes on. At step ``t``, with the elementwise losses
-    ``l_{ic}`` of the batch (one per example ``i`` and class ``c``, e.g. binary cross-entropy or the
-    multi-label focal loss ``(1 - p_t)^gamma BCE``):
+    weight is the inverse of its *running* mean loss, so that every class contributes the same
+    ``w_c bar l_c`` to the loss as training goes on. In multi-label data a rare class's mean loss is
+    small (its many easy negatives dominate it), so rare classes are weighted up, and more so as the
+    model fits them; a class whose loss stays large is weighted down. At step ``t``, with the
+    elementwise losses ``l_{ic}`` of the batch (one per example ``i`` and class ``c``, e.g. binary
+    cross-entropy or the multi-label focal loss ``(1 - p_t)^gamma BCE``):
 
     .. math::
 
