@@ -17,6 +17,9 @@ Multi-label losses have one value per example and class: a multi-label strategy
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -133,3 +136,14 @@ def check_probabilities(probs, logits, who: str, *, rows: int, num_classes: int)
     if not torch.isfinite(value).all() or (value < 0).any():
         raise ValueError(f"{who}: probs must be finite and non-negative")
     return value
+
+
+def check_step_count(state: dict, key: str, who: str, *, minimum: int) -> int:
+    """``state[key]`` as a step count (an int, or an integer-valued number or tensor) of at least ``minimum``."""
+    value = state[key]
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not number or value != int(value) or value < minimum:
+        raise ValueError(f"{who}: {key} must be an integer >= {minimum}, got {value!r}")
+    return int(value)

@@ -6,8 +6,7 @@ import torch
 from torch import Tensor
 
 from .._rows import compute_dtype
-from ._base import Strategy, check_losses, check_mask, check_vector
-from ._pretraining import _step_count
+from ._base import Strategy, check_losses, check_mask, check_step_count, check_vector
 
 
 class DynamicClassWeights(Strategy):
@@ -125,7 +124,7 @@ class DynamicClassWeights(Strategy):
     def load_state_dict(self, state: dict) -> None:
         who = "DynamicClassWeights.load_state_dict"
         running = check_vector(state["running_losses"], "running_losses", who, length=self.num_classes)
-        self.num_steps = _step_count(state, "num_steps", who, minimum=0)
+        self.num_steps = check_step_count(state, "num_steps", who, minimum=0)
         self._running = running.cpu().clone()
 
     # -- the update -------------------------------------------------------------------------------
