@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 import crossent as xe
 from crossent.weighting import DynamicClassWeights
 from crossent_harness.experiments.metrics import best_f1_thresholds, f1_per_class, macro_f1
+from _gloo import check, run_cases
 
 
 # -- the reference: the paper's update and loss, one step at a time ------------------------------------------------
@@ -216,6 +217,34 @@ def test_bad_arguments_and_state_are_refused():
         dyn.load_state_dict({"running_losses": torch.ones(2), "num_steps": 0})
     with pytest.raises(ValueError, match="num_steps"):
         dyn.load_state_dict({"running_losses": torch.ones(3), "num_steps": -1})
+
+
+# -- data parallelism: two gloo ranks with unequal batches equal one process on the whole batch ---------------
+SIZES = (5, 2)
+
+
+def _distributed_case(rank, world):
+    full = _batches(3, n=sum(SIZES), seed=7)
+    mask = torch.rand(sum(SIZES), 4, generator=torch.Generator().manual_seed(1)) < 0.7
+    start, stop = sum(SIZES[:rank]), sum(SIZES[: rank + 1])
+    dyn, ref = DynamicClassWeights(4, smoothing=0.3), Reference(4, 0.3)
+    for losses in full:
+        w = ref.step(losses, mask)
+        local = dyn(losses[start:stop], mask=mask[start:stop])
+        # averaging the ranks' losses (as data parallelism averages gradients) gives the global mean
+        mean = local.detach().clone()
+        torch.distributed.all_reduce(mean)
+        torch.testing.assert_close(mean / world, ref.loss(losses, w, mask), rtol=1e-12, atol=0)
+        torch.testing.assert_close(dyn.class_weights, w, rtol=1e-12, atol=0)  # the same state on every rank
+    dyn.eval()
+    if rank == 0:  # eval mode exchanges nothing: one rank alone does not wait for the other
+        local = full[0][start:stop]
+        torch.testing.assert_close(dyn(local), ref.loss(local, ref.weights()), rtol=1e-12, atol=0)
+    torch.distributed.barrier()
+
+
+def test_data_parallel_ranks_share_the_state_and_the_global_mean():
+    check(run_cases(2, {"dynamic": _distributed_case}, timeout=90, gloo_timeout=15), "dynamic")
 
 
 # -- threshold search ---------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _dist
 from .._rows import compute_dtype
 from ._base import Strategy, check_losses, check_mask, check_step_count, check_vector
 
@@ -44,8 +45,14 @@ class DynamicClassWeights(Strategy):
     this one takes ``losses`` of shape ``[..., C]`` (classes last) and :meth:`weights` returns one
     weight per element (``w_c`` broadcast over the examples). Elements where ``mask`` is false
     (missing labels) get weight 0, do not enter the class means, and are not counted in ``N C``; a
-    class with no valid element in a batch keeps its running loss. Under data parallelism each
-    rank keeps its own running losses (nothing is all-reduced).
+    class with no valid element in a batch keeps its running loss.
+
+    Under ``torch.distributed`` (by default whenever a process group is initialised) the class means
+    are over the global batch (per-class sums and counts all-reduced), so every rank holds the same
+    state, and the loss divides by the global element count over the world size, so that averaging
+    the gradients across ranks gives the global mean. Only training-mode calls (``__call__``,
+    :meth:`update`, :meth:`weights`) communicate, and every rank must make them; in eval mode
+    nothing is exchanged and the loss is the local mean.
 
     Args:
         num_classes: ``C``.
@@ -53,6 +60,8 @@ class DynamicClassWeights(Strategy):
             ``0.05`` (the official ``--weight_smoothing``).
         eps: ``epsilon``, keeps the weight of a class with zero loss finite. Default ``1e-5`` (the
             official constant).
+        distributed: all-reduce the class sums and the loss normaliser; ``None`` (default) does so
+            when a process group is initialised. ``group``: the process group.
 
     Inputs: ``losses`` ``[..., C]`` elementwise losses (``reduction="none"``), optional ``mask=``
     (bool, same shape).
@@ -83,7 +92,15 @@ class DynamicClassWeights(Strategy):
     ``calculate_dynamic_loss_size_weights``).
     """
 
-    def __init__(self, num_classes: int, smoothing: float = 0.05, *, eps: float = 1e-5):
+    def __init__(
+        self,
+        num_classes: int,
+        smoothing: float = 0.05,
+        *,
+        eps: float = 1e-5,
+        distributed: bool | None = None,
+        group=None,
+    ):
         if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 1:
             raise ValueError(f"DynamicClassWeights: num_classes must be a positive integer, got {num_classes!r}")
         smoothing, eps = float(smoothing), float(eps)
@@ -94,6 +111,8 @@ class DynamicClassWeights(Strategy):
         self.num_classes = int(num_classes)
         self.smoothing = smoothing
         self.eps = eps
+        self.distributed = distributed
+        self.group = group
         self.training = True
         self._running = torch.full((self.num_classes,), 1.0 / self.num_classes, dtype=torch.float64)
         self.num_steps = 0
@@ -143,11 +162,16 @@ class DynamicClassWeights(Strategy):
 
     def _updated(self, losses: Tensor, mask: Tensor) -> Tensor:
         """The running losses after one update with this batch, without storing them."""
-        flat = losses.detach().reshape(-1, self.num_classes).double()
+        # float32 off the CPU (float64 is slow or missing on accelerators), as DoReMi does
+        dtype = torch.float64 if losses.device.type == "cpu" else torch.float32
+        flat = losses.detach().reshape(-1, self.num_classes).to(dtype)
         valid = mask.reshape(-1, self.num_classes)
-        sums = torch.where(valid, flat, torch.zeros((), dtype=flat.dtype, device=flat.device)).sum(0)
-        counts = valid.sum(0)
-        sums, counts = sums.cpu(), counts.cpu()
+        sums = torch.where(valid, flat, torch.zeros((), dtype=dtype, device=flat.device)).sum(0)
+        counts = valid.sum(0).to(dtype)
+        if _dist.active(self.group, self.distributed):
+            both = _dist.all_reduce_sum(torch.stack([sums, counts]), self.group)
+            sums, counts = both[0], both[1]
+        sums, counts = sums.double().cpu(), counts.double().cpu()
         if not torch.isfinite(sums).all():
             c = int((~torch.isfinite(sums)).nonzero()[0, 0])
             raise ValueError(f"DynamicClassWeights: the losses of class {c} are not finite")
@@ -180,7 +204,10 @@ class DynamicClassWeights(Strategy):
             self.num_steps += 1
         w = self._element_weights(self._running, losses, mask)
         weighted = torch.where(mask, w * losses.to(w.dtype), torch.zeros((), dtype=w.dtype, device=w.device))
-        return (weighted.sum() / mask.sum().clamp_min(1)).to(losses.dtype)
+        count = mask.sum().to(w.dtype)
+        if self.training and _dist.active(self.group, self.distributed):
+            count = _dist.all_reduce_sum(count, self.group) / _dist.world_size(self.group)
+        return (weighted.sum() / count.clamp_min(1)).to(losses.dtype)
 
     def _repr_args(self):
         return {"num_classes": self.num_classes, "smoothing": self.smoothing, "eps": self.eps}
