@@ -130,7 +130,8 @@ def main(argv=None) -> str:
     sizes = {k: len(v[1]) for k, v in splits.items()}
     print(f"splits {sizes}; training positives per class {counts.tolist()}", flush=True)
     lines = [
-        "| method | macro-F1 %, threshold 0.5 | macro-F1 %, searched thresholds | tail F1 %, 0.5 | tail F1 %, searched |",
+        "| method | macro-F1 %, threshold 0.5 | macro-F1 %, searched thresholds "
+        "| tail F1 %, 0.5 | tail F1 %, searched |",
         "|---|---:|---:|---:|---:|",
     ]
     for method in args.methods.split(","):
