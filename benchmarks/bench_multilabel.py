@@ -61,7 +61,7 @@ def bce(logits, targets):
 
 
 def focal(logits, targets):
-    # the paper's multi-label focal loss: alpha = 1 (no positive/negative weighting), gamma = 2
+    # the official code's multi-label focal loss: alpha = 1 (no positive/negative weighting), gamma = 2
     return xe.losses.sigmoid_focal_loss(logits, targets, alpha=-1, gamma=2.0)
 
 

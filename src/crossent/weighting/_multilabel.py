@@ -79,7 +79,7 @@ class DynamicClassWeights(Strategy):
         >>> dyn(losses), dyn.num_steps
         (tensor(0.2686), 1)
 
-    With the focal loss adapted to multi-label targets (the paper's ``alpha = 1``, ``gamma = 2``):
+    With the focal loss adapted to multi-label targets (the official defaults ``alpha = 1``, ``gamma = 2``):
 
         >>> import crossent as xe
         >>> logits, targets = torch.randn(8, 3), (torch.rand(8, 3) < 0.3).float()
