@@ -207,3 +207,41 @@ def test_sampler_feeds_a_data_loader():
 def test_sampler_errors(labels, kwargs, error, match):
     with pytest.raises(error, match=match):
         OddKOutSampler(labels, **kwargs)
+
+
+# -- the harness: `crossent compare --losses oko` ----------------------------------------------------------------
+
+
+def test_compare_trains_oko_and_predicts_single_examples():
+    from crossent_harness.experiments.compare import CompareConfig, run
+    from crossent_harness.experiments.methods import parse_list
+    from crossent_harness.experiments.train import TrainConfig
+
+    cfg = CompareConfig(methods=parse_list("oko,oko:k=2:targets=soft"), hidden=(32,), train_size=300,
+                        train=TrainConfig(epochs=3, batch_size=32))
+    runs = run(cfg)["runs"]
+    assert [r["method"] for r in runs] == ["oko", "oko:k=2:targets=soft"]
+    assert runs[0]["info"] == {"k": 1, "targets": "hard"} and runs[1]["info"] == {"k": 2, "targets": "soft"}
+    for r in runs:
+        assert r["acc"] > 0.5, r  # digits: chance is 0.1
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [("oko:k=0", r"k must be an integer >= 1, got 0"), ("oko:k=1.5", r"k must be an integer"),
+     ("oko:targets=mixed", r"targets must be 'hard' or 'soft'"), ("oko:gamma=2", r"unknown hyperparameter 'gamma' of ce")],
+)
+def test_compare_refuses_bad_oko_specs(spec, match):
+    from crossent_harness.experiments.methods import Method
+
+    with pytest.raises(ValueError, match=match):
+        Method.parse(spec).check()
+
+
+def test_compare_refuses_more_odd_classes_than_the_dataset_has():
+    from crossent_harness.experiments.compare import CompareConfig
+    from crossent_harness.experiments.config import OptionError
+    from crossent_harness.experiments.methods import parse_list
+
+    with pytest.raises(OptionError, match=r"--losses: oko:k=10: k \+ 1 distinct classes a set, but digits has 10"):
+        CompareConfig(methods=parse_list("oko:k=10")).check()
