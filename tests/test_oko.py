@@ -180,6 +180,13 @@ def test_deterministic_with_a_generator():
     assert first[0] != first[1]  # batches are fresh draws
 
 
+def test_default_number_of_batches_covers_the_examples_about_once():
+    labels = torch.arange(100) % 4
+    assert len(OddKOutSampler(labels, k=1, sets_per_batch=10)) == 4    # ceil(100 / 30)
+    assert len(OddKOutSampler(labels, k=2, sets_per_batch=25)) == 1
+    assert len(OddKOutSampler(labels, k=1, sets_per_batch=10, num_batches=0)) == 0
+
+
 def test_sampler_feeds_a_data_loader():
     labels = torch.arange(12) % 4
     data = torch.utils.data.TensorDataset(torch.arange(12), labels)

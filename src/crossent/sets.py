@@ -124,20 +124,25 @@ def oko_targets(set_labels: Tensor, num_classes: int, *, soft: bool = False, dty
         raise ValueError(f"oko_targets: set_labels must be [B, S] with S >= 1, got shape {tuple(set_labels.shape)}")
     num_classes = V.count("num_classes", num_classes, who="oko_targets")
     outside = (set_labels < 0) | (set_labels >= num_classes)
-    if outside.any():
+
+    def _outside() -> str:
         i, j = (int(v) for v in outside.nonzero()[0])
-        raise ValueError(f"oko_targets: set_labels[{i}, {j}] = {int(set_labels[i, j])} is not a class in "
-                         f"[0, {num_classes})")
+        return f"oko_targets: set_labels[{i}, {j}] = {int(set_labels[i, j])} is not a class in [0, {num_classes})"
+
+    V.data_check(outside, f"oko_targets: a label is not a class in [0, {num_classes})", _outside)
     counts = torch.zeros(set_labels.shape[0], num_classes, dtype=torch.int64, device=set_labels.device)
     counts.scatter_add_(1, set_labels.long(), torch.ones_like(set_labels, dtype=torch.int64))
     if soft:
         return counts.to(dtype or torch.get_default_dtype()) / set_labels.shape[1]
     top = counts.max(1).values
     tied = (counts == top[:, None]).sum(1) != 1
-    if tied.any():
+
+    def _tied() -> str:
         i = int(tied.nonzero()[0, 0])
-        raise ValueError(f"oko_targets: set {i} has no pair class (no label more frequent than every other): "
-                         f"labels {set_labels[i].tolist()}")
+        return (f"oko_targets: set {i} has no pair class (no label more frequent than every other): "
+                f"labels {set_labels[i].tolist()}")
+
+    V.data_check(tied, "oko_targets: a set has no pair class (no label more frequent than every other)", _tied)
     return counts.argmax(1)
 
 
@@ -156,7 +161,8 @@ class OddKOutSampler(Sampler[list[int]]):
         labels: the dataset's class labels ``[N]`` (integers >= 0).
         k: odd classes per set (the paper's default, 1, makes triplets).
         sets_per_batch: sets per batch.
-        num_batches: batches per iteration (``len(sampler)``).
+        num_batches: batches per iteration (``len(sampler)``); by default as many as hold about as many
+            examples as the dataset, ``ceil(N / (sets_per_batch * (k + 2)))``.
         generator: the source of randomness; successive iterations continue its stream, so a seeded
             generator gives the same batches on every run.
 
@@ -164,7 +170,7 @@ class OddKOutSampler(Sampler[list[int]]):
     :func:`oko_cross_entropy`, and the batch's labels to ``[sets_per_batch, k+2]`` for :func:`oko_targets`.
     """
 
-    def __init__(self, labels: Tensor, k: int = 1, sets_per_batch: int = 64, num_batches: int = 1, *,
+    def __init__(self, labels: Tensor, k: int = 1, sets_per_batch: int = 64, num_batches: int | None = None, *,
                  generator: torch.Generator | None = None):
         labels = torch.as_tensor(labels)
         if labels.is_floating_point() or labels.dtype == torch.bool or labels.dim() != 1:
@@ -175,6 +181,8 @@ class OddKOutSampler(Sampler[list[int]]):
                              f"{int((labels < 0).nonzero()[0, 0])}")
         self.k = V.count("k", k, who="OddKOutSampler")
         self.sets_per_batch = V.count("sets_per_batch", sets_per_batch, who="OddKOutSampler")
+        if num_batches is None:  # about one pass over the examples
+            num_batches = max(1, -(-labels.numel() // (self.sets_per_batch * (self.k + 2))))
         self.num_batches = V.count("num_batches", num_batches, minimum=0, who="OddKOutSampler")
         self.generator = generator
         labels = labels.long().cpu()
