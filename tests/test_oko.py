@@ -46,7 +46,8 @@ def _sets(b: int, k: int, c: int, seed: int) -> torch.Tensor:
 def test_values_and_gradients_match_the_paper(soft, k):
     c = 7
     set_labels = _sets(5, k, c, seed=k)
-    logits = (3 * torch.randn(5, k + 2, c, dtype=torch.float64, generator=torch.Generator().manual_seed(1))).requires_grad_()
+    g = torch.Generator().manual_seed(1)
+    logits = (3 * torch.randn(5, k + 2, c, dtype=torch.float64, generator=g)).requires_grad_()
     ref_logits = logits.detach().clone().requires_grad_()
 
     loss = oko_cross_entropy(logits, oko_targets(set_labels, c, soft=soft, dtype=torch.float64))
@@ -90,7 +91,8 @@ def test_targets_from_the_sets_labels():
     ("labels", "num_classes", "error", "match"),
     [
         (torch.tensor([[0, 1, 2]]), 3, ValueError, r"set 0 has no pair class"),
-        (torch.tensor([[0, 0, 1], [1, 1, 2], [2, 2, 3]]), 3, ValueError, r"set_labels\[2, 2\] = 3 is not a class in \[0, 3\)"),
+        (torch.tensor([[0, 0, 1], [1, 1, 2], [2, 2, 3]]), 3, ValueError,
+         r"set_labels\[2, 2\] = 3 is not a class in \[0, 3\)"),
         (torch.tensor([[0, 0, -1]]), 3, ValueError, r"set_labels\[0, 2\] = -1"),
         (torch.tensor([0, 0, 1]), 3, ValueError, r"\[B, S\]"),
         (torch.tensor([[0.0, 0.0, 1.0]]), 3, TypeError, r"integer tensor"),
@@ -172,7 +174,8 @@ def test_deterministic_with_a_generator():
     labels = torch.randint(0, 5, (50,), generator=torch.Generator().manual_seed(0))
 
     def draw(seed):
-        return list(OddKOutSampler(labels, k=2, sets_per_batch=8, num_batches=3, generator=torch.Generator().manual_seed(seed)))
+        g = torch.Generator().manual_seed(seed)
+        return list(OddKOutSampler(labels, k=2, sets_per_batch=8, num_batches=3, generator=g))
 
     assert draw(1) == draw(1)
     assert draw(1) != draw(2)
@@ -202,7 +205,8 @@ def test_sampler_feeds_a_data_loader():
     ("labels", "kwargs", "error", "match"),
     [
         (torch.tensor([0, 1, 2, 3]), {}, ValueError, r"no class has the two examples a pair needs"),
-        (torch.tensor([0, 0, 1, 1]), {"k": 2}, ValueError, r"k=2 odd classes and a pair class need 3 classes, the labels have 2"),
+        (torch.tensor([0, 0, 1, 1]), {"k": 2}, ValueError,
+         r"k=2 odd classes and a pair class need 3 classes, the labels have 2"),
         (torch.tensor([0, 0, 1]), {"k": 0}, ValueError, r"k must be >= 1"),
         (torch.tensor([0, 0, 1]), {"sets_per_batch": 0}, ValueError, r"sets_per_batch must be >= 1"),
         (torch.tensor([0, 0, -1]), {}, ValueError, r"labels must be >= 0, got -1 at position 2"),
@@ -236,7 +240,8 @@ def test_compare_trains_oko_and_predicts_single_examples():
 @pytest.mark.parametrize(
     ("spec", "match"),
     [("oko:k=0", r"k must be an integer >= 1, got 0"), ("oko:k=1.5", r"k must be an integer"),
-     ("oko:targets=mixed", r"targets must be 'hard' or 'soft'"), ("oko:gamma=2", r"unknown hyperparameter 'gamma' of ce")],
+     ("oko:targets=mixed", r"targets must be 'hard' or 'soft'"),
+     ("oko:gamma=2", r"unknown hyperparameter 'gamma' of ce")],
 )
 def test_compare_refuses_bad_oko_specs(spec, match):
     from crossent_harness.experiments.methods import Method

@@ -100,7 +100,8 @@ def oko_cross_entropy(input: Tensor, target: Tensor, *, reduction: str = "mean",
     return cross_entropy(input.sum(1), target, reduction=reduction, loss=loss)
 
 
-def oko_targets(set_labels: Tensor, num_classes: int, *, soft: bool = False, dtype: torch.dtype | None = None) -> Tensor:
+def oko_targets(set_labels: Tensor, num_classes: int, *, soft: bool = False,
+                dtype: torch.dtype | None = None) -> Tensor:
     """The targets of sets from their members' labels ``[B, S]``.
 
     Hard (``soft=False``): the pair class of each set, its most frequent label, ``[B]`` int64; a set in
