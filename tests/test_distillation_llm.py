@@ -32,8 +32,8 @@ def head_logits(e, c, bias=None, scale=1.0, softcap=None):
     return z if softcap is None else softcap * torch.tanh(z / softcap)
 
 
-def reference_loss(e_s, c_s, e_t, c_t, target=None, *, bias_student=None, bias_teacher=None,
-                   logit_scale_student=1.0, logit_scale_teacher=1.0, softcap_student=None, softcap_teacher=None, **kw):  # fmt: skip
+def reference_loss(e_s, c_s, e_t, c_t, target=None, *, bias_student=None, bias_teacher=None, logit_scale_student=1.0,
+                   logit_scale_teacher=1.0, softcap_student=None, softcap_teacher=None, **kw):  # fmt: skip
     """The loss of the two heads' logits (:func:`head_logits`): :func:`reference_of_logits`."""
     zs = head_logits(e_s, c_s, bias_student, logit_scale_student, softcap_student)
     zt = head_logits(e_t, c_t, bias_teacher, logit_scale_teacher, softcap_teacher)
@@ -74,7 +74,8 @@ OPTIONS = {
     "biases": {"biases": True, "target": True},
     "cap_scale": {"softcap_student": 3.0, "softcap_teacher": 2.5, "logit_scale_student": 1.7,
                   "logit_scale_teacher": 0.6, "temperature": 1.5},  # fmt: skip
-    "all_heads_ce": {"biases": True, "softcap_student": 4.0, "logit_scale_teacher": 1.3, "ce_weight": 0.4, "target": True},
+    "all_heads_ce": {"biases": True, "softcap_student": 4.0, "logit_scale_teacher": 1.3, "ce_weight": 0.4,
+                     "target": True},
     "weights_normalizer": {"w": True, "normalizer": 11.5, "target": True},
     "weights_none_shift": {"w": True, "reduction": "none", "shift": True, "biases": True, "softcap_teacher": 3.0},
     "weights_sum_cap": {"w": True, "reduction": "sum", "softcap_student": 2.0, "target": True},
@@ -105,6 +106,13 @@ def grads(loss, leaves):
     return torch.autograd.grad(loss, leaves, upstream)
 
 
+def as_float64(x):
+    """A floating tensor as a float64 leaf (requiring grad where ``x`` does); anything else as it is."""
+    if not (torch.is_tensor(x) and x.is_floating_point()):
+        return x
+    return x.detach().double().requires_grad_(x.requires_grad)
+
+
 def check_against_reference(args, kw, *, rtol, atol, grad_atol=None, chunk_size=5):
     """Loss and student gradients against the float64 reference of the same (rounded) inputs.
 
@@ -113,9 +121,8 @@ def check_against_reference(args, kw, *, rtol, atol, grad_atol=None, chunk_size=
     """
     got = xe.linear_distillation(*args, chunk_size=chunk_size, **kw)
     leaves = student_leaves(args, kw)
-    ref_args = [t.detach().double().requires_grad_(t.requires_grad) for t in args]
-    ref_kw = {k: v.detach().double().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) and v.is_floating_point()
-              else v for k, v in kw.items()}  # fmt: skip
+    ref_args = [as_float64(t) for t in args]
+    ref_kw = {k: as_float64(v) for k, v in kw.items()}
     expected = reference_loss(*ref_args, **ref_kw)
     torch.testing.assert_close(got.double(), expected, rtol=rtol, atol=atol)
     for leaf, g, r in zip(leaves, grads(got, leaves), grads(expected, student_leaves(ref_args, ref_kw))):
@@ -154,7 +161,8 @@ def test_dense_distillation_takes_sample_weight_and_normalizer(divergence):
     zs = (e_s @ c_s.T).requires_grad_()
     kw = dict(HPARAMS[divergence], divergence=divergence, shift=True)
     for reduction, normalizer in (("mean", 7.0), ("mean", None), ("sum", None), ("none", None)):
-        got = xe.distillation(zs, e_t @ c_t.T, target, sample_weight=w, normalizer=normalizer, reduction=reduction, **kw)
+        got = xe.distillation(zs, e_t @ c_t.T, target, sample_weight=w, normalizer=normalizer, reduction=reduction,
+                              **kw)  # fmt: skip
         z64 = zs.detach().double().requires_grad_()
         expected = reference_of_logits(z64, (e_t @ c_t.T).double(), target, sample_weight=w, normalizer=normalizer,
                                        reduction=reduction, **kw)  # fmt: skip
@@ -264,7 +272,8 @@ def head_options(model, side: str) -> dict:
 @pytest.mark.parametrize("divergence", ["kl", "jsd"])
 def test_stock_heads_are_reproduced(pair, divergence):
     """Loss and every student parameter's gradient equal the divergence on the stock models' own logits."""
-    student = tiny(pair[0], 16, 0, **({"final_logit_softcapping": 4.0} if pair[0] == "gemma2" else {"logit_scale": 0.3}))
+    head = {"final_logit_softcapping": 4.0} if pair[0] == "gemma2" else {"logit_scale": 0.3}
+    student = tiny(pair[0], 16, 0, **head)
     teacher = tiny(pair[1], 24, 1, final_logit_softcapping=6.0)
     ids = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(3))
     labels = ids.clone()
@@ -363,6 +372,31 @@ def test_module_forms_take_the_head_options_at_construction_and_the_tensors_at_c
             xe.nn.LinearDistillationLoss(**{per_call: None})
     dense = xe.nn.DistillationLoss(divergence="kl")
     zs, zt, target = args[0] @ args[1].T, args[2] @ args[3].T, kw["target"]
-    torch.testing.assert_close(
-        dense(zs, zt, target, sample_weight=w, normalizer=9), xe.distillation(zs, zt, target, sample_weight=w, normalizer=9)
-    )
+    expected = xe.distillation(zs, zt, target, sample_weight=w, normalizer=9)
+    torch.testing.assert_close(dense(zs, zt, target, sample_weight=w, normalizer=9), expected, rtol=0, atol=0)
+
+
+def test_head_transforms_keep_the_fused_pair_kernel():
+    """A soft cap and a scale apply to the student's chunk inside the pair kernel (no generic fallback)."""
+    from crossent._distillation.arguments import build_loss
+    from crossent._distillation.heads import head_transforms
+    from crossent._engine.chunked.pair import PairKernel
+    from crossent._engine.plan import Plan
+    from crossent._rows import index_rows
+
+    rows = index_rows(torch.zeros(3, dtype=torch.long), V, -100, None, {})
+    for divergence in ("kl", "reverse_kl", "ttm", "wttm"):
+        loss = build_loss(divergence, temperature=2.0, beta=0.5, gamma=0.5, mu=0.5, ce_weight=0.3, has_target=True)
+        assert PairKernel.supports(Plan(loss, rows, head_transforms("student", 1.7, 3.0)))
+
+
+@pytest.mark.parametrize("divergence", ["kl", "jsd"])
+def test_bfloat16_teacher_with_bias_and_cap_beside_a_float32_student(divergence):
+    # The teacher's logits are formed in bfloat16 (rounded to 8 bits), then capped in float32; the
+    # reference takes the same bfloat16 inputs in float64. Measured: loss 3e-5 relative, gradients 1e-3
+    # of their largest entry.
+    args, kw = case("all_heads_ce")
+    e_t, c_t = args[2].bfloat16(), args[3].bfloat16()
+    kw["bias_teacher"] = kw["bias_teacher"].bfloat16()
+    kw.update(softcap_teacher=3.0, divergence=divergence, beta=0.3)
+    check_against_reference((args[0], args[1], e_t, c_t), kw, rtol=2e-3, atol=2e-3)
