@@ -9,7 +9,10 @@ the stock heads (transformers' Gemma 2 soft cap, Cohere's ``logit_scale``) and T
 
 from __future__ import annotations
 
+import re
 import warnings
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -323,6 +326,44 @@ def test_equals_trl_gkd_generalized_jsd_loss(beta, temperature):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
         for g, e in zip(torch.autograd.grad(got, (e_s, c_s)), torch.autograd.grad(expected, (e_s, c_s))):
             torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
+
+
+def docs_recipe() -> dict:
+    """The namespace of docs/distillation.md's GKD recipe (the ``python`` block defining ``FusedGKDTrainer``)."""
+    text = (Path(__file__).parents[1] / "docs" / "distillation.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "class FusedGKDTrainer" in b]
+    namespace = {"__name__": "docs_gkd_recipe"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # trl.experimental announces itself
+        exec(compile(block, "distillation.md", "exec"), namespace)  # noqa: S102 - our own docs
+    return namespace
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_docs_gkd_recipe_equals_gkd_trainers_compute_loss(beta):
+    """The recipe's ``compute_loss`` and TRL's, on the same tiny Gemma 2 student and teacher (soft-capped
+    heads), padded prompts and completions: equal losses and student gradients."""
+    pytest.importorskip("trl")
+    recipe = docs_recipe()
+    trainer = recipe["GKDTrainer"]
+    student = tiny("gemma2", 16, 0, final_logit_softcapping=4.0)
+    teacher = tiny("gemma2", 24, 1, final_logit_softcapping=6.0)
+    ids = torch.randint(0, V, (2, 8), generator=torch.Generator().manual_seed(4))
+    attention_mask = torch.ones_like(ids)
+    attention_mask[1, 6:] = 0  # padding
+    labels = ids.masked_fill(attention_mask == 0, -100)
+    labels[:, :3] = -100  # the prompt
+    inputs = {"input_ids": ids, "attention_mask": attention_mask, "labels": labels}
+    # What compute_loss reads of the trainer (a whole GKDTrainer needs datasets and arguments).
+    fake = SimpleNamespace(teacher_model=teacher, beta=beta, generalized_jsd_loss=trainer.generalized_jsd_loss,
+                           accelerator=SimpleNamespace(unwrap_model=lambda model: model))  # fmt: skip
+    params = [p for p in student.parameters() if p.requires_grad]
+    for num_items in (None, torch.tensor(13)):
+        expected = trainer.compute_loss(fake, student, inputs, num_items_in_batch=num_items)
+        got = recipe["FusedGKDTrainer"].compute_loss(fake, student, inputs, num_items_in_batch=num_items)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        for g, e in zip(torch.autograd.grad(got, params), torch.autograd.grad(expected, params)):
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
 
 
 # -- errors ---------------------------------------------------------------------------------------------
