@@ -138,10 +138,10 @@ def correctness_aware_loss(logits: Tensor, target: Tensor, *, balanced: bool = T
     gap = torch.where(correct, 1 - confidence, confidence).square()
     if not balanced:
         return gap.mean()
-    n_correct = correct.sum()
+    n_correct = correct.sum().to(gap.dtype)
     n_wrong = correct.numel() - n_correct
     # 1/0 only lands on rows of an empty group, that is on no row
-    weight = torch.where(correct, 1 / n_correct, 1 / n_wrong).to(gap.dtype)
+    weight = torch.where(correct, 1 / n_correct, 1 / n_wrong)
     groups = (n_correct > 0).to(gap.dtype) + (n_wrong > 0).to(gap.dtype)
     return (gap * weight).sum() / groups
 
