@@ -82,6 +82,7 @@ class TemperatureScaling:
     def __repr__(self) -> str:
         return f"TemperatureScaling(temperature={self.temperature:.4g})"
 
+
 def correctness_aware_loss(logits: Tensor, target: Tensor, *, balanced: bool = True) -> Tensor:
     r"""The correctness-aware (CA) calibration objective of Liu et al. (2024).
 
@@ -97,8 +98,8 @@ def correctness_aware_loss(logits: Tensor, target: Tensor, *, balanced: bool = T
     the probability of the true class (cross-entropy instead raises :math:`p_{y_i}`, and with it the
     confidence of a narrowly wrong prediction). This is the official code's loss: the squared gap
     :math:`(c_i - a_i)^2` with correct rows weighted by the batch's error rate and wrong rows by its
-    accuracy, that is each group's mean weighted one half. ``balanced=False`` gives the unweighted gap
-    the paper writes, :math:`\frac1N \sum_i (c_i - a_i)^2` (the Brier score of the top-label confidence).
+    accuracy, that is each group's mean weighted one half. ``balanced=False`` drops those weights:
+    :math:`\frac1N \sum_i (c_i - a_i)^2`, the Brier score of the top-label confidence.
 
     The two differ in what they calibrate to. Rows of accuracy :math:`a` that share a confidence are
     pulled to :math:`c = a` by the unweighted gap, but by the balanced one to
@@ -166,8 +167,8 @@ class CorrectnessAwareCalibrator(nn.Module):
         \qquad \hat z_i = z_i / T_i,
 
     which keeps every row's arg max. :meth:`fit` minimises :func:`correctness_aware_loss` of
-    :math:`\hat z` (balanced by default, as the official code; ``balanced=False`` for the paper's unweighted
-    gap) with Adam in mini-batches, as the official code does (its defaults: :math:`K = 4`, 5 hidden units,
+    :math:`\hat z` (balanced by default, as the official code; ``balanced=False`` for the unweighted gap)
+    with Adam in mini-batches, as the official code does (its defaults: :math:`K = 4`, 5 hidden units,
     :math:`T \in [0.1, 10]`).
 
     Deviations from the official code, which trains 10 epochs at learning rate 1e-4 on an ImageNet
@@ -194,9 +195,11 @@ class CorrectnessAwareCalibrator(nn.Module):
         >>> z = 3 * u                                                     # an over-confident model
         >>> views = 3 * (u.unsqueeze(1) + 0.5 * torch.randn(1000, 3, 5, generator=g))  # 3 perturbed inputs
         >>> def gap(logits):                                              # mean confidence - accuracy
-        ...     return round(float(torch.softmax(logits, -1).amax(-1).mean() - (z.argmax(-1) == y).float().mean()), 2) + 0.0
+        ...     accuracy = (z.argmax(-1) == y).float().mean()
+        ...     return round(float(torch.softmax(logits, -1).amax(-1).mean() - accuracy), 2) + 0.0
         >>> def fit(**kw):
-        ...     return CorrectnessAwareCalibrator(num_views=3).fit(z, views, y, generator=torch.Generator().manual_seed(0), **kw)
+        ...     seeded = torch.Generator().manual_seed(0)
+        ...     return CorrectnessAwareCalibrator(num_views=3).fit(z, views, y, generator=seeded, **kw)
         >>> with torch.no_grad():
         ...     gap(z), gap(fit()(z, views)), gap(fit(balanced=False)(z, views))
         (0.22, -0.09, 0.01)

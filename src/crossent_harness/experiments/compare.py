@@ -185,7 +185,7 @@ def _one_run(cfg, data, method, ctx, x, y, x_val, y_val, rate, seed, y_clean, pr
 def _correctness_aware(cfg, data, model, adjust, x_val, y_val, test_logits, seed) -> dict:
     """ECE, NLL and reliability bins on the test set after the correctness-aware calibrator, fitted on the
     held-out rows with its balanced objective (``*_ca``, the official code's) and the unweighted one
-    (``*_ca_plain``, the paper's equation)."""
+    (``*_ca_plain``, the unweighted squared gap)."""
     from crossent.calibration import CorrectnessAwareCalibrator
 
     def view_logits(x, view_seed):
