@@ -122,10 +122,11 @@ def test_compare_noisy_grid_writes_every_file(capsys, tmp_path):
     assert all(len(v) == 1 for v in by.values())
     assert all(0.0 < r["actual_noise"] < r["rate"] for r in res["runs"])
     assert all("ece_ts" in r and r["temperature"] > 0 for r in res["runs"])
+    assert all(0 <= r["ece_ca"] <= 1 and 0 <= r["ece_ca_plain"] <= 1 for r in res["runs"])
     rows = list(csv.DictReader((out / "runs.csv").open()))
     assert len(rows) == 8 and float(rows[0]["acc"]) > 0.3
     assert "| `ce:label_smoothing=0.1` | ldr-uniform 0.5 |" in stdout
-    assert "ECE % (TS)" in (out / "summary.md").read_text()
+    assert "ECE % (TS)" in (out / "summary.md").read_text() and "ECE % (CA)" in (out / "summary.md").read_text()
     # what the figures depend on beyond the command line
     prov = res["provenance"]
     assert prov["torch"] == torch.__version__ and prov["threads"] == 1 and prov["cpu"]

@@ -11,7 +11,7 @@ import torch
 
 from _datasets import write_fashion_mnist, write_vowel
 from crossent.calibration import TemperatureScaling
-from crossent_harness.experiments import datasets, metrics, report, subsets
+from crossent_harness.experiments import datasets, metrics, report, subsets, views
 from crossent_harness.experiments.methods import Context, Method, class_balanced_weight, parse_list
 from crossent_harness.experiments.models import MNIST1DConv, build_model
 from crossent_harness.experiments.train import Prepared, TrainConfig, predict, train
@@ -114,6 +114,19 @@ def test_temperature_scaling_bad_input():
         TemperatureScaling().fit(torch.randn(4), torch.zeros(4, dtype=torch.long))
     with pytest.raises(TypeError, match="integer"):
         TemperatureScaling().fit(torch.randn(4, 3), torch.zeros(4))
+
+
+@pytest.mark.parametrize("kind, shape", [("image", (5, 1, 4, 6)), ("signal", (5, 8)), ("tabular", (5, 3))])
+def test_calibration_views_keep_the_shape_and_are_reproducible(kind, shape):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    made = views.transformed(x, kind, seed=3)
+    assert len(made) == views.COUNT and all(v.shape == x.shape and v.dtype == x.dtype for v in made)
+    assert all(not torch.equal(v, x) for v in made)
+    assert all(torch.equal(a, b) for a, b in zip(made, views.transformed(x, kind, seed=3)))
+    if kind == "image":
+        assert torch.equal(made[0], x.flip(-1)) and torch.equal(made[1][..., 2:], x[..., :-2])
+    with pytest.raises(ValueError, match="kind must be"):
+        views.transformed(x, "video", seed=0)
 
 
 # -- methods ------------------------------------------------------------------------------------------

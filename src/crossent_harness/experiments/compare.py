@@ -2,7 +2,9 @@
 
 For each (noise rate, seed) the training labels are corrupted once and shared by every method, so
 that methods are compared on identical data. Test labels are never corrupted. With ``calibrate``, a
-stratified ``val_fraction`` of the (corrupted) training set is held out to fit a temperature.
+stratified ``val_fraction`` of the (corrupted) training set is held out to fit a temperature, and the
+correctness-aware calibrator of Liu et al. (2024) twice (its balanced objective and the unweighted one),
+on the model's logits of transformed copies of the inputs (:mod:`.views`).
 
 :func:`run` checks the whole grid (every method, the model, the noise definition: first all that needs no
 data, then the noise definition on the loaded labels) before the first training step, so that a mistake
@@ -16,7 +18,7 @@ import time
 import torch
 
 from ..records import provenance
-from . import datasets, layout, metrics, noise, subsets
+from . import datasets, layout, metrics, noise, subsets, views
 from .config import CompareConfig, OptionError, as_option
 from .methods import Context, Method
 from .models import build_model
@@ -167,15 +169,40 @@ def _one_run(cfg, data, method, ctx, x, y, x_val, y_val, rate, seed, y_clean, pr
         m = metrics.all_metrics(scaled, data.y_test, cfg.n_bins)
         record.update(temperature=ts.temperature, nll_ts=m["nll"], ece_ts=m["ece"])
         record["reliability_ts"] = metrics.reliability_bins(scaled, data.y_test, cfg.n_bins)
+        record.update(_correctness_aware(cfg, data, model, adjust, x_val, y_val, logits, seed))
     record["seconds"] = time.time() - t0
     if progress is not None:
         extra = f" best {record['best_acc']:.4f}@{record['best_step']}" if history else ""
         ts_txt = f" ece_ts {record['ece_ts'] * 100:.2f}% T {record['temperature']:.2f}" if "ece_ts" in record else ""
+        ts_txt += f" ece_ca {record['ece_ca'] * 100:.2f}%" if "ece_ca" in record else ""
         progress.log(
             f"{method.label:<24} {'clean' if rate == 0 else f'rate {rate:g}':<9} seed {seed}: acc {record['acc']:.4f} bacc {record['bacc']:.4f} "
             f"nll {record['nll']:.3f} ece {record['ece'] * 100:.2f}%{ts_txt}{extra} ({record['seconds']:.0f}s)"
         )
     return record
+
+
+def _correctness_aware(cfg, data, model, adjust, x_val, y_val, test_logits, seed) -> dict:
+    """ECE, NLL and reliability bins on the test set after the correctness-aware calibrator, fitted on the
+    held-out rows with its balanced objective (``*_ca``, the official code's) and the unweighted one
+    (``*_ca_plain``, the unweighted squared gap)."""
+    from crossent.calibration import CorrectnessAwareCalibrator
+
+    def view_logits(x, view_seed):
+        return torch.stack([adjust(predict(model, v)) for v in views.transformed(x, data.kind, view_seed)], 1)
+
+    val_logits, val_views = adjust(predict(model, x_val)), view_logits(x_val, 20_000 + seed)
+    test_views = view_logits(data.x_test, 30_000 + seed)
+    out = {}
+    for suffix, balanced in (("ca", True), ("ca_plain", False)):
+        calibrator = CorrectnessAwareCalibrator(views.COUNT, top_k=min(4, data.num_classes)).fit(
+            val_logits, val_views, y_val, balanced=balanced, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            scaled = calibrator(test_logits, test_views)
+        m = metrics.all_metrics(scaled, data.y_test, cfg.n_bins)
+        out.update({f"ece_{suffix}": m["ece"], f"nll_{suffix}": m["nll"],
+                    f"reliability_{suffix}": metrics.reliability_bins(scaled, data.y_test, cfg.n_bins)})
+    return out
 
 
 def total_steps(cfg: CompareConfig, n_train: int) -> int:

@@ -123,7 +123,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=None,
                    help="first seed (default: 42 under --protocol mnist1d, else 0)")
     g.add_argument("--calibrate", action="store_true",
-                   help="fit a temperature on a held-out part of the training set and report both (default: off)")
+                   help="fit a temperature and the correctness-aware calibrator on a held-out part of the "
+                        "training set and report all (default: off)")
     g.add_argument("--val-fraction", type=finite_float, default=None,
                    help="share of the training set held out by --calibrate (default: 0.1)")
     g = p.add_argument_group("output")

@@ -193,7 +193,9 @@ def reliability_panels(runs: list[dict]) -> list[tuple[str, dict]]:
     panels = []
     for method in dict.fromkeys(r["method"] for r in runs):
         rs = [r for r in runs if r["method"] == method]
-        for key, bins_key, suffix in (("ece", "reliability", ""), ("ece_ts", "reliability_ts", " + temp. scaling")):
+        for key, bins_key, suffix in (("ece", "reliability", ""), ("ece_ts", "reliability_ts", " + temp. scaling"),
+                                      ("ece_ca", "reliability_ca", " + CA calibrator"),
+                                      ("ece_ca_plain", "reliability_ca_plain", " + CA, unweighted")):
             if all(bins_key in r for r in rs):
                 mean, std = _mean_std([100 * r[key] for r in rs])
                 spread = f" ± {std:.1f}" if len(rs) > 1 else ""

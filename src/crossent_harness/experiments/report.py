@@ -18,9 +18,11 @@ COLUMNS = (
     ("ece_ts", "ECE % (TS)", 100, 2),
     ("nll_ts", "NLL (TS)", 1, 3),
     ("temperature", "T", 1, 2),
+    ("ece_ca", "ECE % (CA)", 100, 2),
+    ("ece_ca_plain", "ECE % (CA, unweighted)", 100, 2),
 )
 PER_RUN = ("method", "noise", "rate", "seed", "actual_noise", "acc", "bacc", "nll", "ece", "best_acc", "best_step",
-           "ece_ts", "nll_ts", "temperature", "seconds")
+           "ece_ts", "nll_ts", "temperature", "ece_ca", "nll_ca", "ece_ca_plain", "nll_ca_plain", "seconds")
 
 
 def _mean_std(values):
