@@ -486,7 +486,7 @@ def fit_chinchilla(
     loss: ArrayLike,
     *,
     delta: float = HUBER_DELTA,
-    starts: int | None = 16,
+    starts: int | None = 8,
     bootstrap: int = 0,
     confidence: float = 0.95,
     generator: torch.Generator | None = None,
