@@ -155,7 +155,7 @@ def forecast_table(fit, args, points) -> str:
 def compute_table(fit, args, budgets) -> str:
     import torch
 
-    head = ["compute (6 x x2)", f"{args.x} opt", f"{args.x2} opt", f"{args.y} at the optimum"]
+    head = [f"compute (6 {args.x} {args.x2})", f"{args.x} opt", f"{args.x2} opt", f"{args.y} at the optimum"]
     opt = fit.compute_optimal(torch.tensor(budgets, dtype=torch.float64))
     rows = [[f"{c:.4g}", f"{n:.4g}", f"{d:.4g}", f"{l:.4g}"]
             for c, n, d, l in zip(budgets, opt.params.tolist(), opt.tokens.tolist(), opt.loss.tolist())]
