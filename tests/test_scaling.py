@@ -235,3 +235,11 @@ def test_bad_options(options, message):
 def test_interval_needs_bootstrap():
     with pytest.raises(ValueError, match="no bootstrap refits: fit with bootstrap > 0"):
         CHINCHILLA.predict_interval(1e9, 1e10)
+
+
+def test_resamples_that_leave_the_law_undetermined_are_drawn_again():
+    # three sizes: most resamples of three points repeat one, and two sizes cannot fix a floor and a slope
+    x = torch.tensor([1e3, 1e4, 1e5], dtype=torch.float64)
+    fit = fit_power_law(x, 0.8 + (2e3 / x) ** 0.5, bootstrap=8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(fit.samples, torch.tensor([[0.8, 2e3, 0.5]] * 8, dtype=torch.float64), rtol=1e-4,
+                               atol=0)

@@ -161,13 +161,19 @@ def _best_fit(grid: Tensor, log_x: Tensor, log_y: Tensor, delta: float, starts: 
 
 
 def _bootstrap(log_x: Tensor, log_y: Tensor, delta: float, theta: Tensor, resamples: int,
-               generator: torch.Generator | None) -> Tensor:
+               generator: torch.Generator | None, distinct: int) -> Tensor:
     """Parameters ``[resamples, 2K + 1]`` refitted on points drawn with replacement, each refit by L-BFGS
-    from the fit to all points (a resample's optimum lies near it)."""
+    from the fit to all points (a resample's optimum lies near it). A resample with fewer than
+    ``distinct`` distinct values of a size, on which the law is not determined, is drawn again."""
     n = len(log_y)
     out = []
-    for _ in range(resamples):
-        idx = torch.randint(n, (n,), generator=generator)
+    while len(out) < resamples:
+        for _ in range(1000):
+            idx = torch.randint(n, (n,), generator=generator)
+            if all(len(torch.unique(column)) >= distinct for column in log_x[idx].T):
+                break
+        else:
+            raise ValueError(f"resamples of these {n} points rarely hold {distinct} distinct sizes: fit more points")
         fitted, _ = _best_fit(torch.empty(0), log_x[idx], log_y[idx], delta, starts=0, extra_starts=(theta,))
         out.append(fitted)
     return torch.stack(out)
@@ -330,8 +336,10 @@ def fit_power_law(
     ``L_inf = exp(e)``, by L-BFGS from the ``starts`` best points of Hoffmann et al.'s grid of
     initialisations (all of them with ``starts=None``), keeping the best. With ``bootstrap = B > 0`` the
     points are resampled with replacement ``B`` times (drawn from ``generator``: pass a seeded
-    ``torch.Generator`` for repeatable intervals), refitted, and each parameter gets its percentile
-    interval at ``confidence``.
+    ``torch.Generator`` for repeatable intervals; a resample with fewer than 3 distinct ``x`` is drawn
+    again), refitted, and each parameter gets its percentile interval at ``confidence``. Points may
+    repeat a size: several seeds of one model are best given as one point each, so that the bootstrap
+    resamples runs and their spread enters the intervals.
 
     Args:
         x: sizes (parameters, tokens, compute...), ``[P]``, all > 0.
@@ -354,7 +362,7 @@ def fit_power_law(
     fit = PowerLawFit(loss_inf, x0, alpha, points=len(x), objective=value)
     if not bootstrap:
         return fit
-    samples = _power_law_params(_bootstrap(log_x, log_y, delta, theta, bootstrap, generator))
+    samples = _power_law_params(_bootstrap(log_x, log_y, delta, theta, bootstrap, generator, distinct=3))
     low, high = _percentiles(samples, confidence)
     names = ("loss_inf", "x0", "alpha")
     intervals = {name: (lo, hi) for name, lo, hi in zip(names, low.tolist(), high.tolist())}
@@ -496,7 +504,8 @@ def fit_chinchilla(
     Minimises ``sum_i Huber_delta(LSE(a - alpha log N_i, b - beta log D_i, e) - log L_i)`` (``A = exp(a)``,
     ``B = exp(b)``, ``E = exp(e)``, ``delta = 1e-3``) by L-BFGS from the ``starts`` best points of their
     grid of initialisations (all 4500 with ``starts=None``), keeping the best. ``bootstrap``,
-    ``confidence`` and ``generator`` as in :func:`fit_power_law`; the intervals also cover the
+    ``confidence`` and ``generator`` as in :func:`fit_power_law` (a resample needs 2 distinct ``N`` and 2
+    distinct ``D``); the intervals also cover the
     compute-optimal exponents ``params_exponent`` and ``tokens_exponent``.
 
     Args:
@@ -516,7 +525,7 @@ def fit_chinchilla(
     fit = ChinchillaFit(E, A, B, alpha, beta, points=len(loss), objective=value)
     if not bootstrap:
         return fit
-    samples = _chinchilla_params(_bootstrap(log_x, log_y, delta, theta, bootstrap, generator))
+    samples = _chinchilla_params(_bootstrap(log_x, log_y, delta, theta, bootstrap, generator, distinct=2))
     alphas, betas = samples[:, 3], samples[:, 4]
     derived = torch.cat([samples, torch.stack([betas / (alphas + betas), alphas / (alphas + betas)], -1)], -1)
     low, high = _percentiles(derived, confidence)
