@@ -5,9 +5,9 @@ Each width ``w`` is the MNIST-1D reference CNN with ``w`` channels in its three 
 (``crossent_harness.experiments.train.train``: cross-entropy, Adam lr 1e-2 cosine-annealed to 0 over
 ``--epochs`` epochs of batches of 100) on the 4000 MNIST-1D training signals, once per seed; its loss
 is the test cross-entropy (nats, 1000 test signals) early-stopped as Kaplan et al. 2020 measure
-``L(N)``, the lowest of the evaluations every ``--every`` steps, averaged over the seeds (the final
-loss is recorded beside it: past its best step a run overfits the 4000 signals and its test loss
-climbs again). The runs of ``--widths`` go to ``OUT/runs.csv``, the run of ``--held-out`` to
+``L(N)``, the lowest of the evaluations every ``--every`` steps (the final loss is recorded beside it: past
+its best step a run overfits the 4000 signals and its test loss climbs again). Every run, one per
+width and seed, is a point of the fit. The runs of ``--widths`` go to ``OUT/runs.csv``, the run of ``--held-out`` to
 ``OUT/held_out.csv``; then ``L(N) = L_inf + (N0 / N) ** alpha`` in the parameter count ``N`` is fitted
 to the first (:func:`crossent.scaling.fit_power_law`, bootstrap intervals) and its forecast for the
 held-out width is printed beside the measured loss, as a markdown table. The same fit from the command
@@ -36,13 +36,14 @@ from crossent_harness.experiments import datasets, metrics
 from crossent_harness.experiments.models import MNIST1DConv
 from crossent_harness.experiments.train import Prepared, TrainConfig, predict, train
 
-FIELDS = ("width", "params", "loss", "loss_sd", "final_loss", "acc", "seeds", "steps", "seconds")
+FIELDS = ("width", "seed", "params", "loss", "final_loss", "acc", "steps", "seconds")
 
 
 def run_once(data, width: int, cfg: TrainConfig, seed: int, every: int) -> dict:
     """One training run: its early-stopped and final test cross-entropy, its final test accuracy."""
     torch.manual_seed(seed)
     model = MNIST1DConv(data.input_shape[0], data.num_classes, channels=width)
+    t0 = time.time()
     done, best = [0], [math.inf]
 
     def checkpoint(steps: int) -> None:  # the test loss every `every` steps: the run's early-stopped loss
@@ -52,26 +53,9 @@ def run_once(data, width: int, cfg: TrainConfig, seed: int, every: int) -> dict:
 
     train(model, data.x_train, data.y_train, Prepared(loss=get("ce")), cfg, seed=seed, on_step=checkpoint)
     test = predict(model, data.x_test).double()
-    return {"params": sum(p.numel() for p in model.parameters()), "loss": best[0],
-            "final_loss": metrics.nll(test, data.y_test), "acc": metrics.accuracy(test, data.y_test)}
-
-
-def run_width(data, width: int, cfg: TrainConfig, seeds: list[int], every: int) -> dict:
-    """The runs of one width over ``seeds``: the mean of each figure, and the spread of the loss."""
-    t0 = time.time()
-    runs = [run_once(data, width, cfg, seed, every) for seed in seeds]
-    losses = torch.tensor([r["loss"] for r in runs], dtype=torch.float64)
-    return {
-        "width": width,
-        "params": runs[0]["params"],
-        "loss": losses.mean().item(),
-        "loss_sd": losses.std().item() if len(runs) > 1 else 0.0,
-        "final_loss": sum(r["final_loss"] for r in runs) / len(runs),
-        "acc": sum(r["acc"] for r in runs) / len(runs),
-        "seeds": len(runs),
-        "steps": cfg.total_steps(len(data.y_train)),
-        "seconds": round(time.time() - t0, 1),
-    }
+    return {"width": width, "seed": seed, "params": sum(p.numel() for p in model.parameters()), "loss": best[0],
+            "final_loss": metrics.nll(test, data.y_test), "acc": metrics.accuracy(test, data.y_test),
+            "steps": done[0], "seconds": round(time.time() - t0, 1)}
 
 
 def write(path: Path, rows: list[dict]) -> None:
@@ -83,8 +67,20 @@ def write(path: Path, rows: list[dict]) -> None:
 
 def read(path: Path) -> list[dict]:
     with path.open() as f:
-        return [{k: (float(v) if k in ("loss", "loss_sd", "final_loss", "acc", "seconds") else int(v)) for k, v in r.items()}
+        return [{k: (float(v) if k in ("loss", "final_loss", "acc", "seconds") else int(v)) for k, v in r.items()}
                 for r in csv.DictReader(f)]
+
+
+def by_width(runs: list[dict]) -> dict[int, list[dict]]:
+    out: dict[int, list[dict]] = {}
+    for r in runs:
+        out.setdefault(r["width"], []).append(r)
+    return out
+
+
+def mean_sd(values: list[float]) -> str:
+    t = torch.tensor(values, dtype=torch.float64)
+    return f"{t.mean().item():.4f} ± {t.std().item():.4f}" if len(values) > 1 else f"{values[0]:.4f}"
 
 
 def main() -> None:
@@ -92,7 +88,7 @@ def main() -> None:
     parser.add_argument("--widths", default="8,11,16,23,32", help="channel counts of the fitted runs")
     parser.add_argument("--held-out", type=int, default=64, help="channel count of the forecast run")
     parser.add_argument("--epochs", type=int, default=25, help="epochs of 40 steps, the learning rate cosine-annealed")
-    parser.add_argument("--seeds", type=int, default=3, help="runs per width, seeds 0 .. SEEDS-1 (their mean is fitted)")
+    parser.add_argument("--seeds", type=int, default=3, help="runs per width, seeds 0 .. SEEDS-1 (each run a point of the fit)")
     parser.add_argument("--every", type=int, default=100, help="steps between test evaluations")
     parser.add_argument("--bootstrap", type=int, default=200)
     parser.add_argument("--out", type=Path, default=Path("results/scaling"))
@@ -100,32 +96,37 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.fit_only:
-        rows, (held,) = read(args.out / "runs.csv"), read(args.out / "held_out.csv")
+        runs, held = read(args.out / "runs.csv"), read(args.out / "held_out.csv")
     else:
         args.out.mkdir(parents=True, exist_ok=True)
         data = datasets.load("mnist1d")
         cfg = TrainConfig(optimizer="adam", lr=1e-2, batch_size=100, epochs=args.epochs, schedule="cosine")
-        rows = []
+        runs, held = [], []
         for width in [int(w) for w in args.widths.split(",")]:
-            rows.append(run_width(data, width, cfg, list(range(args.seeds)), args.every))
-            print(rows[-1], flush=True)
-            write(args.out / "runs.csv", rows)
-        held = run_width(data, args.held_out, cfg, list(range(args.seeds)), args.every)
-        print(held, flush=True)
-        write(args.out / "held_out.csv", [held])
+            for seed in range(args.seeds):
+                runs.append(run_once(data, width, cfg, seed, args.every))
+                print(runs[-1], flush=True)
+                write(args.out / "runs.csv", runs)
+        for seed in range(args.seeds):
+            held.append(run_once(data, args.held_out, cfg, seed, args.every))
+            print(held[-1], flush=True)
+            write(args.out / "held_out.csv", held)
 
-    params = [r["params"] for r in rows]
-    fit = fit_power_law(params, [r["loss"] for r in rows], bootstrap=args.bootstrap,
+    # every run is a point: the bootstrap then resamples runs, and the seeds' spread enters the intervals
+    fit = fit_power_law([r["params"] for r in runs], [r["loss"] for r in runs], bootstrap=args.bootstrap,
                         generator=torch.Generator().manual_seed(0))
     print(fit.format())
-    print("\n| width | params | test CE (early-stopped, mean ± sd) | fit [interval] | final test CE | final test acc |")
+    print("\n| width | params | test CE, early-stopped (mean ± sd of seeds) | fit [95% interval] | final test CE | "
+          "final test accuracy |")
     print("|---:|---:|---:|---:|---:|---:|")
-    for r in [*rows, held]:
-        low, high = fit.predict_interval(float(r["params"]))
-        fitted = f"{float(fit.predict(float(r['params']))):.4f} [{low.item():.4f}, {high.item():.4f}]"
-        label = f"{r['width']} (held out)" if r is held else str(r["width"])
-        print(f"| {label} | {r['params']} | {r['loss']:.4f} ± {r['loss_sd']:.4f} | {fitted} | {r['final_loss']:.4f} | "
-              f"{r['acc']:.3f} |")
+    groups = by_width(runs)
+    for width, group in [*groups.items(), *by_width(held).items()]:
+        params = group[0]["params"]
+        low, high = fit.predict_interval(float(params))
+        fitted = f"{float(fit.predict(float(params))):.4f} [{low.item():.4f}, {high.item():.4f}]"
+        label = str(width) if width in groups else f"**{width} (held out)**"
+        print(f"| {label} | {params} | {mean_sd([r['loss'] for r in group])} | {fitted} | "
+              f"{mean_sd([r['final_loss'] for r in group])} | {mean_sd([r['acc'] for r in group])} |")
 
 
 if __name__ == "__main__":

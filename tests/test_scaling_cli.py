@@ -96,3 +96,11 @@ def test_mistakes_end_with_one_line(capsys, tmp_path, content, options, message)
 def test_missing_file(capsys, tmp_path):
     rc, _, err = run_cli(capsys, "scaling", "fit", tmp_path / "none.csv", "--x", "a", "--y", "b")
     assert rc == 2 and "cannot read" in err and "none.csv" in err
+
+
+def test_dry_run_reads_nothing(capsys, tmp_path):
+    rc, out, err = run_cli(capsys, "scaling", "fit", tmp_path / "none.csv", "--x", "N", "--x2", "D", "--y", "loss",
+                           "--forecast", "1e9:2e10", "--compute", "1e21", "--dry-run")
+    assert rc == 0, err
+    assert out.startswith(f"fit loss = E + A / N^alpha + B / D^beta against N = N, D = D from {tmp_path / 'none.csv'}")
+    assert "200 bootstrap resamples, seed 0, 95%" in out and "compute-optimal N and D at C = 1e21" in out

@@ -45,6 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--starts", type=positive_int, default=None,
                    help="L-BFGS starts from the best points of the initialisation grid (default: the library's)")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG of the fit here (default: none)")
+    p.add_argument("--dry-run", action="store_true", help="check the options, say what would be fitted, read nothing")
 
 
 def _numbers(text: str | None, option: str, pairs: bool) -> list:
@@ -103,12 +104,31 @@ def check_args(args) -> None:
     args.compute_budgets = _numbers(args.compute, "--compute", pairs=False)
 
 
+def plan(args) -> str:
+    """What ``run`` would do, in words (``--dry-run``)."""
+    law = "L_inf + (x0 / x)^alpha" if args.x2 is None else "E + A / N^alpha + B / D^beta"
+    sizes = args.x if args.x2 is None else f"N = {args.x}, D = {args.x2}"
+    lines = [f"fit {args.y} = {law} against {sizes} from {args.csv}",
+             f"intervals: {args.bootstrap} bootstrap resamples, seed {args.seed}, {args.confidence:.0%}"
+             if args.bootstrap else "intervals: none (--bootstrap 0)"]
+    if args.forecast_points:
+        lines.append(f"forecast at {args.forecast}")
+    if args.compute_budgets:
+        lines.append(f"compute-optimal {args.x} and {args.x2} at C = {args.compute}")
+    if args.plot is not None:
+        lines.append(f"plot to {args.plot}")
+    return "\n".join(lines)
+
+
 def run(args) -> int:
+    check_args(args)
+    if args.dry_run:
+        print(plan(args))
+        return 0
     import torch
 
     from crossent.scaling import fit_chinchilla, fit_power_law
 
-    check_args(args)
     names = [args.x] + ([args.x2] if args.x2 else []) + [args.y]
     *sizes, loss = read_columns(args.csv, names)
     options = {"bootstrap": args.bootstrap, "confidence": args.confidence,
@@ -147,7 +167,7 @@ def forecast_table(fit, args, points) -> str:
     rows = []
     for point in points:
         point = point if two else (point,)
-        rows.append([f"{v:.4g}" for v in point] + [f"{float(fit.predict(*point)):.4g}"]
+        rows.append([f"{v:.6g}" for v in point] + [f"{float(fit.predict(*point)):.4g}"]
                     + ([_interval(fit, *point)] if fit.samples is not None else []))
     return _table(head, rows)
 
