@@ -104,3 +104,15 @@ def test_dry_run_reads_nothing(capsys, tmp_path):
     assert rc == 0, err
     assert out.startswith(f"fit loss = E + A / N^alpha + B / D^beta against N = N, D = D from {tmp_path / 'none.csv'}")
     assert "200 bootstrap resamples, seed 0, 95%" in out and "compute-optimal N and D at C = 1e21" in out
+
+
+@pytest.mark.parametrize("argv", [["scaling", "--help"], ["scaling", "fit", "--help"]], ids=" ".join)
+def test_help_is_plain_text_of_at_most_100_columns(capsys, monkeypatch, argv):
+    monkeypatch.setenv("COLUMNS", "300")
+    with pytest.raises(SystemExit):
+        cli.main(argv)
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 100
+    assert not re.search(r"``|:[a-z]+:`|`", out)
+    if "fit" in argv:
+        assert "(default: 200)" in " ".join(out.split())

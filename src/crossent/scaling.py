@@ -78,8 +78,8 @@ LOG_FLOOR_GRID = (-1.0, -0.5, 0.0, 0.5, 1.0)
 
 ArrayLike = Union[Tensor, Sequence[float]]
 
-# An interval per parameter name: (low, high).
-Intervals = dict
+#: a percentile interval ``(low, high)`` per parameter name
+Intervals = dict[str, tuple[float, float]]
 
 
 # -- the model and its objective -----------------------------------------------------------------------
