@@ -88,7 +88,8 @@ def main() -> None:
     parser.add_argument("--widths", default="8,11,16,23,32", help="channel counts of the fitted runs")
     parser.add_argument("--held-out", type=int, default=64, help="channel count of the forecast run")
     parser.add_argument("--epochs", type=int, default=25, help="epochs of 40 steps, the learning rate cosine-annealed")
-    parser.add_argument("--seeds", type=int, default=3, help="runs per width, seeds 0 .. SEEDS-1 (each run a point of the fit)")
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="runs per width, seeds 0 .. SEEDS-1 (each run a point of the fit)")
     parser.add_argument("--every", type=int, default=100, help="steps between test evaluations")
     parser.add_argument("--bootstrap", type=int, default=200)
     parser.add_argument("--out", type=Path, default=Path("results/scaling"))

@@ -49,7 +49,8 @@ def test_fit_prints_the_law_and_a_forecast_with_its_interval(capsys, power_law_c
 def test_two_columns_and_compute_optimal(capsys, tmp_path):
     law = ChinchillaFit(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
     path = tmp_path / "grid.csv"
-    rows = [f"{n:g},{d:g},{float(law.predict(n, d)):.8f}" for n in (1e7, 1e8, 1e9, 1e10) for d in (1e9, 1e10, 1e11, 1e12)]
+    sizes = [(n, d) for n in (1e7, 1e8, 1e9, 1e10) for d in (1e9, 1e10, 1e11, 1e12)]
+    rows = [f"{n:g},{d:g},{float(law.predict(n, d)):.8f}" for n, d in sizes]
     path.write_text("N,D,loss\n" + "\n".join(rows) + "\n")
     rc, out, err = run_cli(capsys, "scaling", "fit", path, "--x", "N", "--x2", "D", "--y", "loss", "--bootstrap", "0",
                            "--forecast", "7e10:1.4e12", "--compute", "5.76e23")

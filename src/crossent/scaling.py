@@ -196,7 +196,8 @@ def _as_positive(name: str, values: ArrayLike, vector: bool = True) -> Tensor:
     if bool(bad.any()):
         i = tuple(torch.nonzero(bad)[0].tolist())
         where = f"position {i[0]}" if len(i) == 1 else f"index {i}" if i else "the value"
-        raise ValueError(f"{name} must be finite and > 0 (the fit is in log space), got {t[bad][0].item():g} at {where}")
+        raise ValueError(f"{name} must be finite and > 0 (the fit is in log space), got {t[bad][0].item():g} "
+                         f"at {where}")
     return t
 
 

@@ -75,7 +75,8 @@ def read_columns(path: Path, names: list[str]) -> list[list[float]]:
             header = reader.fieldnames or []
             missing = [n for n in names if n not in header]
             if missing:
-                raise ScalingInputError(f"{path}: no column {missing[0]!r}; the columns are {', '.join(header) or 'none'}")
+                columns = ", ".join(header) or "none"
+                raise ScalingInputError(f"{path}: no column {missing[0]!r}; the columns are {columns}")
             columns: list[list[float]] = [[] for _ in names]
             for line, row in enumerate(reader, start=2):
                 for name, column in zip(names, columns):
