@@ -29,6 +29,7 @@ PUBLIC_MODULES = [
     "crossent",
     "crossent.contrastive",
     "crossent.nn",
+    "crossent.sets",
     "crossent.losses",
     "crossent.stats",
     "crossent.transforms",

@@ -289,18 +289,24 @@ def test_bfloat16_model_and_autocast():
     "name, lengths, compilations",
     [("llama", (10, 10, 10), 1), ("gemma2", (10, 10, 10), 1), ("gemma2", (10, 12, 14), 2)],
 )
-def test_a_patched_model_compiles_once_in_one_graph(name, lengths, compilations):
+@pytest.mark.parametrize("patch", ["instance", "class"])
+def test_a_patched_model_compiles_once_in_one_graph(name, lengths, compilations, patch):
     """docs/transformers.md: a patched model, plain head or soft-capped, compiles once with
     ``fullgraph=True`` (the fused loss is one operator, the transformed loss is built before the graph, the
     post-processing check is an assert of the graph) and trains as eager mode does: several steps with new
     tokens, the loss and every gradient equal eager's; one compilation for one shape, two when the length
-    changes (the second with symbolic lengths, as PyTorch compiles a stock model)."""
+    changes (the second with symbolic lengths, as PyTorch compiles a stock model). A patched class
+    compiles the same way: a plain head before any eager forward, a soft cap other than the config
+    class's default after one."""
     import torch._dynamo
     from torch._dynamo.testing import CompileCounterWithBackend
 
     model = tiny(name)
     counter = CompileCounterWithBackend("aot_eager")
-    with xt.patched(model, loss="focal"):
+    with xt.patched(model if patch == "instance" else type(model), loss="focal"):
+        if patch == "class" and name == "gemma2":
+            ids, labels = batch()
+            model(input_ids=ids, labels=labels)  # builds the loss of this model's soft cap (2, not 30)
         torch._dynamo.reset()
         try:
             compiled = torch.compile(model, backend=counter, fullgraph=True)
@@ -314,6 +320,26 @@ def test_a_patched_model_compiles_once_in_one_graph(name, lengths, compilations)
         finally:
             torch._dynamo.reset()
     assert counter.frame_count == compilations
+
+
+@pytest.mark.slow
+def test_a_patched_class_compiled_first_with_an_unseen_softcap_says_what_to_do():
+    """A class patch knows the soft cap of the config class's default; a model with another one, compiled
+    before any eager forward, cannot build its loss inside the graph: a clear error, not a wrong loss."""
+    import torch._dynamo
+
+    model = tiny("gemma2")
+    with xt.patched(type(model)):
+        torch._dynamo.reset()
+        try:
+            compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+            ids, labels = batch()
+            with pytest.raises(Exception, match=r"run one training forward before compiling"):
+                compiled(input_ids=ids, labels=labels)
+            want = model(input_ids=ids, labels=labels).loss  # one eager forward builds the loss
+            close(compiled(input_ids=ids, labels=labels).loss, want)
+        finally:
+            torch._dynamo.reset()
 
 
 @pytest.mark.slow
@@ -696,3 +722,42 @@ def test_two_gloo_processes_ddp_and_a_tensor_parallel_head():
         )
         while not ctx.join(timeout=120):
             pass
+
+
+@pytest.mark.slow
+def test_trainer_torch_compile_trains_the_patched_model_in_one_graph(tmp_path):
+    """Found as: ``Trainer(torch_compile=True)`` recompiled a patched model on every step. The Trainer
+    compiles it (through accelerate) once for one shape, without a graph break, and the logged losses
+    are the eager patched Trainer's."""
+    import copy
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    datasets = pytest.importorskip("datasets")
+    ids, labels = batch(b=4)
+    data = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})
+
+    def losses(compile_: bool):
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=3, learning_rate=1e-3,
+            logging_steps=1, report_to=[], use_cpu=True, torch_compile=compile_,
+            torch_compile_backend="aot_eager" if compile_ else None, dataloader_drop_last=True,
+        )  # fmt: skip
+        trainer = transformers.Trainer(model=copy.deepcopy(tiny("llama")), args=args, train_dataset=data)
+        xt.apply(trainer, loss="focal")
+        trainer.train()
+        return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+    want = losses(False)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        got = losses(True)
+        assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+        assert not counters["graph_break"], dict(counters["graph_break"])
+    finally:
+        torch._dynamo.reset()
+    assert len(got) == len(want) == 3
+    for g, w in zip(got, want):
+        assert abs(g - w) <= 1e-4 * abs(w), (got, want)

@@ -5,7 +5,7 @@ from a logit tensor (:func:`cross_entropy`) or without ever materialising it
 (:func:`linear_cross_entropy`).
 """
 
-from . import contrastive, losses, nn, stats, targets, transforms, weighting
+from . import contrastive, losses, nn, sets, stats, targets, transforms, weighting
 from ._distillation import distillation, linear_distillation
 from ._engine.options import LinearCrossEntropyOptions, default_chunk_size
 from ._functional import cross_entropy
@@ -25,6 +25,7 @@ __all__ = [
     "contrastive",
     "losses",
     "nn",
+    "sets",
     "stats",
     "targets",
     "transforms",

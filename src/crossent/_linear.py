@@ -12,6 +12,7 @@ from ._dtensor import VocabularyShard, is_dtensor, local_arguments
 from ._engine.options import LinearCrossEntropyOptions
 from ._linear_call import (
     check_normalizer,
+    check_sample_weight,
     compiled_call,
     engine_call,
     finish,
@@ -21,24 +22,6 @@ from ._linear_call import (
 )
 
 __all__ = ["linear_cross_entropy"]
-
-
-def _check_sample_weight(sample_weight, target: Tensor, device) -> Tensor | None:
-    """``sample_weight``: one finite float per target, on ``e``'s device (returned as given)."""
-    if sample_weight is None:
-        return None
-    if not isinstance(sample_weight, Tensor):
-        raise TypeError(f"sample_weight must be a tensor or None, got {type(sample_weight).__name__}")
-    if not sample_weight.is_floating_point():
-        raise TypeError(f"sample_weight must be floating point, got {sample_weight.dtype}")
-    if tuple(sample_weight.shape) != tuple(target.shape):
-        raise ValueError(
-            f"sample_weight must have the target's shape {tuple(target.shape)} (one weight per row), "
-            f"got {tuple(sample_weight.shape)}"
-        )
-    if sample_weight.device != device:
-        raise ValueError(f"sample_weight is on {sample_weight.device} but e is on {device}")
-    return sample_weight
 
 
 def linear_cross_entropy(
@@ -164,7 +147,7 @@ def linear_cross_entropy(
     )  # fmt: skip
     loss_obj = call.build_loss()
     target = V.index_target(target, "integer class indices")  # uint8 read as the classes it holds
-    sample_weight = _check_sample_weight(sample_weight, target, e.device)
+    sample_weight = check_sample_weight(sample_weight, tuple(target.shape), e.device)
     denominator = check_normalizer(normalizer, reduction, e.device)
     e, c, bias, out_dtype = linear_inputs(e, c, bias)
 

@@ -50,6 +50,7 @@ __all__ = [
     "LinearStats",
     "STAT_SOURCES",
     "check_normalizer",
+    "check_sample_weight",
     "check_target",
     "compiled_call",
     "engine_call",
@@ -191,6 +192,25 @@ def _check_tensors(e, c, target, bias, allow_no_classes: bool = False, shift: bo
     for name, t in (("c", c), ("target", target)) + ((("bias", bias),) if bias is not None else ()):
         if t.device != e.device:
             raise ValueError(f"{name} is on {t.device} but e is on {e.device}")
+
+
+def check_sample_weight(sample_weight, rows_shape: tuple, device, *, rows: str = "the target's", first: str = "e"):
+    """``sample_weight``: one float per row (``rows_shape``, named ``rows``), on ``first``'s ``device``;
+    returned as given (or ``None``)."""
+    if sample_weight is None:
+        return None
+    if not isinstance(sample_weight, Tensor):
+        raise TypeError(f"sample_weight must be a tensor or None, got {type(sample_weight).__name__}")
+    if not sample_weight.is_floating_point():
+        raise TypeError(f"sample_weight must be floating point, got {sample_weight.dtype}")
+    if tuple(sample_weight.shape) != tuple(rows_shape):
+        raise ValueError(
+            f"sample_weight must have {rows} shape {tuple(rows_shape)} (one weight per row), "
+            f"got {tuple(sample_weight.shape)}"
+        )
+    if sample_weight.device != device:
+        raise ValueError(f"sample_weight is on {sample_weight.device} but {first} is on {device}")
+    return sample_weight
 
 
 def check_normalizer(normalizer, reduction: str, device) -> Tensor | None:

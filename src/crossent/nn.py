@@ -17,6 +17,7 @@ from torch.nn import _reduction as _Reduction
 from . import _validation as V
 from ._distillation import distillation, linear_distillation
 from ._distillation.arguments import checked_loss
+from ._distillation.heads import check_heads
 from ._distillation.linear import engine_options
 from ._functional import cross_entropy
 from ._linear import linear_cross_entropy
@@ -261,8 +262,14 @@ class _Options(nn.Module):
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
 
 
+#: The distillation functions' keyword arguments that come with each call (tensors of the batch), not options.
+_PER_CALL = ("sample_weight", "normalizer")
+_HEAD_BIASES = ("bias_student", "bias_teacher")
+
+
 class DistillationLoss(_Options):
-    """Module form of :func:`crossent.distillation`: ``crit(student_logits, teacher_logits, target=None)``.
+    """Module form of :func:`crossent.distillation`: ``crit(student_logits, teacher_logits, target=None)``
+    (``sample_weight=`` and ``normalizer=`` come with each call).
 
     The options are :func:`crossent.distillation`'s keyword arguments, checked here.
 
@@ -274,24 +281,38 @@ class DistillationLoss(_Options):
     """
 
     def __init__(self, divergence: str = "kl", **options):
-        super().__init__(distillation, (checked_loss,), divergence=divergence, **options)
+        super().__init__(distillation, (checked_loss,), _PER_CALL, divergence=divergence, **options)
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None = None) -> Tensor:
-        return distillation(student_logits, teacher_logits, target, **self.options)
+    def forward(
+        self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None = None, *,
+        sample_weight: Tensor | None = None, normalizer: float | Tensor | None = None,
+    ) -> Tensor:  # fmt: skip
+        return distillation(
+            student_logits, teacher_logits, target, sample_weight=sample_weight, normalizer=normalizer, **self.options
+        )
 
 
 class LinearDistillationLoss(_Options):
     """Module form of :func:`crossent.linear_distillation`: ``crit(e_student, c_student, e_teacher, c_teacher, target=None)``.
 
-    The classifiers are passed at call time (``crit(h, student.lm_head.weight, h_t, teacher.lm_head.weight)``);
-    the options are :func:`crossent.linear_distillation`'s keyword arguments, checked here.
+    The classifiers are passed at call time (``crit(h, student.lm_head.weight, h_t, teacher.lm_head.weight)``),
+    and so are the per-call tensors (``bias_student``, ``bias_teacher``, ``sample_weight``, ``normalizer``);
+    the options are :func:`crossent.linear_distillation`'s other keyword arguments, checked here.
     """
 
     def __init__(self, divergence: str = "kl", **options):
-        super().__init__(linear_distillation, (checked_loss, engine_options), divergence=divergence, **options)
+        checks = (checked_loss, engine_options, check_heads)
+        super().__init__(linear_distillation, checks, _PER_CALL + _HEAD_BIASES, divergence=divergence, **options)
 
-    def forward(self, e_student, c_student, e_teacher, c_teacher, target: Tensor | None = None) -> Tensor:
-        return linear_distillation(e_student, c_student, e_teacher, c_teacher, target, **self.options)
+    def forward(
+        self, e_student, c_student, e_teacher, c_teacher, target: Tensor | None = None, *,
+        bias_student: Tensor | None = None, bias_teacher: Tensor | None = None,
+        sample_weight: Tensor | None = None, normalizer: float | Tensor | None = None,
+    ) -> Tensor:  # fmt: skip
+        return linear_distillation(
+            e_student, c_student, e_teacher, c_teacher, target, bias_student=bias_student, bias_teacher=bias_teacher,
+            sample_weight=sample_weight, normalizer=normalizer, **self.options,
+        )  # fmt: skip
 
 
 class InfoNCELoss(_Options):

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from .. import _validation as V
+from .._linear_call import check_sample_weight
 from .._linear_call import check_target as check_class_indices
 from .._linear_call import shifted
 from .._rows import Rows, index_rows
@@ -78,10 +79,26 @@ def distillation_rows(
     return index_rows(target.reshape(-1), num_classes, ignore_index, None, extra)
 
 
+def row_weights(sample_weight: Tensor | None, rows_shape: tuple, shift: bool, device) -> Tensor | None:
+    """``sample_weight`` (one weight per row, ``[...]``) checked and flat (``[N]``), or ``None``.
+
+    Under ``shift`` the weights move with the targets, as ``linear_cross_entropy``'s: position ``t``
+    takes ``sample_weight[..., t + 1]`` (the weight of the token it predicts); the last position drops out.
+    """
+    sample_weight = check_sample_weight(sample_weight, rows_shape, device, rows="the rows'", first="the student")
+    if sample_weight is None:
+        return None
+    if shift and sample_weight.dim() and sample_weight.shape[-1]:
+        moved = torch.zeros_like(sample_weight)
+        moved[..., :-1] = sample_weight[..., 1:]
+        sample_weight = moved
+    return sample_weight.reshape(-1)
+
+
 def per_row(t: Tensor, rows_shape: tuple, shift: bool) -> Tensor:
     """``[N]`` per-row values in the rows' shape (without the last position under ``shift``)."""
     t = t.reshape(rows_shape)
     return t[..., :-1] if shift else t
 
 
-__all__ = ["build_loss", "check_target", "checked_loss", "distillation_rows", "per_row"]
+__all__ = ["build_loss", "check_target", "checked_loss", "distillation_rows", "per_row", "row_weights"]

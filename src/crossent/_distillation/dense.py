@@ -7,7 +7,8 @@ from torch import Tensor
 from .._engine.dense import dense_row_losses
 from .._engine.plan import Plan
 from .._engine.reduction import reduce
-from .arguments import check_target, checked_loss, distillation_rows, per_row
+from .._linear_call import check_normalizer
+from .arguments import check_target, checked_loss, distillation_rows, per_row, row_weights
 from .statistics import TEACHER
 
 
@@ -41,11 +42,14 @@ def distillation(
     ignore_index: int = -100,
     reduction: str = "mean",
     shift: bool = False,
+    sample_weight: Tensor | None = None,
+    normalizer: float | Tensor | None = None,
 ) -> Tensor:
     r"""Knowledge distillation from logits: a divergence of the student's distribution from the teacher's.
 
     Per row, with :math:`p = \mathrm{softmax}(z / T)` (student) and :math:`p_t = \mathrm{softmax}(t / T)`
-    (teacher), the loss is ``D(p_t, p) + ce_weight * CE(z, target)``, with ``D`` one of
+    (teacher), the loss is ``w (D(p_t, p) + ce_weight * CE(z, target))`` (``w``: ``sample_weight``, 1
+    without it), with ``D`` one of
 
     * ``"kl"``: :math:`\mathrm{KL}(p_t \| p)` (Hinton et al. 2015; no :math:`T^2` factor);
     * ``"reverse_kl"``: :math:`\mathrm{KL}(p \| p_t)`;
@@ -76,6 +80,12 @@ def distillation(
         reduction: ``"mean"`` over counted rows, ``"sum"``, or ``"none"`` (the rows' shape).
         shift: causal-LM shift: row ``t`` pairs with ``target[..., t + 1]`` and the last position of
             each sequence drops out (also without a target).
+        sample_weight: a float per row (``[...]``) multiplying its loss; under ``shift`` it moves with
+            the targets (position ``t`` takes ``sample_weight[..., t + 1]``). ``mean`` still divides by
+            the counted rows (or ``normalizer``).
+        normalizer: the divisor of ``reduction="mean"`` instead of the counted rows (a number or a
+            one-element tensor: the counted tokens of all micro-batches of a step, for gradient
+            accumulation). The loss is ``sum / normalizer``.
 
     Example:
         >>> import torch, crossent as xe
@@ -93,14 +103,18 @@ def distillation(
     _check_logits(student_logits, teacher_logits)
     rows_shape, num_classes = tuple(student_logits.shape[:-1]), student_logits.shape[-1]
     check_target(target, rows_shape, student_logits.device)
+    row_weight = row_weights(sample_weight, rows_shape, shift, student_logits.device)
+    denominator = check_normalizer(normalizer, reduction, student_logits.device)
     teacher = teacher_logits.detach().reshape(-1, num_classes)
     rows = distillation_rows(
         target, rows_shape, num_classes, ignore_index, shift, student_logits.device, {TEACHER: teacher}
     )
     values = dense_row_losses(student_logits.reshape(-1, num_classes), Plan(loss, rows), rows)
+    if row_weight is not None:
+        values = values * row_weight.to(values.dtype)
     if reduction == "none":
         return per_row(values, rows_shape, shift).to(student_logits.dtype)
-    return reduce(values, rows, reduction, (), student_logits.dtype)
+    return reduce(values, rows, reduction, (), student_logits.dtype, denominator)
 
 
 __all__ = ["distillation"]

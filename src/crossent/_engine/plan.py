@@ -176,8 +176,8 @@ class Factors:
                   + d_i z'_ij                                    linear (twice a sum of squares' coefficient)
 
     ``z'`` are the transformed logits, ``p = softmax(z')`` (the :data:`OWN` softmax), ``t`` a
-    teacher's logits (plans of pair forms, which have no transforms). Every factor is an ``[N]``
-    tensor (float64 from :meth:`Plan.factors`) or ``None``: no such term. With an affine transform
+    teacher's logits (plans of pair forms; the teacher's own transforms already applied). Every
+    factor is an ``[N]`` tensor (float64 from :meth:`Plan.factors`) or ``None``: no such term. With an affine transform
     chain, :meth:`Plan.factors` ``(raw=True)`` folds the chain's scale in: the gradient of the raw logits.
 
     Engines only read the terms (each applies those its kernels form); a kernel that rebuilds ``p``

@@ -30,7 +30,6 @@ import functools
 import inspect
 import math
 import sys
-import types
 import weakref
 
 import torch
@@ -99,6 +98,8 @@ class _Settings:
         takes a loss object only if it was built outside the compiled code (every forward after the first
         finds it here, and a compiled forward never builds one)."""
         key = (logit_map.scale, logit_map.softcap)
+        if key == (1.0, None):  # a plain head: the loss itself, nothing to build (a patched class compiles)
+            return self.loss
         loss = self.transformed.get(key)
         if loss is not None:
             return loss
@@ -112,6 +113,17 @@ class _Settings:
         loss = Transformed(self.loss, *transforms) if transforms else self.loss
         self.transformed[key] = loss
         return loss
+
+    def prebuild(self, cls: type) -> None:
+        """Build the loss of the post-processing that ``cls``'s default config implies (Gemma 2's
+        soft-capping), so that an instance of a patched class compiled before any eager forward finds it
+        built. An instance whose config differs builds its own at its first forward outside torch.compile."""
+        try:
+            config = cls.config_class()
+            default = logit_map(config.model_type, config, cls.__name__)
+        except Exception:  # noqa: BLE001 - no usable default config: the instance's forward decides
+            return
+        self.loss_for(default)
 
     def check(self, who: str, model: nn.Module | None = None) -> None:
         """Refuse now what would fail in training. A loss that reads ``extra`` on every call is refused
@@ -190,6 +202,7 @@ def apply(model, loss="ce", **options):
     if isinstance(model, type):
         _check_class(model)
         settings.check(model.__name__)
+        settings.prebuild(model)
         if model not in _CLASSES:
             _CLASSES[model] = (settings, model.__dict__.get("forward"))
             model.forward = _class_forward(model, model.forward)
@@ -383,7 +396,9 @@ class _PatchedForward:
 def _class_forward(cls, original):
     @functools.wraps(original)
     def forward(self, *args, **kwargs):
-        return _run(self, types.MethodType(original, self), args, kwargs)
+        # Bound through the descriptor protocol, which dynamo traces (a types.MethodType call breaks
+        # the graph), so that a patched class compiles in one graph as a patched instance does.
+        return _run(self, original.__get__(self, type(self)), args, kwargs)
 
     return forward
 

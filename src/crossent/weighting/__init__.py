@@ -20,6 +20,7 @@ strategy                    inputs                                   state
 :class:`DirichletWeightSampling` ``target``, ``probs`` / ``logits``  random generator
 :class:`MixCEWeights`       per-token losses                         none
 :class:`BiasLossWeights`    ``features``                             running minimum
+:class:`DynamicClassWeights` elementwise ``[..., C]`` multi-label losses running class losses
 =========================== ======================================== ===========================
 
 :class:`ForwardCorrection` and :class:`BackwardCorrection` are losses over logits (the registry
@@ -31,6 +32,7 @@ from ._base import Strategy
 from ._bias import BiasLossWeights, bias_loss_weights
 from ._long_tail import ClassBalanced, LogitAdjustment
 from ._mixce import MixCEWeights
+from ._multilabel import DynamicClassWeights
 from ._noisy_labels import (
     RENT,
     BackwardCorrection,
@@ -55,4 +57,5 @@ __all__ = [
     "MixCEWeights",
     "bias_loss_weights",
     "BiasLossWeights",
+    "DynamicClassWeights",
 ]

@@ -9,9 +9,16 @@ plus whatever else it needs (targets, domain ids, model probabilities, feature m
 * ``__call__(losses, **inputs)`` returns the reweighted scalar loss, differentiable with respect to
   ``losses``, and advances the state (step counter, domain weights, running minimum, generator);
 * ``state_dict()`` / ``load_state_dict(state)`` save and restore that state (empty for stateless ones).
+
+Multi-label losses have one value per example and class: a multi-label strategy
+(:class:`~crossent.weighting.DynamicClassWeights`) takes those elementwise ``[..., C]`` losses and its
+``weights`` returns one weight per element, with the same contract otherwise.
 """
 
 from __future__ import annotations
+
+import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -129,3 +136,14 @@ def check_probabilities(probs, logits, who: str, *, rows: int, num_classes: int)
     if not torch.isfinite(value).all() or (value < 0).any():
         raise ValueError(f"{who}: probs must be finite and non-negative")
     return value
+
+
+def check_step_count(state: dict, key: str, who: str, *, minimum: int) -> int:
+    """``state[key]`` as a step count (an int, or an integer-valued number or tensor) of at least ``minimum``."""
+    value = state[key]
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not number or value != int(value) or value < minimum:
+        raise ValueError(f"{who}: {key} must be an integer >= {minimum}, got {value!r}")
+    return int(value)

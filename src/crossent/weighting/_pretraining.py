@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import torch
 from torch import Tensor
 
 from . import _dist
 from .._rows import compute_dtype
-from ._base import Strategy, check_index_tensor, check_losses, check_mask, check_same_shape, check_vector
+from ._base import (
+    Strategy,
+    check_index_tensor,
+    check_losses,
+    check_mask,
+    check_same_shape,
+    check_step_count,
+    check_vector,
+)
 
 STRATEGIES = ("linupper", "quadratic", "extremes", "upper", "uniform")
 #: the official code's names for the same functions.
@@ -187,21 +192,10 @@ class LossReweighting(Strategy):
         return {"num_steps": self.num_steps}
 
     def load_state_dict(self, state: dict) -> None:
-        self.num_steps = _step_count(state, "num_steps", "LossReweighting", minimum=0)
+        self.num_steps = check_step_count(state, "num_steps", "LossReweighting", minimum=0)
 
     def _repr_args(self):
         return {"strategy": self.strategy, "r": self.r, "d": self.d, "warmup_steps": self.warmup_steps}
-
-
-def _step_count(state: dict, key: str, who: str, *, minimum: int) -> int:
-    """``state[key]`` as a step count (an int, or an integer-valued number or tensor) of at least ``minimum``."""
-    value = state[key]
-    if isinstance(value, Tensor) and value.numel() == 1:
-        value = value.item()
-    number = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    if not number or value != int(value) or value < minimum:
-        raise ValueError(f"{who}: {key} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 class DoReMi(Strategy):
@@ -335,7 +329,7 @@ class DoReMi(Strategy):
         scores = scores.detach().to(torch.float64)
         if not torch.isfinite(scores).all():
             raise ValueError(f"{who}: scores must be finite")
-        counter = _step_count(state, "counter", who, minimum=1)
+        counter = check_step_count(state, "counter", who, minimum=1)
         self._alpha, self._average, self._scores = alpha.cpu().clone(), average.cpu().clone(), scores.cpu().clone()
         self._counter = counter
 

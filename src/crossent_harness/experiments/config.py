@@ -77,6 +77,9 @@ class CompareConfig:
             if m.needs_noise and self.noise == "none":
                 raise OptionError("--losses",
                                   f"{m.label} needs label noise (--noise) to know the true transition matrix")
+            if m.name == "oko" and m.hparams.get("k", 1) >= profile.num_classes:
+                raise OptionError("--losses", f"{m.label}: k + 1 distinct classes a set, but {self.dataset} has "
+                                  f"{profile.num_classes}")
         as_option("--train", self.train.check)
         if self.noise != "none":
             model = as_option("--noise", noise.get, self.noise)

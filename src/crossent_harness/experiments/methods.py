@@ -12,6 +12,10 @@ A spec is ``NAME[:key=value[:key=value...]]`` (``,key=value`` after the first al
 ``forward_correction``     Patrini et al.'s forward correction with ``T`` estimated from a CE model
                            trained first (anchor at the 97th percentile); ``T=oracle`` uses the true
                            noise matrix
+``oko[:k=1][:targets=hard]``  odd-k-out learning (Muttenthaler et al. 2024, ``crossent.sets``): each step
+                           draws ``--batch-size`` sets of ``k + 2`` examples (k + 2 times a CE step's
+                           examples) and takes CE of each set's summed logits; ``targets=soft`` for
+                           the set's class frequencies; predictions from single examples
 =========================  ==========================================================================
 
 Unlisted keys of a strategy are passed to its base loss (``cb:loss=focal:gamma=1``).
@@ -28,7 +32,7 @@ from crossent import losses as L
 
 from .train import Prepared
 
-STRATEGIES = ("cb", "la", "la_posthoc", "forward_correction")
+STRATEGIES = ("cb", "la", "la_posthoc", "forward_correction", "oko")
 
 
 def _value(text: str):
@@ -98,6 +102,13 @@ class Method:
                 raise ValueError("T must be 'oracle' or left out (estimated from a CE model)")
             _number(hp.pop("percentile", 97), "percentile", low=0.0, high=100.0, low_open=True)
             _build("forward_correction", {"T": torch.eye(2), **hp})
+        elif self.name == "oko":
+            k = hp.pop("k", 1)
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise ValueError(f"k must be an integer >= 1, got {k!r}")
+            if hp.pop("targets", "hard") not in ("hard", "soft"):
+                raise ValueError("targets must be 'hard' or 'soft'")
+            _build("ce", hp)
         else:
             _build(self.name, hp)
 
@@ -125,6 +136,9 @@ class Method:
             return Prepared(L.get("ce", **hp), adjust=adjust, info={"tau": tau})
         if self.name == "forward_correction":
             return _forward_correction(hp, ctx)
+        if self.name == "oko":
+            k, targets = int(hp.pop("k", 1)), hp.pop("targets", "hard")
+            return Prepared(L.get("ce", **hp), sets=(k, targets == "soft"), info={"k": k, "targets": targets})
         # per-sample state (ALDR-KL's adaptive lambda) is sized to the training set
         if "num_samples" not in hp and ctx.num_train is not None:
             if "num_samples" in inspect.signature(L.registered()[self.name]).parameters:

@@ -108,7 +108,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("methods")
     g.add_argument("--losses", default=DEFAULT_LOSSES,
                    help="registry names with hyperparameters (gce:q=0.7), or the strategies cb, la, la_posthoc, "
-                   f"forward_correction; see crossent losses (default: {DEFAULT_LOSSES})")
+                   f"forward_correction, oko; see crossent losses (default: {DEFAULT_LOSSES})")
     names = ", ".join(f"{p.name} ({p.summary})" for p in protocols.PROTOCOLS.values())
     g = p.add_argument_group("protocol (a preset of the settings below; each flag overrides it)")
     g.add_argument("--protocol", default="quick", metavar="NAME", help=f"{names} (default: quick)")

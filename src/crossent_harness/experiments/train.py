@@ -8,7 +8,9 @@ Batches are drawn in one of three ways:
 - ``sampler="cyclic"``: the MNIST-1D reference code's walk, batch ``k`` is rows ``[k*B, (k+1)*B) mod N``
   across epoch boundaries.
 
-The loss is :func:`crossent.cross_entropy` with the method's loss object.
+The loss is :func:`crossent.cross_entropy` with the method's loss object. A method that trains on sets
+(``Prepared.sets``, odd-k-out learning) draws its batches from :class:`crossent.sets.OddKOutSampler`
+instead: ``batch_size`` sets a step, the loss :func:`crossent.sets.oko_cross_entropy`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from crossent import cross_entropy
+from crossent.sets import OddKOutSampler, oko_cross_entropy, oko_targets
 
 from .metrics import accuracy
 
@@ -95,6 +98,8 @@ class Prepared:
     adjust: object = None
     #: ``reduce(per_row_losses, target=...) -> scalar`` in place of the mean (reweighting strategies).
     reduce: object = None
+    #: odd-k-out training, ``(k, soft targets)``: batches of sets of ``k + 2`` examples; None: single examples
+    sets: tuple[int, bool] | None = None
     info: dict = field(default_factory=dict)
 
 
@@ -151,6 +156,9 @@ def train(
     history: list[dict] = []
     adjust = prepared.adjust or (lambda z: z)
     order = torch.arange(n)
+    if prepared.sets is not None:
+        sets = OddKOutSampler(y, k=prepared.sets[0], sets_per_batch=cfg.batch_size,
+                              generator=torch.Generator().manual_seed(seed))
     model.train()
     for step in range(total):
         epoch, k = divmod(step, steps_per_epoch)
@@ -163,11 +171,17 @@ def train(
                 for group in opt.param_groups:
                     group["lr"] = _lr_at(cfg, epoch)
             idx = order[k * cfg.batch_size : (k + 1) * cfg.batch_size]
-        logits = model(x[idx])
-        loss = cross_entropy(
-            logits, y[idx], loss=prepared.loss, weight=prepared.weight, extra={"sample_ids": idx},
-            reduction="none" if prepared.reduce is not None else "mean",
-        )
+        if prepared.sets is not None:
+            idx = sets.sample()  # [batch_size, k + 2]
+            logits = model(x[idx.flatten()]).unflatten(0, idx.shape)
+            target = oko_targets(y[idx], logits.shape[-1], soft=prepared.sets[1], dtype=logits.dtype)
+            loss = oko_cross_entropy(logits, target, loss=prepared.loss)
+        else:
+            logits = model(x[idx])
+            loss = cross_entropy(
+                logits, y[idx], loss=prepared.loss, weight=prepared.weight, extra={"sample_ids": idx},
+                reduction="none" if prepared.reduce is not None else "mean",
+            )
         if prepared.reduce is not None:
             loss = prepared.reduce(loss, target=y[idx])
         opt.zero_grad(set_to_none=True)

@@ -9,7 +9,9 @@ row-by-row dot products, and applies the gradient that :meth:`Plan.factors` give
 scaled sums of those softmaxes, ``P (a + b z + c t)``, in place in their buffers.
 
 The library's ``LOG_SUM_EXP`` and ``TARGET`` forms (cross-entropy mixed in) join as the student's
-``lse`` at scale 1 and a one-hot term. Any other plan takes the generic kernels.
+``lse`` at scale 1 and a one-hot term. The plan's logit transforms (a language model head's soft cap
+and scale) apply to the student's chunk first; the gradient goes back through them at the end. Any
+other plan takes the generic kernels.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import Tensor
 
 from ..._rows import Rows
 from ...stats import ACC, Form, PairForm, anchored
+from ...transforms import backward_all
 from ..plan import OWN, Factors, Plan, SoftmaxOf
 from ..softmax import softmax_rows
 from .kernels import ChunkResult
@@ -51,7 +54,7 @@ class PairKernel:
     @staticmethod
     def supports(plan: Plan) -> bool:
         st = plan.structure
-        if not plan.streamable or plan.stateful or plan.transforms or st.columns:
+        if not plan.streamable or plan.stateful or st.columns:
             return False
         if any(f not in (Form.LOG_SUM_EXP, Form.TARGET) for f in st.by_form):
             return False
@@ -72,6 +75,10 @@ class PairKernel:
         return p, anchored(peak, -p.gather(1, where[:, None]).squeeze(1).to(ACC).log())
 
     def __call__(self, z: Tensor, rows: Rows, row_scale: Tensor | None, source=None) -> ChunkResult:
+        raw, cols = z, slice(0, z.shape[1])
+        transforms = self.plan.transforms
+        if transforms:
+            z = self.plan.transform(raw, rows, cols)
         sides = {"student": z, "teacher": rows.extra[self.teacher_key].to(z.dtype)}
         soft: dict = {}
         for f in self.forms.values():
@@ -94,6 +101,9 @@ class PairKernel:
         grad = self._grad(f, soft, sides)
         if f.onehot is not None:
             grad.scatter_add_(1, rows.target[:, None], f.onehot.to(z.dtype)[:, None])
+        if transforms:
+            del sides, soft, z
+            grad = backward_all(transforms, grad, raw, rows, cols)
         return ChunkResult(loss, values, grad)
 
     @staticmethod
