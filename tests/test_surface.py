@@ -38,6 +38,7 @@ PUBLIC_MODULES = [
     "crossent.calibration",
     "crossent.distributed",
     "crossent.adversarial",
+    "crossent.scaling",
     "crossent.integrations",
     "crossent.integrations.transformers",
 ]
@@ -248,5 +249,5 @@ def test_the_shell_blocks_hold_the_documented_commands():
     readme = [argv for _, argv in _shell_commands((ROOT / "README.md").read_text())]
     assert ["losses"] in readme and ["bench"] in readme and sum(a[0] == "compare" for a in readme) >= 2
     results = list(_shell_commands((ROOT / "docs/results.md").read_text()))
-    assert len(results) >= 10 and all(argv[0] == "compare" for _, argv in results)
+    assert len(results) >= 10 and all(argv[0] in ("compare", "scaling") for _, argv in results)
 

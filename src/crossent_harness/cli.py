@@ -1,4 +1,5 @@
-"""The ``crossent`` command: ``losses`` (the registry), ``bench`` (speed and memory), ``compare`` (losses on data).
+"""The ``crossent`` command: ``losses`` (the registry), ``bench`` (speed and memory), ``compare`` (losses on data),
+``scaling`` (scaling-law fits).
 
 Run ``crossent <command> --help`` for the options of each. A mistake on the command line ends the
 command before any work with one line naming the option and exit status 2; ``--debug`` shows the
@@ -109,8 +110,19 @@ def cmd_compare(args, argv) -> int:
     return 0
 
 
+# -- crossent scaling ----------------------------------------------------------------------------------
+def cmd_scaling(args) -> int:
+    from . import scaling_cli
+
+    try:
+        return scaling_cli.run(args)
+    except scaling_cli.ScalingInputError as e:
+        raise UsageError(f"crossent scaling {args.scaling_command}: error: {e}") from None
+
+
 # -- entry point -------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from . import scaling_cli
     from .experiments import catalog, options
 
     parser = Parser(prog="crossent", description=__doc__)
@@ -128,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="train a model with several losses and compare them",
                        description="Train one model per loss (and noise rate, and seed) and compare test metrics.")
     options.add_arguments(p)
+    p = sub.add_parser("scaling", help="fit scaling laws of the loss to runs (crossent scaling fit --help)",
+                       description="Scaling laws of cross-entropy: L_inf + (x0/x)^alpha, E + A/N^alpha + B/D^beta.")
+    scaling_cli.add_arguments(p)
     return parser
 
 
@@ -152,6 +167,8 @@ def _run(argv: list[str]) -> int:
         return cmd_losses(args)
     if args.command == "bench":
         return cmd_bench(args)
+    if args.command == "scaling":
+        return cmd_scaling(args)
     return cmd_compare(args, argv)
 
 
