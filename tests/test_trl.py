@@ -1,0 +1,164 @@
+"""crossent.integrations.transformers inside TRL's trainers, against TRL's stock runs.
+
+A tiny random Llama, a word-level tokenizer and datasets built in memory; a few steps on the CPU in
+float32. SFTTrainer patched with ``apply(trainer, ...)`` trains the crossent loss: with ``loss="ce"`` its
+per-step losses, entropy and token accuracy are the stock run's; with focal loss each step's loss is
+crossent's on that batch, computed apart from the trainer, and the first step's entropy and accuracy
+(same weights) are the stock ones. DPO and GRPO run as stock under the default loss and are refused with
+another; GKD is refused. A patch that TRL's fused head (or Liger's) replaced is refused at the first step.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+tokenizers = pytest.importorskip("tokenizers")
+
+import crossent as xe
+import crossent.integrations.transformers as xt
+
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::FutureWarning")]
+
+V = 64
+FOCAL = xe.losses.get("focal", gamma=2.0)
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, V)}}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="<s>"
+    )
+
+
+def words(generator, low, high):
+    n = int(torch.randint(low, high, (), generator=generator))
+    return " ".join(f"t{i}" for i in torch.randint(3, V, (n,), generator=generator).tolist())
+
+
+def config(cls, tmp_path, **overrides):
+    args = dict(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=1,
+        report_to=[], save_strategy="no", use_cpu=True, bf16=False, seed=0, dataloader_num_workers=0,
+    )  # fmt: skip
+    return cls(**{**args, **overrides})
+
+
+def logged(trainer, *keys):
+    return [tuple(h[k] for k in keys) for h in trainer.state.log_history if "loss" in h]
+
+
+# -- SFT -------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sft_data():
+    g = torch.Generator().manual_seed(1)
+    return datasets.Dataset.from_dict(
+        {"input_ids": [torch.randint(3, V, (int(n),), generator=g).tolist() for n in torch.randint(5, 12, (12,), generator=g)]}
+    )
+
+
+def sft(tmp_path, data, tokenizer, loss=None, **options):
+    trainer = trl.SFTTrainer(
+        model=tiny_model(), args=config(trl.SFTConfig, tmp_path), train_dataset=data, processing_class=tokenizer
+    )
+    if loss is not None:
+        assert xt.apply(trainer, loss=loss, **options) is trainer
+        assert xt.is_patched(trainer.model)
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def sft_stock(tmp_path_factory, sft_data, tokenizer):
+    trainer = sft(tmp_path_factory.mktemp("stock"), sft_data, tokenizer)
+    trainer.train()
+    return logged(trainer, "loss", "entropy", "mean_token_accuracy")
+
+
+def test_sft_ce_matches_stock(tmp_path, sft_data, tokenizer, sft_stock):
+    trainer = sft(tmp_path, sft_data, tokenizer, "ce")
+    trainer.train()
+    got = logged(trainer, "loss", "entropy", "mean_token_accuracy")
+    assert len(got) == len(sft_stock) == 3
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(sft_stock), rtol=1e-5, atol=1e-5)
+
+
+def test_sft_focal_trains_the_crossent_loss(tmp_path, sft_data, tokenizer, sft_stock):
+    trainer = sft(tmp_path, sft_data, tokenizer, FOCAL)
+    expected, returned = [], []
+    compute_loss = trainer.compute_loss
+
+    def checked(model, inputs, return_outputs=False, num_items_in_batch=None):
+        # crossent's focal loss on this batch with the current weights, from the hidden states
+        with torch.no_grad():
+            hidden = model.model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))[0]
+            expected.append(xe.linear_cross_entropy(
+                hidden, model.lm_head.weight, inputs["labels"], shift=True, loss=FOCAL,
+                normalizer=num_items_in_batch,
+            ))  # fmt: skip
+        loss = compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        returned.append(loss.detach())
+        return loss
+
+    trainer.compute_loss = checked
+    trainer.train()
+    assert len(returned) == 3
+    torch.testing.assert_close(torch.stack(returned), torch.stack(expected), rtol=1e-5, atol=1e-6)
+    got = logged(trainer, "loss", "entropy", "mean_token_accuracy")
+    torch.testing.assert_close(torch.tensor([g[0] for g in got]), torch.stack(returned), rtol=1e-5, atol=1e-6)
+    # The first step runs the initial weights: TRL's own statistics of that batch, from crossent's pass.
+    torch.testing.assert_close(torch.tensor(got[0][1:]), torch.tensor(sft_stock[0][1:]), rtol=1e-5, atol=1e-6)
+
+
+def test_sft_label_smoothing_factor_taken_over(tmp_path, sft_data, tokenizer):
+    args = config(trl.SFTConfig, tmp_path, label_smoothing_factor=0.1, max_steps=1)
+    trainer = trl.SFTTrainer(model=tiny_model(), args=args, train_dataset=sft_data, processing_class=tokenizer)
+    xt.apply(trainer)
+    assert trainer.label_smoother is None
+    assert xt.is_patched(trainer.model)
+    trainer.train()
+
+
+def test_sft_refusals(tmp_path, sft_data, tokenizer):
+    args = config(trl.SFTConfig, tmp_path, loss_type="dft")
+    trainer = trl.SFTTrainer(model=tiny_model(), args=args, train_dataset=sft_data, processing_class=tokenizer)
+    with pytest.raises(ValueError, match="loss_type='dft'.*Use loss_type='nll'"):
+        xt.apply(trainer, loss=FOCAL)
+    xt.apply(trainer)  # the default loss: per-token losses are log-probabilities, DFT reads them as such
+
+
+def test_model_patched_before_sft_is_refused_at_first_step(tmp_path, sft_data, tokenizer):
+    model = xt.apply(tiny_model(), loss=FOCAL)
+    trainer = trl.SFTTrainer(model=model, args=config(trl.SFTConfig, tmp_path), train_dataset=sft_data,
+                             processing_class=tokenizer)  # fmt: skip
+    with pytest.raises(xt.UnsupportedModel, match=r"add_fused_lm_head.*apply\(trainer, loss=\.\.\.\)"):
+        trainer.train()
+    # Patching the trainer then serves TRL's fused head.
+    xt.apply(trainer, loss=FOCAL)
+    trainer.train()
+
+
+def test_one_switch_for_transformers_trainer_refuses_liger(tmp_path, sft_data):
+    pytest.importorskip("liger_kernel")
+    args = config(transformers.TrainingArguments, tmp_path, use_liger_kernel=True)
+    trainer = transformers.Trainer(model=tiny_model(), args=args, train_dataset=sft_data)
+    with pytest.raises(ValueError, match="fused_linear_cross_entropy': False"):
+        xt.apply(trainer, loss=FOCAL)
