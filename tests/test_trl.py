@@ -162,3 +162,73 @@ def test_one_switch_for_transformers_trainer_refuses_liger(tmp_path, sft_data):
     trainer = transformers.Trainer(model=tiny_model(), args=args, train_dataset=sft_data)
     with pytest.raises(ValueError, match="fused_linear_cross_entropy': False"):
         xt.apply(trainer, loss=FOCAL)
+
+
+# -- DPO, GRPO, GKD: their own objectives ----------------------------------------------------------------------
+
+
+def dpo(tmp_path, tokenizer, model=None):
+    g = torch.Generator().manual_seed(2)
+    data = datasets.Dataset.from_dict(
+        {key: [words(g, 2, 6) for _ in range(8)] for key in ("prompt", "chosen", "rejected")}
+    )
+    return trl.DPOTrainer(
+        model=model or tiny_model(), ref_model=tiny_model(), args=config(trl.DPOConfig, tmp_path, max_steps=2),
+        train_dataset=data, processing_class=tokenizer,
+    )  # fmt: skip
+
+
+def grpo(tmp_path, tokenizer, model=None):
+    g = torch.Generator().manual_seed(3)
+    data = datasets.Dataset.from_dict({"prompt": [words(g, 2, 6) for _ in range(8)]})
+
+    def reward(completions, **kwargs):
+        return [float(len(c)) for c in completions]
+
+    args = config(
+        trl.GRPOConfig, tmp_path, max_steps=2, per_device_train_batch_size=2, num_generations=2,
+        max_completion_length=3,
+    )  # fmt: skip
+    return trl.GRPOTrainer(
+        model=model or tiny_model(), reward_funcs=reward, args=args, train_dataset=data, processing_class=tokenizer
+    )
+
+
+@pytest.mark.parametrize("build", [dpo, grpo], ids=["dpo", "grpo"])
+def test_preference_and_rl_trainers(tmp_path, tokenizer, build):
+    stock = build(tmp_path, tokenizer)
+    stock.train()
+    # The default loss is the cross-entropy their fused head computes: the patch lets it run, as stock.
+    trainer = xt.apply(build(tmp_path, tokenizer), loss="ce")
+    trainer.train()
+    assert len(logged(stock, "loss")) == 2
+    torch.testing.assert_close(torch.tensor(logged(trainer, "loss")), torch.tensor(logged(stock, "loss")))
+    name = type(trainer).__name__
+    with pytest.raises(ValueError, match=rf"{name} computes its own objective.*docs/rl.md.*docs/distillation.md"):
+        xt.apply(build(tmp_path, tokenizer), loss=FOCAL)
+    # A model patched before the trainer was built: refused at the first step, naming the trainer.
+    trainer = build(tmp_path, tokenizer, xt.apply(tiny_model(), loss=FOCAL))
+    with pytest.raises(xt.UnsupportedModel, match=rf"add_fused_lm_head.*{name} computes its own objective"):
+        trainer.train()
+
+
+def test_gkd_refused(tmp_path, tokenizer):
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    tokenizer = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer, pad_token="<pad>", eos_token="</s>")
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    g = torch.Generator().manual_seed(4)
+    data = datasets.Dataset.from_dict({"messages": [
+        [{"role": "user", "content": words(g, 2, 5)}, {"role": "assistant", "content": words(g, 2, 5)}]
+        for _ in range(8)
+    ]})  # fmt: skip
+
+    def build(model):
+        args = config(GKDConfig, tmp_path, max_steps=1, lmbda=0.0, max_new_tokens=2)
+        return GKDTrainer(model=model, teacher_model=tiny_model(), args=args, train_dataset=data,
+                          processing_class=tokenizer)  # fmt: skip
+
+    with pytest.raises(ValueError, match=r"GKDTrainer computes its own objective.*docs/distillation.md"):
+        xt.apply(build(tiny_model()), loss=FOCAL)
+    with pytest.raises(ValueError, match=r"GKDTrainer computes its own objective.*without labels"):
+        build(xt.apply(tiny_model(), loss=FOCAL)).train()
