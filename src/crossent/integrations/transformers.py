@@ -327,11 +327,16 @@ class _ReplacedForwardGuard:
         self.patch = patch
         self.started: list[int | None] = []
 
+    # Under torch.compile the hooks do nothing: their bookkeeping would break the graph.
     def before(self, model, args, kwargs):
+        if torch.compiler.is_compiling():
+            return
         labelled = kwargs.get("labels") is not None and not self.patch.settings.default
         self.started.append(self.patch.calls if labelled else None)
 
     def after(self, model, args, kwargs, output):
+        if torch.compiler.is_compiling():
+            return None
         started = self.started.pop() if self.started else None
         if started is None or self.patch.calls != started or self.patch.model is not model:
             return None
@@ -510,7 +515,8 @@ class _PatchedForward:
         return inspect.signature(self.stock)
 
     def __call__(self, *args, **kwargs):
-        self.calls += 1
+        if not torch.compiler.is_compiling():
+            self.calls += 1
         # The settings are this patch's: a wrapper set over it later (accelerate's mixed-precision forward)
         # hides it from the instance's __dict__.
         return _run(self.model, self.stock, args, kwargs, self.settings)
@@ -856,7 +862,7 @@ _INFRASTRUCTURE = ("torch", "transformers", "accelerate", "peft", "deepspeed", "
 def _warn_on_logit_hooks(model: nn.Module, head: nn.Module) -> None:
     """Warn once per model when the head has forward hooks of the user's: in a fused call they run (with
     FSDP's and tensor parallelism's, which must), but the output they see is the probe, not logits."""
-    if model in _WARNED_HOOKS or not head._forward_hooks:
+    if not head._forward_hooks or torch.compiler.is_compiling() or model in _WARNED_HOOKS:
         return
     def origin(hook):
         hook = getattr(hook, "func", hook)
