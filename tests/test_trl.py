@@ -101,24 +101,29 @@ def test_sft_ce_matches_stock(tmp_path, sft_data, tokenizer, sft_stock):
     torch.testing.assert_close(torch.tensor(got), torch.tensor(sft_stock), rtol=1e-5, atol=1e-5)
 
 
-def test_sft_focal_trains_the_crossent_loss(tmp_path, sft_data, tokenizer, sft_stock):
-    trainer = sft(tmp_path, sft_data, tokenizer, FOCAL)
+def record_losses(trainer, loss):
+    """Wrap ``trainer.compute_loss``: the losses it returns, and crossent's ``loss`` of the same batch with
+    the same weights, computed apart from the trainer from the hidden states."""
     expected, returned = [], []
     compute_loss = trainer.compute_loss
 
     def checked(model, inputs, return_outputs=False, num_items_in_batch=None):
-        # crossent's focal loss on this batch with the current weights, from the hidden states
         with torch.no_grad():
             hidden = model.model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))[0]
             expected.append(xe.linear_cross_entropy(
-                hidden, model.lm_head.weight, inputs["labels"], shift=True, loss=FOCAL,
-                normalizer=num_items_in_batch,
+                hidden, model.lm_head.weight, inputs["labels"], shift=True, loss=loss, normalizer=num_items_in_batch
             ))  # fmt: skip
-        loss = compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        returned.append(loss.detach())
-        return loss
+        value = compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        returned.append(value.detach())
+        return value
 
     trainer.compute_loss = checked
+    return expected, returned
+
+
+def test_sft_focal_trains_the_crossent_loss(tmp_path, sft_data, tokenizer, sft_stock):
+    trainer = sft(tmp_path, sft_data, tokenizer, FOCAL)
+    expected, returned = record_losses(trainer, FOCAL)
     trainer.train()
     assert len(returned) == 3
     torch.testing.assert_close(torch.stack(returned), torch.stack(expected), rtol=1e-5, atol=1e-6)
@@ -128,13 +133,27 @@ def test_sft_focal_trains_the_crossent_loss(tmp_path, sft_data, tokenizer, sft_s
     torch.testing.assert_close(torch.tensor(got[0][1:]), torch.tensor(sft_stock[0][1:]), rtol=1e-5, atol=1e-6)
 
 
+def test_one_switch_for_transformers_trainer(tmp_path, sft_data, tokenizer):
+    collator = transformers.DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    args = config(transformers.TrainingArguments, tmp_path, max_steps=2)
+    trainer = transformers.Trainer(model=tiny_model(), args=args, train_dataset=sft_data, data_collator=collator)
+    xt.apply(trainer, loss=FOCAL)
+    expected, returned = record_losses(trainer, FOCAL)
+    trainer.train()
+    assert len(returned) == 2
+    torch.testing.assert_close(torch.stack(returned), torch.stack(expected), rtol=1e-5, atol=1e-6)
+
+
 def test_sft_label_smoothing_factor_taken_over(tmp_path, sft_data, tokenizer):
     args = config(trl.SFTConfig, tmp_path, label_smoothing_factor=0.1, max_steps=1)
     trainer = trl.SFTTrainer(model=tiny_model(), args=args, train_dataset=sft_data, processing_class=tokenizer)
     xt.apply(trainer)
     assert trainer.label_smoother is None
     assert xt.is_patched(trainer.model)
+    expected, returned = record_losses(trainer, xe.losses.CrossEntropy(label_smoothing=0.1))
     trainer.train()
+    assert len(returned) == 1
+    torch.testing.assert_close(returned[0], expected[0], rtol=1e-5, atol=1e-6)
 
 
 def test_sft_refusals(tmp_path, sft_data, tokenizer):
@@ -156,7 +175,7 @@ def test_model_patched_before_sft_is_refused_at_first_step(tmp_path, sft_data, t
     trainer.train()
 
 
-def test_one_switch_for_transformers_trainer_refuses_liger(tmp_path, sft_data):
+def test_one_switch_refuses_liger_fused_cross_entropy(tmp_path, sft_data):
     pytest.importorskip("liger_kernel")
     args = config(transformers.TrainingArguments, tmp_path, use_liger_kernel=True)
     trainer = transformers.Trainer(model=tiny_model(), args=args, train_dataset=sft_data)
