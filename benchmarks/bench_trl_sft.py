@@ -100,9 +100,8 @@ def main():
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
-    spec = {
-        k: getattr(args, k) for k in ("device", "dtype", "vocab", "hidden", "layers", "seq", "batch", "steps", "threads")
-    }
+    names = ("device", "dtype", "vocab", "hidden", "layers", "seq", "batch", "steps", "threads")
+    spec = {k: getattr(args, k) for k in names}
     print(f"# {json.dumps(spec)}; load average {os.getloadavg()[0]:.1f}")
     print("| method | first loss | peak MiB | growth MiB | median step s |")
     print("|---|---:|---:|---:|---:|")

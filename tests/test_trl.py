@@ -71,9 +71,8 @@ def logged(trainer, *keys):
 @pytest.fixture(scope="module")
 def sft_data():
     g = torch.Generator().manual_seed(1)
-    return datasets.Dataset.from_dict(
-        {"input_ids": [torch.randint(3, V, (int(n),), generator=g).tolist() for n in torch.randint(5, 12, (12,), generator=g)]}
-    )
+    lengths = torch.randint(5, 12, (12,), generator=g).tolist()
+    return datasets.Dataset.from_dict({"input_ids": [torch.randint(3, V, (n,), generator=g).tolist() for n in lengths]})
 
 
 def sft(tmp_path, data, tokenizer, loss=None, **options):

@@ -20,6 +20,13 @@ The mode does not choose the path: given ``labels``, the loss is fused in traini
 alike (``from_pretrained`` returns a model in eval mode; ``train()``/``eval()`` switch dropout as
 usual). Without labels, or with ``return_logits=True``, the stock forward runs with its logits;
 given labels, the loss is then the same crossent loss evaluated on those logits.
+``return_token_stats=True`` puts the fused pass's per-token statistics on the output (:class:`TokenStats`).
+
+``apply(trainer)`` patches a ``transformers.Trainer``'s or a TRL trainer's model and takes over what
+would compute a loss from logits (label smoothing; TRL SFTTrainer's fused LM head, served by one
+crossent pass); TRL trainers with objectives of their own (DPO, GRPO, GKD) refuse another loss. A
+patched instance whose forward is later replaced by one that computes its own loss is refused at its
+first forward given labels (forward hooks see that the patch did not run).
 ``transformers`` is imported only by the functions that need it.
 """
 
@@ -577,13 +584,16 @@ def _run(model, original, args, kwargs, settings: _Settings | None = None):
         if sample_weight is not None:
             raise ValueError("sample_weight weighs the loss of each label; the forward got no labels")
         if stats:
-            raise ValueError("return_token_stats: the statistics are those of the labelled tokens; the forward got no labels")
+            raise ValueError(
+                "return_token_stats: the statistics are those of the labelled tokens; the forward got no labels"
+            )
         if not settings.default and model.training and torch.is_grad_enabled():
             # A training forward without labels returns logits; a TRL trainer (GKD) computing its own
             # objective from them would silently not train the crossent loss.
             trainer = _calling_trainer()
             if trainer is not None and _is_trl(trainer):
-                raise ValueError(_refusal(type(trainer).__name__, settings.loss, " (it calls the model without labels)"))
+                why = " (it calls the model without labels)"
+                raise ValueError(_refusal(type(trainer).__name__, settings.loss, why))
         if kwargs.get("num_items_in_batch") is not None:
             # A count of labels but no labels: transformers.Trainer popped them to compute its own loss
             # from the full logits, which would replace the crossent loss without a word.
@@ -631,7 +641,9 @@ def _token_stat_names(asked) -> tuple[str, ...]:
     names = (asked,) if isinstance(asked, str) else tuple(asked)
     unknown = [n for n in names if n not in TokenStats._fields[2:]]
     if unknown or not names:
-        raise ValueError(f"return_token_stats must be a bool or names among ('lse', 'argmax', 'entropy'), got {asked!r}")
+        raise ValueError(
+            f"return_token_stats must be a bool or names among ('lse', 'argmax', 'entropy'), got {asked!r}"
+        )
     return names
 
 
