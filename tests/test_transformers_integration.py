@@ -12,11 +12,13 @@ text, and two gloo processes: DDP, and a tensor-parallel head (a DTensor weight 
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import os
 import sysconfig
 import tempfile
+import warnings
 
 import pytest
 import torch
@@ -761,3 +763,63 @@ def test_trainer_torch_compile_trains_the_patched_model_in_one_graph(tmp_path):
     assert len(got) == len(want) == 3
     for g, w in zip(got, want):
         assert abs(g - w) <= 1e-4 * abs(w), (got, want)
+
+
+# -- per-token statistics, hooks on the head, wrappers ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2"])
+def test_token_stats_equal_those_of_the_stock_logits(name):
+    model = tiny(name)
+    ids, labels = batch()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, :-1].double()  # post-processed (soft-capped) as the loss sees them
+        with xt.patched(model, loss="focal"):
+            out = model(input_ids=ids, labels=labels, return_token_stats=True)
+    stats = out.token_stats
+    target, mask = labels[:, 1:], labels[:, 1:] != -100
+    assert out.logits is None and stats.target.shape == stats.mask.shape == (2, 9)
+    assert torch.equal(stats.target, target) and torch.equal(stats.mask, mask)
+    logp = logits.log_softmax(-1)
+    close(stats.lse[mask], logits.logsumexp(-1)[mask])
+    close(stats.entropy[mask], -(logp.exp() * logp).sum(-1)[mask])
+    assert torch.equal(stats.argmax[mask], logits.argmax(-1)[mask])
+    correct = (logits.argmax(-1) == target) & mask
+    assert torch.equal(stats.correct, correct)
+    close(stats.accuracy, correct.sum() / mask.sum())
+    close(stats.z_loss[mask], stats.lse[mask].square())
+    with xt.patched(model), pytest.raises(ValueError, match="return_token_stats must be"):
+        model(input_ids=ids, labels=labels, return_token_stats="logits")
+
+
+def test_head_hooks_run_on_the_probe_with_one_warning():
+    model = tiny("llama")
+    ids, labels = batch()
+    seen = []
+    handle = model.lm_head.register_forward_hook(lambda module, args, output: seen.append(tuple(output.shape)))
+    try:
+        with xt.patched(model):
+            with pytest.warns(UserWarning, match=r"forward hooks on the head \(.*<lambda>\).*not logits"):
+                model(input_ids=ids, labels=labels)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                model(input_ids=ids, labels=labels)  # once per model
+                model(input_ids=ids, labels=labels, return_logits=True)
+    finally:
+        handle.remove()
+    assert seen == [(1, 1, V), (1, 1, V), (2, 10, V)]
+
+
+def test_a_wrapper_over_the_patch_keeps_its_loss_and_a_replacement_is_refused():
+    model = copy.deepcopy(tiny("llama"))
+    ids, labels = batch()
+    focal = xe.losses.get("focal", gamma=2.0)
+    xt.apply(model, loss=focal)
+    want = model(input_ids=ids, labels=labels).loss
+    inner = model.forward
+    model.forward = lambda *args, **kwargs: inner(*args, **kwargs)  # as accelerate's mixed-precision forward
+    close(model(input_ids=ids, labels=labels).loss, want)
+    model.forward = type(model).forward.__get__(model)  # a forward that computes its own loss
+    with pytest.raises(xt.UnsupportedModel, match="replaced after crossent's apply"):
+        model(input_ids=ids, labels=labels)
+    model(input_ids=ids)  # without labels: nothing to refuse

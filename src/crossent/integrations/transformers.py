@@ -20,6 +20,13 @@ The mode does not choose the path: given ``labels``, the loss is fused in traini
 alike (``from_pretrained`` returns a model in eval mode; ``train()``/``eval()`` switch dropout as
 usual). Without labels, or with ``return_logits=True``, the stock forward runs with its logits;
 given labels, the loss is then the same crossent loss evaluated on those logits.
+``return_token_stats=True`` puts the fused pass's per-token statistics on the output (:class:`TokenStats`).
+
+``apply(trainer)`` patches a ``transformers.Trainer``'s or a TRL trainer's model and takes over what
+would compute a loss from logits (label smoothing; TRL SFTTrainer's fused LM head, served by one
+crossent pass); TRL trainers with objectives of their own (DPO, GRPO, GKD) refuse another loss. A
+patched instance whose forward is later replaced by one that computes its own loss is refused at its
+first forward given labels (forward hooks see that the patch did not run).
 ``transformers`` is imported only by the functions that need it.
 """
 
@@ -30,7 +37,9 @@ import functools
 import inspect
 import math
 import sys
+import warnings
 import weakref
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -39,12 +48,12 @@ from torch import Tensor, nn
 from .._functional import cross_entropy
 from .._linear import linear_cross_entropy
 from .._linear_call import resolve_options
-from ..losses import Transformed
+from ..losses import CrossEntropy, Transformed
 from ..losses._build import build_loss
 from ._families import FAMILIES, LogitMap, UnsupportedModel, check_post_processing, logit_map, probe, register_family
 from ._heads import check_linear_head, head_weights
 
-__all__ = ["FAMILIES", "UnsupportedModel", "apply", "is_patched", "patched", "register_family", "undo"]
+__all__ = ["FAMILIES", "TokenStats", "UnsupportedModel", "apply", "is_patched", "patched", "register_family", "undo"]
 
 #: Keyword arguments of :func:`apply` that configure the loss (those of ``linear_cross_entropy``).
 LOSS_OPTIONS = ("weight", "label_smoothing", "z_loss", "backend", "chunk_size", "accum_dtype", "options")
@@ -58,7 +67,7 @@ _SET_BY_THE_FORWARD = {
     "sample_weight": "pass sample_weight to the forward",
     "softcap": "the head's own soft-capping comes from the config; add a transform to the loss for another",
     "bias": "the head's bias is used",
-    "return_stats": "call crossent.linear_cross_entropy on the hidden states for per-token statistics",
+    "return_stats": "pass return_token_stats=True to the forward: the output's token_stats holds them",
 }
 
 
@@ -92,6 +101,11 @@ class _Settings:
         )  # fmt: skip
         #: ``(scale, softcap)`` of a head's post-processing -> the loss with those transforms (:meth:`loss_for`).
         self.transformed: dict[tuple, object] = {}
+        #: The loss is the stock one (plain cross-entropy, no class weights): a trainer that computes
+        #: cross-entropy its own way (TRL's fused LM head) trains what was asked for.
+        self.default = type(self.loss) is CrossEntropy and not self.loss.label_smoothing and weight is None
+        #: Set by apply(trainer) for TRL's SFTTrainer: the forward serves its fused-head calls itself.
+        self.serves_trl_sft = False
 
     def loss_for(self, logit_map: LogitMap):
         """The loss with ``logit_map`` as its transforms, built once per map and kept: ``torch.compile``
@@ -217,7 +231,14 @@ def apply(model, loss="ce", **options):
     if patch is not None:
         patch.settings = settings
         return model
-    target.forward = _PatchedForward(target, settings, target.__dict__.get("forward"))
+    patch = target.forward = _PatchedForward(target, settings, target.__dict__.get("forward"))
+    guard = _guard_of(target)
+    if guard is None:
+        guard = _ReplacedForwardGuard(patch)
+        target.register_forward_pre_hook(guard.before, with_kwargs=True)
+        target.register_forward_hook(guard.after, with_kwargs=True)
+    else:
+        guard.patch = patch
     return model
 
 
@@ -232,7 +253,30 @@ def _apply_to_trainer(trainer, loss, options: dict):
     """:func:`apply` to a Trainer's model, taking over the Trainer's own label smoothing. The Trainer pops
     the labels when it smooths them itself and applies its ``LabelSmoother`` to the full logits; the
     same smoothed cross-entropy (``(1 - eps) * nll + eps * mean(-log p)``, over the counted tokens or
-    ``num_items_in_batch``) is crossent's ``label_smoothing``, computed fused once the labels reach the model."""
+    ``num_items_in_batch``) is crossent's ``label_smoothing``, computed fused once the labels reach the model.
+
+    TRL's trainers install their own fused LM head on the model (``fused_lm_head=True`` calls). For
+    ``SFTTrainer`` the patched forward serves those calls: the per-token losses, entropy and top-1 flags
+    come from one crossent pass. The others (DPO, GRPO, GKD, ...) compute their own objective from the
+    model's log-probabilities or logits: they are refused unless the loss is the default cross-entropy."""
+    name = type(trainer).__name__
+    sft = _trl_sft(trainer)
+    if sft is None and _is_trl(trainer):
+        if not _Settings(loss, options).default:
+            raise ValueError(_refusal(name, loss))
+    liger = getattr(getattr(trainer, "args", None), "use_liger_kernel", False)
+    if liger and (getattr(trainer.args, "liger_kernel_config", None) or {}).get("fused_linear_cross_entropy", True):
+        raise ValueError(
+            f"apply(trainer): {name} has use_liger_kernel=True, whose fused linear cross-entropy replaces the "
+            "model's forward when training starts and computes its own loss in place of the crossent loss; keep "
+            "Liger's other kernels with liger_kernel_config={'fused_linear_cross_entropy': False}"
+        )
+    if sft is not None and getattr(trainer.args, "loss_type", "nll") != "nll" and not _Settings(loss, options).default:
+        raise ValueError(
+            f"apply(trainer): {name} has loss_type={trainer.args.loss_type!r}, which reweighs the per-token "
+            "log-probabilities; with a crossent loss other than the default cross-entropy the trainer would read "
+            "per-token losses as log-probabilities. Use loss_type='nll'"
+        )
     if getattr(trainer, "compute_loss_func", None) is not None:
         raise ValueError(
             "apply(trainer): the Trainer has a compute_loss_func, which computes the loss from the logits "
@@ -251,7 +295,106 @@ def _apply_to_trainer(trainer, loss, options: dict):
         options = {**options, "label_smoothing": smoother.epsilon}
     apply(trainer.model, loss, **options)
     trainer.label_smoother = None  # the model smooths: the Trainer keeps the labels in the inputs
+    if sft is not None:
+        _settings_of(_causal_lm(trainer.model)).serves_trl_sft = True
     return trainer
+
+
+def _is_trl(obj) -> bool:
+    return any(cls.__module__.startswith("trl.") for cls in type(obj).__mro__)
+
+
+def _trl_sft(trainer):
+    """TRL's ``SFTTrainer`` class when ``trainer`` is one whose loss is SFTTrainer's own (not GKD's, which
+    subclasses it with a distillation loss computed from logits), else None."""
+    for cls in type(trainer).__mro__:
+        if cls.__name__ == "SFTTrainer" and cls.__module__.startswith("trl."):
+            return cls if type(trainer).compute_loss is cls.compute_loss else None
+    return None
+
+
+def _calling_trainer():
+    """The ``transformers.Trainer`` whose method is on the call stack (for naming it in an error), or None."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if owner is not None and _is_trainer(owner):
+            return owner
+        frame = frame.f_back
+    return None
+
+
+def _refusal(trainer_name: str, loss, what: str = "") -> str:
+    """Why a TRL trainer other than SFTTrainer cannot train a crossent loss, and where to go instead."""
+    return (
+        f"{trainer_name} computes its own objective from the model's log-probabilities or logits{what}, so the "
+        f"crossent loss {loss!r} given to apply() would not be trained. crossent's preference and RL objectives "
+        "(docs/rl.md) and distillation losses (docs/distillation.md) compute such objectives without logits; "
+        "to run this trainer, undo the patch or apply the default loss (loss='ce'). SFTTrainer is supported: "
+        "apply(trainer, loss=...)"
+    )
+
+
+class _ReplacedForwardGuard:
+    """Forward hooks of a patched instance that refuse a call given labels in which the patch did not run:
+    a forward set over it after :func:`apply` computed the loss itself (TRL's fused LM head, Liger's fused
+    linear cross-entropy), which would train its own cross-entropy in place of the crossent loss. A
+    wrapper that calls the patch (accelerate's mixed-precision forward) passes. The default loss lets any
+    forward run (it is the loss they compute). Hooks, not part of the forward: they run around whatever
+    forward the instance holds."""
+
+    def __init__(self, patch: _PatchedForward):
+        self.patch = patch
+        self.started: list[int | None] = []
+
+    # Under torch.compile the hooks do nothing: their bookkeeping would break the graph.
+    def before(self, model, args, kwargs):
+        if torch.compiler.is_compiling():
+            return
+        labelled = kwargs.get("labels") is not None and not self.patch.settings.default
+        self.started.append(self.patch.calls if labelled else None)
+
+    def after(self, model, args, kwargs, output):
+        if torch.compiler.is_compiling():
+            return None
+        started = self.started.pop() if self.started else None
+        if started is None or self.patch.calls != started or self.patch.model is not model:
+            return None
+        settings = self.patch.settings
+        trainer = _calling_trainer()
+        forward = model.__dict__.get("forward")
+        code = getattr(getattr(forward, "__func__", forward), "__code__", None)
+        by = f"{code.co_qualname} of {code.co_filename.rsplit('site-packages/', 1)[-1]}" if code else repr(forward)
+        why = (
+            f"{type(model).__name__}: its forward was replaced after crossent's apply() by {by}, which computed "
+            "the loss itself"
+        )
+        if trainer is not None and _trl_sft(trainer) is not None:
+            why += (
+                f", in place of the crossent loss {settings.loss!r}: call "
+                "crossent.integrations.transformers.apply(trainer, loss=...) once the trainer is built"
+            )
+        elif trainer is not None and _is_trl(trainer):
+            why += "; " + _refusal(type(trainer).__name__, settings.loss)
+        else:
+            why += f", in place of the crossent loss {settings.loss!r}; apply() the model after whatever replaced it"
+        raise UnsupportedModel(why)
+
+
+def _guard_of(model: nn.Module) -> _ReplacedForwardGuard | None:
+    hooks = (getattr(h, "__self__", None) for h in model._forward_pre_hooks.values())
+    return next((h for h in hooks if isinstance(h, _ReplacedForwardGuard)), None)
+
+
+def _remove_guard(model: nn.Module) -> None:
+    for hooks, kwargs in (
+        (model._forward_pre_hooks, model._forward_pre_hooks_with_kwargs),
+        (model._forward_hooks, model._forward_hooks_with_kwargs),
+    ):
+        for key, hook in list(hooks.items()):
+            if isinstance(getattr(hook, "__self__", None), _ReplacedForwardGuard):
+                del hooks[key]
+                kwargs.pop(key, None)
 
 
 def undo(model) -> None:
@@ -273,6 +416,7 @@ def undo(model) -> None:
         del target.forward
     else:
         target.forward = patch.before
+    _remove_guard(target)
     _CHECKED.pop(target, None)
 
 
@@ -374,6 +518,7 @@ class _PatchedForward:
         self.model = model
         self.settings = settings
         self.before = before  # the instance's own forward attribute before apply(), or None
+        self.calls = 0  # read by _ReplacedForwardGuard
         self.__doc__ = getattr(self.stock, "__doc__", None)
 
     @property
@@ -390,7 +535,11 @@ class _PatchedForward:
         return inspect.signature(self.stock)
 
     def __call__(self, *args, **kwargs):
-        return _run(self.model, self.stock, args, kwargs)
+        if not torch.compiler.is_compiling():
+            self.calls += 1
+        # The settings are this patch's: a wrapper set over it later (accelerate's mixed-precision forward)
+        # hides it from the instance's __dict__.
+        return _run(self.model, self.stock, args, kwargs, self.settings)
 
 
 def _class_forward(cls, original):
@@ -419,16 +568,47 @@ def _labels_of(original, args, kwargs):
     return bound.arguments.get("labels")
 
 
-def _run(model, original, args, kwargs):
+def _run(model, original, args, kwargs, settings: _Settings | None = None):
     if model in _ACTIVE:  # patched twice (instance and class): the outer patch does the work
         return original(*args, **kwargs)
-    settings = _settings_of(model)
+    settings = settings or _settings_of(model)
     return_logits = kwargs.pop("return_logits", False)
     sample_weight = kwargs.pop("sample_weight", None)
+    stats = _token_stat_names(kwargs.pop("return_token_stats", False))
+    trl_head = "fused_lm_head" in kwargs and kwargs["fused_lm_head"]
+    if trl_head:
+        # TRL's fused LM head (add_fused_lm_head) installed under this patch: SFTTrainer's calls are served
+        # here; any other caller gets TRL's head when it computes the loss that was asked for.
+        if not settings.serves_trl_sft:
+            if settings.default:
+                return original(*args, **kwargs)
+            trainer = _calling_trainer()
+            if trainer is not None and _trl_sft(trainer) is not None:
+                raise ValueError(
+                    f"{type(trainer).__name__} calls the model with fused_lm_head=True, which crossent serves once "
+                    "the trainer is patched: call crossent.integrations.transformers.apply(trainer, loss=...)"
+                )
+            raise ValueError(_refusal(type(trainer).__name__ if trainer is not None else "this caller", settings.loss,
+                                      " (it calls the model with fused_lm_head=True)"))  # fmt: skip
+        del kwargs["fused_lm_head"]
+        if return_logits or sample_weight is not None:
+            raise ValueError("fused_lm_head=True takes neither return_logits nor sample_weight")
+        stats = ("argmax", "entropy")
     labels = _labels_of(original, args, kwargs)
     if labels is None:
         if sample_weight is not None:
             raise ValueError("sample_weight weighs the loss of each label; the forward got no labels")
+        if stats:
+            raise ValueError(
+                "return_token_stats: the statistics are those of the labelled tokens; the forward got no labels"
+            )
+        if not settings.default and model.training and torch.is_grad_enabled():
+            # A training forward without labels returns logits; a TRL trainer (GKD) computing its own
+            # objective from them would silently not train the crossent loss.
+            trainer = _calling_trainer()
+            if trainer is not None and _is_trl(trainer):
+                why = " (it calls the model without labels)"
+                raise ValueError(_refusal(type(trainer).__name__, settings.loss, why))
         if kwargs.get("num_items_in_batch") is not None:
             # A count of labels but no labels: transformers.Trainer popped them to compute its own loss
             # from the full logits, which would replace the crossent loss without a word.
@@ -441,7 +621,9 @@ def _run(model, original, args, kwargs):
             )
         return original(*args, **kwargs)
     fused = not return_logits  # eval mode too: a from_pretrained model (eval) must not form logits silently
-    call = _Call(model, settings, labels, kwargs, sample_weight, fused)
+    if stats and not fused:
+        raise ValueError("return_token_stats comes from the fused pass; with return_logits=True, read the logits")
+    call = _Call(model, settings, labels, kwargs, sample_weight, fused, stats, per_token=trl_head)
     _ACTIVE.add(model)
     try:
         with call.installed():
@@ -456,14 +638,82 @@ def _run(model, original, args, kwargs):
         raise
     finally:
         _ACTIVE.discard(model)
-    return call.finish(out)
+    out = call.finish(out)
+    if trl_head:
+        return call.trl_output(out)
+    if stats:
+        if not isinstance(out, dict):
+            raise ValueError("return_token_stats puts the statistics on the output object: call with return_dict=True")
+        out.token_stats = call.token_stats
+    return out
+
+
+def _token_stat_names(asked) -> tuple[str, ...]:
+    if asked is True:
+        return ("lse", "argmax", "entropy")
+    if asked is False or asked is None:
+        return ()
+    names = (asked,) if isinstance(asked, str) else tuple(asked)
+    unknown = [n for n in names if n not in TokenStats._fields[2:]]
+    if unknown or not names:
+        raise ValueError(
+            f"return_token_stats must be a bool or names among ('lse', 'argmax', 'entropy'), got {asked!r}"
+        )
+    return names
+
+
+class TokenStats(NamedTuple):
+    """Per-token statistics of a patched forward's fused pass (``return_token_stats=``), shaped like the
+    next-token labels (``labels[..., 1:]``, or ``shift_labels``): no logits are formed for them.
+
+    ``target``: the next-token labels; ``mask``: the counted tokens (``target != ignore_index``).
+    ``lse``: log-sum-exp of the post-processed logits (float32); ``argmax``: the predicted token;
+    ``entropy``: ``-sum_j p_j log p_j`` of the softmax (float32); a field not asked for is None. Values at
+    uncounted tokens are undefined: the properties below average over ``mask``.
+    """
+
+    target: Tensor
+    mask: Tensor
+    lse: Tensor | None = None
+    argmax: Tensor | None = None
+    entropy: Tensor | None = None
+
+    @property
+    def correct(self) -> Tensor:
+        """Whether the label is the predicted token, per token (False where not counted)."""
+        if self.argmax is None:
+            raise ValueError("correct reads argmax: ask for it in return_token_stats")
+        return (self.argmax == self.target) & self.mask
+
+    @property
+    def accuracy(self) -> Tensor:
+        """The fraction of counted tokens whose label is the predicted token (0 without counted tokens)."""
+        return self.mean(self.correct)
+
+    @property
+    def z_loss(self) -> Tensor:
+        """``lse ** 2`` per token: the term that ``z_loss=`` weighs."""
+        if self.lse is None:
+            raise ValueError("z_loss is lse ** 2: ask for 'lse' in return_token_stats")
+        return self.lse.square()
+
+    def mean(self, values: Tensor) -> Tensor:
+        """The mean of per-token ``values`` over the counted tokens, float32 (0 without counted tokens)."""
+        total = torch.where(self.mask, values.float(), 0.0).sum()
+        return total / self.mask.sum().clamp_min(1)
 
 
 class _Call:
     """One patched forward given labels: what the head needs, and what it leaves for ``loss_function``."""
 
-    def __init__(self, model, settings: _Settings, labels: Tensor, kwargs: dict, sample_weight, fused: bool):
+    def __init__(
+        self, model, settings: _Settings, labels: Tensor, kwargs: dict, sample_weight, fused: bool,
+        stats: tuple[str, ...] = (), per_token: bool = False,
+    ):  # fmt: skip
         self.model, self.settings, self.fused = model, settings, fused
+        self.stats, self.per_token = stats, per_token
+        self.token_stats: TokenStats | None = None
+        self.token_losses: Tensor | None = None
         self.who = type(model).__name__
         self.labels = labels
         self.shift_labels = kwargs.get("shift_labels")
@@ -487,6 +737,7 @@ class _Call:
         saved_head = head.__dict__.get("forward") if head is not None else None
         model.loss_function = self.loss_function
         if head is not None:
+            _warn_on_logit_hooks(model, head)
             head.forward = functools.partial(self.head_forward, head)
         try:
             yield
@@ -501,11 +752,26 @@ class _Call:
             raise UnsupportedModel(f"{self.who}: the head is called more than once or with extra arguments")
         weight, bias = head_weights(head, self.who)
         target, shift, sample_weight = self.targets(hidden)
-        self.loss = linear_cross_entropy(
+        result = linear_cross_entropy(
             hidden, weight, target, bias=bias, loss=self.settings.loss_for(self.logit_map),
             weight=_on(self.settings.weight, hidden.device), ignore_index=self.ignore_index, shift=shift,
-            sample_weight=sample_weight, normalizer=self.num_items, options=self.settings.engine,
+            sample_weight=sample_weight, normalizer=None if self.per_token else self.num_items,
+            reduction="none" if self.per_token else "mean", return_stats=self.stats or False,
+            options=self.settings.engine,
         )  # fmt: skip
+        self.loss, stats = result if self.stats else (result, None)
+        if stats is not None:
+            counted = target[..., 1:] if shift else target
+            self.token_stats = TokenStats(
+                counted, counted != self.ignore_index, **{name: getattr(stats, name) for name in self.stats}
+            )
+        if self.per_token:
+            # TRL's SFTTrainer sums -log_probs and divides by num_items_in_batch (or the counted tokens):
+            # the per-token losses, summed the same way, are the crossent loss.
+            mask = self.token_stats.mask
+            self.token_losses = torch.where(mask, self.loss.float(), 0.0)
+            count = mask.sum().clamp_min(1) if self.num_items is None else _as_tensor(self.num_items, self.loss)
+            self.loss = self.token_losses.sum() / count
         self.sent = probe(weight.shape[0], hidden.dim() - 1, hidden.dtype, hidden.device)
         return _like_output_of(weight, self.sent)
 
@@ -583,6 +849,22 @@ class _Call:
         denominator = counted.sum() if weight is None else weight[target[counted]].sum()
         return total / torch.where(denominator != 0, denominator, torch.ones_like(denominator))  # crossent: 0 rows -> 0
 
+    def trl_output(self, out):
+        """The output of TRL's fused LM head (``FusedCausalLMOutput``) from this crossent pass: ``log_probs``
+        holds minus the per-token crossent loss (the log-probability of the label for cross-entropy),
+        ``entropy`` and ``is_top1`` come from the pass's statistics, zero where a label is ignored."""
+        from trl.trainer.utils import FusedCausalLMOutput
+
+        stats = self.token_stats
+        return FusedCausalLMOutput(
+            loss=self.loss,
+            log_probs=-self.token_losses,
+            entropy=torch.where(stats.mask, stats.entropy, 0.0),
+            is_top1=stats.correct,
+            label_mask=stats.mask,
+            aux_loss=out.get("aux_loss") if isinstance(out, dict) else None,
+        )
+
     def finish(self, out):
         if not self.consumed:
             raise UnsupportedModel(
@@ -596,6 +878,33 @@ class _Call:
         if isinstance(out, tuple):
             return tuple(None if x is self.received else x for x in out)
         return out
+
+
+#: Models warned that their head's forward hooks see the probe rather than logits.
+_WARNED_HOOKS: weakref.WeakSet = weakref.WeakSet()
+#: Packages whose hooks on the head are infrastructure (sharding, placement, adapters), not logit readers.
+_INFRASTRUCTURE = ("torch", "transformers", "accelerate", "peft", "deepspeed", "trl")
+
+
+def _warn_on_logit_hooks(model: nn.Module, head: nn.Module) -> None:
+    """Warn once per model when the head has forward hooks of the user's: in a fused call they run (with
+    FSDP's and tensor parallelism's, which must), but the output they see is the probe, not logits."""
+    if not head._forward_hooks or torch.compiler.is_compiling() or model in _WARNED_HOOKS:
+        return
+    def origin(hook):
+        hook = getattr(hook, "func", hook)
+        return getattr(getattr(hook, "__func__", hook), "__module__", None) or type(hook).__module__
+
+    theirs = [h for h in head._forward_hooks.values() if origin(h).split(".")[0] not in _INFRASTRUCTURE]
+    if theirs:
+        _WARNED_HOOKS.add(model)
+        names = ", ".join(getattr(h, "__qualname__", type(h).__name__) for h in theirs)
+        warnings.warn(
+            f"{type(model).__name__}: forward hooks on the head ({names}) run in the fused call, but its output "
+            f"there is a placeholder row of shape [1, ..., vocabulary], not logits: no logits are formed. "
+            "For per-token statistics pass return_token_stats=True (out.token_stats); for logits, return_logits=True",
+            stacklevel=4,
+        )
 
 
 def _like_output_of(weight: Tensor, probe: Tensor) -> Tensor:
