@@ -262,3 +262,40 @@ def test_temperature_of_the_loss_entry_points():
     logp = xe.linear_log_probs(e, c, t, bias=b, softcap=2.0, temperature=0.7).logp
     counted = t != -100
     close(-logp[counted].mean(), want, 1e-12, "mean -logp")
+
+
+# -- a head split by vocabulary: the vocabulary-parallel engine through a DTensor ---------------------------
+
+
+def _dtensor_case(rank: int, world: int):
+    from torch.distributed.tensor import DTensor, Shard, init_device_mesh
+
+    e, c, b, t = make(torch.float64, n=12, shape=(2, 6))
+    per_rank = -(-V // world)  # torch.chunk's split, as Shard(0) lays out the rows
+    rows = slice(rank * per_rank, (rank + 1) * per_rank)
+    mesh = init_device_mesh("cpu", (world,))
+    local_c = c.detach()[rows].clone().requires_grad_()
+    local_b = b.detach()[rows].clone().requires_grad_()
+    head = DTensor.from_local(local_c, mesh, [Shard(0)], run_check=False, shape=c.shape, stride=c.stride())
+    bias = DTensor.from_local(local_b, mesh, [Shard(0)], run_check=False, shape=b.shape, stride=b.stride())
+    kw = dict(temperature=0.8, softcap=3.0, shift=True)
+    out = xe.linear_log_probs(e, head, t, bias=bias, entropy=True, lse=True, chunk_size=4, **kw)
+    ref = reference(e, c, b, t, **kw)
+    for name, x, y in zip(("logp", "entropy", "lse"), out, ref):
+        close(x, y, 1e-10, name)
+    g = torch.Generator().manual_seed(3)
+    r = [torch.randn(y.shape, generator=g, dtype=torch.float64) for y in ref]
+    mine = sum((ri * x).sum() for ri, x in zip(r, out))
+    theirs = sum((ri * y).sum() for ri, y in zip(r, ref))
+    mine.backward()
+    ref_e, ref_c, ref_b = torch.autograd.grad(theirs, [e, c, b])
+    close(e.grad, ref_e, 1e-10, "grad_e")  # summed over the ranks
+    close(local_c.grad, ref_c[rows], 1e-10, "grad_c")
+    close(local_b.grad, ref_b[rows], 1e-10, "grad_bias")
+
+
+def test_a_head_split_by_vocabulary_over_two_gloo_ranks():
+    from _gloo import check as check_ranks
+    from _gloo import run_cases
+
+    check_ranks(run_cases(2, {"dtensor": _dtensor_case}, timeout=120), "dtensor")

@@ -95,7 +95,7 @@ def _run(head: _Head, e: Tensor, c: Tensor, bias, target: Tensor, loss, reductio
         _WHO, e, c, target, vocab_start=head.shard.vocab_start, vocab_size=head.shard.vocab_size,
         group=head.shard.group, bias_shard=bias, loss=loss, weight=None, ignore_index=call.ignore_index,
         reduction=reduction, label_smoothing=0.0, z_loss=0.0, softcap=call.softcap, temperature=call.temperature,
-        shift=False, backend=call.options.backend, chunk_size=call.options.chunk_size, return_stats=call.stats,
+        shift=False, backend=call.options.backend, chunk_size=call.options.chunk_size, return_stats=call.stats or False,
         extra=extra, accum_dtype=None, options=None, layout_error=head.layout_error, finished=False,
     )  # fmt: skip
 
