@@ -16,7 +16,8 @@ The kernel may overwrite ``z``. :func:`make_kernel` picks one from the plan's de
   into the small ``[r, D]`` and ``[V]`` operands of the matrix products, so on CPU the only pass over
   the chunk between the matrix products is one fused softmax.
 * :class:`PlanKernel`: any other streamable loss, through :meth:`Plan.statistics` and
-  :meth:`Plan.logit_grad`; a few chunk-sized temporaries.
+  :meth:`Plan.logit_grad`, in blocks of rows: a few block-sized temporaries, the gradient written
+  over the chunk's logits.
 * :class:`WholeRowKernel`: losses with ``streamable = False``, by autograd through the chunk's rows.
 """
 
