@@ -209,7 +209,7 @@ def vocab_parallel_linear_cross_entropy(
         weight: ``[C]`` global class weights, identical on every rank.
         loss, ignore_index, reduction, label_smoothing, z_loss, softcap, shift, backend, chunk_size,
             return_stats, extra, accum_dtype, options: as in :func:`crossent.linear_cross_entropy`;
-            ``return_stats`` gives the merged ``lse``, the global ``argmax`` and the entropy. The default chunk size
+            ``return_stats`` gives the merged ``lse`` and the global ``argmax``. The default chunk size
             is sized by the widest shard, the same on every rank. The engine is the row-chunked one
             (``backend`` ``"auto"`` or ``"torch"``).
 
@@ -284,6 +284,8 @@ def sharded_linear_cross_entropy(
             options=resolve_options(options, backend=backend, chunk_size=chunk_size, accum_dtype=accum_dtype),
             allow_no_classes=True, temperature=temperature,
         )  # fmt: skip
+        if "entropy" in call.stats and finished:
+            raise ValueError(f"{who} reports lse and argmax, not the entropy (return_stats={return_stats!r})")
         opts = call.options
         if opts.backend == "triton" or opts.filter_eps is not None:
             raise ValueError(
