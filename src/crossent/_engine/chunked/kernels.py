@@ -135,6 +135,12 @@ class FactoredKernel:
 _TINY = 1e-30
 
 
+#: Logits per block of the generic kernel. Its temporaries coexist with the ``grad_c`` accumulator and
+#: the chunk's buffer in the eager-gradient mode: at 1M logits (4 MiB in float32) the several of a
+#: block stay small beside them, and a block still spans many thousands of logits per Python step.
+_PLAN_BLOCK_ELEMENTS = 1 << 20
+
+
 class PlanKernel:
     """Any streamable loss through the generic :class:`Plan` methods.
 
@@ -151,7 +157,7 @@ class PlanKernel:
     def __call__(self, z: Tensor, rows: Rows, row_scale: Tensor | None, source=None) -> ChunkResult:
         plan = self.plan
         cols = slice(0, z.shape[1])
-        blocks = row_blocks(*z.shape)
+        blocks = row_blocks(*z.shape, _PLAN_BLOCK_ELEMENTS)
         parts = []
         for b in blocks:
             rows_b = rows.select(b)
