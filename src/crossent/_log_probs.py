@@ -142,7 +142,6 @@ class _LogProbs(torch.autograd.Function):
         return (*(next(found) if n else None for n in need), None, None, None, None)
 
 
-@torch._disable_dynamo  # lazy: torch.compile runs this call eagerly (a graph break), importing nothing now
 def linear_log_probs(
     e: Tensor,
     c: Tensor,
@@ -214,6 +213,16 @@ def linear_log_probs(
                 [ 0.3359, -0.1359],
                 [ 0.0000,  0.0000]])
     """
+    arguments = dict(
+        bias=bias, temperature=temperature, softcap=softcap, entropy=entropy, lse=lse, ignore_index=ignore_index,
+        shift=shift, backend=backend, chunk_size=chunk_size,
+    )  # fmt: skip
+    if torch.compiler.is_compiling():  # the engine runs eagerly: a graph break, as for a custom autograd step
+        return _eager_log_probs(e, c, target, **arguments)
+    return _log_probs(e, c, target, **arguments)
+
+
+def _log_probs(e, c, target, *, bias, temperature, softcap, entropy, lse, ignore_index, shift, backend, chunk_size):
     layout_error = shard = None
     if is_dtensor(c) or is_dtensor(e):
         e, c, target, bias, _, shard, layout_error = local_arguments(e, c, target, bias)
@@ -238,3 +247,8 @@ def linear_log_probs(
         return (t[..., :-1] if shift else t).to(out_dtype)
 
     return TokenLogProbs(per_row(logp), per_row(ent) if entropy else None, per_row(log_z) if lse else None)
+
+
+# Decorated lazily: torch._dynamo is imported on its first call, which only a compiled caller makes (an
+# eager call would otherwise pay the compiler's import, hundreds of MiB and seconds, on its first step).
+_eager_log_probs = torch._disable_dynamo(_log_probs)
