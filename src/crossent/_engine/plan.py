@@ -60,7 +60,7 @@ def require_blockwise(loss, engine: str) -> None:
 
 #: The forms whose gradient terms :meth:`Plan.logit_grad` applies itself, in a few fused passes over a
 #: block; a plan with any other statistic goes statistic by statistic there (``add_grad``).
-LOGIT_GRAD_FORMS = (Form.LOG_SUM_EXP, Form.TARGET, Form.COLUMN_SUM, Form.SQUARES, Form.ARGMAX)
+LOGIT_GRAD_FORMS = (Form.LOG_SUM_EXP, Form.TARGET, Form.COLUMN_SUM, Form.SQUARES, Form.ARGMAX, Form.PROB_DOT_LOGIT)
 
 
 @dataclass(frozen=True)
@@ -447,17 +447,21 @@ class Plan:
     def _apply_factors(self, f: Factors, zt: Tensor, rows: Rows, values: dict, cols: slice, out: Tensor | None):
         """The terms of :data:`LOGIT_GRAD_FORMS` of ``f`` on transformed logits ``zt`` of the columns ``cols``."""
         dtype = zt.dtype
+        lse = values.get(self.structure.by_form.get(Form.LOG_SUM_EXP))
+        whole = zt.shape[-1] == rows.num_classes
         if f.softmax is not None:
-            if zt.shape[-1] == rows.num_classes:
+            hi, lo = (None, None) if whole else split_lse(lse, dtype)
+            own = f.own if whole else f.relative(lo).own
+            # p (a + u z'): the factor is formed before the softmax, which may overwrite z'.
+            factor = own.const.to(dtype)[:, None] if own.logit is None else self._logit_factor(own, zt, lse)
+            if whole:
                 # Whole rows: the softmax straight from the logits, in one fused pass where the device has one.
                 grad = softmax_rows(zt, out)
-                grad.mul_(f.softmax.to(dtype)[:, None])
             else:
-                hi, lo = split_lse(values[self.structure.by_form[Form.LOG_SUM_EXP]], dtype)
                 # p * a = exp(z - hi) * (a * exp(-lo)): the tail of lse folds into the row factor.
-                scale = f.relative(lo).softmax.to(dtype)[:, None]
                 grad = torch.sub(zt, hi[:, None], out=out) if out is not None else zt - hi[:, None]
-                grad.exp_().mul_(scale)
+                grad.exp_()
+            grad.mul_(factor)
         elif out is not None:
             grad = out.zero_()
         else:
@@ -474,6 +478,19 @@ class Plan:
             inside = (local >= 0) & (local < zt.shape[-1])
             grad.scatter_add_(-1, local.clamp(0, zt.shape[-1] - 1)[:, None], torch.where(inside, f.onehot, 0.0).to(dtype)[:, None])
         return grad
+
+    @staticmethod
+    def _logit_factor(own, zt: Tensor, lse) -> Tensor:
+        """``a + u z'`` per element, measured from the head ``r`` of ``lse`` (a logit of the row, when it
+        is an anchored pair): ``(a + u r) + u (z' - r)``, so that ``a`` and ``u z'`` of large logits do
+        not cancel in the logits' dtype."""
+        ref = lse[:, 0] if lse is not None and lse.dim() == 2 else None
+        const = own.const if own.const is not None else torch.zeros_like(own.logit)
+        if ref is None:
+            return torch.addcmul(const.to(zt.dtype)[:, None], zt, own.logit.to(zt.dtype)[:, None])
+        ref_t = ref.to(zt.dtype)  # a logit of the row: exact in its dtype
+        base = (const + own.logit * ref_t.to(const.dtype)).to(zt.dtype)
+        return (zt - ref_t[:, None]).mul_(own.logit.to(zt.dtype)[:, None]).add_(base[:, None])
 
     # -- whole rows with autograd -----------------------------------------------------------------
     def autograd_row_losses(self, z: Tensor, rows: Rows) -> Tensor:
