@@ -248,8 +248,8 @@ def grpo_loss(
     eps_high = eps_low if eps_high is None else V.real("grpo_loss", "eps_high", eps_high, low=0.0)
     beta = V.real("grpo_loss", "beta", beta)
     entropy_coef = V.real("grpo_loss", "entropy_coef", entropy_coef)
-    if delta is not None:
-        delta = V.real("grpo_loss", "delta", delta, low=1.0, low_open=True)
+    if delta is not None:  # the cap of negative-advantage ratios must lie above the clip
+        delta = V.real("grpo_loss", "delta", delta, low=1 + eps_high, low_open=True)
     if importance_level == "sequence" and loss_type in ("cispo", "sapo"):
         raise ValueError(f"importance_level='sequence' is not defined for loss_type={loss_type!r}")
     _check_like("advantages", advantages, logp.shape, sequence_ok=True)
