@@ -11,12 +11,15 @@ from ._engine.options import LinearCrossEntropyOptions, default_chunk_size
 from ._functional import cross_entropy
 from ._linear import linear_cross_entropy
 from ._linear_call import LinearStats
+from ._log_probs import TokenLogProbs, linear_log_probs
 
 __version__ = "0.1.0"
 
 __all__ = [
     "cross_entropy",
     "linear_cross_entropy",
+    "linear_log_probs",
+    "TokenLogProbs",
     "distillation",
     "linear_distillation",
     "LinearStats",

@@ -54,6 +54,7 @@ def linear_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    temperature: float = 1.0,
     shift: bool = False,
     backend: str = "auto",
     chunk_size: int | None = None,
@@ -87,6 +88,8 @@ def linear_cross_entropy(
         z_loss: adds ``z_loss * lse**2`` per row.
         softcap: logits pass through ``softcap * tanh(z / softcap)`` first (``None`` or ``math.inf``:
             no capping).
+        temperature: the (capped) logits are divided by it, as a sampler's temperature: the loss is
+            that of ``softcap(e @ c.T + bias) / temperature``.
         shift: causal-LM shift along the sequence dim (``target``'s last): position ``t`` predicts
             ``target[..., t + 1]``; the last position of ``e`` and the first of ``target`` are dropped
             without copying ``e``. ``target`` is the *unshifted* labels, over the same positions as
@@ -153,14 +156,15 @@ def linear_cross_entropy(
             return _vocabulary_parallel(
                 e, c, target, shard, bias=bias, layout_error=layout_error, loss=loss, weight=weight,
                 ignore_index=ignore_index,
-                reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, shift=shift,
-                backend=backend, chunk_size=chunk_size, return_stats=return_stats, extra=extra,
+                reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                temperature=temperature, shift=shift, backend=backend, chunk_size=chunk_size, return_stats=return_stats, extra=extra,
                 sample_weight=sample_weight, normalizer=normalizer, accum_dtype=accum_dtype, options=options,
             )  # fmt: skip
     call = linear_call(
         e, c, target, bias, loss=loss, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
         reduction=reduction, ignore_index=ignore_index, shift=shift, return_stats=return_stats,
         options=resolve_options(options, backend=backend, chunk_size=chunk_size, accum_dtype=accum_dtype),
+        temperature=temperature,
     )  # fmt: skip
     loss_obj = call.build_loss()
     target = V.index_target(target, "integer class indices")  # uint8 read as the classes it holds

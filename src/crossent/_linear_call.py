@@ -15,7 +15,7 @@ runs :func:`engine_call` eagerly inside the compiled graph, as PyTorch's own ``l
 runs its chunked kernel, so ``fullgraph=True`` holds and the values and gradients are eager mode's.
 Its arguments are the tensors of the call and the fields of the :class:`LinearCall` as plain values,
 except the float hyperparameters that a schedule may change every step (``label_smoothing``,
-``z_loss``, ``softcap``): they travel as one tensor, so that a new value does not recompile the graph;
+``z_loss``, ``softcap``, ``temperature``): they travel as one tensor, so that a new value does not recompile the graph;
 a loss object travels as an opaque :class:`crossent._loss_ref.LossRef`. A differentiated ``mean`` /
 ``sum`` (the engines' eager-gradient mode) returns the gradients from the forward operator and the
 backward scales them; otherwise a second operator runs :func:`engine_call` again with the upstream
@@ -43,7 +43,7 @@ from ._loss_ref import NO_LOSS, LossRef, ref_of
 from ._rows import Rows, as_float, compute_dtype, index_rows
 from .losses._build import build_loss
 from .stats import ACC, ARGMAX, LSE, P_DOT_Z
-from .transforms import Softcap
+from .transforms import head_transforms
 
 __all__ = [
     "LinearCall",
@@ -88,6 +88,7 @@ class LinearCall:
     shift: bool
     stats: tuple  # names among STAT_SOURCES
     options: LinearCrossEntropyOptions
+    temperature: float = 1.0  # the logits are divided by it after the softcap
 
     def build_loss(self):
         return build_loss(self.loss, label_smoothing=self.label_smoothing, z_loss=self.z_loss)
@@ -227,6 +228,7 @@ def linear_call(
     return_stats,
     options: LinearCrossEntropyOptions,
     allow_no_classes: bool = False,
+    temperature: float = 1.0,
 ) -> LinearCall:
     """The checked :class:`LinearCall` of an entry point's arguments; raises on the first mistake.
 
@@ -245,6 +247,7 @@ def linear_call(
         shift=bool(shift),
         stats=_stat_names(return_stats),
         options=options,
+        temperature=V.check_temperature(temperature),
     )
 
 
@@ -320,7 +323,7 @@ def prepare(
     class_weight = V.check_class_weight(weight, num_classes, e.device, compute_dtype(e.dtype))
     extra = V.flatten_extra(extra, rows_shape)
     rows = index_rows(target.reshape(-1), num_classes, call.ignore_index, class_weight, extra)
-    plan = Plan(loss_obj, rows, (Softcap(call.softcap),) if call.softcap is not None else ())
+    plan = Plan(loss_obj, rows, head_transforms(call.softcap, call.temperature))
     return plan, rows, None if sample_weight is None else sample_weight.reshape(-1)
 
 
@@ -410,7 +413,7 @@ def compiled_call(e: Tensor, c: Tensor, bias, target, weight, extra, sample_weig
 
 
 def _hyperparameters(call: LinearCall) -> Tensor:
-    """``label_smoothing``, ``z_loss`` and ``softcap`` (0: none) as one float64 tensor of the graph.
+    """``label_smoothing``, ``z_loss``, ``softcap`` (0: none) and ``temperature`` as one float64 tensor of the graph.
 
     These may change every step (a schedule). A float argument of a custom operator is a constant of
     the compiled graph, compiled anew for every value; a tensor's value is not. Each value is added to
@@ -419,7 +422,7 @@ def _hyperparameters(call: LinearCall) -> Tensor:
     """
     zero = torch.zeros((), dtype=torch.float64)
     softcap = 0.0 if call.softcap is None else call.softcap
-    return torch.stack([zero + call.label_smoothing, zero + call.z_loss, zero + softcap])
+    return torch.stack([zero + call.label_smoothing, zero + call.z_loss, zero + softcap, zero + call.temperature])
 
 
 def _call(hyperparameters: Tensor, loss_name, loss_ref, reduction, ignore_index, shift, stats,
@@ -429,9 +432,9 @@ def _call(hyperparameters: Tensor, loss_name, loss_ref, reduction, ignore_index,
     )
     loss = loss_ref.loss if loss_ref.loss is not None else loss_name
     names = tuple(stats.split(",")) if stats else ()
-    label_smoothing, z_loss, softcap = hyperparameters.tolist()
+    label_smoothing, z_loss, softcap, temperature = hyperparameters.tolist()
     softcap = softcap if softcap else None
-    return LinearCall(loss, label_smoothing, z_loss, softcap, reduction, ignore_index, shift, names, options)
+    return LinearCall(loss, label_smoothing, z_loss, softcap, reduction, ignore_index, shift, names, options, temperature)
 
 
 def _extra(keys: str, values: list) -> dict | None:

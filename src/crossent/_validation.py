@@ -225,6 +225,14 @@ def check_softcap(softcap) -> float | None:
     return positive("softcap", softcap)
 
 
+def check_temperature(temperature) -> float:
+    """``temperature`` as a finite positive float (1.0: the logits as they are)."""
+    value = positive("temperature", temperature)
+    if not is_finite(value):
+        raise ValueError(f"temperature must be finite{shown(value)}")
+    return value
+
+
 def flatten_extra(extra: dict | None, row_shape) -> dict:
     """Per-row extra tensors reshaped from ``row_shape + trailing`` to ``[N] + trailing``."""
     if not extra:

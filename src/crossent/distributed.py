@@ -41,7 +41,6 @@ from ._engine.vocab_parallel_linear import sharded_loss
 from ._linear_call import check_normalizer, finish, linear_call, linear_inputs, prepare, resolve_options
 from ._rows import compute_dtype, index_rows
 from .losses._build import build_loss
-from .stats import ARGMAX, LSE
 from .transforms import Softcap
 
 __all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy"]
@@ -266,12 +265,15 @@ def sharded_linear_cross_entropy(
     sample_weight=None,
     normalizer=None,
     layout_error: Exception | None = None,
+    temperature: float = 1.0,
+    finished: bool = True,
 ):
     """The fused vocabulary-parallel call behind :func:`vocab_parallel_linear_cross_entropy` and a DTensor
     classifier's :func:`crossent.linear_cross_entropy` (``who``, named in errors), which also passes
     ``sample_weight`` (refused) and ``normalizer`` (the divisor of the ``mean``): they are checked, and
     agreed on, with every other argument; ``layout_error`` (a DTensor argument laid out wrongly on this
-    rank) is raised in the agreement, so that every rank raises."""
+    rank) is raised in the agreement, so that every rank raises. ``finished=False`` returns the engine's
+    float64 ``(value, stats)`` over the flat rows (``crossent.linear_log_probs``), as ``finish`` takes them."""
 
     def check():
         if layout_error is not None:
@@ -280,7 +282,7 @@ def sharded_linear_cross_entropy(
             e, c_shard, target, bias_shard, loss=loss, label_smoothing=label_smoothing, z_loss=z_loss,
             softcap=softcap, reduction=reduction, ignore_index=ignore_index, shift=shift, return_stats=return_stats,
             options=resolve_options(options, backend=backend, chunk_size=chunk_size, accum_dtype=accum_dtype),
-            allow_no_classes=True,
+            allow_no_classes=True, temperature=temperature,
         )  # fmt: skip
         opts = call.options
         if opts.backend == "triton" or opts.filter_eps is not None:
@@ -288,8 +290,6 @@ def sharded_linear_cross_entropy(
                 f"{who} runs the row-chunked engine on every rank; backend='triton' and filter_eps are not "
                 f"available on it (got backend={opts.backend!r}, filter_eps={opts.filter_eps!r})"
             )
-        if "entropy" in call.stats:
-            raise ValueError(f"{who} reports lse and argmax, not the entropy (return_stats={return_stats!r})")
         if sample_weight is not None:
             raise ValueError(f"{who}: sample_weight is not available for a DTensor classifier")
         denominator = check_normalizer(normalizer, reduction, e.device)
@@ -308,7 +308,8 @@ def sharded_linear_cross_entropy(
         gradients = tuple(name for name, t in named if grad and t is not None and t.requires_grad)
         claim = Claim(
             start, c_shard.shape[0], size, index_target, call.ignore_index, loss=loss,
-            label_smoothing=float(label_smoothing), z_loss=float(z_loss), softcap=call.softcap, weight=weight,
+            label_smoothing=float(label_smoothing), z_loss=float(z_loss), softcap=call.softcap,
+            temperature=call.temperature, weight=weight,
             extra=extra or None, reduction=reduction, normalizer=denominator, return_stats=call.stats, shift=call.shift,
             dtype=inputs[0].dtype, hidden=e.shape[-1], bias=bias_shard is not None, gradients=gradients,
             chunk_size=opts.chunk_size, accum_dtype=opts.accum_dtype, mode=opts.mode,
@@ -322,8 +323,10 @@ def sharded_linear_cross_entropy(
     with torch.autocast(flat.device.type, enabled=False):
         value, stats = sharded_loss(
             flat, c, bias, plan, rows, layout, reduction=reduction if denominator is None else "sum",
-            options=call.options, report=(LSE, ARGMAX) if call.stats else (),
+            options=call.options, report=call.report,
         )  # fmt: skip
     if denominator is not None:
         value = value / denominator
+    if not finished:
+        return value, stats
     return finish(value, stats, tuple(target.shape), call, out_dtype)

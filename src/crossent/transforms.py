@@ -157,6 +157,13 @@ class Temperature(Transform):
         return Affine(1.0 / self.temperature)
 
 
+def head_transforms(softcap: float | None, temperature: float = 1.0) -> tuple[Transform, ...]:
+    """The entry points' logit transforms, in the order samplers apply them: ``softcap`` (checked
+    already: ``None`` is no capping), then division by ``temperature`` (1: none)."""
+    capped = (Softcap(softcap),) if softcap is not None else ()
+    return capped + ((Temperature(temperature),) if temperature != 1.0 else ())
+
+
 class ClassBias(Transform):
     """``z_j + b_j`` with a fixed per-class vector ``b`` (e.g. logit adjustment ``tau * log prior``)."""
 
@@ -296,5 +303,5 @@ def backward_all(transforms, grad: Tensor, z: Tensor, rows: Rows, cols: slice) -
 __all__ = [
     "Transform", "Affine", "Tanh", "Circle", "Softcap", "Temperature", "ClassBias", "CircleMargin",
     "ExcludeColumns",
-    "affine_chain", "apply_all", "backward_all",
+    "affine_chain", "apply_all", "backward_all", "head_transforms",
 ]  # fmt: skip

@@ -53,6 +53,7 @@ class Claim:
     label_smoothing: float = 0.0
     z_loss: float = 0.0
     softcap: float | None = None
+    temperature: float = 1.0
     weight: Tensor | None = None
     extra: dict | None = None
     reduction: str = "mean"
