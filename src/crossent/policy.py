@@ -27,6 +27,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from . import _validation as V
+from ._log_probs import linear_log_probs
 from ._rows import compute_dtype
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "importance_log_ratio",
     "aggregate",
     "grpo_loss",
+    "linear_grpo_loss",
 ]
 
 #: The ``loss_type`` values, named as TRL's GRPOTrainer names them.
@@ -147,15 +149,17 @@ def aggregate(
 
     With ``m`` the mask and ``|y_i| = max(1, sum_t m_it)``:
 
-    ============  ======================================================  =================================
-    loss_type     loss                                                    verl's ``loss_agg_mode``
-    ============  ======================================================  =================================
-    ``grpo``      ``mean_i (sum_t m l / |y_i|)``  (also ``sapo``)          ``seq-mean-token-mean``
-    ``bnpo``      ``sum m l / max(1, sum m)``  (this batch's tokens)       ``token-mean``
-    ``dr_grpo``   ``sum m l / (B * max_completion_length)``                ``seq-mean-token-sum-norm`` divides by ``T`` only
-    ``dapo``      ``sum m l / num_items``  (also ``cispo``)               ``token-mean`` (global count)
-    ``luspo``     ``mean_i (sum_t m l)``                                   ``seq-mean-token-sum``
-    ============  ======================================================  =================================
+    ============  ==============================================  ===================================
+    loss_type     loss                                            verl's ``loss_agg_mode``
+    ============  ==============================================  ===================================
+    ``grpo``      ``mean_i (sum_t m l / |y_i|)`` (also ``sapo``)  ``seq-mean-token-mean``
+    ``bnpo``      ``sum m l / max(1, sum m)`` (this batch)        ``token-mean``
+    ``dr_grpo``   ``sum m l / (B * max_completion_length)``       ``seq-mean-token-sum-norm`` (``/ T``)
+    ``dapo``      ``sum m l / num_items`` (also ``cispo``)        ``token-mean`` (a global count)
+    ``luspo``     ``mean_i (sum_t m l)``                          ``seq-mean-token-sum``
+    ============  ==============================================  ===================================
+
+    verl's ``seq-mean-token-sum-norm`` divides by ``T`` alone, not by ``B * T``.
 
     ``max_completion_length`` defaults to ``T``. ``num_items`` is the number of counted tokens of the
     whole step (all micro-batches and ranks, TRL's ``num_items_in_batch`` over its processes); it
@@ -178,12 +182,16 @@ def aggregate(
     if loss_type == "bnpo":
         return masked.sum() / m.sum().clamp_min(1.0)
     if loss_type == "dr_grpo":
-        length = masked.shape[-1] if max_completion_length is None else V.count("max_completion_length", max_completion_length)
+        length = masked.shape[-1]
+        if max_completion_length is not None:
+            length = V.count("max_completion_length", max_completion_length)
         return masked.sum() / (rows * length)
     if loss_type in ("dapo", "cispo"):
         if num_items is None:
             return masked.sum() / m.sum().clamp_min(1.0)
-        return masked.sum() / (num_items.clamp_min(1.0) if isinstance(num_items, Tensor) else max(float(num_items), 1.0))
+        if isinstance(num_items, Tensor):
+            return masked.sum() / num_items.clamp_min(1.0)
+        return masked.sum() / max(V.real("aggregate", "num_items", num_items), 1.0)
     return masked.sum(-1).mean()  # luspo
 
 
@@ -284,3 +292,64 @@ def grpo_loss(
     if entropy_coef != 0.0:
         loss = loss - entropy_coef * (_float(entropy) * m).sum() / m.sum().clamp_min(1.0)
     return loss
+
+
+def linear_grpo_loss(
+    e: Tensor,
+    c: Tensor,
+    target: Tensor,
+    old_logp: Tensor | None,
+    advantages: Tensor,
+    *,
+    loss_type: str = "dapo",
+    eps_low: float = 0.2,
+    eps_high: float | None = None,
+    importance_level: str = "token",
+    delta: float | None = None,
+    ref_logp: Tensor | None = None,
+    beta: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy_coef: float = 0.0,
+    sapo_temperatures: tuple[float, float] = (1.0, 1.05),
+    max_completion_length: int | None = None,
+    num_items: Tensor | float | None = None,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    shift: bool = False,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+) -> Tensor:
+    r""":func:`grpo_loss` of the policy ``softmax(softcap(e @ c.T + bias) / temperature)``, fused: the per-token
+    log-probabilities (and entropies, when ``entropy_coef != 0``) come from
+    :func:`crossent.linear_log_probs`, so no ``[B, T, V]`` logits are held, forward or backward.
+
+    ``e``: hidden states ``[B, T, D]``; ``c``: the head ``[V, D]``; ``target``: the sampled tokens ``[B, T]``,
+    ``ignore_index`` where a position does not count (prompt, padding): the mask is
+    ``target != ignore_index``. With ``shift=True`` position ``t`` scores ``target[..., t + 1]`` and the
+    per-token inputs (``old_logp``, ``ref_logp``, a per-token ``advantages``) are ``[B, T - 1]``.
+    ``temperature`` is the sampler's (TRL divides the logits by it too). The other arguments are
+    :func:`grpo_loss`'s; ``bias``, ``softcap``, ``backend``, ``chunk_size`` are
+    :func:`crossent.linear_cross_entropy`'s.
+
+    >>> import torch
+    >>> e, c = torch.randn(2, 5, 8, requires_grad=True), torch.randn(32, 8)
+    >>> target = torch.tensor([[3, 7, 1, -100, -100], [4, 4, 9, 2, 0]])
+    >>> old = torch.zeros(2, 5) - 3.0
+    >>> loss = linear_grpo_loss(e, c, target, old, torch.tensor([0.5, -0.5]), entropy_coef=1e-3)
+    >>> loss.backward()
+    """
+    if not isinstance(target, Tensor) or target.dim() < 1:
+        raise TypeError("target must be an integer tensor [B, T]")
+    out = linear_log_probs(
+        e, c, target, bias=bias, temperature=temperature, softcap=softcap, entropy=entropy_coef != 0,
+        ignore_index=ignore_index, shift=shift, backend=backend, chunk_size=chunk_size,
+    )  # fmt: skip
+    mask = (target[..., 1:] if shift else target) != ignore_index
+    return grpo_loss(
+        out.logp, old_logp, advantages, mask, loss_type=loss_type, eps_low=eps_low, eps_high=eps_high,
+        importance_level=importance_level, delta=delta, ref_logp=ref_logp, beta=beta, kl_estimator=kl_estimator,
+        entropy=out.entropy, entropy_coef=entropy_coef, sapo_temperatures=sapo_temperatures,
+        max_completion_length=max_completion_length, num_items=num_items,
+    )  # fmt: skip

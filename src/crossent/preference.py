@@ -20,11 +20,14 @@ target margin is ``1 / (2 tau)``).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import _validation as V
+from ._log_probs import linear_log_probs
 from ._rows import compute_dtype
 
 __all__ = [
@@ -36,6 +39,11 @@ __all__ = [
     "orpo_loss",
     "kto_loss",
     "kto_reference_point",
+    "linear_dpo_loss",
+    "linear_simpo_loss",
+    "linear_cpo_loss",
+    "linear_orpo_loss",
+    "linear_kto_loss",
 ]
 
 #: The ``loss_type`` values of :func:`dpo_loss`, as TRL's DPOTrainer names them.
@@ -295,3 +303,192 @@ def kto_loss(
     sign = desirable.to(rho.dtype) * 2 - 1
     weight = torch.where(desirable, w_d, w_u).to(rho.dtype)
     return _reduce(weight * (1 - torch.sigmoid(beta * sign * (rho - z0))), reduction)
+
+
+class _Sequences(NamedTuple):
+    """Per-sequence quantities of one fused pass: ``logps`` (sum or mean over the counted tokens, ``[R]``),
+    ``counts`` (counted tokens per row, at least 1) and ``token_logp`` / ``mask`` (``[R, T]``)."""
+
+    logps: Tensor
+    counts: Tensor
+    token_logp: Tensor
+    mask: Tensor
+
+
+def _sequences(e, c, target, head: dict, *, average: bool) -> _Sequences:
+    if not isinstance(target, Tensor) or target.dim() < 2:
+        raise TypeError("target must be an integer tensor [R, T]: one completion per row")
+    token_logp = linear_log_probs(e, c, target, **head).logp
+    shift, ignore_index = head["shift"], head["ignore_index"]
+    mask = (target[..., 1:] if shift else target) != ignore_index
+    counts = mask.sum(-1).clamp_min(1).to(token_logp.dtype)
+    return _Sequences(sequence_log_prob(token_logp, mask, average=average), counts, token_logp, mask)
+
+
+def _halves(t: Tensor, name: str = "target") -> tuple[Tensor, Tensor]:
+    if t.shape[0] % 2:
+        raise ValueError(f"{name} must hold 2B rows, the B chosen then the B rejected; got {t.shape[0]} rows")
+    return t.chunk(2, dim=0)
+
+
+def _chosen_nll(seqs: _Sequences) -> Tensor:
+    """The mean negative log-likelihood over the chosen half's counted tokens."""
+    logp, _ = _halves(seqs.token_logp)
+    mask, _ = _halves(seqs.mask)
+    m = mask.to(logp.dtype)
+    return -(logp * m).sum() / m.sum().clamp_min(1.0)
+
+
+def _head(bias, temperature, softcap, ignore_index, shift, backend, chunk_size) -> dict:
+    return dict(bias=bias, temperature=temperature, softcap=softcap, ignore_index=ignore_index, shift=shift,
+                backend=backend, chunk_size=chunk_size)  # fmt: skip
+
+
+_FUSED_DOC = """
+    Fused over a linear head: ``e`` ``[2B, T, D]`` (the B chosen completions first, then the B rejected in
+    the same order), ``c`` ``[V, D]``, ``target`` ``[2B, T]`` with ``ignore_index`` on every position that
+    is not a completion token (prompt, padding); per-token log-probabilities come from
+    :func:`crossent.linear_log_probs` (``bias``, ``temperature``, ``softcap``, ``ignore_index``, ``shift``,
+    ``backend``, ``chunk_size`` are its arguments), so no ``[2B, T, V]`` logits are held.
+"""
+
+
+def linear_dpo_loss(
+    e: Tensor,
+    c: Tensor,
+    target: Tensor,
+    ref_chosen_logps: Tensor | None = None,
+    ref_rejected_logps: Tensor | None = None,
+    *,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    shift: bool = False,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+) -> Tensor:
+    r""":func:`dpo_loss` on the sequence log-probs (sums over the completion) of a linear head.
+
+    The reference log-probs are sequence sums ``[B]`` (TRL's precomputed ``ref_chosen_logps``); for
+    ``loss_type="ipo"`` the policy's and the reference's log-ratios are divided by each completion's
+    token count, as TRL does.
+    """
+    seqs = _sequences(e, c, target, _head(bias, temperature, softcap, ignore_index, shift, backend, chunk_size),
+                      average=False)  # fmt: skip
+    chosen, rejected = _halves(seqs.logps)
+    if loss_type == "ipo":
+        n_w, n_l = _halves(seqs.counts)
+        chosen, rejected = chosen / n_w, rejected / n_l
+        ref_chosen_logps = None if ref_chosen_logps is None else _float(ref_chosen_logps) / n_w
+        ref_rejected_logps = None if ref_rejected_logps is None else _float(ref_rejected_logps) / n_l
+    return dpo_loss(chosen, rejected, ref_chosen_logps, ref_rejected_logps, beta=beta, loss_type=loss_type,
+                    label_smoothing=label_smoothing, reduction=reduction)  # fmt: skip
+
+
+def linear_simpo_loss(
+    e: Tensor,
+    c: Tensor,
+    target: Tensor,
+    *,
+    beta: float = 2.0,
+    gamma: float = 0.5,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    shift: bool = False,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+) -> Tensor:
+    r""":func:`simpo_loss` on the per-token mean log-probs of a linear head's completions."""
+    seqs = _sequences(e, c, target, _head(bias, temperature, softcap, ignore_index, shift, backend, chunk_size),
+                      average=True)  # fmt: skip
+    chosen, rejected = _halves(seqs.logps)
+    return simpo_loss(chosen, rejected, beta=beta, gamma=gamma, label_smoothing=label_smoothing, reduction=reduction)
+
+
+def linear_cpo_loss(
+    e: Tensor,
+    c: Tensor,
+    target: Tensor,
+    *,
+    beta: float = 0.1,
+    alpha: float = 1.0,
+    label_smoothing: float = 0.0,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    shift: bool = False,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+) -> Tensor:
+    r""":func:`cpo_loss` on a linear head: sequence sums, and the NLL averaged over the chosen tokens."""
+    seqs = _sequences(e, c, target, _head(bias, temperature, softcap, ignore_index, shift, backend, chunk_size),
+                      average=False)  # fmt: skip
+    chosen, rejected = _halves(seqs.logps)
+    return cpo_loss(chosen, rejected, _chosen_nll(seqs), beta=beta, alpha=alpha, label_smoothing=label_smoothing)
+
+
+def linear_orpo_loss(
+    e: Tensor,
+    c: Tensor,
+    target: Tensor,
+    *,
+    beta: float = 0.1,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    shift: bool = False,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+) -> Tensor:
+    r""":func:`orpo_loss` on a linear head: per-token mean log-probs, and the NLL averaged over the chosen
+    tokens (TRL's ORPO counts the prompt's tokens in the NLL too: leave them unignored in ``target`` for
+    that, at the price of counting them in the odds as well)."""
+    seqs = _sequences(e, c, target, _head(bias, temperature, softcap, ignore_index, shift, backend, chunk_size),
+                      average=True)  # fmt: skip
+    chosen, rejected = _halves(seqs.logps)
+    return orpo_loss(chosen, rejected, _chosen_nll(seqs), beta=beta)
+
+
+def linear_kto_loss(
+    e: Tensor,
+    c: Tensor,
+    target: Tensor,
+    desirable: Tensor,
+    ref_logps: Tensor,
+    kl: Tensor | float = 0.0,
+    *,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    reduction: str = "mean",
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    shift: bool = False,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+) -> Tensor:
+    r""":func:`kto_loss` on a linear head: ``e`` ``[B, T, D]`` and ``target`` ``[B, T]`` hold ``B`` unpaired
+    completions, ``desirable`` ``[B]`` their labels and ``ref_logps`` ``[B]`` the reference's sequence
+    sums; ``kl`` the reference point (:func:`kto_reference_point`)."""
+    seqs = _sequences(e, c, target, _head(bias, temperature, softcap, ignore_index, shift, backend, chunk_size),
+                      average=False)  # fmt: skip
+    return kto_loss(seqs.logps, ref_logps, desirable, kl, beta=beta, desirable_weight=desirable_weight,
+                    undesirable_weight=undesirable_weight, reduction=reduction)  # fmt: skip
+
+
+for _fused in (linear_dpo_loss, linear_simpo_loss, linear_cpo_loss, linear_orpo_loss):
+    _fused.__doc__ += _FUSED_DOC
+del _fused
