@@ -301,7 +301,7 @@ def kto_loss(
     z0 = _float(kl).detach() if isinstance(kl, Tensor) else V.real("kto_loss", "kl", kl)
     rho = _log_ratio(_float(logps), ref_logps, "ref_logps")
     sign = desirable.to(rho.dtype) * 2 - 1
-    weight = torch.where(desirable, w_d, w_u).to(rho.dtype)
+    weight = torch.where(desirable, rho.new_tensor(w_d), rho.new_tensor(w_u))
     return _reduce(weight * (1 - torch.sigmoid(beta * sign * (rho - z0))), reduction)
 
 
