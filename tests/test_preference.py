@@ -196,6 +196,7 @@ def trl_experimental():
     return cpo.CPOTrainer, orpo.ORPOTrainer
 
 
+@pytest.mark.slow  # importing TRL's experimental trainers takes seconds
 @pytest.mark.parametrize("loss_type, eps", [("sigmoid", 0.0), ("sigmoid", 0.15), ("simpo", 0.0), ("simpo", 0.15)])
 def test_cpo_and_simpo_against_trl(trl_experimental, loss_type, eps):
     """TRL's own ``CPOTrainer.cpo_loss`` (trl/experimental/cpo/cpo_trainer.py), called unbound with the
@@ -217,6 +218,7 @@ def test_cpo_and_simpo_against_trl(trl_experimental, loss_type, eps):
         _close(a, b)
 
 
+@pytest.mark.slow
 def test_orpo_against_trl(trl_experimental):
     """TRL's own ``ORPOTrainer.odds_ratio_loss``; its total loss is ``nll - losses.mean()``. TRL casts the
     log-probs to float32 first: float32 agreement."""
