@@ -12,6 +12,13 @@ layout); the formulas take the two halves as separate ``[B]`` tensors. Reference
 (``ref_chosen_logps``, ``ref_rejected_logps``) are the frozen reference model's, usually precomputed
 once per dataset; ``None`` stands for a uniform reference (zero log-ratios' offset).
 
+**Fused entry points** (``linear_dpo_loss``, ``linear_simpo_loss``, ``linear_cpo_loss``,
+``linear_orpo_loss``, ``linear_kto_loss``) take a linear head: ``e`` ``[2B, T, D]`` (``[B, T, D]`` for
+KTO), ``c`` ``[V, D]`` and ``target`` ``[2B, T]`` with ``ignore_index`` on every position that is not a
+completion token (prompt, padding). Their per-token log-probabilities come from
+:func:`crossent.linear_log_probs` (``bias``, ``temperature``, ``softcap``, ``ignore_index``, ``shift``,
+``backend``, ``chunk_size`` are its arguments), so no ``[2B, T, V]`` logits are held.
+
 **Conventions.** ``Delta = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))``, the
 implicit reward margin; every loss is to be minimised; ``beta`` is the inverse temperature of the
 implicit reward (``r = beta log(pi / pi_ref)``), and for IPO it is ``tau``, the regularisation (the
@@ -315,9 +322,11 @@ class _Sequences(NamedTuple):
     mask: Tensor
 
 
-def _sequences(e, c, target, head: dict, *, average: bool) -> _Sequences:
+def _sequences(e, c, target, head: dict, *, average: bool, paired: bool = True) -> _Sequences:
     if not isinstance(target, Tensor) or target.dim() < 2:
         raise TypeError("target must be an integer tensor [R, T]: one completion per row")
+    if paired:
+        _halves(target)
     token_logp = linear_log_probs(e, c, target, **head).logp
     shift, ignore_index = head["shift"], head["ignore_index"]
     mask = (target[..., 1:] if shift else target) != ignore_index
@@ -344,15 +353,6 @@ def _head(bias, temperature, softcap, ignore_index, shift, backend, chunk_size) 
                 backend=backend, chunk_size=chunk_size)  # fmt: skip
 
 
-_FUSED_DOC = """
-    Fused over a linear head: ``e`` ``[2B, T, D]`` (the B chosen completions first, then the B rejected in
-    the same order), ``c`` ``[V, D]``, ``target`` ``[2B, T]`` with ``ignore_index`` on every position that
-    is not a completion token (prompt, padding); per-token log-probabilities come from
-    :func:`crossent.linear_log_probs` (``bias``, ``temperature``, ``softcap``, ``ignore_index``, ``shift``,
-    ``backend``, ``chunk_size`` are its arguments), so no ``[2B, T, V]`` logits are held.
-"""
-
-
 def linear_dpo_loss(
     e: Tensor,
     c: Tensor,
@@ -372,11 +372,19 @@ def linear_dpo_loss(
     backend: str = "auto",
     chunk_size: int | None = None,
 ) -> Tensor:
-    r""":func:`dpo_loss` on the sequence log-probs (sums over the completion) of a linear head.
+    r""":func:`dpo_loss` on the sequence log-probs (sums over the completion) of a linear head, fused (module
+    docstring: the ``[chosen; rejected]`` layout and the head's arguments).
 
     The reference log-probs are sequence sums ``[B]`` (TRL's precomputed ``ref_chosen_logps``); for
     ``loss_type="ipo"`` the policy's and the reference's log-ratios are divided by each completion's
     token count, as TRL does.
+
+    >>> import torch
+    >>> e, c = torch.randn(4, 6, 8, requires_grad=True), torch.randn(50, 8)     # 2 pairs: rows 0-1 chosen
+    >>> target = torch.randint(0, 50, (4, 6))
+    >>> target[:, :2] = -100                                                       # the prompt
+    >>> loss = linear_dpo_loss(e, c, target, torch.tensor([-20.0, -22.0]), torch.tensor([-21.0, -20.0]))
+    >>> loss.backward()
     """
     seqs = _sequences(e, c, target, _head(bias, temperature, softcap, ignore_index, shift, backend, chunk_size),
                       average=False)  # fmt: skip
@@ -407,7 +415,8 @@ def linear_simpo_loss(
     backend: str = "auto",
     chunk_size: int | None = None,
 ) -> Tensor:
-    r""":func:`simpo_loss` on the per-token mean log-probs of a linear head's completions."""
+    r""":func:`simpo_loss` on the per-token mean log-probs of a linear head's completions, fused (module
+    docstring: the ``[chosen; rejected]`` layout and the head's arguments)."""
     seqs = _sequences(e, c, target, _head(bias, temperature, softcap, ignore_index, shift, backend, chunk_size),
                       average=True)  # fmt: skip
     chosen, rejected = _halves(seqs.logps)
@@ -430,7 +439,8 @@ def linear_cpo_loss(
     backend: str = "auto",
     chunk_size: int | None = None,
 ) -> Tensor:
-    r""":func:`cpo_loss` on a linear head: sequence sums, and the NLL averaged over the chosen tokens."""
+    r""":func:`cpo_loss` on a linear head, fused: sequence sums, and the NLL averaged over the chosen tokens
+    (module docstring: the ``[chosen; rejected]`` layout and the head's arguments)."""
     seqs = _sequences(e, c, target, _head(bias, temperature, softcap, ignore_index, shift, backend, chunk_size),
                       average=False)  # fmt: skip
     chosen, rejected = _halves(seqs.logps)
@@ -451,8 +461,8 @@ def linear_orpo_loss(
     backend: str = "auto",
     chunk_size: int | None = None,
 ) -> Tensor:
-    r""":func:`orpo_loss` on a linear head: per-token mean log-probs, and the NLL averaged over the chosen
-    tokens (TRL's ORPO counts the prompt's tokens in the NLL too: leave them unignored in ``target`` for
+    r""":func:`orpo_loss` on a linear head, fused (module docstring): per-token mean log-probs, and the NLL
+    averaged over the chosen tokens (TRL's ORPO counts the prompt's tokens in the NLL too: leave them unignored in ``target`` for
     that, at the price of counting them in the odds as well)."""
     seqs = _sequences(e, c, target, _head(bias, temperature, softcap, ignore_index, shift, backend, chunk_size),
                       average=True)  # fmt: skip
@@ -484,11 +494,7 @@ def linear_kto_loss(
     completions, ``desirable`` ``[B]`` their labels and ``ref_logps`` ``[B]`` the reference's sequence
     sums; ``kl`` the reference point (:func:`kto_reference_point`)."""
     seqs = _sequences(e, c, target, _head(bias, temperature, softcap, ignore_index, shift, backend, chunk_size),
-                      average=False)  # fmt: skip
+                      average=False, paired=False)  # fmt: skip
     return kto_loss(seqs.logps, ref_logps, desirable, kl, beta=beta, desirable_weight=desirable_weight,
                     undesirable_weight=undesirable_weight, reduction=reduction)  # fmt: skip
 
-
-for _fused in (linear_dpo_loss, linear_simpo_loss, linear_cpo_loss, linear_orpo_loss):
-    _fused.__doc__ += _FUSED_DOC
-del _fused
