@@ -59,6 +59,9 @@ def _trl_grpo(logp, old, ref, adv, entropy, mask, *, loss_type, eps_low, eps_hig
         # (1.05 rounded); the temperatures are kept in the advantages' dtype here
         temperatures = torch.where(advantages > 0, advantages.new_tensor(sapo[0]), advantages.new_tensor(sapo[1]))
         per_token_loss = -torch.sigmoid(temperatures * (coef_1 - 1)) * 4 / temperatures * advantages
+    elif loss_type == "vespo":
+        phi_seq = _trl_gamma_weights(advantages, log_ratio, mask)
+        per_token_loss = -phi_seq * advantages * per_token_logps
     if beta != 0.0:
         per_token_loss = per_token_loss + beta * per_token_kl
     if loss_type in ["grpo", "sapo"]:
@@ -67,13 +70,29 @@ def _trl_grpo(logp, old, ref, adv, entropy, mask, *, loss_type, eps_low, eps_hig
         loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
     elif loss_type == "dr_grpo":
         loss = (per_token_loss * mask).sum() / (per_token_loss.size(0) * max_completion_length)
-    elif loss_type in ["cispo", "dapo"]:
+    elif loss_type in ["cispo", "dapo", "vespo"]:
         loss = (per_token_loss * mask).sum() / num_items.clamp(min=1.0)
     elif loss_type == "luspo":
         loss = (per_token_loss * mask).sum(-1).mean()
     if entropy_coef:
         loss = loss - entropy_coef * (entropy * mask).sum() / mask.sum().clamp(min=1.0)
     return loss
+
+
+@torch.no_grad()
+def _trl_gamma_weights(advantages, log_ratio_per_token, mask, k_pos=2.0, lambda_pos=3.0, k_neg=3.0, lambda_neg=2.0):
+    """TRL 1.16's ``GRPOTrainer.get_gamma_weights`` (a static method; reproduced so that this file need not
+    import the trainer, and called as TRL's own in ``test_vespo_weights_are_trls``), without the vLLM ratio."""
+    lower_clamp = math.log(1e-8)
+    log_ratio_clamped = torch.clamp(log_ratio_per_token, -20.0, 20.0)
+    seq_log_ratio = torch.sum(log_ratio_clamped * mask, dim=-1, keepdim=True)
+    log_w_seq = torch.clamp(seq_log_ratio, lower_clamp, 20.0)
+    w_seq = torch.exp(log_w_seq)
+    is_nonneg_adv = advantages >= 0
+    k_seq = torch.where(is_nonneg_adv, k_pos, k_neg)
+    lambda_seq = torch.where(is_nonneg_adv, lambda_pos, lambda_neg).clamp(min=1e-4)
+    log_phi = lambda_seq + k_seq * log_w_seq - lambda_seq * w_seq
+    return torch.exp(log_phi).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _paper_grpo(logp, old, ref, adv, entropy, mask, *, loss_type, eps_low, eps_high, level, beta, delta,
@@ -94,6 +113,10 @@ def _paper_grpo(logp, old, ref, adv, entropy, mask, *, loss_type, eps_low, eps_h
             elif loss_type == "sapo":
                 tau = sapo[0] if a > 0 else sapo[1]
                 term = -(4 / tau) * torch.sigmoid(tau * (r - 1)) * a
+            elif loss_type == "vespo":  # the gamma weight e^lam w^k e^(-lam w) of the sequence's ratio w
+                k, lam = (2.0, 3.0) if a >= 0 else (3.0, 2.0)
+                w = torch.exp(sum(logp[i, u] - old[i, u] for u in toks)).detach()
+                term = -(math.exp(lam) * w**k * torch.exp(-lam * w)) * a * logp[i, t]
             elif a >= 0:  # PPO's pessimistic bound: for A > 0 the ratio is capped above at 1 + eps_high,
                 term = -a * torch.clamp(r, max=1 + eps_high)
             else:  # for A < 0 below at 1 - eps_low, and above at delta (INTELLECT-2's two-sided clip)
@@ -112,7 +135,7 @@ def _paper_grpo(logp, old, ref, adv, entropy, mask, *, loss_type, eps_low, eps_h
         loss = total / max(count, 1)
     elif loss_type == "dr_grpo":
         loss = total / (B * max_completion_length)
-    elif loss_type in ("dapo", "cispo"):
+    elif loss_type in ("dapo", "cispo", "vespo"):
         loss = total / num_items
     else:
         loss = sum(s for s, _ in seq_losses) / B
@@ -156,6 +179,15 @@ def test_against_trl_and_paper(case, spread):
         torch.testing.assert_close(ours[0], ref[0], rtol=1e-12, atol=1e-12)
         for g, h in zip(ours[1], ref[1]):
             torch.testing.assert_close(g, h, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.slow  # importing TRL's GRPOTrainer takes seconds
+def test_vespo_weights_are_trls():
+    trainer = pytest.importorskip("trl.trainer.grpo_trainer").GRPOTrainer
+    logp, old, _, adv, _, mask = _batch(4, spread=0.4)
+    m = mask.double()
+    theirs = trainer.get_gamma_weights(adv[:, None], logp - old, m, None)
+    torch.testing.assert_close(_trl_gamma_weights(adv[:, None], logp - old, m), theirs)
 
 
 def test_clip_is_active():
@@ -254,11 +286,11 @@ def test_bad_shapes_name_the_argument():
 
 # Liger-Kernel's chunked GRPO loss: plain torch (compiled=False here), fused over (e, c); compared with
 # the dense composition log_softmax -> gather -> grpo_loss, values and gradients of e and c.
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "vespo"])
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_against_liger_grpo(loss_type, level):
     chunked = pytest.importorskip("liger_kernel.chunked_loss")
-    if level == "sequence" and loss_type in ("cispo", "sapo"):
+    if level == "sequence" and loss_type in ("cispo", "sapo", "vespo"):
         pytest.skip("sequence-level ratios are not defined for cispo / sapo (refused by both)")
     torch.manual_seed(0)
     D, V = 8, 17

@@ -24,6 +24,9 @@ a GRPO group, GSPO's ratio) is one value per row. Packed sequences are unpacked 
 
 from __future__ import annotations
 
+import math
+
+import torch
 from torch import Tensor
 
 from . import _validation as V
@@ -42,7 +45,7 @@ __all__ = [
 ]
 
 #: The ``loss_type`` values, named as TRL's GRPOTrainer names them.
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 #: The per-token estimators of ``KL(pi || pi_ref)`` from tokens sampled from ``pi``.
 KL_ESTIMATORS = ("k1", "k2", "k3")
 IMPORTANCE_LEVELS = ("token", "sequence")
@@ -155,7 +158,7 @@ def aggregate(
     ``grpo``      ``mean_i (sum_t m l / |y_i|)`` (also ``sapo``)  ``seq-mean-token-mean``
     ``bnpo``      ``sum m l / max(1, sum m)`` (this batch)        ``token-mean``
     ``dr_grpo``   ``sum m l / (B * max_completion_length)``       ``seq-mean-token-sum-norm`` (``/ T``)
-    ``dapo``      ``sum m l / num_items`` (also ``cispo``)        ``token-mean`` (a global count)
+    ``dapo``      ``sum m l / num_items`` (``cispo``, ``vespo``)  ``token-mean`` (a global count)
     ``luspo``     ``mean_i (sum_t m l)``                          ``seq-mean-token-sum``
     ============  ==============================================  ===================================
 
@@ -186,13 +189,25 @@ def aggregate(
         if max_completion_length is not None:
             length = V.count("max_completion_length", max_completion_length)
         return masked.sum() / (rows * length)
-    if loss_type in ("dapo", "cispo"):
+    if loss_type in ("dapo", "cispo", "vespo"):
         if num_items is None:
             return masked.sum() / m.sum().clamp_min(1.0)
         if isinstance(num_items, Tensor):
             return masked.sum() / num_items.clamp_min(1.0)
         return masked.sum() / max(V.real("aggregate", "num_items", num_items), 1.0)
     return masked.sum(-1).mean()  # luspo
+
+
+def _vespo_weight(log_ratio: Tensor, m: Tensor, adv: Tensor, shapes) -> Tensor:
+    """VESPO's detached gamma weight of each sequence, ``[B, 1]`` (see :func:`grpo_loss`)."""
+    (k_pos, lam_pos), (k_neg, lam_neg) = shapes
+    log_floor = math.log(1e-8)
+    with torch.no_grad():
+        log_w = (log_ratio.clamp(-20.0, 20.0) * m).sum(-1, keepdim=True).clamp(log_floor, 20.0)
+        nonneg = (adv >= 0).to(log_w.dtype)
+        k = nonneg * (k_pos - k_neg) + k_neg
+        lam = (nonneg * (lam_pos - lam_neg) + lam_neg).clamp_min(1e-4)
+        return torch.exp(lam + k * log_w - lam * log_w.exp()).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def grpo_loss(
@@ -212,6 +227,7 @@ def grpo_loss(
     entropy: Tensor | None = None,
     entropy_coef: float = 0.0,
     sapo_temperatures: tuple[float, float] = (1.0, 1.05),
+    vespo_shapes: tuple[tuple[float, float], tuple[float, float]] = ((2.0, 3.0), (3.0, 2.0)),
     max_completion_length: int | None = None,
     num_items: Tensor | float | None = None,
 ) -> Tensor:
@@ -227,6 +243,10 @@ def grpo_loss(
       the REINFORCE term, and ``eps_high`` is the *absolute* cap (TRL's convention);
     * ``sapo``: ``l = -(4 / tau) sigmoid(tau (r - 1)) A``, ``tau`` the first of ``sapo_temperatures``
       where ``A > 0``, the second elsewhere (a soft gate instead of the clip);
+    * ``vespo``: ``l = -sg[phi(w)] A logp`` with ``w = exp(sum_t m_t (logp - old_logp))`` the whole
+      sequence's ratio and ``phi(w) = exp(lambda (1 - w)) w^k``, ``(k, lambda)`` the first of
+      ``vespo_shapes`` where ``A >= 0``, the second elsewhere; as TRL, the token log-ratios are clamped to
+      ``[-20, 20]`` and ``log w`` to ``[log 1e-8, 20]``, and a non-finite ``phi`` counts as 0;
 
     then ``l += beta * KL`` (:func:`kl_estimate` with ``kl_estimator``, when ``beta != 0``), aggregated
     by ``loss_type`` (:func:`aggregate`), minus ``entropy_coef * sum(m H) / max(1, sum m)``.
@@ -237,7 +257,7 @@ def grpo_loss(
     gradient; the others are data (``entropy`` may carry one too, to train the bonus). Returns a scalar.
 
     Papers: PPO (Schulman et al., 2017), GRPO (Shao et al., 2024), DAPO (Yu et al., 2025),
-    Dr. GRPO (Liu et al., 2025), GSPO (Zheng et al., 2025), CISPO (MiniMax, 2025).
+    Dr. GRPO (Liu et al., 2025), GSPO (Zheng et al., 2025), CISPO (MiniMax, 2025), SAPO (2025), VESPO (2026).
 
     >>> import torch
     >>> logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.2, -3.0, 0.0]], requires_grad=True)
@@ -258,7 +278,7 @@ def grpo_loss(
     entropy_coef = V.real("grpo_loss", "entropy_coef", entropy_coef)
     if delta is not None:  # the cap of negative-advantage ratios must lie above the clip
         delta = V.real("grpo_loss", "delta", delta, low=1 + eps_high, low_open=True)
-    if importance_level == "sequence" and loss_type in ("cispo", "sapo"):
+    if importance_level == "sequence" and loss_type in ("cispo", "sapo", "vespo"):
         raise ValueError(f"importance_level='sequence' is not defined for loss_type={loss_type!r}")
     _check_like("advantages", advantages, logp.shape, sequence_ok=True)
     _check_like("entropy", entropy, logp.shape)
@@ -279,6 +299,8 @@ def grpo_loss(
         t_pos, t_neg = (V.positive("sapo temperature", t, who="grpo_loss") for t in sapo_temperatures)
         tau = (adv > 0).to(coef.dtype) * (t_pos - t_neg) + t_neg
         per_token = -(tau * (coef - 1)).sigmoid() * 4 / tau * adv
+    elif loss_type == "vespo":
+        per_token = -_vespo_weight(logp - old_logp, m, adv, vespo_shapes) * adv * logp
     else:
         clipped = coef.clamp(1 - eps_low, 1 + eps_high)
         if delta is not None:
@@ -311,6 +333,7 @@ def linear_grpo_loss(
     kl_estimator: str = "k3",
     entropy_coef: float = 0.0,
     sapo_temperatures: tuple[float, float] = (1.0, 1.05),
+    vespo_shapes: tuple[tuple[float, float], tuple[float, float]] = ((2.0, 3.0), (3.0, 2.0)),
     max_completion_length: int | None = None,
     num_items: Tensor | float | None = None,
     bias: Tensor | None = None,
@@ -351,5 +374,5 @@ def linear_grpo_loss(
         out.logp, old_logp, advantages, mask, loss_type=loss_type, eps_low=eps_low, eps_high=eps_high,
         importance_level=importance_level, delta=delta, ref_logp=ref_logp, beta=beta, kl_estimator=kl_estimator,
         entropy=out.entropy, entropy_coef=entropy_coef, sapo_temperatures=sapo_temperatures,
-        max_completion_length=max_completion_length, num_items=num_items,
+        vespo_shapes=vespo_shapes, max_completion_length=max_completion_length, num_items=num_items,
     )  # fmt: skip
