@@ -12,7 +12,7 @@ from ._engine.plan import Plan
 from ._engine.reduction import reduce as reduce_rows
 from ._rows import compute_dtype, index_rows, prob_rows
 from .losses._build import build_loss
-from .transforms import Softcap
+from .transforms import head_transforms
 
 __all__ = ["cross_entropy"]
 
@@ -30,6 +30,7 @@ def cross_entropy(
     loss="ce",
     z_loss: float = 0.0,
     softcap: float | None = None,
+    temperature: float = 1.0,
     extra: dict[str, Tensor] | None = None,
 ) -> Tensor:
     r"""Cross-entropy, or any crossent loss, from logits you already have.
@@ -56,6 +57,7 @@ def cross_entropy(
         z_loss: adds ``z_loss * lse**2`` per row (PaLM's z-loss).
         softcap: if given, logits pass through ``softcap * tanh(z / softcap)`` first (``None`` or
             ``math.inf``: no capping).
+        temperature: the (capped) logits are divided by it (after ``softcap``, as a sampler applies it).
         extra: per-row tensors that particular losses read (for example ``{"sample_ids": ids}`` for
             ALDR-KL); each has the target's shape (of the class-index target, or of ``input`` without
             its class dimension) followed by any trailing dimensions of its own.
@@ -87,6 +89,7 @@ def cross_entropy(
     ignore_index = V.check_ignore_index(ignore_index)
     loss_obj = build_loss(loss, label_smoothing=label_smoothing, z_loss=z_loss)
     softcap = V.check_softcap(softcap)
+    temperature = V.check_temperature(temperature)
 
     class_dim = 0 if input.dim() == 1 else 1
     num_classes = input.shape[class_dim]
@@ -137,7 +140,7 @@ def cross_entropy(
     V.check_loss_accepts(loss_obj, rows)
 
     logits = input.movedim(class_dim, -1).reshape(-1, num_classes) if input.dim() != 2 else input
-    plan = Plan(loss_obj, rows, (Softcap(softcap),) if softcap is not None else ())
+    plan = Plan(loss_obj, rows, head_transforms(softcap, temperature))
     # Under torch.compile the formula is traced through ordinary autograd ops (the compiler fuses them);
     # the engine's hand-written backward is for eager mode.
     autograd = target.requires_grad or torch.compiler.is_compiling()

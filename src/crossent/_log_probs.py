@@ -95,7 +95,7 @@ def _run(head: _Head, e: Tensor, c: Tensor, bias, target: Tensor, loss, reductio
         _WHO, e, c, target, vocab_start=head.shard.vocab_start, vocab_size=head.shard.vocab_size,
         group=head.shard.group, bias_shard=bias, loss=loss, weight=None, ignore_index=call.ignore_index,
         reduction=reduction, label_smoothing=0.0, z_loss=0.0, softcap=call.softcap, temperature=call.temperature,
-        shift=False, backend=call.options.backend, chunk_size=call.options.chunk_size, return_stats=call.stats,
+        shift=False, backend=call.options.backend, chunk_size=call.options.chunk_size, return_stats=call.stats or False,
         extra=extra, accum_dtype=None, options=None, layout_error=head.layout_error, finished=False,
     )  # fmt: skip
 
@@ -114,6 +114,9 @@ class _LogProbs(torch.autograd.Function):
         lse = torch.where(counted, stats[LSE], zero) if want_lse else logp.new_empty(0)
         ctx.save_for_backward(e, c, bias, target)
         ctx.head, ctx.want = head, (want_entropy, want_lse)
+        # An output that reaches no loss gets ``None``, not zeros: its term leaves the backward formula
+        # (an entropy logged only keeps the fused kernel of log p's gradient).
+        ctx.set_materialize_grads(False)
         return logp, entropy, lse
 
     @staticmethod
@@ -124,12 +127,13 @@ class _LogProbs(torch.autograd.Function):
         e, c, bias, target = ctx.saved_tensors
         want_entropy, want_lse = ctx.want
         need = ctx.needs_input_grad[:3]
-        if not any(need):
-            return (None,) * 7
-        zero = torch.zeros(e.shape[0], dtype=ACC, device=e.device)
         coefs = [g_logp, g_entropy if want_entropy else None, g_lse if want_lse else None]
-        extra = {k: zero if g is None else g.to(ACC) for k, g in zip(_COEF, coefs)}
-        objective = _TokenObjective(want_entropy and g_entropy is not None, want_lse and g_lse is not None)
+        if not any(need) or all(g is None for g in coefs):
+            return (None,) * 7
+        counted = target != ctx.head.call.ignore_index
+        zero = torch.zeros(e.shape[0], dtype=ACC, device=e.device)
+        extra = {k: zero if g is None else torch.where(counted, g.to(ACC), zero) for k, g in zip(_COEF, coefs)}
+        objective = _TokenObjective(coefs[1] is not None, coefs[2] is not None)
         leaves = [None if t is None else t.detach().requires_grad_(n) for t, n in zip((e, c, bias), need)]
         with torch.enable_grad():
             value, _ = _run(ctx.head, leaves[0], leaves[1], leaves[2], target, objective, "sum", extra=extra)
@@ -138,6 +142,7 @@ class _LogProbs(torch.autograd.Function):
         return (*(next(found) if n else None for n in need), None, None, None, None)
 
 
+@torch._disable_dynamo  # lazy: torch.compile runs this call eagerly (a graph break), importing nothing now
 def linear_log_probs(
     e: Tensor,
     c: Tensor,

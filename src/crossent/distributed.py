@@ -209,7 +209,7 @@ def vocab_parallel_linear_cross_entropy(
         weight: ``[C]`` global class weights, identical on every rank.
         loss, ignore_index, reduction, label_smoothing, z_loss, softcap, shift, backend, chunk_size,
             return_stats, extra, accum_dtype, options: as in :func:`crossent.linear_cross_entropy`;
-            ``return_stats`` gives the merged ``lse`` and the global ``argmax``. The default chunk size
+            ``return_stats`` gives the merged ``lse``, the global ``argmax`` and the entropy. The default chunk size
             is sized by the widest shard, the same on every rank. The engine is the row-chunked one
             (``backend`` ``"auto"`` or ``"torch"``).
 

@@ -16,7 +16,8 @@ The kernel may overwrite ``z``. :func:`make_kernel` picks one from the plan's de
   into the small ``[r, D]`` and ``[V]`` operands of the matrix products, so on CPU the only pass over
   the chunk between the matrix products is one fused softmax.
 * :class:`PlanKernel`: any other streamable loss, through :meth:`Plan.statistics` and
-  :meth:`Plan.logit_grad`; a few chunk-sized temporaries.
+  :meth:`Plan.logit_grad`, in blocks of rows: a few block-sized temporaries, the gradient written
+  over the chunk's logits.
 * :class:`WholeRowKernel`: losses with ``streamable = False``, by autograd through the chunk's rows.
 """
 
@@ -30,6 +31,7 @@ from torch import Tensor
 from ..._rows import Rows
 from ...stats import ACC, Form, anchored
 from ..plan import Factors, Plan
+from ..dense import row_blocks
 from ..row_grad import weighted_grad
 from ..softmax import fused, softmax_
 
@@ -134,22 +136,38 @@ _TINY = 1e-30
 
 
 class PlanKernel:
-    """Any streamable loss through the generic :class:`Plan` methods (allocates per statistic)."""
+    """Any streamable loss through the generic :class:`Plan` methods.
+
+    It walks the chunk in blocks of rows, as the dense engine does: the per-statistic temporaries are a
+    few MiB, recycled from block to block, and the gradient is written over the chunk's logits (through
+    a block-sized temporary where the plan reads a block's logits after writing its gradient, a sum of
+    squares), never another chunk-sized buffer.
+    """
 
     def __init__(self, plan: Plan):
         self.plan = plan
+        self._in_place = not plan.structure.has(Form.SQUARES)
 
     def __call__(self, z: Tensor, rows: Rows, row_scale: Tensor | None, source=None) -> ChunkResult:
         plan = self.plan
         cols = slice(0, z.shape[1])
-        zt = plan.transform(z, rows, cols)
-        values = plan.statistics(zt, rows)
-        del zt
+        blocks = row_blocks(*z.shape)
+        parts = []
+        for b in blocks:
+            rows_b = rows.select(b)
+            parts.append(plan.statistics(plan.transform(z[b], rows_b, cols), rows_b))
+        values = parts[0] if len(parts) == 1 else {s: torch.cat([p[s] for p in parts]) for s in parts[0]}
         loss = plan.row_losses(values, rows)
         if row_scale is None:
             return ChunkResult(loss, values)
         coefs = plan.coefficients(values, rows, row_scale)
-        return ChunkResult(loss, values, plan.logit_grad(z, rows, values, coefs, cols))
+        for b in blocks:
+            zb = z[b]
+            block_values, block_coefs = {k: v[b] for k, v in values.items()}, {k: v[b] for k, v in coefs.items()}
+            grad = plan.logit_grad(zb, rows.select(b), block_values, block_coefs, cols, out=zb if self._in_place else None)
+            if not self._in_place:
+                zb.copy_(grad)  # the block's logits are no longer needed
+        return ChunkResult(loss, values, z)
 
 
 class WholeRowKernel:
