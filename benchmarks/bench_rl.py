@@ -24,8 +24,13 @@ the growth of VmHWM over the RSS before it, less the gradients of ``e`` and ``c`
 the same ones); then ``--repeats`` timed steps follow in the same process ("median s"). Ratios are to
 ``fused_ce`` (time) and to ``naive`` (memory).
 
+With ``--alternate ROUNDS`` the chosen methods instead run in one process, each objective's step in
+turn within every round (each round starting one method later), after a warm-up round: the fairest
+time ratio on a machine whose load changes (no memory figures).
+
     flock /tmp/crossent-bigmem.lock python benchmarks/bench_rl.py --repeats 2      # N=4096 D=1024 V=151936
     python benchmarks/bench_rl.py --shape 8 128 256 32768 --dtypes float32 --repeats 3
+    python benchmarks/bench_rl.py --alternate 4 --dtypes bfloat16 --methods fused fused_ce
 """
 
 from __future__ import annotations
@@ -141,6 +146,37 @@ def worker(spec: dict) -> dict:
     return {"peak_mib": peak, "loss": loss, "first_s": first, "times": times}
 
 
+def alternate(args) -> dict:
+    """Median step times of every (objective, method), alternating in one process, per dtype."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = {}
+    for dtype in args.dtypes:
+        x = _inputs(args.shape, dtype)
+        x["weights"] = torch.randn(x["target"].shape) * 1e-3
+        configs = [(o, m) for o in args.objectives for m in args.methods]
+        ligers = {o: _make_liger(o, args.liger_compiled) for o in args.objectives if "liger" in args.methods}
+        times = {cfg: [] for cfg in configs}
+        for r in range(args.alternate + 1):
+            for objective, method in configs[r % len(configs) :] + configs[: r % len(configs)]:
+                gc.collect()
+                t0 = time.perf_counter()
+                _step(objective, method, x, ligers.get(objective))
+                if r:  # round 0 warms up
+                    times[(objective, method)].append(time.perf_counter() - t0)
+        for (objective, method), ts in times.items():
+            out[(objective, dtype, method)] = statistics.median(ts)
+    print("| objective | dtype | method | median s | x fused_ce |")
+    print("|---|---|---|---:|---:|")
+    for (objective, dtype, method), med in out.items():
+        base = out.get((objective, dtype, "fused_ce"))
+        print(f"| {objective} | {dtype} | {method} | {med:.2f} | {med / base:.3f} |" if base else
+              f"| {objective} | {dtype} | {method} | {med:.2f} | - |")  # fmt: skip
+    return out
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", type=int, nargs=4, default=[8, 512, 1024, 151936], metavar=("B", "T", "D", "V"))
@@ -150,11 +186,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=2, help="timed steps after the measured first one")
     parser.add_argument("--liger-compiled", action="store_true")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--alternate", type=int, default=0, metavar="ROUNDS",
+                        help="time the methods alternating in one process, ROUNDS timed rounds (no memory)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return {}
+    if args.alternate:
+        return alternate(args)
     results = {}
     for objective in args.objectives:
         for dtype in args.dtypes:
