@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PUBLIC_MODULES = [
     "crossent",
     "crossent.contrastive",
+    "crossent.policy",
+    "crossent.preference",
     "crossent.nn",
     "crossent.sets",
     "crossent.losses",

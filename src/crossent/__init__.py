@@ -12,6 +12,19 @@ from ._functional import cross_entropy
 from ._linear import linear_cross_entropy
 from ._linear_call import LinearStats
 from ._log_probs import TokenLogProbs, linear_log_probs
+from .policy import grpo_loss, linear_grpo_loss
+from .preference import (
+    cpo_loss,
+    dpo_loss,
+    kto_loss,
+    linear_cpo_loss,
+    linear_dpo_loss,
+    linear_kto_loss,
+    linear_orpo_loss,
+    linear_simpo_loss,
+    orpo_loss,
+    simpo_loss,
+)
 
 __version__ = "0.1.0"
 
@@ -20,6 +33,20 @@ __all__ = [
     "linear_cross_entropy",
     "linear_log_probs",
     "TokenLogProbs",
+    "grpo_loss",
+    "linear_grpo_loss",
+    "dpo_loss",
+    "linear_dpo_loss",
+    "simpo_loss",
+    "linear_simpo_loss",
+    "cpo_loss",
+    "linear_cpo_loss",
+    "orpo_loss",
+    "linear_orpo_loss",
+    "kto_loss",
+    "linear_kto_loss",
+    "policy",
+    "preference",
     "distillation",
     "linear_distillation",
     "LinearStats",
