@@ -18,7 +18,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from test_linear_cross_entropy import LargestTensor
 
@@ -94,7 +94,10 @@ def check(e, c, b, t, *, weights=(1.0, 0.3, -0.2), engine="torch", seed=1, grad_
     ref_grads = torch.autograd.grad(theirs, ref_leaves)
     for name, gx, gy in zip("ecb", grads, ref_grads):
         assert gx.dtype == e.dtype
-        close(gx, gy, grad_rel, f"grad_{name}")
+        # A gradient that cancels to ~1e-8 from terms of the inputs' size carries the rounding of those
+        # terms: it is compared to (a fraction of) that size, not to its own.
+        floor = 1e-4 * max(1.0, e.detach().abs().max().item(), c.detach().abs().max().item())
+        close(gx, gy, grad_rel, f"grad_{name}", floor=floor)
     return out
 
 
@@ -230,6 +233,8 @@ def test_no_logit_matrix_in_forward_and_backward():
     chunk_size=st.integers(1, 4),
     seed=st.integers(0, 2**16),
 )
+# one class: every gradient cancels to rounding of the inputs' size
+@example(n=2, v=1, scale=30.0, temperature=0.05, softcap=0.5, ignored=1, chunk_size=1, seed=1)
 def test_edge_cases(n, v, scale, temperature, softcap, ignored, chunk_size, seed):
     """One class, one row, constant and huge logits, tiny temperatures, ignored rows, any chunking."""
     ignore = tuple(range(min(ignored, n)))
