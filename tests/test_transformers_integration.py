@@ -17,7 +17,6 @@ import functools
 import inspect
 import os
 import sysconfig
-import tempfile
 import warnings
 
 import pytest
@@ -670,60 +669,52 @@ def test_a_non_ce_loss_trains_a_tiny_model_on_real_text(loss):
 # -- two processes --------------------------------------------------------------------------------------------
 
 
-def _ddp_worker(rank: int, world: int, init_file: str):
+def _ddp_and_tensor_parallel_case(rank: int, world: int):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    try:
-        ids, labels = batch(seed=2, b=4, t=9)
-        labels[0, 4:] = -100  # uneven counts across ranks
-        model = getattr(transformers, FAMILIES["granite"][1])(config_of("granite")).train()
-        model.load_state_dict(tiny("granite").state_dict())
-        stock, want = run(model, input_ids=ids, labels=labels)  # the global batch, one process
-        model.zero_grad(set_to_none=True)
-        count = (labels[:, 1:] != -100).sum()  # Trainer: summed over ranks (average_tokens_across_devices)
-        ddp = DDP(xt.apply(model, loss="ce"))
-        mine = slice(2 * rank, 2 * rank + 2)
-        out = ddp(input_ids=ids[mine], labels=labels[mine], num_items_in_batch=count)
-        assert out.logits is None
-        (out.loss * world).backward()  # Trainer scales by the number of processes; DDP averages the gradients
-        total = out.loss.detach().clone()
-        dist.all_reduce(total)
-        close(total, stock.loss)
-        same_gradients({n: p.grad for n, p in model.named_parameters()}, want)
+    ids, labels = batch(seed=2, b=4, t=9)
+    labels[0, 4:] = -100  # uneven counts across ranks
+    model = getattr(transformers, FAMILIES["granite"][1])(config_of("granite")).train()
+    model.load_state_dict(tiny("granite").state_dict())
+    stock, want = run(model, input_ids=ids, labels=labels)  # the global batch, one process
+    model.zero_grad(set_to_none=True)
+    count = (labels[:, 1:] != -100).sum()  # Trainer: summed over ranks (average_tokens_across_devices)
+    ddp = DDP(xt.apply(model, loss="ce"))
+    mine = slice(2 * rank, 2 * rank + 2)
+    out = ddp(input_ids=ids[mine], labels=labels[mine], num_items_in_batch=count)
+    assert out.logits is None
+    (out.loss * world).backward()  # Trainer scales by the number of processes; DDP averages the gradients
+    total = out.loss.detach().clone()
+    dist.all_reduce(total)
+    close(total, stock.loss)
+    same_gradients({n: p.grad for n, p in model.named_parameters()}, want)
 
-        # A tensor-parallel head (its weight a DTensor split by vocabulary rows, the logits gathered):
-        # the patched loss runs crossent's vocabulary-parallel engine, the same loss and gradients.
-        from torch.distributed.tensor import Replicate, init_device_mesh
-        from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+    # A tensor-parallel head (its weight a DTensor split by vocabulary rows, the logits gathered):
+    # the patched loss runs crossent's vocabulary-parallel engine, the same loss and gradients.
+    from torch.distributed.tensor import Replicate, init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
-        tp = tiny("granite")
-        parallelize_module(tp.lm_head, init_device_mesh("cpu", (world,)), ColwiseParallel(output_layouts=Replicate()))
-        stock, want = run(tp, input_ids=ids, labels=labels, num_items_in_batch=count)
-        with xt.patched(tp):
-            out, grads = run(tp, input_ids=ids, labels=labels, num_items_in_batch=count)
-        assert out.logits is None and hasattr(grads["lm_head.weight"], "to_local")
-        close(out.loss, stock.loss)
-        local = lambda g: g.to_local() if hasattr(g, "to_local") else g  # noqa: E731
-        same_gradients({n: local(g) for n, g in grads.items()}, {n: local(g) for n, g in want.items()})
-        with xt.patched(tp), pytest.raises(ValueError, match="sample_weight is not available for a DTensor"):
-            tp(input_ids=ids, labels=labels, sample_weight=torch.ones(labels.shape))
-    finally:
-        dist.destroy_process_group()
+    tp = tiny("granite")
+    parallelize_module(tp.lm_head, init_device_mesh("cpu", (world,)), ColwiseParallel(output_layouts=Replicate()))
+    stock, want = run(tp, input_ids=ids, labels=labels, num_items_in_batch=count)
+    with xt.patched(tp):
+        out, grads = run(tp, input_ids=ids, labels=labels, num_items_in_batch=count)
+    assert out.logits is None and hasattr(grads["lm_head.weight"], "to_local")
+    close(out.loss, stock.loss)
+    local = lambda g: g.to_local() if hasattr(g, "to_local") else g  # noqa: E731
+    same_gradients({n: local(g) for n, g in grads.items()}, {n: local(g) for n, g in want.items()})
+    with xt.patched(tp), pytest.raises(ValueError, match="sample_weight is not available for a DTensor"):
+        tp(input_ids=ids, labels=labels, sample_weight=torch.ones(labels.shape))
 
 
 @pytest.mark.slow
 def test_two_gloo_processes_ddp_and_a_tensor_parallel_head():
-    import torch.multiprocessing as mp
+    # Through the suite's gloo runner: each rank reports its outcome, with deadlines, so that a rank's
+    # exit-time abort of gloo's threads (seen under load) is not mistaken for a failure of the case.
+    from _gloo import check, run_cases
 
-    with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.start_processes(
-            _ddp_worker, args=(2, os.path.join(tmp, "init")), nprocs=2, join=False, start_method="spawn"
-        )
-        while not ctx.join(timeout=120):
-            pass
+    check(run_cases(2, {"ddp and tp": _ddp_and_tensor_parallel_case}, timeout=300.0, gloo_timeout=120.0), "ddp and tp")
 
 
 @pytest.mark.slow
