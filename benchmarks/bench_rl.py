@@ -28,7 +28,7 @@ With ``--alternate ROUNDS`` the chosen methods instead run in one process, each 
 turn within every round (each round starting one method later), after a warm-up round: the fairest
 time ratio on a machine whose load changes (no memory figures).
 
-    flock /tmp/crossent-bigmem.lock python benchmarks/bench_rl.py --repeats 2      # N=4096 D=1024 V=151936
+    python benchmarks/bench_rl.py --repeats 2      # N=4096 D=1024 V=151936
     python benchmarks/bench_rl.py --shape 8 128 256 32768 --dtypes float32 --repeats 3
     python benchmarks/bench_rl.py --alternate 4 --dtypes bfloat16 --methods fused fused_ce
 """
